@@ -1,0 +1,32 @@
+"""Shared fixtures: the offline tiny setting, written once per test session."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_script(*args: str, cwd: Path = ROOT, check: bool = True, env: dict | None = None, timeout: int = 900):
+    """Run `python <args>` from the repo root as a user would; return the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    p = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=full_env, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """The tiny setting (tokenizer, ultrachat, ultrafeedback, cls), smaller than the default."""
+    out = tmp_path_factory.mktemp("tiny")
+    run_script("-m", "tiny", "--out", str(out), "--n_sft", "2000", "--n_prefs", "1500", "--n_cls", "3000",
+               "--n_test", "200", "--no_images")
+    return out
