@@ -1,0 +1,619 @@
+"""Weak-to-strong generalization on images (AlexNet -> DINO on ImageNet), in one file.
+
+Burns et al. 2023, "Weak-to-Strong Generalization: Eliciting Strong Capabilities With Weak Supervision"
+(arXiv:2312.09390), the ImageNet experiment; official code: openai/weak-to-strong vision/
+(run_weak_strong.py, models.py, data.py). One run does:
+
+    1. data           <- one labelled image split (ImageNet validation, 50k), published preprocessing
+                         (resize 256, center crop 224, ImageNet mean/std), seeded shuffle: n_train / rest test
+    2. weak labels    <- softmax of the weak supervisor's own head (AlexNet's ImageNet head); for classes
+                         that are not ImageNet's, of a linear probe trained with ground truth on the weak
+                         model's embeddings of another split (--weak_head_split)
+    3. embeddings     <- the frozen strong model (DINO ViT-B/8 or ResNet-50), once per model, preprocessing
+                         and split, cached as safetensors under --cache_dir, so probe sweeps cost seconds
+    4. strong ceiling <- a linear probe on the strong embeddings, trained with ground truth
+    5. weak-to-strong <- the same probe trained with the weak soft labels (xent, or logconf)
+    report: test accuracy of the weak labels, the ceiling and the student; PGR = (w2s - weak) / (ceiling -
+    weak); student-teacher agreement on the test part. results.json and results.png in --output_dir.
+
+Offline (tiny setting, --preset tiny; CPU, about 30 s): `python -m tiny` writes 32x32 procedural
+images (tiny/images.py). No pretrained weights exist offline, so the weak and strong models are two
+ResNets built from transformers configs (a small and a larger one), each "pretrained" by a short
+supervised run on the disjoint `train` split, then frozen: a stand-in for AlexNet's ImageNet training
+and DINO's self-supervised pretraining, not a reproduction of either. The weak network keeps its head
+(its softmax gives the weak labels, as AlexNet's ImageNet head does); the strong one gives embeddings.
+    python -m tiny --out data/tiny
+    OMP_NUM_THREADS=1 python vision_w2s.py --preset tiny   # one thread: tiny convolutions on a busy CPU
+    python vision_w2s.py --preset tiny --loss logconf       # seconds: the embeddings come from the cache
+
+Published setting (hub access to ILSVRC/imagenet-1k; AlexNet needs torchvision, imported only then):
+    accelerate launch vision_w2s.py --strong_model facebook/dino-vitb8 --probe_epochs 5
+    accelerate launch vision_w2s.py --strong_model dino_resnet50 --probe_epochs 20   # torch.hub DINO
+Other labelled image sets: weak labels from a ground-truth probe on the weak model's embeddings, e.g.
+    accelerate launch vision_w2s.py --dataset uoft-cs/cifar10 --image_column img --split test \
+        --n_train 8000 --weak_head_split train --probe_epochs 20
+"""
+
+import ast
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from datasets import ClassLabel, Image as ImageFeature, load_dataset, load_from_disk
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, get_scheduler
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 0
+    """seed of the train/test shuffle, the probes and the pretraining (rank r seeds torch with seed + r)"""
+    preset: Literal["paper", "tiny"] = "paper"
+    """`tiny`: the offline setting (data/tiny/images, small ResNets from configs); explicit flags still win"""
+    output_dir: str = "output/vision_w2s"
+    """results.json and results.png go here"""
+    cache_dir: str = "output/vision_w2s_cache"
+    """embeddings and weak labels (safetensors) and pretrained scratch networks, keyed by model, preprocessing and data"""
+    track: bool = False
+    """log to Weights and Biases"""
+    wandb_project_name: str = "weak_to_strong"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+
+    # data
+    dataset: str = "ILSVRC/imagenet-1k"
+    """hub id or local folder of a labelled image dataset (imagefolder, hub-style repo, or save_to_disk folder)"""
+    split: str = "validation"
+    """split the experiment runs on (published: ImageNet validation, 50k images)"""
+    image_column: str = "image"
+    """column holding the images"""
+    label_column: str = "label"
+    """column holding the integer class ids"""
+    n_train: int = 40000
+    """images of the shuffled split the probes train on; the rest is the test part (published 40k / 10k)"""
+    n_classes: int | None = None
+    """probe head size; default: the weak model's own head (1000 for AlexNet), else the dataset's class count"""
+    preprocessing: Literal["published", "processor"] = "published"
+    """published: resize, center crop, ImageNet mean/std for every model (data.py); processor: each hub model's AutoImageProcessor"""
+    resize: int = 256
+    """published preprocessing: shorter side resized to this (bilinear)"""
+    crop: int = 224
+    """published preprocessing: center crop size"""
+    embed_batch_size: int = 128
+    """images per forward pass per device during extraction (official batch_size)"""
+    num_workers: int = 4
+    """data loader processes decoding images"""
+
+    # models: a name (pretrained) or a transformers model type + config overrides (built from scratch)
+    weak_model: str | None = "alexnet"
+    """weak supervisor: alexnet (torchvision), a transformers image classifier (hub id / path), or any body with
+    --weak_head_split; None to build it from --weak_model_type"""
+    weak_model_type: str | None = None
+    """weak model built from scratch: a transformers vision model type, e.g. resnet, vit"""
+    weak_config_overrides: str | None = None
+    """weak model from scratch: config overrides, e.g. "embedding_size=8,hidden_sizes=[8,16],depths=[1,1]" """
+    weak_head_split: str | None = None
+    """train a ground-truth linear probe on the weak model's embeddings of this split; its softmax gives the weak
+    labels (classes that are not the weak head's); None: the weak model's own head"""
+    strong_model: str | None = "facebook/dino-vitb8"
+    """strong body (frozen): a transformers hub id / path (AutoModel), or dino_resnet50, dino_vitb8, ... (torch.hub
+    facebookresearch/dino); None to build it from --strong_model_type"""
+    strong_model_type: str | None = None
+    """strong model built from scratch: a transformers vision model type"""
+    strong_config_overrides: str | None = None
+    """strong model from scratch: config overrides"""
+
+    # pretraining of the models built from scratch (the offline stand-in; no published counterpart)
+    pretrain_split: str = "train"
+    """split on which a model built from scratch is trained with ground truth before it is frozen"""
+    pretrain_epochs: int = 15
+    """epochs of that run (0: frozen random features)"""
+    pretrain_lr: float = 3e-3
+    """AdamW peak lr of that run (10% warm-up, cosine)"""
+    pretrain_batch_size: int = 64
+    """global batch of that run (per-device batch x processes)"""
+
+    # probe (vision/run_weak_strong.py train_logreg)
+    probe_epochs: int = 5
+    """published: 5 for DINO ViT-B/8, 20 for DINO ResNet-50"""
+    probe_lr: float = 1e-3
+    """Adam lr of the linear probes"""
+    probe_batch_size: int = 100
+    """batch of the linear probes"""
+    probe_weight_decay: float = 0.0
+    """Adam weight decay of the linear probes"""
+    lr_schedule: Literal["official", "cosine"] = "official"
+    """official: CosineAnnealingLR(T_max=probe_epochs) stepped every iteration, as run_weak_strong.py (the lr
+    cycles); cosine: one decay to 0 over training"""
+
+    # algorithm
+    loss: Literal["xent", "logconf"] = "xent"
+    """weak-to-strong loss on the weak soft labels"""
+    logconf_aux_coef: float = 0.5
+    """logconf: weight of the student's hardened prediction in the target"""
+    logconf_warmup_frac: float = 0.1
+    """logconf: fraction of training during which that weight ramps up"""
+
+    # filled in at runtime
+    run_name: tyro.conf.Suppress[str] = ""
+    """name of the wandb run"""
+
+
+TINY_PRESET = dict(  # the offline setting written by `python -m tiny --out data/tiny`
+    dataset="data/tiny/images",
+    split="test",  # 2000 images: 1400 probe train / 600 test; the 1500 `train` images pretrain the networks
+    n_train=1400,
+    resize=32,
+    crop=32,
+    embed_batch_size=256,
+    num_workers=0,
+    weak_model=None,
+    weak_model_type="resnet",
+    weak_config_overrides="embedding_size=8,hidden_sizes=[8,16],depths=[1,1],layer_type=basic",
+    strong_model=None,
+    strong_model_type="resnet",
+    strong_config_overrides="embedding_size=16,hidden_sizes=[16,32,64],depths=[1,1,1],layer_type=basic",
+    probe_epochs=60,
+    output_dir="output/vision_w2s_tiny",
+    cache_dir="output/vision_w2s_tiny_cache",
+)
+IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+TORCH_HUB_DINO = ("dino_resnet50", "dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8")
+
+
+# --------------------------------------------------------------------------------------------
+# data: decoding (unreadable images are flagged, never fatal) and the published preprocessing
+def decode(image: dict) -> Image.Image | None:
+    """An RGB PIL image from a `datasets` Image(decode=False) cell, or None when the file is unreadable."""
+    try:
+        with Image.open(io.BytesIO(image["bytes"]) if image["bytes"] else image["path"]) as im:
+            return im.convert("RGB")  # convert() forces the full decode: truncated files fail here
+    except (OSError, SyntaxError, ValueError):  # what PIL raises on corrupt, truncated or empty files
+        return None
+
+
+def published_transform(im: Image.Image, resize: int, crop: int) -> torch.Tensor:
+    """torchvision Resize(resize) + CenterCrop(crop) + ToTensor + Normalize(ImageNet) (vision/data.py),
+    written with PIL and torch so that no torchvision is needed."""
+    w, h = im.size
+    short, long = min(w, h), max(w, h)
+    if short != resize:
+        new_long = int(resize * long / short)  # torchvision's rounding
+        im = im.resize((resize, new_long) if w <= h else (new_long, resize), Image.BILINEAR)
+    w, h = im.size
+    left, top = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))
+    x = torch.from_numpy(np.asarray(im.crop((left, top, left + crop, top + crop)), dtype=np.float32) / 255.0)
+    return (x.permute(2, 0, 1) - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None]
+
+
+def collate(idx: list[int], ds, image_column: str, preprocess) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row ids, readable mask, pixel values of the readable rows only)."""
+    ims = [decode(x) for x in ds[list(idx)][image_column]]
+    ok = torch.tensor([im is not None for im in ims], dtype=torch.bool)
+    good = [im for im in ims if im is not None]
+    return torch.tensor(idx), ok, preprocess(good) if good else torch.zeros(0, 3, 1, 1)
+
+
+def load_split(args: Args, split: str):
+    """One split with undecoded images (bytes / paths), so that a corrupt file is counted, not fatal."""
+    if os.path.exists(os.path.join(args.dataset, "dataset_dict.json")):  # a save_to_disk folder
+        ds = load_from_disk(args.dataset)[split]
+    else:
+        ds = load_dataset(args.dataset, split=split)
+    for col in (args.image_column, args.label_column):
+        if col not in ds.column_names:
+            raise ValueError(f"{args.dataset} split {split!r} has no column {col!r} (columns: {ds.column_names}): "
+                             f"set --image_column / --label_column")
+    return ds.cast_column(args.image_column, ImageFeature(decode=False))
+
+
+# --------------------------------------------------------------------------------------------
+# models: every model is reduced to a frozen function pixel_values -> embeddings or class probabilities
+def pooled(out, model_type: str) -> torch.Tensor:
+    """Embedding of a transformers vision body: a ViT's final CLS token (DINO's embedding; the ViT pooler is an
+    untrained dense layer in DINO checkpoints), else the body's pooled output (ResNet, ConvNeXt, Swin, DINOv2)."""
+    if model_type in ("vit", "deit", "vit_msn") or getattr(out, "pooler_output", None) is None:
+        return out.last_hidden_state[:, 0]
+    return out.pooler_output.flatten(1)
+
+
+def scratch_config(model_type: str, overrides: str | None, n_classes: int):
+    """A transformers config from a model type and "key=value,..." overrides (values are Python literals)."""
+    known = AutoConfig.for_model(model_type).to_dict()
+    kwargs = {}
+    for key, value in re.findall(r"(\w+)=(\[[^\]]*\]|[^,]*)", overrides or ""):
+        if key not in known:
+            raise ValueError(f"config override {key!r} is not a field of a {model_type} config; fields: {sorted(known)}")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value  # a bare string, e.g. layer_type=basic
+    return AutoConfig.for_model(model_type, num_labels=n_classes, **kwargs)
+
+
+def pretrain(model, ds, labels: torch.Tensor, preprocess, args: Args, accelerator: Accelerator, desc: str) -> dict:
+    """The offline stand-in for pretraining: a short supervised run of the whole network on a split
+    disjoint from the experiment's (AdamW, 10% warm-up, cosine). Returns its statistics."""
+    # TRY NOT TO MODIFY: pretrain_batch_size = per-device batch x num_processes
+    micro = max(1, args.pretrain_batch_size // accelerator.num_processes)
+    loader = DataLoader(list(range(len(ds))), batch_size=micro, shuffle=True, num_workers=args.num_workers,
+                        collate_fn=partial(collate, ds=ds, image_column=args.image_column, preprocess=preprocess))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    n_steps = max(1, args.pretrain_epochs * len(loader))
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=int(0.1 * n_steps), num_training_steps=n_steps)
+    model.train()
+    stats = {"split": args.pretrain_split, "epochs": args.pretrain_epochs, "train_acc": None, "skipped_images": None}
+    for epoch in tqdm(range(args.pretrain_epochs), desc=desc, disable=not accelerator.is_main_process):
+        correct = seen = skipped = 0
+        for idx, ok, px in loader:
+            skipped += int((~ok).sum())
+            if len(px) == 0:
+                continue
+            with accelerator.autocast():
+                out = model(pixel_values=px, labels=labels[idx[ok].cpu()].to(px.device))
+            accelerator.backward(out.loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            correct += int((out.logits.argmax(-1).cpu() == labels[idx[ok].cpu()]).sum())
+            seen += len(px)
+        totals = accelerator.reduce(torch.tensor([correct, seen, skipped], device=accelerator.device), "sum").tolist()
+        stats.update(train_acc=totals[0] / max(1, totals[1]), skipped_images=int(totals[2]))
+        accelerator.print(f"{desc} epoch {epoch}: train acc {stats['train_acc']:.3f}")
+    return stats
+
+
+def load_model(side: str, spec: dict, want: Literal["probs", "emb"], data: dict, labels: dict, preprocess, args: Args,
+               accelerator: Accelerator):
+    """A frozen function pixel_values -> class probabilities (its own head) or embeddings."""
+    name = spec["name"]
+    if name == "alexnet":
+        try:
+            import torchvision  # lazily: only the published weak model needs torchvision
+        except ImportError as e:
+            raise ImportError("--weak_model alexnet needs torchvision (install the build matching your torch), "
+                              "or pick a transformers image classifier as --weak_model") from e
+        model = torchvision.models.alexnet(weights="IMAGENET1K_V1")  # models.py: alexnet(pretrained=True)
+        # ALGO LOGIC: the embedding is the input of AlexNet's classifier (models.py: HeadAndEmbedding)
+        fn = (lambda px: model(px).softmax(-1)) if want == "probs" else (lambda px: model.avgpool(model.features(px)).flatten(1))
+    elif name in TORCH_HUB_DINO:
+        if want == "probs":
+            raise ValueError(f"{name} has no classification head to give weak labels: pass --weak_head_split <split>")
+        model = torch.hub.load("facebookresearch/dino:main", name)  # models.py; its hubconf imports torchvision
+        fn = model
+    elif name is not None:  # a transformers hub id or local path
+        model = (AutoModelForImageClassification if want == "probs" else AutoModel).from_pretrained(name)
+        body = model
+    else:  # built from scratch, pretrained once on --pretrain_split, cached under cache_dir/models
+        folder = Path(args.cache_dir) / "models" / f"{spec['model_type']}-{spec['hash']}"
+        if (folder / "config.json").exists():
+            accelerator.print(f"reusing pretrained {side} network {folder}")
+            model = AutoModelForImageClassification.from_pretrained(folder)
+        else:
+            set_seed(args.seed)  # the same init on every rank (DDP also broadcasts it)
+            config = scratch_config(spec["model_type"], spec["overrides"], spec["n_classes"])
+            model = AutoModelForImageClassification.from_config(config)
+            stats = pretrain(model, data[args.pretrain_split], torch.as_tensor(labels[args.pretrain_split]), preprocess,
+                             args, accelerator, f"pretrain {side} ({spec['model_type']})")
+            model = accelerator.unwrap_model(model)
+            if accelerator.is_main_process:
+                model.save_pretrained(folder)  # safetensors
+                (folder / "pretrain_stats.json").write_text(json.dumps(stats))
+            accelerator.wait_for_everyone()
+            set_seed(args.seed, device_specific=True)
+        body = model.base_model  # the network without its classification head
+    if name not in ("alexnet", *TORCH_HUB_DINO):  # transformers models
+        fn = (lambda px: model(pixel_values=px).logits.softmax(-1)) if want == "probs" else \
+            (lambda px: pooled(body(pixel_values=px), model.config.model_type))
+    model.eval().requires_grad_(False).to(accelerator.device)
+    return fn
+
+
+@torch.no_grad()
+def extract(fn, ds, preprocess, args: Args, accelerator: Accelerator, desc: str) -> dict[str, torch.Tensor]:
+    """fn over every image of ds, sharded over the processes and gathered; unreadable rows: zeros, ok=False."""
+    dim = fn(preprocess([Image.new("RGB", (args.crop, args.crop))]).to(accelerator.device)).shape[1]
+    loader = DataLoader(list(range(len(ds))), batch_size=args.embed_batch_size, num_workers=args.num_workers,
+                        collate_fn=partial(collate, ds=ds, image_column=args.image_column, preprocess=preprocess))
+    loader = accelerator.prepare(loader)
+    out = torch.zeros(len(ds), dim)
+    ok_all = torch.zeros(len(ds), dtype=torch.bool)
+    start = time.time()
+    for idx, ok, px in tqdm(loader, desc=desc, disable=not accelerator.is_main_process):
+        values = torch.zeros(len(idx), dim, device=accelerator.device)
+        if len(px):
+            with accelerator.autocast():
+                values[ok] = fn(px).float()
+        # TRY NOT TO MODIFY: gather_for_metrics drops the samples that pad the last batch of the last ranks
+        idx, ok, values = accelerator.gather_for_metrics((idx, ok.to(torch.uint8), values))
+        out[idx.cpu()], ok_all[idx.cpu()] = values.cpu(), ok.cpu().bool()
+    accelerator.print(f"{desc}: {len(ds)} images in {time.time() - start:.1f}s, {int((~ok_all).sum())} unreadable skipped")
+    return {"values": out, "ok": ok_all}
+
+
+def cached(key: dict, name: str, compute, args: Args, accelerator: Accelerator) -> dict[str, torch.Tensor]:
+    """Load tensors stored under a hash of `key`, or compute them once and store them (safetensors)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(args.cache_dir) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{digest}.safetensors"
+    if path.exists():
+        accelerator.print(f"reusing cached {name} {path}")
+        return load_file(path)
+    tensors = compute()
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path) + ".tmp", metadata={"key": json.dumps(key, sort_keys=True, default=str)})
+        os.replace(str(path) + ".tmp", path)  # atomic: a killed run never leaves a half-written cache entry
+    accelerator.wait_for_everyone()
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------
+# ALGO LOGIC: the probe losses (openai/weak-to-strong weak_to_strong/loss.py); `labels` are class
+# probabilities (weak soft labels, or one-hot ground truth); `step_frac` = steps done / total steps.
+def xent_loss(logits: torch.Tensor, labels: torch.Tensor, step_frac: float) -> torch.Tensor:
+    """Cross-entropy against the (soft) labels (run_weak_strong.py: CrossEntropyLoss on soft targets)."""
+    return F.cross_entropy(logits.float(), labels.float())
+
+
+def logconf_loss(logits, labels, step_frac, aux_coef: float = 0.5, warmup_frac: float = 0.1) -> torch.Tensor:
+    """Auxiliary confidence loss (loss.py: logconf_loss_fn): target = (1 - c) * weak + c * the student's
+    hardened prediction. Two classes: hardened at the batch quantile of p(0) that matches the weak
+    labels' class balance (official); more classes: the one-hot argmax (the natural extension)."""
+    logits, labels = logits.float(), labels.float()
+    coef = aux_coef * (1.0 if step_frac > warmup_frac else step_frac)  # the official ramp
+    preds = torch.softmax(logits, dim=-1)
+    if logits.shape[1] == 2:
+        threshold = torch.quantile(preds[:, 0], labels.mean(dim=0)[1])
+        hard = torch.stack([preds[:, 0] >= threshold, preds[:, 0] < threshold], dim=1).float()
+    else:
+        hard = F.one_hot(preds.argmax(-1), logits.shape[1]).float()
+    return F.cross_entropy(logits, labels * (1 - coef) + hard.detach() * coef)
+
+
+def train_probe(x: torch.Tensor, targets: torch.Tensor, evals: dict, loss_fn, args: Args, n_classes: int, desc: str):
+    """Linear probe (run_weak_strong.py train_logreg): Linear(d, n_classes), Adam, batch 100, cosine
+    schedule stepped per iteration; evaluated after every epoch. Returns (probe, {eval: [acc per epoch]})."""
+    torch.manual_seed(args.seed)  # the same init and data order for the ceiling and the student
+    probe = torch.nn.Linear(x.shape[1], n_classes).to(x.device)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=args.probe_lr, weight_decay=args.probe_weight_decay)
+    n_steps = args.probe_epochs * math.ceil(len(x) / args.probe_batch_size)
+    # ALGO LOGIC: the official T_max is the epoch count while the scheduler steps per iteration (lr cycles)
+    t_max = args.probe_epochs if args.lr_schedule == "official" else n_steps
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max)
+    curves, step = {k: [] for k in evals}, 0
+    for _ in tqdm(range(args.probe_epochs), desc=desc):  # probes run on the main process only
+        for b in torch.randperm(len(x)).split(args.probe_batch_size):
+            loss = loss_fn(probe(x[b]), targets[b], step / n_steps)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+        with torch.no_grad():
+            for k, (xe, ye) in evals.items():
+                curves[k].append((probe(xe).argmax(-1) == ye).float().mean().item())
+    return probe, curves
+
+
+def plot(res: dict, path: Path, title: str) -> None:
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    names, accs = ["weak", f"w2s ({res['loss']})", "strong ceiling"], [res["weak_acc"], res["w2s_acc"], res["strong_ceiling_acc"]]
+    bars = ax.bar(names, accs, color=["tab:gray", "tab:orange", "tab:blue"])
+    pgr = "n/a" if res["pgr"] is None else f"{res['pgr']:.2f}"
+    ax.text(bars[1].get_x() + bars[1].get_width() / 2, accs[1] + 0.005, f"PGR {pgr}", ha="center", va="bottom")
+    ax.set_ylim(max(0.0, min(accs) - 0.1), min(1.0, max(accs) + 0.05))
+    ax.set_ylabel("test accuracy")
+    epochs = range(1, len(res["curves"]["ceiling"]) + 1)
+    ax2.plot(epochs, res["curves"]["ceiling"], label="strong ceiling", color="tab:blue")
+    ax2.plot(epochs, res["curves"]["w2s"], label="weak-to-strong", color="tab:orange")
+    ax2.plot(epochs, res["curves"]["w2s_agreement"], label="w2s agreement with weak", color="tab:orange", ls="--")
+    ax2.axhline(res["weak_acc"], label="weak", color="tab:gray")
+    ax2.set_xlabel("probe epoch")
+    ax2.legend()
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args, use_underscores=True)
+    if args.preset == "tiny":  # parse again on top of the tiny defaults: flags given on the command line win
+        args = tyro.cli(Args, use_underscores=True, default=dataclasses.replace(Args(), **TINY_PRESET))
+    for side in ("weak", "strong"):
+        if (getattr(args, f"{side}_model") is None) == (getattr(args, f"{side}_model_type") is None):
+            raise ValueError(f"give exactly one of --{side}_model (pretrained) and --{side}_model_type (built from "
+                             f"scratch); to build from scratch pass --{side}_model None")
+    scratch = [s for s in ("weak", "strong") if getattr(args, f"{s}_model") is None]
+    for flag in ("weak_head_split", "pretrain_split"):
+        if (flag == "weak_head_split" or scratch) and getattr(args, flag) == args.split:
+            raise ValueError(f"--{flag} must differ from --split {args.split!r}: the experiment split's labels would leak")
+    own_head = args.weak_head_split is None  # published: AlexNet's own ImageNet head gives the weak labels
+    if args.preprocessing == "processor" and (scratch or {args.weak_model, args.strong_model} & {"alexnet", *TORCH_HUB_DINO}):
+        raise ValueError("--preprocessing processor needs transformers hub models on both sides; use --preprocessing published")
+    if args.crop > args.resize:
+        raise ValueError(f"--crop {args.crop} is larger than --resize {args.resize}")
+
+    # TRY NOT TO MODIFY: setup
+    accelerator = Accelerator()
+    set_seed(args.seed, device_specific=True)  # per-rank seeding: rank r uses seed + r
+    args.run_name = f"{args.exp_name}__{Path(args.dataset).name}__{args.seed}__{int(time.time())}"
+    tracker = None
+    if args.track and accelerator.is_main_process:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name, config=vars(args), save_code=True)
+        tracker = wandb
+
+    # 1. data: every split needed, labels checked against the head size before any model runs
+    names = [args.split] + [s for s in (args.weak_head_split, args.pretrain_split if scratch else None) if s]
+    data = {s: load_split(args, s) for s in dict.fromkeys(names)}
+    labels = {s: np.asarray(ds[args.label_column], dtype=np.int64) for s, ds in data.items()}
+    feature = data[args.split].features[args.label_column]
+    ds_classes = feature.num_classes if isinstance(feature, ClassLabel) else int(max(y.max() for y in labels.values())) + 1
+    head = None  # size of the weak model's own head, when it has one that is not built here
+    if own_head and args.weak_model == "alexnet":
+        head = 1000
+    elif own_head and args.weak_model in TORCH_HUB_DINO:
+        raise ValueError(f"{args.weak_model} has no classification head to give weak labels: pass --weak_head_split <split>")
+    elif own_head and args.weak_model is not None:
+        config = AutoConfig.from_pretrained(args.weak_model)
+        if not any(a.endswith("ForImageClassification") for a in config.architectures or []):
+            raise ValueError(f"{args.weak_model} is not an image classifier ({config.architectures}): its head would be "
+                             f"random; pass --weak_head_split <split> to train a probe on its embeddings")
+        head = config.num_labels
+    n_classes = args.n_classes or head or ds_classes
+    if head is not None and n_classes != head:
+        raise ValueError(f"--n_classes {n_classes} differs from the {head} classes of {args.weak_model}'s own head: "
+                         f"drop --n_classes, or pass --weak_head_split <split> to train a weak probe with {n_classes} classes")
+    for s, y in labels.items():
+        if len(y) and (y.min() < 0 or y.max() >= n_classes):
+            bad = int(y.max()) if y.max() >= n_classes else int(y.min())
+            raise ValueError(f"label id {bad} in split {s!r} (column {args.label_column!r}) of {args.dataset} is beyond the "
+                             f"head size {n_classes} (ids must be in [0, {n_classes})): the weak model's own head or --n_classes "
+                             f"sets it; pass --n_classes {int(y.max()) + 1}, or --weak_head_split for classes that are not the head's")
+    if args.n_train >= len(labels[args.split]):
+        raise ValueError(f"--n_train {args.n_train} leaves no test images in split {args.split!r} ({len(labels[args.split])} images)")
+    accelerator.print(f"{args.dataset}: " + ", ".join(f"{s} {len(d)} images" for s, d in data.items()) + f"; {n_classes} classes")
+
+    def preprocess_for(name):
+        if args.preprocessing == "processor":
+            proc = AutoImageProcessor.from_pretrained(name)
+            return (lambda ims: proc(images=ims, return_tensors="pt")["pixel_values"]), {"processor": proc.to_dict()}
+        fn = lambda ims: torch.stack([published_transform(im, args.resize, args.crop) for im in ims])
+        return fn, {"resize": args.resize, "crop": args.crop, "mean": IMAGENET_MEAN.tolist(), "std": IMAGENET_STD.tolist()}
+
+    def model_spec(side):
+        spec = {"name": getattr(args, f"{side}_model")}
+        if spec["name"] is None:  # identity of a scratch network = its config and its whole pretraining
+            spec |= {"model_type": getattr(args, f"{side}_model_type"), "overrides": getattr(args, f"{side}_config_overrides"),
+                     "n_classes": n_classes, "pretrain": {k: getattr(args, k) for k in ("dataset", "pretrain_split",
+                     "pretrain_epochs", "pretrain_lr", "pretrain_batch_size", "seed")},
+                     "pretrain_data": data[args.pretrain_split]._fingerprint, "preprocessing": preprocess_for(None)[1]}
+            spec["hash"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+        return spec
+
+    def features(side, want, split):
+        """Cached {values, ok} of one model on one split: its own head's probabilities or its embeddings."""
+        spec = model_spec(side)
+        preprocess, prep_key = preprocess_for(spec["name"])
+        ds = data[split]
+        key = {"model": spec, "want": want, "preprocessing": prep_key,
+               "dataset": args.dataset, "split": split, "fingerprint": ds._fingerprint, "rows": len(ds),
+               "image_column": args.image_column}
+        label = spec["name"] or f"{spec['model_type']}-{spec['hash']}"
+        compute = lambda: extract(load_model(side, spec, want, data, labels, preprocess, args, accelerator), ds, preprocess,
+                                  args, accelerator, f"{side} {want} on {split}")
+        return cached(key, f"{label}__{Path(args.dataset).name}__{split}__{want}", compute, args, accelerator)
+
+    # ALGO LOGIC: 2. weak labels = softmax of the weak model's own head (run_weak_strong.py get_embeddings: AlexNet's
+    # ImageNet logits), or of a ground-truth probe on its embeddings when the classes are not its head's
+    if own_head:
+        weak = features("weak", "probs", args.split)
+    else:
+        head_feats, weak_emb = features("weak", "emb", args.weak_head_split), features("weak", "emb", args.split)
+    # 3. strong embeddings: the frozen body's features (DINO: CLS token / pooled ResNet output)
+    strong = features("strong", "emb", args.split)
+    if not accelerator.is_main_process:  # extraction is distributed; probes are seconds of work on one device
+        accelerator.wait_for_everyone()
+        raise SystemExit(0)
+
+    device = accelerator.device
+    if not own_head:
+        # ALGO LOGIC: weak labels for classes that are not the weak model's own: a probe trained with ground truth
+        hk = head_feats["ok"]
+        y_head = torch.as_tensor(labels[args.weak_head_split])[hk].to(device)
+        weak_probe, _ = train_probe(head_feats["values"][hk].to(device), F.one_hot(y_head, n_classes).float(), {},
+                                    xent_loss, args, n_classes, "weak head probe (ground truth)")
+        with torch.no_grad():
+            weak = {"values": weak_probe(weak_emb["values"].to(device)).softmax(-1).cpu(), "ok": weak_emb["ok"]}
+
+    # ALGO LOGIC: seeded shuffle of the split, first n_train rows train the probes (run_weak_strong.py main);
+    # unreadable images are dropped after the shuffle, so with none the split is exactly the official one
+    keep = (weak["ok"] & strong["ok"]).numpy()  # readable images
+    order = np.random.default_rng(args.seed).permutation(len(keep))
+    order = order[keep[order]]
+    train_idx, test_idx = torch.as_tensor(order[: args.n_train]), torch.as_tensor(order[args.n_train :])
+    if len(test_idx) == 0:
+        raise ValueError(f"--n_train {args.n_train} leaves no test images: {len(order)} readable images in split {args.split!r}")
+    y = torch.as_tensor(labels[args.split])
+    x = strong["values"].to(device)
+    weak_probs = weak["values"].float()
+    weak_hard = weak_probs.argmax(-1)
+    evals = {"test": (x[test_idx], y[test_idx].to(device)), "agreement": (x[test_idx], weak_hard[test_idx].to(device))}
+
+    # ALGO LOGIC: 4. strong ceiling: the linear probe trained on ground truth (run_weak_strong.py: results_gt)
+    _, ceiling = train_probe(x[train_idx], F.one_hot(y[train_idx], n_classes).float().to(device), evals, xent_loss,
+                             args, n_classes, "strong ceiling probe (ground truth)")
+    # ALGO LOGIC: 5. weak-to-strong: the same probe trained on the weak soft labels (run_weak_strong.py: results_weak)
+    loss_fn = xent_loss if args.loss == "xent" else partial(logconf_loss, aux_coef=args.logconf_aux_coef,
+                                                            warmup_frac=args.logconf_warmup_frac)
+    _, w2s = train_probe(x[train_idx], weak_probs[train_idx].to(device), evals, loss_fn, args, n_classes,
+                         f"weak-to-strong probe ({args.loss})")
+
+    # report: the final epoch's accuracies, as run_weak_strong.py
+    weak_acc = (weak_hard[test_idx] == y[test_idx]).float().mean().item()
+    ceiling_acc, w2s_acc = ceiling["test"][-1], w2s["test"][-1]
+    gap = ceiling_acc - weak_acc
+    # ALGO LOGIC: performance gap recovered (Burns et al. 2023, section 3)
+    pgr = (w2s_acc - weak_acc) / gap if gap != 0 else None
+    skipped = {args.split: int((~torch.as_tensor(keep)).sum())}  # per split: unreadable images, counted and left out
+    if not own_head:
+        skipped[args.weak_head_split] = int((~head_feats["ok"]).sum())
+    pretrain_stats = {}
+    for side in scratch:
+        spec = model_spec(side)
+        stats_file = Path(args.cache_dir) / "models" / f"{spec['model_type']}-{spec['hash']}" / "pretrain_stats.json"
+        pretrain_stats[side] = json.loads(stats_file.read_text()) if stats_file.exists() else None
+    res = {
+        "weak_acc": weak_acc, "strong_ceiling_acc": ceiling_acc, "w2s_acc": w2s_acc, "pgr": pgr,
+        "agreement": w2s["agreement"][-1], "ceiling_agreement": ceiling["agreement"][-1],
+        "weak_acc_all": (weak_hard[keep] == y[keep]).float().mean().item(),  # the official print: the whole split
+        "loss": args.loss, "n_train": len(train_idx), "n_test": len(test_idx), "n_classes": n_classes,
+        "skipped_images": skipped, "pretrain": pretrain_stats,
+        "curves": {"ceiling": ceiling["test"], "w2s": w2s["test"], "w2s_agreement": w2s["agreement"]},
+        "args": vars(args),
+    }
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    weak_name = args.weak_model or f"{args.weak_model_type} (scratch)"
+    strong_name = args.strong_model or f"{args.strong_model_type} (scratch)"
+    plot(res, out / "results.png", f"{Path(args.dataset).name}: weak {weak_name} -> strong {strong_name}")
+    print("\n" + "=" * 60)
+    for k in ("weak_acc", "strong_ceiling_acc", "w2s_acc", "pgr", "agreement"):
+        print(f"{k:<22}{'n/a' if res[k] is None else f'{res[k]:.4f}'}")
+    print(f"skipped unreadable images: {skipped}; wrote {out / 'results.json'} and {out / 'results.png'}")
+    if tracker is not None:
+        for i in range(args.probe_epochs):
+            tracker.log({"probe/ceiling/test_acc": ceiling["test"][i], "probe/w2s/test_acc": w2s["test"][i],
+                         "probe/w2s/agreement": w2s["agreement"][i], "probe/epoch": i})
+        tracker.summary.update({f"eval/{k}": res[k] for k in ("weak_acc", "strong_ceiling_acc", "w2s_acc", "pgr", "agreement")})
+        tracker.log({"eval/results": tracker.Image(str(out / "results.png"))})
+        tracker.finish()
+    accelerator.wait_for_everyone()
