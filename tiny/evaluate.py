@@ -1,6 +1,8 @@
 """Evaluate models on the tiny setting's ground truth, every model the same way.
 
     python -m tiny.evaluate --models runs/sft-weak runs/dpo-weak --out results.json
+    python -m tiny.evaluate --names "weak SFT" "weak DPO" --models ... --refs none runs/sft-weak \
+        --out results.json --table results.md --plot results.png
 
 For each model:
 - gold reward of sampled responses to held-out prompts (the prompts of test_prefs): `samples`
@@ -92,6 +94,45 @@ def evaluate(path, data, split, n_prompts, samples, temperature, top_p, seed, re
     }
 
 
+def gap_recovered(results: list[dict]) -> float | None:
+    """(WSPO - strong SFT) / (strong DPO - strong SFT) on gold reward, when those three rows exist."""
+    by = {r["name"]: r["gold_reward_mean"] for r in results}
+    if not {"strong SFT", "strong DPO", "strong WSPO"} <= set(by):
+        return None
+    return (by["strong WSPO"] - by["strong SFT"]) / (by["strong DPO"] - by["strong SFT"])
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| model | gold reward (mean +- std) | correctness | tone | held-out pref. accuracy | accuracy kind |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        kind = f"implicit reward vs {r['ref_name']}" if r["ref"] else "log-prob(chosen) > log-prob(rejected)"
+        lines.append(f"| {r['name']} | {r['gold_reward_mean']:.3f} +- {r['gold_reward_std']:.3f} | {r['correctness_mean']:.3f} "
+                     f"| {r['tone_mean']:+.3f} | {r['pref_accuracy']:.3f} | {kind} |")
+    g = gap_recovered(results)
+    if g is not None:
+        lines.append(f"\nWSPO recovers {g:.2f} of the strong alignment gap on gold reward: "
+                     "(WSPO - strong SFT) / (strong DPO - strong SFT).")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.4 * len(results) + 2, 4))
+    names = [r["name"] for r in results]
+    ax.bar(names, [r["gold_reward_mean"] for r in results], yerr=[r["gold_reward_std"] for r in results], capsize=4,
+           color=["#9ecae1" if n.startswith("weak") else "#3182bd" for n in names])
+    ax.set_ylabel("gold reward of sampled responses")
+    ax.set_title("tiny setting: held-out gold reward (mean +- std over samples)")
+    ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", required=True, help="model folders (save_pretrained outputs)")
@@ -103,21 +144,34 @@ def main():
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
     ap.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--names", nargs="*", default=None, help="a display name per model (default: the paths)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--table", default=None, help="write a markdown table here")
+    ap.add_argument("--plot", default=None, help="write a PNG bar plot here")
     a = ap.parse_args()
     refs = a.refs or [None] * len(a.models)
     if len(refs) != len(a.models):
         raise SystemExit("--refs needs one entry per --models entry")
+    names = a.names or a.models
+    if len(names) != len(a.models):
+        raise SystemExit("--names needs one entry per --models entry")
     results = []
-    for path, ref in zip(a.models, refs):
-        r = evaluate(path, a.data, a.split, a.n_prompts, a.samples, a.temperature, a.top_p, a.seed,
-                     None if ref in (None, "none") else ref)
+    for name, path, ref in zip(names, a.models, refs):
+        ref = None if ref in (None, "none") else ref
+        r = evaluate(path, a.data, a.split, a.n_prompts, a.samples, a.temperature, a.top_p, a.seed, ref)
+        r["name"], r["ref_name"] = name, names[a.models.index(ref)] if ref in a.models else ref
         results.append(r)
         print(f"{path}: gold reward {r['gold_reward_mean']:.3f} +- {r['gold_reward_std']:.3f} "
               f"(correct {r['correctness_mean']:.3f}, tone {r['tone_mean']:+.3f}), pref acc {r['pref_accuracy']:.3f}")
+    print(table(results))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(results, f, indent=2)
+    if a.table:
+        with open(a.table, "w") as f:
+            f.write(table(results) + "\n")
+    if a.plot:
+        plot(results, a.plot)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Gold reward of a response, in [-1, 2]:
   + tone         (0.5 * (opener score + closer score), each +1 polite / 0 neutral / -1 rude)
 The SFT data answers correctly but picks the tone uniformly at random, so an SFT model's expected
 tone is 0: the preference for politeness is something SFT does *not* teach, and alignment shows as
-a gold-reward gain. Preference pairs are ranked by the gold reward.
+a gold-reward gain. Preference pairs are ranked by the gold reward and differ in one attribute.
 """
 
 import random
@@ -115,17 +115,26 @@ def make_sft(rng: random.Random, n: int) -> list[dict]:
 
 def make_prefs(rng: random.Random, n: int) -> list[dict]:
     """UltraFeedback-binarized schema: `prompt`, `prompt_id`, `chosen`/`rejected` (message lists),
-    `messages` (= chosen), `score_chosen`/`score_rejected` (the gold reward). Each response has a
-    random tone and, with probability 0.3, one wrong answer position; ties are re-drawn."""
+    `messages` (= chosen), `score_chosen`/`score_rejected` (the gold reward).
+
+    Each pair differs in one attribute, so no pair trades correctness for tone: 70% are two correct
+    answers in different tones, 30% are two answers in the same tone, one with a wrong position.
+    (Pairs that pit a polite wrong answer against a rude right one teach DPO to make mistakes.)"""
     rows = []
     for k in range(n):
         p = make_prompt(rng)
-        while True:
-            a, b = (make_response(rng, p, corrupt=rng.random() < 0.3) for _ in range(2))
-            ra, rb = gold_reward(p, a), gold_reward(p, b)
-            if ra != rb:
-                break
+        tones = [(o, c) for o in (-1, 0, 1) for c in (-1, 0, 1)]
+        if rng.random() < 0.7:
+            ta, tb = rng.sample(tones, 2)
+            while ta[0] + ta[1] == tb[0] + tb[1]:
+                ta, tb = rng.sample(tones, 2)
+            a, b = make_response(rng, p, ta), make_response(rng, p, tb)
+        else:
+            t = rng.choice(tones)
+            a, b = make_response(rng, p, t), make_response(rng, p, t, corrupt=True)
+        ra, rb = gold_reward(p, a), gold_reward(p, b)
         (c, rc), (r, rr) = sorted([(a, ra), (b, rb)], key=lambda t: -t[1])
+        assert rc > rr
         user = {"role": "user", "content": p}
         chosen = [user, {"role": "assistant", "content": c}]
         rows.append({

@@ -1,0 +1,689 @@
+"""Direct Preference Optimization (DPO) on preference pairs, with cached reference log-probs.
+
+Rafailov et al., "Direct Preference Optimization: Your Language Model is Secretly a Reward Model"
+(2023). In the WSPO pipeline (Zhu et al. 2025, step 2) DPO turns the weak SFT model into the *weak
+aligned* model; it is also the baseline every preference method here is compared with.
+
+    logp(y)  = sum over response tokens of log pi(y_t | x, y_<t)          (prompt and padding masked)
+    h        = (logp_pi(y_w) - logp_ref(y_w)) - (logp_pi(y_l) - logp_ref(y_l))
+    sigmoid  : -logsigmoid(beta h) (1 - eps) - logsigmoid(-beta h) eps     (eps = label smoothing)
+    ipo      : (h - 1 / (2 beta))^2, with length-averaged log-probs        (Azar et al. 2023)
+    hinge    : relu(1 - beta h)                                            (SLiC, Zhao et al. 2023)
+    rewards  : beta (logp_pi - logp_ref) for y_w and y_l; accuracy = reward_w > reward_l
+
+What makes it lean: the reference model's log-probs never change, so by default they are computed
+in one pass before training and cached on disk (keyed by a hash of the model, data and tokenization
+settings; a rerun reuses them), and training holds only the policy. Chosen and rejected go through
+one forward; logits exist only at response positions (no batch x length x vocab tensor), and the
+fp32 log-softmax is taken chunk by chunk and recomputed in backward. `--padding_free` packs each
+batch into one row. With LoRA the reference is the base model (adapters disabled).
+
+Paper-scale (GPU, hub; the WSPO repo's weak DPO: full, beta 0.1, lr 1e-5, 1 epoch):
+    accelerate launch --config_file configs/zero3.yaml dpo.py --model_name_or_path runs/qwen2-1.5b-sft \
+        --output_dir runs/qwen2-1.5b-dpo
+    # LoRA: --use_lora --beta 0.01 --learning_rate 5e-6 --num_train_epochs 3
+Offline tiny setting (CPU):
+    python -m tiny --out data/tiny && python sft.py --preset tiny --output_dir runs/tiny/sft-weak
+    python dpo.py --preset tiny --model_name_or_path runs/tiny/sft-weak --output_dir runs/tiny/dpo-weak
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from datasets import load_dataset, load_from_disk
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (wandb run name prefix)"""
+    seed: int = 1
+    """seed of the experiment (data order)"""
+    output_dir: str = "runs/dpo"
+    """where the final model, checkpoints and metrics.jsonl go"""
+    preset: Literal["tiny"] | None = None
+    """named defaults: `tiny` = the offline tiny setting (data/tiny); flags still override"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "w2s-alignment"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    push_to_hub: bool = False
+    """upload the final model to the Hugging Face Hub (needs a login)"""
+    hub_model_id: str | None = None
+    """repo id for --push_to_hub (default: the output_dir's name)"""
+
+    # model
+    model_name_or_path: str = "Qwen/Qwen2-1.5B-Instruct"
+    """hub id or local path of the policy's initial weights (in the WSPO pipeline: the weak SFT model)"""
+    ref_model_name_or_path: str | None = None
+    """reference model (default: the policy's initial weights; with LoRA: the base model, adapters off)"""
+    tokenizer_name: str | None = None
+    """tokenizer hub id or path (default: --model_name_or_path)"""
+    trust_remote_code: bool = False
+    """allow custom modelling code from the hub (off: only code shipped with transformers runs)"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype the weights are loaded in; mixed precision itself comes from the accelerate config"""
+    attn_implementation: str = "sdpa"
+    """attention kernel: sdpa, eager, flash_attention_2"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward to save memory"""
+
+    # LoRA
+    use_lora: bool = False
+    """train LoRA adapters (peft) instead of all weights; merged into the saved model"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA scaling alpha"""
+    lora_dropout: float = 0.05
+    """LoRA dropout"""
+    lora_target_modules: str = "all-linear"
+    """modules that get adapters: "all-linear" or a comma-separated list of names"""
+
+    # data
+    dataset_name: str = "HuggingFaceH4/ultrafeedback_binarized"
+    """hub id, local dataset folder, a save_to_disk folder, or a .json/.jsonl/.parquet file"""
+    dataset_config: str | None = None
+    """dataset config (subset) name"""
+    train_split: str = "train_prefs"
+    """split to train on"""
+    eval_split: str | None = "test_prefs"
+    """held-out split for eval metrics (None: no eval)"""
+    prompt_column: str = "prompt"
+    """prompt column: a string (used when chosen/rejected are strings) or a message list"""
+    chosen_column: str = "chosen"
+    """chosen response: a message list ending in the assistant turn, or a string"""
+    rejected_column: str = "rejected"
+    """rejected response: a message list ending in the assistant turn, or a string"""
+    max_length: int = 4096
+    """prompt + response tokens; longer responses are cut (end-of-turn kept)"""
+    max_prompt_length: int = 2048
+    """prompt tokens; longer prompts keep their last tokens"""
+    max_train_samples: int | None = None
+    """use only the first N training pairs"""
+    max_eval_samples: int | None = 1000
+    """use only the first N eval pairs"""
+    padding_free: bool = False
+    """pack each micro-batch into one row without padding (sequences cannot attend to each other)"""
+
+    # algorithm
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """DPO loss: sigmoid (DPO), ipo, hinge"""
+    beta: float = 0.1
+    """inverse temperature of the implicit reward (paper: 0.1 full, 0.01 LoRA)"""
+    label_smoothing: float = 0.0
+    """sigmoid loss only: assumed probability that a label is flipped (conservative DPO)"""
+    ref_mode: Literal["precompute", "live"] = "precompute"
+    """precompute: reference log-probs in one pass before training, cached on disk; live: every step"""
+    cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "w2s_alignment")
+    """where the precomputed reference log-probs are cached"""
+    prepass_batch_size: int = 16
+    """pairs per forward in the reference pre-pass"""
+
+    # optimization
+    learning_rate: float = 1e-5
+    """peak learning rate (paper: 1e-5 full, 5e-6 LoRA)"""
+    num_train_epochs: int = 1
+    """passes over the training data (paper: 1 full, 3 LoRA)"""
+    max_steps: int | None = None
+    """stop after this many optimizer steps (overrides the epochs)"""
+    per_device_train_batch_size: int = 1
+    """pairs per micro-batch per process"""
+    gradient_accumulation_steps: int = 8
+    """micro-batches per optimizer step"""
+    per_device_eval_batch_size: int = 8
+    """pairs per eval batch per process"""
+    lr_scheduler_type: str = "cosine"
+    """transformers scheduler name"""
+    warmup_ratio: float = 0.1
+    """fraction of steps with linear warm-up"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+
+    # logging and checkpoints
+    logging_steps: int = 10
+    """log train metrics every N optimizer steps"""
+    eval_steps: int | None = None
+    """evaluate every N optimizer steps (default: only at the start and end)"""
+    save_steps: int | None = None
+    """write a resumable checkpoint every N optimizer steps"""
+    save_total_limit: int = 2
+    """keep only the newest N checkpoints"""
+    resume: bool = False
+    """resume from the newest checkpoint in output_dir/checkpoints"""
+
+    # filled in at runtime
+    world_size: int = 1
+    """(runtime) number of processes"""
+    global_batch_size: int = 0
+    """(runtime) micro batch x accumulation x processes"""
+
+
+PRESETS = {
+    "tiny": Args(
+        preset="tiny", output_dir="runs/tiny/dpo", model_name_or_path="runs/tiny/sft-weak",
+        dataset_name="data/tiny/ultrafeedback", max_length=128, max_prompt_length=64, learning_rate=1e-4,
+        num_train_epochs=1, per_device_train_batch_size=32, gradient_accumulation_steps=1, per_device_eval_batch_size=64,
+        max_eval_samples=400, logging_steps=20, prepass_batch_size=64, cache_dir="runs/tiny/cache",
+    ),
+}
+
+
+def parse_args() -> Args:
+    """`--preset NAME` picks the defaults; every other flag overrides them."""
+    argv = sys.argv[1:]
+    preset = argv[argv.index("--preset") + 1] if "--preset" in argv[:-1] else None
+    if preset is not None and preset not in PRESETS:
+        raise SystemExit(f"unknown --preset {preset!r}; choose from {sorted(PRESETS)}")
+    return tyro.cli(Args, default=PRESETS.get(preset, Args()), use_underscores=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+def load_split(name: str, config: str | None, split: str):
+    """Hub id, local dataset folder (README YAML / data files), save_to_disk folder, or one file."""
+    if os.path.isfile(name):
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(name)[1])
+        if kind is None:
+            raise SystemExit(f"cannot read dataset file {name!r}: use .json, .jsonl, .parquet or .csv")
+        return load_dataset(kind, data_files={split: name}, split=split)
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
+        return load_from_disk(name)[split]
+    try:
+        return load_dataset(name, config, split=split)
+    except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
+        raise SystemExit(
+            f"could not load split {split!r} of dataset {name!r}: {e}\nWith no network, use a local copy "
+            "(python -m tiny --out data/tiny writes the offline tiny setting; then --preset tiny)."
+        ) from e
+
+
+def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def split_pair(ex: dict, args: Args) -> tuple[list[dict], str, str]:
+    """(prompt messages, chosen text, rejected text) from message lists or plain strings."""
+    c, r = ex[args.chosen_column], ex[args.rejected_column]
+    if isinstance(c, list) and isinstance(r, list):
+        if not c or not r or c[-1].get("role") != "assistant" or r[-1].get("role") != "assistant":
+            raise ValueError("chosen/rejected must end with an assistant message")
+        if c[:-1] != r[:-1]:
+            raise ValueError("chosen and rejected have different prompts")
+        prompt = c[:-1] or [{"role": "user", "content": ex[args.prompt_column]}]
+        return prompt, c[-1]["content"], r[-1]["content"]
+    p = ex[args.prompt_column]
+    prompt = p if isinstance(p, list) else [{"role": "user", "content": p}]
+    return prompt, c, r
+
+
+def tokenize_pair(tokenizer, ex: dict, args: Args) -> dict:
+    """Prompt ids (chat template + generation prompt) and the two response ids, or a skip reason.
+
+    # ALGO LOGIC: the response tokens are what the template appends to the prompt's tokens, through
+    # the end-of-turn token; the prompt's tokens must be a prefix of prompt+response's tokens.
+    """
+    empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    try:
+        prompt, chosen, rejected = split_pair(ex, args)
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        return {**empty, "skip": f"malformed pair ({e})"}
+    if not isinstance(chosen, str) or not isinstance(rejected, str) or not chosen.strip() or not rejected.strip():
+        return {**empty, "skip": "empty chosen or rejected"}
+    if chosen == rejected:
+        return {**empty, "skip": "chosen identical to rejected"}
+    prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
+    responses = []
+    for text in (chosen, rejected):
+        full = chat_ids(tokenizer, prompt + [{"role": "assistant", "content": text}])
+        if full[: len(prompt_ids)] != prompt_ids:
+            raise SystemExit(
+                f"the chat template's prompt tokens are not a prefix of prompt+response tokens for {prompt!r}; "
+                "the response cannot be located. Use a template whose generation prompt ends the prompt exactly."
+            )
+        resp = full[len(prompt_ids):]
+        eot = tokenizer.eos_token_id
+        resp = resp[: len(resp) - resp[::-1].index(eot)] if eot in resp else resp + [eot]
+        responses.append(resp)
+    prompt_ids = prompt_ids[-args.max_prompt_length:]  # ALGO LOGIC: the prompt is cut from the left
+    room = args.max_length - len(prompt_ids)
+    if room < 2:
+        return {**empty, "skip": "prompt leaves no room for a response"}
+    skip = "truncated" if max(map(len, responses)) > room else ""
+    responses = [r if len(r) <= room else r[: room - 1] + [tokenizer.eos_token_id] for r in responses]
+    return {"prompt_ids": prompt_ids, "chosen_ids": responses[0], "rejected_ids": responses[1], "skip": skip}
+
+
+def prepare_dataset(ds, tokenizer, args: Args, what: str, log):
+    """Tokenize and drop the pairs that cannot be trained on; every drop is counted in the log."""
+    missing = [c for c in (args.chosen_column, args.rejected_column) if c not in ds.column_names]
+    if missing:
+        raise SystemExit(f"the {what} split has no column {missing} (columns: {ds.column_names}); pass "
+                         "--chosen_column / --rejected_column / --prompt_column naming your columns")
+    ds = ds.map(lambda ex: tokenize_pair(tokenizer, ex, args), remove_columns=ds.column_names, desc=f"tokenizing {what}")
+    reasons = {r: n for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}
+    kept = ds.filter(lambda ex: ex["skip"] in ("", "truncated")).remove_columns("skip")
+    log(f"{what}: {len(kept)} of {len(ds)} pairs kept; " + (", ".join(f"{n} {r}" for r, n in reasons.items()) or "none skipped or cut"))
+    if len(kept) == 0:
+        raise SystemExit(f"no usable pair in the {what} split ({reasons}); check the column flags and the data")
+    return kept.add_column("row", list(range(len(kept))))
+
+
+def collate(rows: list[dict], pad_id: int, padding_free: bool) -> dict:
+    """Chosen sequences first, then rejected ones: sequence i and i + len(rows) are one pair.
+
+    `targets[t]` is the next token; `loss_mask[t]` marks the positions that predict a response token;
+    `seq_id[t]` says which sequence position t belongs to. padded: right padding + attention mask.
+    padding-free: one row, position_ids restart per sequence, no attention mask (transformers then
+    builds a block-diagonal causal mask; this needs use_cache=False)."""
+    seqs, masks = [], []
+    for key in ("chosen_ids", "rejected_ids"):
+        for r in rows:
+            ids = r["prompt_ids"] + r[key]
+            seqs.append(torch.tensor(ids))
+            masks.append(torch.tensor([False] * (len(r["prompt_ids"]) - 1) + [True] * len(r[key]) + [False]))
+    targets = [torch.cat([s[1:], s.new_zeros(1)]) for s in seqs]
+    seq_id = [torch.full_like(s, i) for i, s in enumerate(seqs)]
+    out = {"row": torch.tensor([r["row"] for r in rows]), "n_seqs": len(seqs)}
+    if padding_free:
+        return {**out, "input_ids": torch.cat(seqs)[None], "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None],
+                "targets": torch.cat(targets)[None], "loss_mask": torch.cat(masks)[None], "seq_id": torch.cat(seq_id)[None]}
+    n = max(len(s) for s in seqs)
+    pad = lambda xs, v: torch.stack([F.pad(x, (0, n - len(x)), value=v) for x in xs])
+    return {**out, "input_ids": pad(seqs, pad_id), "attention_mask": pad([torch.ones_like(s) for s in seqs], 0),
+            "targets": pad(targets, 0), "loss_mask": pad(masks, False), "seq_id": pad(seq_id, 0)}
+
+
+# ---------------------------------------------------------------------------------------------
+# log-probs and loss
+# ---------------------------------------------------------------------------------------------
+def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    return logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(-1)
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """log softmax(logits)[target], fp32, a chunk of rows at a time; under autograd each chunk is
+    recomputed in backward, so no fp32 copy of the logits is ever held whole."""
+    fn = partial(checkpoint, _chunk_logps, use_reentrant=False) if torch.is_grad_enabled() else _chunk_logps
+    return torch.cat([fn(logits[i : i + chunk], targets[i : i + chunk]) for i in range(0, len(targets), chunk)])
+
+
+def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of every sequence in the batch, and response lengths.
+
+    # ALGO LOGIC: logits_to_keep = loss_mask, so the lm_head runs only where a response token is predicted.
+    """
+    mask = batch["loss_mask"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch.get("position_ids"), logits_to_keep=mask, use_cache=False).logits
+    lp = token_logps(logits, batch["targets"][mask])
+    seq = batch["seq_id"][mask]
+    sums = torch.zeros(batch["n_seqs"], device=lp.device, dtype=lp.dtype).index_add(0, seq, lp)
+    lengths = torch.zeros(batch["n_seqs"], device=lp.device, dtype=lp.dtype).index_add(0, seq, torch.ones_like(lp))
+    return sums, lengths
+
+
+def dpo_loss(pc, pr, rc, rr, beta: float, loss_type: str, label_smoothing: float = 0.0):
+    """Per-pair loss and implicit rewards from policy (p) and reference (r) log-probs of chosen (c)
+    and rejected (r) responses (already length-averaged for ipo)."""
+    # ALGO LOGIC: h = (logp_pi(yw) - logp_ref(yw)) - (logp_pi(yl) - logp_ref(yl))   (DPO eq. 7)
+    h = (pc - rc) - (pr - rr)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2  # IPO eq. 17
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)  # SLiC-HF
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
+def pair_metrics(model, batch, ref_c, ref_r, args: Args) -> tuple[torch.Tensor, dict]:
+    """Mean loss over the batch's pairs, and the TRL-named metrics (summed, for gathering)."""
+    logps, lengths = sequence_logps(model, batch)
+    n = len(batch["row"])
+    pc, pr = logps[:n], logps[n:]
+    if args.loss_type == "ipo":  # IPO uses length-averaged log-probs
+        pc, pr, ref_c, ref_r = pc / lengths[:n], pr / lengths[n:], ref_c / lengths[:n], ref_r / lengths[n:]
+    losses, rw_c, rw_r = dpo_loss(pc, pr, ref_c, ref_r, args.beta, args.loss_type, args.label_smoothing)
+    m = {"loss": losses.detach().sum(), "rewards/chosen": rw_c.sum(), "rewards/rejected": rw_r.sum(),
+         "rewards/accuracies": (rw_c > rw_r).float().sum(), "rewards/margins": (rw_c - rw_r).sum(),
+         "logps/chosen": logps[:n].detach().sum(), "logps/rejected": logps[n:].detach().sum(),
+         "pairs": torch.tensor(float(n), device=losses.device)}
+    return losses.mean(), m
+
+
+# ---------------------------------------------------------------------------------------------
+# reference log-probs: a pre-pass cached on disk
+# ---------------------------------------------------------------------------------------------
+def model_fingerprint(name: str) -> str:
+    """A hub id names fixed weights (up to its revision); a local folder is fingerprinted by its files."""
+    if not os.path.isdir(name):
+        return name
+    files = sorted(f for f in os.listdir(name) if f.endswith((".safetensors", ".json")))
+    return name + "|" + "|".join(f"{f}:{os.path.getsize(os.path.join(name, f))}:{os.path.getmtime(os.path.join(name, f))}" for f in files)
+
+
+def data_fingerprint(ds, columns) -> str:
+    """A hash of the token ids themselves: the cache follows the data and tokenization, nothing else."""
+    h = hashlib.sha256()
+    for col in columns:
+        for ids in ds[col]:
+            h.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
+    return h.hexdigest()
+
+
+def cache_key(args: Args, ref_name: str, ds) -> str:
+    parts = [model_fingerprint(ref_name), data_fingerprint(ds, ("prompt_ids", "chosen_ids", "rejected_ids")),
+             str(args.use_lora), args.dtype]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+@torch.no_grad()
+def reference_logps(ref_model, ds, args: Args, accelerator, collate_fn, path: str, log) -> dict:
+    """Summed reference log-probs of every pair's chosen and rejected response, indexed by row.
+    Each process scores a shard; the main process writes the cache (safetensors, renamed into place)."""
+    if os.path.exists(path):
+        log(f"reference log-probs: reusing the cache {path}")
+        return load_file(path)
+    rows = list(range(len(ds)))
+    results = []
+    with accelerator.split_between_processes(rows) as mine:
+        ref_model.eval()
+        loader = DataLoader(ds.select(mine), batch_size=args.prepass_batch_size, collate_fn=collate_fn)
+        for batch in tqdm(loader, desc="reference pre-pass", disable=not accelerator.is_local_main_process):
+            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            logps, _ = sequence_logps(ref_model, batch)
+            n = len(batch["row"])
+            results += list(zip(batch["row"].tolist(), logps[:n].tolist(), logps[n:].tolist()))
+    results = sorted(gather_object(results))
+    out = {"chosen": torch.tensor([c for _, c, _ in results], dtype=torch.float64),
+           "rejected": torch.tensor([r for _, _, r in results], dtype=torch.float64)}
+    assert len(results) == len(ds) and [i for i, _, _ in results] == rows
+    if accelerator.is_main_process:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file(out, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        log(f"reference log-probs: computed {len(rows)} pairs, cached in {path}")
+    accelerator.wait_for_everyone()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------
+def load_tokenizer(args: Args):
+    name = args.tokenizer_name or args.model_name_or_path
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"could not load the tokenizer {name!r} from the hub or a local path: {e}\nWith no network, "
+                         "build the offline tiny setting (python -m tiny --out data/tiny) and pass --preset tiny.") from e
+    if tok.chat_template is None:
+        raise SystemExit(f"tokenizer {name!r} has no chat template; use an instruct tokenizer or set one")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, args: Args):
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code,
+                                                    attn_implementation=args.attn_implementation)
+    except OSError as e:
+        raise SystemExit(f"could not load the model {name!r} from the hub or a local path: {e}\nWith no network, train "
+                         "one offline first (python -m tiny --out data/tiny; python sft.py --preset tiny) and pass its folder.") from e
+
+
+def newest_checkpoint(output_dir: str) -> str | None:
+    """Only fully written checkpoints count: they are renamed into place after saving."""
+    root = os.path.join(output_dir, "checkpoints")
+    steps = [int(d.split("-")[1]) for d in os.listdir(root) if d.startswith("step-")] if os.path.isdir(root) else []
+    return os.path.join(root, f"step-{max(steps)}") if steps else None
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    # TRY NOT TO MODIFY: accelerator, batch-size chain, seeding, logging
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+    args.world_size = accelerator.num_processes
+    args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    log = lambda msg: accelerator.print(f"[{args.exp_name}] {msg}")
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.track and accelerator.is_main_process:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), dir=args.output_dir,
+                   name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if accelerator.is_main_process else None
+
+    def log_metrics(metrics: dict, step: int):
+        if accelerator.is_main_process:
+            metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+            metrics_file.flush()
+            if args.track:
+                wandb.log(metrics, step=step)
+
+    set_seed(args.seed, device_specific=True)
+    tokenizer = load_tokenizer(args)
+    model = load_model(args.model_name_or_path, args)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if args.use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
+    log(f"policy: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; global batch "
+        f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation x {args.world_size} processes "
+        f"= {args.global_batch_size} pairs")
+
+    with accelerator.main_process_first():
+        train_ds = load_split(args.dataset_name, args.dataset_config, args.train_split)
+        if args.max_train_samples is not None:
+            train_ds = train_ds.select(range(min(args.max_train_samples, len(train_ds))))
+        train_ds = prepare_dataset(train_ds, tokenizer, args, "train", log)
+        eval_ds = None
+        if args.eval_split:
+            eval_ds = load_split(args.dataset_name, args.dataset_config, args.eval_split)
+            if args.max_eval_samples is not None:
+                eval_ds = eval_ds.select(range(min(args.max_eval_samples, len(eval_ds))))
+            eval_ds = prepare_dataset(eval_ds, tokenizer, args, "eval", log)
+    collate_fn = lambda rows: collate(rows, tokenizer.pad_token_id, args.padding_free)
+
+    # ALGO LOGIC: the reference. precompute: log-probs of every pair once, before training, cached;
+    # the reference defaults to the policy's initial weights, so the pre-pass runs on the policy itself.
+    ref_name = args.ref_model_name_or_path or args.model_name_or_path
+    ref_model = None  # with LoRA and no --ref_model_name_or_path, the reference is the policy with adapters off
+    if args.ref_model_name_or_path is not None or (args.ref_mode == "live" and not args.use_lora):
+        ref_model = load_model(ref_name, args).to(accelerator.device).eval()
+        ref_model.requires_grad_(False)
+    ref_cache = {}
+    if args.ref_mode == "precompute":
+        scorer = ref_model if ref_model is not None else model.to(accelerator.device)
+        with scorer.disable_adapter() if args.use_lora and ref_model is None else nullcontext():
+            for split, ds in (("train", train_ds), ("eval", eval_ds)):
+                if ds is not None:
+                    path = os.path.join(args.cache_dir, f"ref-logps-{cache_key(args, ref_name, ds)}.safetensors")
+                    ref_cache[split] = reference_logps(scorer, ds, args, accelerator, collate_fn, path, log)
+        ref_model = None  # training holds only the policy
+
+    def reference(batch, split):
+        if args.ref_mode == "precompute":
+            c = ref_cache[split]
+            return (c["chosen"][batch["row"].cpu()].to(accelerator.device, torch.float32),
+                    c["rejected"][batch["row"].cpu()].to(accelerator.device, torch.float32))
+        with torch.no_grad():
+            if ref_model is not None:
+                logps, _ = sequence_logps(ref_model, batch)
+            else:  # LoRA: the base model is the reference
+                with accelerator.unwrap_model(model).disable_adapter():
+                    logps, _ = sequence_logps(model, batch)
+        n = len(batch["row"])
+        return logps[:n].detach(), logps[n:].detach()
+
+    rows_per_epoch = len(train_ds) // args.global_batch_size * args.global_batch_size
+    steps_per_epoch = rows_per_epoch // args.global_batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(train_ds)} training pairs are fewer than one global batch ({args.global_batch_size})")
+    total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+
+    def epoch_loader(epoch: int):
+        # the data order depends on (seed, epoch) only, so a resumed run sees the same batches
+        order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed + epoch))
+        subset = train_ds.select(order[:rows_per_epoch].tolist())
+        return accelerator.prepare(DataLoader(subset, batch_size=args.per_device_train_batch_size, collate_fn=collate_fn))
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay)
+    # stepped by hand once per optimizer step (accelerate would step it once per process)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    eval_loader = None
+    if eval_ds is not None:
+        eval_loader = accelerator.prepare(DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn))
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        model.eval()
+        total = {}
+        for batch in eval_loader:
+            ref_c, ref_r = reference(batch, "eval")
+            _, m = pair_metrics(model, batch, ref_c, ref_r, args)
+            total = {k: total.get(k, 0) + v for k, v in m.items()}
+        model.train()
+        total = {k: accelerator.reduce(v.double(), reduction="sum") for k, v in total.items()}
+        return {f"eval/{k}": (v / total["pairs"]).item() for k, v in total.items() if k != "pairs"}
+
+    global_step = 0
+    if args.resume:
+        ckpt = newest_checkpoint(args.output_dir)
+        if ckpt is None:
+            log("--resume: no checkpoint found, starting from scratch")
+        else:
+            accelerator.load_state(ckpt)
+            global_step = int(ckpt.rsplit("-", 1)[1])
+            log(f"resumed from {ckpt} (step {global_step})")
+
+    def save_checkpoint(step: int):
+        # written to a temporary folder, then renamed: a crash mid-save never leaves a checkpoint resume would pick
+        root = os.path.join(args.output_dir, "checkpoints")
+        tmp, final = os.path.join(root, f"tmp-step-{step}"), os.path.join(root, f"step-{step}")
+        accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            os.replace(tmp, final)
+            for old in sorted((d for d in os.listdir(root) if d.startswith("step-")), key=lambda d: int(d[5:]))[: -args.save_total_limit]:
+                shutil.rmtree(os.path.join(root, old))
+        accelerator.wait_for_everyone()
+
+    if eval_loader is not None and global_step == 0:
+        m = evaluate()
+        log(f"step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
+        log_metrics(m, 0)
+
+    # TRY NOT TO MODIFY: the training loop
+    model.train()
+    bar = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="dpo")
+    running, n_tokens, t0 = {}, 0, time.time()
+    for epoch in range(global_step // steps_per_epoch, num_epochs):
+        loader = epoch_loader(epoch)
+        skip = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
+        if skip > 0:
+            loader = accelerator.skip_first_batches(loader, skip)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                ref_c, ref_r = reference(batch, "train")
+                loss, m = pair_metrics(model, batch, ref_c, ref_r, args)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            running = {k: running.get(k, 0) + v for k, v in m.items()}
+            n_tokens += batch["input_ids"].numel()
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            global_step += 1
+            bar.update(1)
+            if not math.isfinite(loss.item()):
+                raise SystemExit(f"non-finite loss at step {global_step} (epoch {epoch}, rows {batch['row'].tolist()}); "
+                                 f"the last good checkpoint is kept in {args.output_dir}/checkpoints")
+            if global_step % args.logging_steps == 0 or global_step == total_steps:
+                r = {k: accelerator.reduce(v.double(), reduction="sum") for k, v in running.items()}
+                tokens = accelerator.reduce(torch.tensor(float(n_tokens), device=accelerator.device), reduction="sum")
+                out = {f"train/{k}": (v / r["pairs"]).item() for k, v in r.items() if k != "pairs"}
+                out.update({"train/lr": scheduler.get_last_lr()[0], "train/epoch": global_step / steps_per_epoch,
+                            "perf/tokens_per_s": tokens.item() / (time.time() - t0),
+                            "perf/pairs_per_s": r["pairs"].item() / (time.time() - t0)})
+                bar.set_postfix(loss=f"{out['train/loss']:.4f}", acc=f"{out['train/rewards/accuracies']:.2f}")
+                log_metrics(out, global_step)
+                running, n_tokens, t0 = {}, 0, time.time()
+            if eval_loader is not None and args.eval_steps and global_step % args.eval_steps == 0 and global_step != total_steps:
+                log_metrics(evaluate(), global_step)
+            if args.save_steps and global_step % args.save_steps == 0:
+                save_checkpoint(global_step)
+            if global_step >= total_steps:
+                break
+        if global_step >= total_steps:
+            break
+    bar.close()
+
+    if eval_loader is not None:
+        m = evaluate()
+        log(f"step {global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
+        log_metrics(m, global_step)
+
+    # TRY NOT TO MODIFY: save a plain transformers model (LoRA merged) + tokenizer, safetensors
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if args.use_lora:
+            unwrapped, state_dict = unwrapped.merge_and_unload(), None
+        unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        log(f"saved the model to {args.output_dir}")
+        if args.push_to_hub:
+            unwrapped.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
+            tokenizer.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
+    accelerator.wait_for_everyone()
+    if args.track and accelerator.is_main_process:
+        wandb.finish()
+    accelerator.end_training()

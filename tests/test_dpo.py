@@ -1,0 +1,171 @@
+"""dpo.py: the losses against REFERENCE.md, cached vs live reference, padding-free batches, bad input,
+and end to end on the tiny setting."""
+
+import dataclasses
+import importlib.util
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from conftest import ROOT, run_script
+
+spec = importlib.util.spec_from_file_location("dpo", ROOT / "dpo.py")
+dpo = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(dpo)
+
+SMALL = ("hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=1,"
+         "max_position_embeddings=256,tie_word_embeddings=True")
+
+
+@pytest.fixture(scope="module")
+def sft_model(tiny, tmp_path_factory):
+    """A small SFT model of the tiny language: the policy's and the reference's starting point."""
+    out = tmp_path_factory.mktemp("sft")
+    run_script("sft.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrachat"), "--tokenizer_name",
+               str(tiny / "tokenizer"), "--output_dir", str(out), "--config_overrides", SMALL, "--max_steps", "60",
+               "--eval_split", "None")
+    return out
+
+
+def dpo_args(tiny, sft_model, out, cache, *extra):
+    return ["dpo.py", "--preset", "tiny", "--model_name_or_path", str(sft_model), "--dataset_name",
+            str(tiny / "ultrafeedback"), "--output_dir", str(out), "--cache_dir", str(cache), *extra]
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+# fixed log-probs: policy chosen/rejected, reference chosen/rejected
+PC, PR = torch.tensor([-10.0, -22.5, -7.25, -30.0]), torch.tensor([-12.0, -20.0, -9.0, -31.5])
+RC, RR = torch.tensor([-11.0, -21.0, -8.0, -29.0]), torch.tensor([-11.5, -21.5, -8.5, -30.0])
+
+
+@pytest.mark.parametrize("beta,eps", [(0.1, 0.0), (0.5, 0.0), (0.1, 0.2)])
+def test_sigmoid_loss_matches_reference_formula(beta, eps):
+    losses, rc, rr = dpo.dpo_loss(PC, PR, RC, RR, beta, "sigmoid", eps)
+    h = (PC - RC) - (PR - RR)
+    want = [-(1 - eps) * torch.log(torch.sigmoid(beta * x)) - eps * torch.log(torch.sigmoid(-beta * x)) for x in h]
+    torch.testing.assert_close(losses, torch.stack(want), atol=1e-6, rtol=0)
+    torch.testing.assert_close(rc, beta * (PC - RC))
+    torch.testing.assert_close(rr, beta * (PR - RR))
+    assert float(losses[0]) == pytest.approx(-(1 - eps) * F.logsigmoid(torch.tensor(beta * 1.5)).item()
+                                             - eps * F.logsigmoid(torch.tensor(-beta * 1.5)).item(), abs=1e-6)
+
+
+def test_ipo_and_hinge_match_reference_formula():
+    beta = 0.1
+    h = (PC - RC) - (PR - RR)
+    torch.testing.assert_close(dpo.dpo_loss(PC, PR, RC, RR, beta, "ipo")[0], (h - 1 / (2 * beta)) ** 2)
+    torch.testing.assert_close(dpo.dpo_loss(PC, PR, RC, RR, beta, "hinge")[0], torch.clamp(1 - beta * h, min=0))
+    assert dpo.dpo_loss(PC, PR, RC, RR, beta, "hinge")[0][0].item() == pytest.approx(1 - 0.1 * 1.5)
+
+
+def test_token_logps_equal_log_softmax_and_gradients_match():
+    torch.manual_seed(0)
+    logits = torch.randn(37, 50, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    got = dpo.token_logps(logits, targets, chunk=8)
+    want = torch.log_softmax(logits.double(), -1).gather(-1, targets[:, None])[:, 0]
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    (g1,) = torch.autograd.grad(got.sum(), logits)
+    (g2,) = torch.autograd.grad(want.sum(), logits)
+    torch.testing.assert_close(g1.double(), g2.double(), atol=1e-5, rtol=0)
+
+
+def pair_batch(tiny, model_dir, padding_free):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    args = dataclasses.replace(dpo.PRESETS["tiny"], dataset_name=str(tiny / "ultrafeedback"))
+    ds = dpo.load_split(args.dataset_name, None, "test_prefs").select(range(6))
+    rows = [{**dpo.tokenize_pair(tok, ex, args), "row": i} for i, ex in enumerate(ds)]
+    return dpo.collate(rows, tok.pad_token_id, padding_free), rows, tok
+
+
+def test_padding_free_equals_padded(tiny, sft_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(sft_model).eval()
+    padded, rows, tok = pair_batch(tiny, sft_model, False)
+    packed, _, _ = pair_batch(tiny, sft_model, True)
+    assert packed["input_ids"].shape[0] == 1
+    with torch.no_grad():
+        lp, np_ = dpo.sequence_logps(model, padded)
+        lk, nk = dpo.sequence_logps(model, packed)
+    torch.testing.assert_close(lp, lk, atol=1e-4, rtol=1e-5)
+    assert nk.tolist() == [len(r["chosen_ids"]) for r in rows] + [len(r["rejected_ids"]) for r in rows] == np_.tolist()
+    # and against a plain full-logits computation
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits, -1)
+    for i, r in enumerate(rows):
+        ids = r["prompt_ids"] + r["chosen_ids"]
+        want = sum(full[i, t - 1, ids[t]].item() for t in range(len(r["prompt_ids"]), len(ids)))
+        assert lp[i].item() == pytest.approx(want, abs=1e-4)
+
+
+def test_tokenize_pair_truncation_and_skips(tiny):
+    tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
+    args = dataclasses.replace(dpo.PRESETS["tiny"], max_length=12, max_prompt_length=8)
+    msg = lambda p, r: [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+    ex = {"prompt": "copy one two", "chosen": msg("copy one two", "sure one two " + "done " * 10),
+          "rejected": msg("copy one two", "meh one two now go away")}
+    out = dpo.tokenize_pair(tok, ex, args)
+    assert len(out["prompt_ids"]) == 8  # cut from the left
+    assert out["prompt_ids"] == dpo.chat_ids(tok, ex["chosen"][:1], add_generation_prompt=True)[-8:]
+    assert len(out["prompt_ids"]) + len(out["chosen_ids"]) == 12 and out["chosen_ids"][-1] == tok.eos_token_id
+    assert out["skip"] == "truncated"
+    plain = dpo.tokenize_pair(tok, {"prompt": "copy one", "chosen": "ok one done", "rejected": "meh one done"},
+                              dataclasses.replace(args, max_length=64, max_prompt_length=32))
+    assert tok.decode(plain["chosen_ids"]) == "ok one done<|im_end|>" and plain["skip"] == ""
+    same = dpo.tokenize_pair(tok, {"prompt": "p", "chosen": "ok one", "rejected": "ok one"}, args)
+    assert same["skip"] == "chosen identical to rejected"
+    empty = dpo.tokenize_pair(tok, {"prompt": "p", "chosen": " ", "rejected": "ok one"}, args)
+    assert empty["skip"] == "empty chosen or rejected"
+    tight = dpo.tokenize_pair(tok, ex, dataclasses.replace(args, max_length=9, max_prompt_length=8))
+    assert tight["skip"] == "prompt leaves no room for a response"
+
+
+def test_end_to_end_learns_and_reuses_the_cache(tiny, sft_model, tmp_path):
+    cache = tmp_path / "cache"
+    out = tmp_path / "dpo"
+    p = run_script(*dpo_args(tiny, sft_model, out, cache, "--max_steps", "40", "--logging_steps", "10"))
+    assert "computed" in p.stdout and len(list(cache.glob("ref-logps-*.safetensors"))) == 2
+    m = metrics(out)
+    evals = [r for r in m if "eval/loss" in r]
+    assert evals[0]["eval/rewards/accuracies"] == 0.0 and evals[0]["eval/loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert evals[-1]["eval/rewards/accuracies"] > 0.75 and evals[-1]["eval/loss"] < evals[0]["eval/loss"] - 0.01
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    # a rerun reuses both caches, and cached reference log-probs equal live ones
+    live = tmp_path / "live"
+    p2 = run_script(*dpo_args(tiny, sft_model, tmp_path / "again", cache, "--max_steps", "2", "--logging_steps", "1"))
+    assert p2.stdout.count("reusing the cache") == 2 and "computed" not in p2.stdout
+    run_script(*dpo_args(tiny, sft_model, live, cache, "--max_steps", "2", "--logging_steps", "1", "--ref_mode", "live"))
+    a, b = metrics(tmp_path / "again"), metrics(live)
+    for ra, rb in zip(a, b):
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], abs=1e-5) or k.startswith("perf/"), k
+
+
+def test_missing_column_is_a_clear_error(tiny, sft_model, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"prompt": "copy one", "good": "ok one", "rejected": "meh one"}) + "\n")
+    p = run_script(*dpo_args(tiny, sft_model, tmp_path / "o", tmp_path / "c", "--dataset_name", str(data),
+                             "--train_split", "train", "--eval_split", "None"), check=False)
+    assert p.returncode != 0 and "no column ['chosen']" in p.stderr and "--chosen_column" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_bad_pairs_are_counted(tiny, sft_model, tmp_path):
+    rows = [{"prompt": "copy one", "chosen": "ok one done", "rejected": "meh one now go away"}] * 4
+    rows += [{"prompt": "copy one", "chosen": "", "rejected": "meh one"},
+             {"prompt": "copy one", "chosen": "ok one", "rejected": "ok one"},
+             {"prompt": "copy " + " ".join(["one"] * 200), "chosen": "ok one", "rejected": "meh one"}]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = run_script(*dpo_args(tiny, sft_model, tmp_path / "o", tmp_path / "c", "--dataset_name", str(data),
+                             "--train_split", "train", "--eval_split", "None", "--per_device_train_batch_size", "2",
+                             "--max_prompt_length", "300", "--max_length", "128", "--max_steps", "1"))
+    assert ("train: 4 of 7 pairs kept; 1 chosen identical to rejected, 1 empty chosen or rejected, "
+            "1 prompt leaves no room for a response") in p.stdout
