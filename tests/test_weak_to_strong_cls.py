@@ -1,0 +1,325 @@
+"""weak_to_strong_cls.py: the three losses against REFERENCE.md, last-token pooling, bad input,
+gradient accumulation and distributed equivalence, seeds aggregation, and the offline pipeline end to
+end (weak < strong ceiling, PGR, JSON and PNG, cache reuse)."""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from conftest import ROOT, run_script
+from datasets import load_from_disk
+from safetensors.torch import load_file
+
+spec = importlib.util.spec_from_file_location("weak_to_strong_cls", ROOT / "weak_to_strong_cls.py")
+w2s = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(w2s)
+
+# one torch thread: tiny matrices crawl when two threads fight other jobs for two cores
+SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+QWEN_SMALL = "hidden_size=16,intermediate_size=32,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=1"
+
+
+def cli(tiny: Path, out: Path, *extra: str) -> list[str]:
+    return ["weak_to_strong_cls.py", "--preset", "tiny", "--ds_name", str(tiny / "cls"), "--tokenizer_name",
+            str(tiny / "tokenizer"), "--output_dir", str(out), *extra]
+
+
+def scratch_spec(tiny: Path, model_type: str = "qwen2", overrides: str = QWEN_SMALL) -> dict:
+    """A model built from a config with the tiny tokenizer, as build_model takes it."""
+    return {"name_or_path": None, "model_type": model_type, "config_overrides": overrides, "tokenizer": str(tiny / "tokenizer")}
+
+
+def stage_dir(out: Path, name: str, seed: int = 0) -> Path:
+    (found,) = (out / f"seed_{seed}").glob(f"{name}_*")
+    return found
+
+
+# ------------------------------------------------------------------------------------------------
+# losses: REFERENCE.md "Weak-to-strong classification", written out in numpy
+def softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def xent_ref(z, target):
+    return float(np.mean(-(target * np.log(softmax(z))).sum(-1)))
+
+
+@pytest.fixture
+def logits_labels():
+    g = torch.Generator().manual_seed(0)
+    logits = 2 * torch.randn(11, 2, generator=g)
+    p1 = torch.rand(11, generator=g)
+    return logits, torch.stack([1 - p1, p1], dim=1)  # soft weak labels, mean of class 1 not a round number
+
+
+def grad_of(loss_fn, logits, labels, **kw):
+    z = logits.clone().requires_grad_(True)
+    loss = loss_fn(z, labels, **kw)
+    loss.backward()
+    return loss.item(), z.grad
+
+
+def test_xent_is_cross_entropy_on_soft_labels(logits_labels):
+    z, y = logits_labels
+    expected = xent_ref(z.double().numpy(), y.double().numpy())
+    assert w2s.xent_loss(z, y, step_frac=0.3).item() == pytest.approx(expected, rel=1e-5)
+    hard = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0])  # ground truth as one-hot soft labels
+    one_hot = torch.nn.functional.one_hot(hard, 2).float()
+    assert w2s.xent_loss(z, one_hot, 0.0).item() == pytest.approx(torch.nn.functional.cross_entropy(z, hard).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("alpha, beta", [(1.0, 1.0), (0.5, 2.0)])
+def test_product_loss_matches_reference(logits_labels, alpha, beta):
+    z, y = logits_labels
+    zn, yn = z.double().numpy(), y.double().numpy()
+    target = softmax(zn) ** beta * yn**alpha
+    target /= target.sum(-1, keepdims=True)
+    loss, grad = grad_of(w2s.product_loss, z, y, step_frac=0.5, alpha=alpha, beta=beta)
+    assert loss == pytest.approx(xent_ref(zn, target), rel=1e-5)
+    # the target is detached: the gradient is that of a cross-entropy against a constant
+    np.testing.assert_allclose(grad.numpy(), (softmax(zn) - target) / len(zn), atol=1e-6)
+
+
+@pytest.mark.parametrize("aux_coef, warmup_frac", [(0.5, 0.1), (0.3, 0.25)])
+@pytest.mark.parametrize("step_frac", [0.0, 0.05, 0.1, 0.2, 0.7])
+def test_logconf_loss_matches_reference(logits_labels, step_frac, aux_coef, warmup_frac):
+    z, y = logits_labels
+    zn, yn = z.double().numpy(), y.double().numpy()
+    # the official warm-up: c = aux_coef * step_frac while step_frac <= warmup_frac, aux_coef after
+    coef = aux_coef * (step_frac if step_frac <= warmup_frac else 1.0)
+    p = softmax(zn)
+    threshold = np.quantile(p[:, 0], yn[:, 1].mean())  # batch quantile of p(0) at the weak labels' mean of class 1
+    hardened = np.stack([p[:, 0] >= threshold, p[:, 0] < threshold], axis=1).astype(float)
+    target = (1 - coef) * yn + coef * hardened
+    loss, grad = grad_of(w2s.logconf_loss, z, y, step_frac=step_frac, aux_coef=aux_coef, warmup_frac=warmup_frac)
+    assert loss == pytest.approx(xent_ref(zn, target), rel=1e-5)
+    np.testing.assert_allclose(grad.numpy(), (p - target) / len(zn), atol=1e-6)
+    # the hardened strong predictions take the weak labels' class balance (to one example)
+    assert abs(hardened[:, 1].mean() - yn[:, 1].mean()) <= 1 / len(zn)
+
+
+def test_logconf_coefficient_values():
+    """The ramp on numbers: at 5% of training the target is 2.5% hardened, after warm-up 50%."""
+    z = torch.tensor([[3.0, -3.0], [-3.0, 3.0]])  # confident, one per class
+    y = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # the weak labels say the opposite; mean of class 1 = 0.5
+    for step_frac, c in [(0.05, 0.025), (0.5, 0.5)]:
+        target = (1 - c) * y + c * torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        expected = torch.nn.functional.cross_entropy(z, target).item()
+        assert w2s.logconf_loss(z, y, step_frac).item() == pytest.approx(expected, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# model: last-token pooling
+def test_last_token_index_from_the_mask():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 1]])
+    assert w2s.last_token_index(mask).tolist() == [2, 4, 4, 0, 4]
+
+
+@pytest.mark.parametrize("model_type, overrides", [
+    ("qwen2", QWEN_SMALL),
+    ("gpt2", "n_embd=16,n_layer=2,n_head=2,n_positions=64"),
+])
+def test_pooling_same_logits_with_left_and_right_padding(tiny, model_type, overrides):
+    torch.manual_seed(0)
+    tokenizer, model = w2s.build_model(scratch_spec(tiny, model_type, overrides), w2s.Args())
+    assert model.score.bias is None and torch.count_nonzero(model.score.weight) == 0  # zero init, no bias
+    torch.nn.init.normal_(model.score.weight)  # a non-zero head, so the pooled hidden state shows in the logits
+    model.eval()
+    pad = tokenizer.pad_token_id
+    seqs = [[5, 6, 7, 8, 9], [10, 11, pad], [12]]  # the second one ends with the pad id as a real token
+
+    def alone(s):
+        return model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0]
+
+    expected = torch.stack([alone(s) for s in seqs])
+    assert not torch.allclose(alone([10, 11]), expected[1], atol=1e-4)  # the real pad-id token matters
+    with torch.no_grad():
+        for side in ("right", "left"):
+            tokenizer.padding_side = side
+            batch = w2s.collate(tokenizer, [{"input_ids": s, "soft_label": [1.0, 0.0]} for s in seqs])
+            assert batch["attention_mask"].sum(1).tolist() == [5, 3, 1]
+            torch.testing.assert_close(model(batch["input_ids"], batch["attention_mask"]), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_linear_probe_freezes_the_body(tiny):
+    _, model = w2s.build_model(scratch_spec(tiny), w2s.Args(linear_probe=True))
+    assert not any(p.requires_grad for p in model.body.parameters())
+    assert model.score.weight.requires_grad
+
+
+# ------------------------------------------------------------------------------------------------
+# gradient accumulation really accumulates (in process), and 2 processes equal 1 (torchrun)
+def train_tiny(tiny, accumulation: int) -> dict:
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = w2s.Accelerator(gradient_accumulation_steps=accumulation)
+    args = w2s.Args(batch_size=8, gradient_accumulation_steps=accumulation, micro_batch_size=8 // accumulation)
+    torch.manual_seed(0)
+    tokenizer, model = w2s.build_model(scratch_spec(tiny), args)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows, _ = w2s.tokenize(w2s.load_cls_dataset(str(tiny / "cls"), 32, 8, seed=0)["train"], tokenizer, 64)
+    model = w2s.train(model, rows, tokenizer, w2s.xent_loss, 1e-2, 1, 0, args, accelerator, "test", None)
+    after = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+    accelerator.free_memory()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return {"before": before, "after": after}
+
+
+def test_gradient_accumulation_equals_the_full_batch(tiny):
+    full, accumulated = train_tiny(tiny, 1), train_tiny(tiny, 4)  # 4 optimizer steps of 8 = 8 x 1 or 2 x 4
+    for k, v in full["after"].items():
+        torch.testing.assert_close(accumulated["after"][k], v, atol=1e-5, rtol=1e-4)
+    # and training did move the body (after the zero head's first step) and the head
+    assert not torch.allclose(full["after"]["score.weight"], full["before"]["score.weight"])
+    moved = [k for k in full["after"] if not torch.allclose(full["after"][k], full["before"][k])]
+    assert any(k.startswith("body.layers.0.") for k in moved)
+
+
+def test_two_processes_match_one(tiny, tmp_path):
+    small = ("--n_docs", "512", "--n_test_docs", "100", "--gt_epochs", "3", "--losses", "xent", "--no_save_models")
+    run_script(*cli(tiny, tmp_path / "one", *small), env=SINGLE_THREAD)
+    p = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", *cli(tiny, tmp_path / "two", *small),
+                   env={**SINGLE_THREAD, "ACCELERATE_USE_CPU": "1"})
+    assert "= 16 x 1 accumulated x 2 processes" in p.stdout
+    for stage in ("weak", "strong_ceiling", "w2s_xent"):
+        one, two = (load_file(stage_dir(tmp_path / d, stage) / "test_predictions.safetensors") for d in ("one", "two"))
+        assert torch.equal(one["idx"], two["idx"])
+        torch.testing.assert_close(two["probs"], one["probs"], atol=1e-5, rtol=1e-4)
+    assert load_from_disk(str(stage_dir(tmp_path / "two", "weak") / "weak_labels")).num_rows == 256
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end on the offline tiny setting
+def pgr(transfer_acc: float, r: dict) -> float:
+    """REFERENCE.md: PGR = (w2s - weak) / (strong - weak), from the JSON's own accuracies."""
+    return (transfer_acc - r["weak_acc"]) / (r["strong_acc"] - r["weak_acc"])
+
+def test_end_to_end_weak_strong_gap_pgr_and_cache(tiny, tmp_path):
+    out = tmp_path / "run"
+    args = cli(tiny, out, "--n_docs", "3000", "--n_test_docs", "200", "--gt_epochs", "16", "--losses", "xent", "logconf")
+    first = run_script(*args, env=SINGLE_THREAD)
+    summary = json.loads((out / "results.json").read_text())
+    r = summary["per_seed"]["0"]
+    assert set(r) == {"weak_acc", "strong_acc", "weak_label_acc", "transfer_acc_xent", "pgr_xent", "agreement_xent",
+                      "transfer_acc_logconf", "pgr_logconf", "agreement_logconf"}
+    # the capability gap: a 1-layer bag of words vs a 2-layer model that learns negation (measured 0.77 vs 0.96)
+    assert r["strong_acc"] > r["weak_acc"] + 0.1, r
+    assert 0.6 < r["weak_acc"] < 0.9 and r["strong_acc"] > 0.85
+    assert 0.6 < r["weak_label_acc"] < 0.9  # the weak labels on half 2 are as wrong as the weak model
+    for loss in ("xent", "logconf"):
+        acc = r[f"transfer_acc_{loss}"]
+        assert 0.5 < acc <= 1.0
+        assert r[f"pgr_{loss}"] == pytest.approx(pgr(acc, r))
+        assert 0.5 < r[f"agreement_{loss}"] <= 1.0
+        # agreement recomputed from the saved predictions
+        student, teacher = (load_file(stage_dir(out, s) / "test_predictions.safetensors") for s in (f"w2s_{loss}", "weak"))
+        assert torch.equal(student["idx"], teacher["idx"])
+        agree = (student["probs"].argmax(-1) == teacher["probs"].argmax(-1)).float().mean().item()
+        assert r[f"agreement_{loss}"] == pytest.approx(agree)
+    assert summary["mean"] == pytest.approx({k: v for k, v in r.items()}) and all(v == 0 for v in summary["std"].values())
+    assert "pgr_xent" in first.stdout and "wrote" in first.stdout
+    png = (out / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    # the stages on disk: weak labels as a dataset, models as safetensors, nothing dropped at max_ctx 64
+    weak = stage_dir(out, "weak")
+    labels = load_from_disk(str(weak / "weak_labels"))
+    assert labels.num_rows == 1500 and set(labels.column_names) == {"text", "label", "idx", "soft_label"}
+    soft = torch.tensor(labels["soft_label"])
+    torch.testing.assert_close(soft.sum(-1), torch.ones(len(soft)))
+    assert (soft.argmax(-1) == torch.tensor(labels["label"])).float().mean().item() == pytest.approx(r["weak_label_acc"])
+    stage_results = json.loads((weak / "results.json").read_text())
+    assert stage_results["n_train"] == 1500 and stage_results["n_dropped_long"] == {"train": 0, "test": 0, "labelled": 0}
+    for stage in ("weak", "strong_ceiling", "w2s_xent", "w2s_logconf"):
+        model_dir = stage_dir(out, stage) / "model"
+        assert (model_dir / "model.safetensors").exists() and (model_dir / "config.json").exists()
+        assert torch.count_nonzero(load_file(model_dir / "score.safetensors")["weight"]) > 0  # the head trained
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pkl"))
+
+    # rerun: every stage comes from the cache, same numbers; a new loss trains only its own stage
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("test_predictions.safetensors")}
+    second = run_script(*args, env=SINGLE_THREAD)
+    assert len(re.findall(r"cached in .*, skipped", second.stdout)) == 4
+    assert json.loads((out / "results.json").read_text())["per_seed"] == summary["per_seed"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("test_predictions.safetensors")} == mtimes
+    third = run_script(*args[:-2], "xent", "logconf", "product", env=SINGLE_THREAD)
+    assert len(re.findall(r"cached in .*, skipped", third.stdout)) == 4 and "w2s_product: test acc" in third.stdout
+    r3 = json.loads((out / "results.json").read_text())["per_seed"]["0"]
+    assert r3["pgr_product"] == pytest.approx(pgr(r3["transfer_acc_product"], r))
+
+
+def test_seeds_are_aggregated(tiny, tmp_path):
+    run_script(*cli(tiny, tmp_path, "--n_docs", "512", "--n_test_docs", "100", "--gt_epochs", "2", "--losses", "xent",
+                    "--n_seeds", "2", "--no_save_models"), env=SINGLE_THREAD)
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(summary["per_seed"]) == ["0", "1"] and summary["n_seeds"] == 2
+    for k in ("weak_acc", "strong_acc", "transfer_acc_xent", "agreement_xent"):
+        values = [summary["per_seed"][s][k] for s in ("0", "1")]
+        assert summary["mean"][k] == pytest.approx(np.mean(values)) and summary["std"][k] == pytest.approx(np.std(values))
+    assert (tmp_path / "seed_1").is_dir() and (tmp_path / "results.png").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: clear errors
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def good_rows(n):
+    return [{"text": f"good film {i}", "label": i % 2} for i in range(n)]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"text": "good film", "label": 2}, "label 2 is not 0 or 1"),
+    ({"text": "good film", "label": 0.5}, "label 0.5 is not 0 or 1"),
+    ({"text": "good film", "label": -1}, "label -1 is not 0 or 1"),
+    ({"text": "", "label": 1}, "empty text"),
+    ({"text": "   ", "label": 0}, "empty text"),
+])
+def test_bad_rows_are_named(tmp_path, bad, message):
+    path = write_jsonl(tmp_path / "data.jsonl", good_rows(30) + [bad] + good_rows(30))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        w2s.load_cls_dataset(str(path), n_docs=1000, n_test_docs=10, seed=0)
+
+
+def test_missing_columns_and_unknown_names(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", [{"sentence": "good", "target": 1}] * 40)
+    with pytest.raises(ValueError, match="`text` and 0/1 `label` columns"):
+        w2s.load_cls_dataset(str(path), 100, 10, 0)
+    with pytest.raises(ValueError, match="neither one of"):
+        w2s.load_cls_dataset(str(tmp_path / "nowhere"), 100, 10, 0)
+
+
+def test_too_small_to_split(tmp_path):
+    ds = w2s.load_cls_dataset(str(write_jsonl(tmp_path / "data.jsonl", good_rows(50))), 100, 10, 0)
+    assert ds["train"].num_rows == 40 and ds["test"].num_rows == 10
+    with pytest.raises(ValueError, match="too few to split 50/50"):
+        w2s.split_halves(ds["train"], 0, batch_size=32)
+    assert [h.num_rows for h in w2s.split_halves(ds["train"], 0, batch_size=8)] == [20, 20]
+
+
+def test_long_examples_are_dropped_and_counted(tiny):
+    ds = w2s.load_cls_dataset(str(tiny / "cls"), 200, 10, 0)["train"]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "tokenizer")
+    rows, dropped = w2s.tokenize(ds, tokenizer, max_ctx=10)
+    n_long = sum(len(t.split()) >= 10 for t in ds["text"])  # one token per word
+    assert dropped == n_long > 0 and len(rows) == 200 - n_long and all(len(r["input_ids"]) < 10 for r in rows)
+
+
+def test_cli_says_what_is_wrong(tiny, tmp_path):
+    data = tmp_path / "small"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", good_rows(40))
+    write_jsonl(data / "test.jsonl", good_rows(10))
+    p = run_script(*cli(tiny, tmp_path / "out", "--ds_name", str(data)), check=False, env=SINGLE_THREAD)
+    assert p.returncode != 0 and "too few to split 50/50" in p.stderr and "raise --n_docs" in p.stderr
