@@ -63,7 +63,8 @@ def response_logps(model, tok, prompts, responses, batch_size=64):
         lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
         resp = torch.zeros_like(lp)
         for k, (f, n_prompt) in enumerate(rows):
-            resp[k, n_prompt - 1 : len(f) - 1] = 1  # response tokens (through <|im_end|>\n)
+            end = n_prompt + f[n_prompt:].index(tok.eos_token_id) + 1 if tok.eos_token_id in f[n_prompt:] else len(f)
+            resp[k, n_prompt - 1 : end - 1] = 1  # response tokens through <|im_end|> (the template's "\n" is not trained)
         out += (lp * resp).sum(-1).tolist()
     return out
 
