@@ -1,15 +1,41 @@
 #!/usr/bin/env bash
-# The main job on the offline tiny setting (CPU, no network): sets up .venv on first use, writes the
-# tiny tokenizer and datasets, then runs the pipeline. Outputs go to runs/tiny/.
+# The main job on the offline tiny setting (CPU, no network), calling only the scripts' command lines:
+#   1. the tiny tokenizer and data;  2. weak and strong SFT models from configs (sft.py);
+#   3. weak DPO (dpo.py);  4. strong alignment: WSPO from the weak pair (wspo.py), and as references
+#   DPO (the strong ceiling) and WPO;  5. every model evaluated the same way (tiny/evaluate.py);
+#   6. a table, a PNG plot and the fraction of the alignment gap WSPO recovers.
+# Creates .venv on first use (set USE_CURRENT_PYTHON=1 to use the active environment instead).
+# Knobs for a quicker run: OUT, SFT_EPOCHS, N_PROMPTS, SAMPLES.
 set -euo pipefail
 cd "$(dirname "$0")"
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -r requirements.txt
+if [ "${USE_CURRENT_PYTHON:-0}" != 1 ]; then
+  if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -r requirements.txt
+  fi
+  . .venv/bin/activate
 fi
-. .venv/bin/activate
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python -m tiny --out data/tiny
-python sft.py --preset tiny --output_dir runs/tiny/sft-strong --num_train_epochs 3
-python -m tiny.evaluate --models runs/tiny/sft-strong --out runs/tiny/eval.json
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+OUT=${OUT:-runs/tiny}; DATA=${DATA:-data/tiny}; SFT_EPOCHS=${SFT_EPOCHS:-3}
+N_PROMPTS=${N_PROMPTS:-200}; SAMPLES=${SAMPLES:-4}
+WEAK="hidden_size=64,intermediate_size=192,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2,max_position_embeddings=512,tie_word_embeddings=True"
+common=(--preset tiny --cache_dir "$OUT/cache")
+t0=$(date +%s)
+
+python -m tiny --out "$DATA" --no_images
+python sft.py --preset tiny --dataset_name "$DATA/ultrachat" --tokenizer_name "$DATA/tokenizer" --num_train_epochs "$SFT_EPOCHS" \
+  --config_overrides "$WEAK" --output_dir "$OUT/sft-weak"
+python sft.py --preset tiny --dataset_name "$DATA/ultrachat" --tokenizer_name "$DATA/tokenizer" --num_train_epochs "$SFT_EPOCHS" \
+  --output_dir "$OUT/sft-strong"
+python dpo.py "${common[@]}" --dataset_name "$DATA/ultrafeedback" --model_name_or_path "$OUT/sft-weak" --output_dir "$OUT/dpo-weak"
+python wspo.py "${common[@]}" --dataset_name "$DATA/ultrafeedback" --strong "$OUT/sft-strong" --weak_ref "$OUT/sft-weak" \
+  --weak_aligned "$OUT/dpo-weak" --output_dir "$OUT/wspo-strong"
+python dpo.py "${common[@]}" --dataset_name "$DATA/ultrafeedback" --model_name_or_path "$OUT/sft-strong" --output_dir "$OUT/dpo-strong"
+python wpo.py "${common[@]}" --dataset_name "$DATA/ultrafeedback" --model_name_or_path "$OUT/sft-strong" --output_dir "$OUT/wpo-strong"
+python -m tiny.evaluate --data "$DATA/ultrafeedback" --n_prompts "$N_PROMPTS" --samples "$SAMPLES" \
+  --names "weak SFT" "weak DPO" "strong SFT" "strong WSPO" "strong DPO" "strong WPO" \
+  --models "$OUT/sft-weak" "$OUT/dpo-weak" "$OUT/sft-strong" "$OUT/wspo-strong" "$OUT/dpo-strong" "$OUT/wpo-strong" \
+  --refs none "$OUT/sft-weak" none "$OUT/sft-strong" "$OUT/sft-strong" "$OUT/sft-strong" \
+  --out "$OUT/results.json" --table "$OUT/results.md" --plot "$OUT/results.png"
+echo "main job done in $(( $(date +%s) - t0 )) s; results in $OUT/results.md and $OUT/results.png"

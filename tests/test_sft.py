@@ -202,3 +202,15 @@ def test_track_writes_an_offline_wandb_run(tiny, tmp_path):
     log = runs[0].read_bytes()  # wandb's record log (protobuf): config and history keys are stored as text
     for key in (b"learning_rate", b"model_name_or_path", b"train/loss", b"eval/loss", b"perf/tokens_per_s"):
         assert key in log, key
+
+
+def test_same_seed_same_loss_curve_bit_for_bit(tiny, tmp_path):
+    common = ("--config_overrides", SMALL, "--max_steps", "6", "--logging_steps", "1", "--eval_split", "None",
+              "--max_train_samples", "256", "--per_device_train_batch_size", "8")
+    run_script(*tiny_args(tiny, tmp_path / "a", *common))
+    run_script(*tiny_args(tiny, tmp_path / "b", *common))
+    la = [r["train/loss"] for r in metrics(tmp_path / "a")]
+    lb = [r["train/loss"] for r in metrics(tmp_path / "b")]
+    assert len(la) == 6 and la == lb  # exact equality, not a tolerance
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,331 @@
+"""wpo.py: the weight against the official code and TRL, no gradient through it, the hybrid pair rules
+(every tie case), end to end on the tiny setting, and hybrid pairs built from the tiny SFT model."""
+
+import dataclasses
+import importlib.util
+import json
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import load_dataset, load_from_disk
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
+
+from conftest import ROOT, run_script
+
+spec = importlib.util.spec_from_file_location("wpo", ROOT / "wpo.py")
+wpo = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(wpo)
+
+SMALL = ("hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=1,"
+         "max_position_embeddings=256,tie_word_embeddings=True")
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+# ---------------------------------------------------------------------------------------------
+# the weight
+# ---------------------------------------------------------------------------------------------
+def official_get_batch_logps(logits, labels, label_pad_token_id=-100):
+    """WPOTrainer.get_batch_logps of the official code (github.com/wzhouad/WPO, scripts/run_wpo.py), its
+    lines unchanged (decoder-only, average_log_prob=False): summed log-probs and the detached pair weight."""
+    labels = labels[:, 1:].clone()
+    logits = logits[:, :-1, :]
+    loss_mask = labels != label_pad_token_id
+    labels[labels == label_pad_token_id] = 0
+
+    logprobs = F.log_softmax(logits, dim=-1)
+    per_token_logps = torch.gather(logprobs, dim=2, index=labels.unsqueeze(2)).squeeze(2)
+    logps = (per_token_logps * loss_mask).sum(-1)
+
+    probs = F.softmax(logits, dim=-1)
+    exp_probs = torch.log((probs ** 2).sum(-1))
+    per_token_logps = per_token_logps - exp_probs
+
+    avg_log_probs = (per_token_logps * loss_mask).sum(-1) / loss_mask.sum(-1)
+    chosen_probs = avg_log_probs[:avg_log_probs.size(0) // 2]
+    rejected_probs = avg_log_probs[avg_log_probs.size(0) // 2:]
+    weight = torch.clamp(torch.exp(chosen_probs + rejected_probs), max=1)
+    return logps, weight.detach()
+
+
+class FixedLogits:
+    """Stands in for a causal LM: returns given logits at the kept positions, as logits_to_keep=mask does."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+    def __call__(self, input_ids, attention_mask, position_ids, logits_to_keep, use_cache):
+        return SimpleNamespace(logits=self.logits[logits_to_keep])
+
+
+def fixed_batch(n_pairs=4, length=9, vocab=13, seed=0):
+    """Random logits and labels in the official layout (chosen rows first, -100 on prompt and padding),
+    and the same data as wpo.py's batch (loss_mask[t] marks the position predicting label t + 1)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2 * n_pairs, length, vocab, generator=g) * 2.0
+    labels = torch.full((2 * n_pairs, length), -100)
+    for i in range(2 * n_pairs):
+        start, end = 2 + i % 3, length - (i % 2)  # prompts of 2-4 tokens, some right padding
+        labels[i, start:end] = torch.randint(vocab, (end - start,), generator=g)
+        if i in (0, n_pairs):  # pair 0: labels = the argmax, so its weight exceeds 1 before the clamp
+            labels[i, start:end] = logits[i, start - 1 : end - 1].argmax(-1)
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    batch = {"loss_mask": mask, "targets": torch.cat([labels[:, 1:].clamp(min=0), torch.zeros_like(labels[:, :1])], 1),
+             "seq_id": torch.arange(2 * n_pairs)[:, None].expand_as(labels), "n_seqs": 2 * n_pairs,
+             "input_ids": torch.zeros_like(labels)}
+    return logits, labels, batch
+
+
+def test_weight_equals_the_official_formula_on_fixed_logits():
+    logits, labels, batch = fixed_batch()
+    want_logps, want_w = official_get_batch_logps(logits, labels)
+    logps, lengths, sq_sums = wpo.sequence_logps(FixedLogits(logits), batch)
+    w = wpo.wpo_weight(logps, lengths, sq_sums)
+    torch.testing.assert_close(logps, want_logps, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(w, want_w, atol=1e-6, rtol=1e-6)
+    # the clamp is exercised: pair 0 sits at 1 only because of it; the others are strictly inside (0, 1)
+    raw = wpo.wpo_weight(logps, lengths, sq_sums, clamp=False)
+    assert raw[0] > 1.5 and w[0] == 1.0
+    assert ((w[1:] > 1e-4) & (w[1:] < 1)).all()
+    torch.testing.assert_close(raw[1:], want_w[1:], atol=1e-6, rtol=1e-6)
+    # --no_weight_sum_sq: the plain length-normalised probabilities, exp(mean logp_w + mean logp_l)
+    n = len(w)
+    plain = torch.exp(logps[:n] / lengths[:n] + logps[n:] / lengths[n:]).clamp(max=1)
+    torch.testing.assert_close(wpo.wpo_weight(logps, lengths, sq_sums, sum_sq=False), plain, atol=1e-7, rtol=1e-6)
+    # chunking (as on long batches) changes nothing
+    lp, sq = wpo.token_logps(logits[batch["loss_mask"]], batch["targets"][batch["loss_mask"]], chunk=5)
+    lp1, sq1 = wpo.token_logps(logits[batch["loss_mask"]], batch["targets"][batch["loss_mask"]])
+    torch.testing.assert_close(lp, lp1, atol=0, rtol=0)
+    torch.testing.assert_close(sq, sq1, atol=0, rtol=0)
+
+
+def tiny_lm(vocab, seed=0):
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def pair_rows(tok):
+    prompts = ["sort three one two", "hi copy five", "reverse one two four", "copy nine"]
+    answers = [("sure one two three hope this helps", "ugh one two three now go away"),
+               ("ok five done", "whatever five six do not ask again"),
+               ("gladly four two one happy to help", "meh four two one"),
+               ("certainly nine that is all", "here eight that is all")]
+    args = wpo.Args(max_length=64, max_prompt_length=32)
+    rows = []
+    for i, (p, (c, r)) in enumerate(zip(prompts, answers)):
+        u = [{"role": "user", "content": p}]
+        ex = wpo.tokenize_pair(tok, {"prompt": p, "chosen": u + [{"role": "assistant", "content": c}],
+                                     "rejected": u + [{"role": "assistant", "content": r}]}, args)
+        rows.append({**ex, "row": i})
+    return rows
+
+
+def test_weight_equals_trls_use_weighting_weight_below_one(tiny):
+    from trl.trainer.utils import add_fused_lm_head
+
+    tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
+    model = tiny_lm(len(tok))
+    batch = wpo.collate(pair_rows(tok), tok.pad_token_id, padding_free=False)
+    with torch.no_grad():
+        logps, lengths, sq_sums = wpo.sequence_logps(model, batch)
+    ours_raw = wpo.wpo_weight(logps, lengths, sq_sums, clamp=False)
+    ours = wpo.wpo_weight(logps, lengths, sq_sums)
+
+    # TRL 1.16 DPOTrainer(use_weighting=True): its fused LM head (trl/trainer/utils.py add_fused_lm_head, outputs
+    # "log_sum_sq_probs") and the lines of DPOTrainer._compute_loss (trl/trainer/dpo_trainer.py) that use it
+    add_fused_lm_head(model, outputs=("log_probs", "log_sum_sq_probs"))
+    completion_mask = torch.cat([torch.zeros_like(batch["loss_mask"][:, :1]), batch["loss_mask"][:, :-1]], 1).long()
+    shift_completion_mask = completion_mask[..., 1:]
+    labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
+    with torch.no_grad():
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, labels=labels,
+                        fused_lm_head=True)
+    seq_len = shift_completion_mask.size(1)
+    per_token_logps = outputs.log_probs[:, -seq_len:]
+    completion_lengths = shift_completion_mask.sum(dim=1).clamp_min(1)
+    aligned_logps = (per_token_logps - outputs.log_sum_sq_probs[:, -seq_len:]) * shift_completion_mask
+    mean_logps = aligned_logps.sum(dim=1) / completion_lengths
+    weights = torch.exp(mean_logps)
+    chosen_weights, rejected_weights = weights.chunk(2, dim=0)
+    trl_weight = chosen_weights * rejected_weights
+
+    torch.testing.assert_close(logps, per_token_logps.sum(1), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(ours_raw, trl_weight, atol=1e-6, rtol=1e-5)  # --no_clamp_weight is TRL's form
+    below = trl_weight < 1
+    assert below.any() and (~below).any()  # this random model gives both cases
+    torch.testing.assert_close(ours[below], trl_weight[below], atol=1e-6, rtol=1e-5)
+    assert (ours[~below] == 1).all()
+
+
+def test_the_weight_carries_no_gradient(tiny):
+    logits, _, batch = fixed_batch()
+    logits.requires_grad_(True)
+    lp, sq = wpo.token_logps(logits[batch["loss_mask"]], batch["targets"][batch["loss_mask"]])
+    assert lp.requires_grad and not sq.requires_grad
+
+    # the loss's gradient is the DPO gradient scaled by a constant weight: nothing flows through the weight
+    tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
+    model = tiny_lm(len(tok)).train()
+    batch = wpo.collate(pair_rows(tok), tok.pad_token_id, padding_free=False)
+    args = dataclasses.replace(wpo.Args(), beta=0.5)
+    ref_c, ref_r = torch.tensor([-20.0, -15, -30, -12]), torch.tensor([-18.0, -25, -14, -16])
+    loss, m = wpo.pair_metrics(model, batch, ref_c, ref_r, args)
+    got = torch.autograd.grad(loss, list(model.parameters()))
+    logps, lengths, sq_sums = wpo.sequence_logps(model, batch)
+    w = wpo.wpo_weight(logps, lengths, sq_sums)
+    assert not w.requires_grad and w.grad_fn is None
+    assert ((w > 0) & (w <= 1)).all() and (w < 1).any()
+    losses, _, _ = wpo.dpo_loss(logps[:4], logps[4:], ref_c, ref_r, args.beta, "sigmoid")
+    want = torch.autograd.grad((w.clone() * losses).mean(), list(model.parameters()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+    # and the logged metrics: mean (summed over pairs), min and max of the same weights
+    assert abs(m["weight/mean"].item() - w.sum().item()) < 1e-6
+    assert m["weight/min"].item() == pytest.approx(w.min().item()) and m["weight/max"].item() == pytest.approx(w.max().item())
+
+
+def test_weight_extremes_accumulate_by_min_and_max():
+    a = {"loss": torch.tensor(1.0), "weight/min": torch.tensor(0.3), "weight/max": torch.tensor(0.6), "pairs": torch.tensor(2.0)}
+    b = {"loss": torch.tensor(2.0), "weight/min": torch.tensor(0.1), "weight/max": torch.tensor(0.5), "pairs": torch.tensor(3.0)}
+    total = wpo.accumulate(wpo.accumulate({}, a), b)
+    assert {k: v.item() for k, v in total.items()} == pytest.approx({"loss": 3.0, "weight/min": 0.1, "weight/max": 0.6, "pairs": 5.0})
+
+
+# ---------------------------------------------------------------------------------------------
+# hybrid pair rules
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scores, lengths, want", [
+    ([0.5, 0.9, 0.1], [5, 5, 5], (1, 2)),                        # no tie: highest / lowest
+    ([0.9, 0.2], [3, 8], (0, 1)),                                # two candidates
+    ([0.9, 0.1, 0.9, 0.5], [10, 4, 6, 2], (2, 1)),               # chosen tie: the shortest of the best
+    ([0.9, 0.1, 0.9, 0.5], [6, 4, 6, 2], (0, 1)),                # chosen tie, same length: the earliest
+    ([0.9, 0.1, 0.5, 0.1, 0.1], [10, 3, 1, 9, 14], (0, 3)),      # rejected tie: closest length to the chosen
+    ([0.9, 0.1, 0.1, 0.5], [10, 12, 8, 1], (0, 1)),              # rejected tie, equal distance (longer first): earliest
+    ([0.9, 0.1, 0.1, 0.5], [10, 8, 12, 1], (0, 1)),              # rejected tie, equal distance (shorter first): earliest
+    ([0.1, 0.9, 0.1, 0.9], [5, 12, 11, 4], (3, 0)),              # both tie: rejected measured against the shortest best
+    ([0.2, 0.2, 0.9, 0.2], [7, 7, 1, 7], (2, 0)),                # rejected tie, every length equal: earliest
+])
+def test_v2_pair_rules_on_ties(scores, lengths, want):
+    assert wpo.pick_pair(scores, lengths, "v2") == want
+
+
+@pytest.mark.parametrize("rule", ["v2", "v1"])
+def test_no_pair_when_every_score_ties(rule):
+    assert wpo.pick_pair([0.4, 0.4, 0.4], [1, 5, 9], rule, random.Random(0)) is None
+    assert wpo.pick_pair([0.4], [3], rule, random.Random(0)) is None
+
+
+def test_v1_rejects_a_random_lower_scored_response():
+    scores, lengths = [0.3, 0.9, 0.9, 0.1, 0.9, 0.5], [4, 9, 2, 5, 6, 1]
+    picks = [wpo.pick_pair(scores, lengths, "v1", random.Random(k)) for k in range(200)]
+    assert {c for c, _ in picks} == {1}  # the highest score, ties -> the earliest (no length rule in v1)
+    assert {r for _, r in picks} == {0, 3, 5}  # every lower-scored response, never a tied best
+    assert picks == [wpo.pick_pair(scores, lengths, "v1", random.Random(k)) for k in range(200)]  # seeded
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end on the tiny setting
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def sft_model(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("wpo") / "sft"
+    run_script("sft.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrachat"), "--tokenizer_name",
+               str(tiny / "tokenizer"), "--output_dir", str(out), "--config_overrides", SMALL, "--max_steps", "60",
+               "--eval_split", "None")
+    return out
+
+
+def wpo_args(tiny, sft_model, out, *extra):
+    return ["wpo.py", "--preset", "tiny", "--model_name_or_path", str(sft_model), "--dataset_name", str(tiny / "ultrafeedback"),
+            "--output_dir", str(out), "--cache_dir", str(out.parent / "cache"), *extra]
+
+
+def test_wpo_end_to_end_trains_with_weights_in_range(tiny, sft_model, tmp_path):
+    out = tmp_path / "wpo"
+    run_script(*wpo_args(tiny, sft_model, out, "--max_steps", "40", "--logging_steps", "5", "--learning_rate", "3e-4",
+                         "--max_eval_samples", "200"))
+    m = metrics(out)
+    train = [r for r in m if "train/loss" in r]
+    evals = [r for r in m if "eval/rewards/accuracies" in r]
+    assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30, 35, 40] and len(evals) == 2
+    for r in train + evals:
+        k = "train" if "train/loss" in r else "eval"
+        lo, mean, hi = r[f"{k}/weight/min"], r[f"{k}/weight/mean"], r[f"{k}/weight/max"]
+        assert 0 < lo <= mean <= hi <= 1, r
+    assert evals[0]["eval/loss"] > evals[1]["eval/loss"]
+    assert evals[1]["eval/rewards/accuracies"] > 0.5  # held-out implicit-reward accuracy
+    assert evals[1]["eval/rewards/margins"] > 0
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "args.json"):
+        assert (out / f).exists(), f
+
+
+def tiny_reward_model(tok, path):
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=256, num_labels=1, pad_token_id=tok.pad_token_id)
+    Qwen2ForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_hybrid_pairs_follow_the_reward_model_and_train(tiny, sft_model, tmp_path):
+    tok = AutoTokenizer.from_pretrained(sft_model)
+    rm_path = tiny_reward_model(tok, tmp_path / "rm")
+    built = tmp_path / "hybrid"
+    p = run_script(*wpo_args(tiny, sft_model, tmp_path / "unused", "--build_pairs_output", str(built),
+                             "--reward_model_name_or_path", str(rm_path), "--num_samples", "3", "--temperature", "1.0",
+                             "--top_p", "0.9", "--build_batch_size", "16", "--max_train_samples", "48",
+                             "--max_eval_samples", "16"))
+    assert "train_prefs: 48 pairs from 48 prompts" in p.stdout and not (tmp_path / "unused").exists()
+    ds = load_from_disk(str(built))
+    assert sorted(ds) == ["test_prefs", "train_prefs"] and len(ds["test_prefs"]) == 16
+    for col in ("prompt", "prompt_id", "chosen", "rejected", "messages", "score_chosen", "score_rejected", "candidates",
+                "candidate_scores"):
+        assert col in ds["train_prefs"].column_names, col
+
+    src = load_dataset(str(tiny / "ultrafeedback"), split="train_prefs")
+    rm = Qwen2ForSequenceClassification.from_pretrained(rm_path).eval()
+    sampled_new = 0
+    for k, row in enumerate(ds["train_prefs"]):
+        prompt = [{"role": "user", "content": src[k]["prompt"]}]
+        assert row["prompt"] == src[k]["prompt"] and row["prompt_id"] == src[k]["prompt_id"]
+        assert row["chosen"][:-1] == prompt == row["rejected"][:-1] and row["messages"] == row["chosen"]
+        cands = row["candidates"]
+        # the existing responses come first, then up to 3 non-empty samples from the policy
+        assert cands[:2] == [src[k]["chosen"][-1]["content"], src[k]["rejected"][-1]["content"]] and 3 <= len(cands) <= 5
+        sampled_new += sum(c not in cands[:2] for c in cands[2:])
+        # every score is the reward model's, scoring the conversation alone (no padding)
+        with torch.no_grad():
+            for text, s in zip(cands, row["candidate_scores"]):
+                ids = wpo.chat_ids(tok, prompt + [{"role": "assistant", "content": text}])
+                assert abs(rm(input_ids=torch.tensor([ids])).logits[0, 0].item() - s) < 1e-4
+        # v2: chosen = highest score (ties: shortest), rejected = lowest score (ties: closest length)
+        scores = row["candidate_scores"]
+        c, r = row["chosen"][-1]["content"], row["rejected"][-1]["content"]
+        assert row["score_chosen"] == max(scores) and row["score_rejected"] == min(scores) < max(scores)
+        assert c == cands[wpo.pick_pair(scores, [len(tok(t)["input_ids"]) for t in cands])[0]]
+        assert r == cands[wpo.pick_pair(scores, [len(tok(t)["input_ids"]) for t in cands])[1]]
+    assert sampled_new > 48  # the policy's own samples are there, not only the existing pairs
+
+    # the output is a normal preference dataset: wpo.py and dpo.py train on it
+    for script in ("wpo.py", "dpo.py"):
+        out = tmp_path / script[:-3]
+        run_script(script, "--preset", "tiny", "--model_name_or_path", str(sft_model), "--dataset_name", str(built),
+                   "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"), "--max_steps", "2",
+                   "--per_device_train_batch_size", "16", "--logging_steps", "1")
+        assert (out / "model.safetensors").exists() and len([r for r in metrics(out) if "train/loss" in r]) == 2
+
+
+def test_help_documents_every_flag():
+    p = run_script("wpo.py", "--help")
+    for f in dataclasses.fields(wpo.Args):
+        assert f"--{f.name}" in p.stdout, f.name
+    assert "--no_clamp_weight" in p.stdout and "--no_weight_sum_sq" in p.stdout

@@ -1,0 +1,918 @@
+"""Weighted Preference Optimization (WPO): DPO with each pair weighted by its probability under the
+current policy, plus on-policy (hybrid) preference-pair building.
+
+Zhou et al., "WPO: Enhancing RLHF with Weighted Preference Optimization" (2024); official code
+github.com/wzhouad/WPO (`scripts/run_wpo.py`, class WPOTrainer). Off-policy pairs are reweighted to
+look on-policy: a pair the policy would likely have sampled counts fully, an unlikely one less.
+
+    logp(y)  = sum over response tokens of log pi(y_t | x, y_<t)          (prompt and padding masked)
+    h        = (logp_pi(y_w) - logp_ref(y_w)) - (logp_pi(y_l) - logp_ref(y_l))
+    sigmoid  : -logsigmoid(beta h) (1 - eps) - logsigmoid(-beta h) eps     (eps = label smoothing)
+    ipo      : (h - 1 / (2 beta))^2, with length-averaged log-probs        (Azar et al. 2023)
+    hinge    : relu(1 - beta h)                                            (SLiC, Zhao et al. 2023)
+    rewards  : beta (logp_pi - logp_ref) for y_w and y_l; accuracy = reward_w > reward_l
+    a(y)     = mean over response tokens of [logp(y_t) - log sum_v p_v(t)^2]   (official "sampled alignment")
+    w        = min(1, exp(a(y_w) + a(y_l))), detached, from the policy's own forward pass
+    loss     = w * (the DPO loss above); logged: the weight's mean, min and max
+    --no_clamp_weight: TRL's `use_weighting` form (no min with 1); --no_weight_sum_sq: a(y) = the plain
+    length-normalised log-prob (no sum of squares term)
+
+What makes it lean: the reference model's log-probs never change, so by default they are computed
+in one pass before training and cached on disk (keyed by a hash of the model, data and tokenization
+settings; a rerun reuses them), and training holds only the policy. Chosen and rejected go through
+one forward; logits exist only at response positions (no batch x length x vocab tensor), and the
+fp32 log-softmax is taken chunk by chunk and recomputed in backward. `--padding_free` packs each
+batch into one row. With LoRA the reference is the base model (adapters disabled). The weight needs
+log sum_v p_v^2 = logsumexp(2z) - 2 logsumexp(z) for logits z, taken in the same chunks: no
+probability tensor either. Everything else is dpo.py: `diff dpo.py wpo.py` shows what WPO changes.
+
+Hybrid pairs (`--build_pairs_output DIR`, section "hybrid (on-policy) pairs"): for each prompt, sample
+`--num_samples` responses from the policy, score them and the existing responses with a reward model
+(AutoModelForSequenceClassification), and write a preference dataset (save_to_disk, the
+ultrafeedback_binarized schema) that wpo.py and dpo.py train on with `--dataset_name DIR`. v2 rules
+(WPO README): chosen = highest score (ties: the shortest); rejected = lowest score (ties: the smallest
+length difference to the chosen). `--pair_rule v1` (the paper): rejected = a random lower-scored one.
+
+Paper-scale (GPU, hub; the official Llama-3-8B-Instruct setting: beta 0.01, lr 1e-6, 2 epochs, max
+length 2048 / prompt 1800, 8 GPUs x batch 2 x accumulation 8, UltraFeedback binarized):
+    accelerate launch --config_file configs/zero3.yaml wpo.py --output_dir runs/llama3-8b-instruct-wpo
+    # hybrid (on-policy) pairs from the policy, scored by ArmoRM, then WPO on them:
+    accelerate launch wpo.py --build_pairs_output data/llama3-hybrid --trust_remote_code \
+        --reward_model_name_or_path RLHFlow/ArmoRM-Llama3-8B-v0.1
+    accelerate launch --config_file configs/zero3.yaml wpo.py --dataset_name data/llama3-hybrid \
+        --output_dir runs/llama3-8b-instruct-wpo-hb
+Offline tiny setting (CPU):
+    python -m tiny --out data/tiny && python sft.py --preset tiny --output_dir runs/tiny/sft-weak
+    python wpo.py --preset tiny --model_name_or_path runs/tiny/sft-weak --output_dir runs/tiny/wpo-weak
+    python wpo.py --preset tiny --build_pairs_output runs/tiny/hybrid --reward_model_name_or_path RM_FOLDER
+"""
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (wandb run name prefix)"""
+    seed: int = 1
+    """seed of the experiment (data order)"""
+    output_dir: str = "runs/wpo"
+    """where the final model, checkpoints and metrics.jsonl go"""
+    preset: Literal["tiny"] | None = None
+    """named defaults: `tiny` = the offline tiny setting (data/tiny); flags still override"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "w2s-alignment"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    push_to_hub: bool = False
+    """upload the final model to the Hugging Face Hub (needs a login)"""
+    hub_model_id: str | None = None
+    """repo id for --push_to_hub (default: the output_dir's name)"""
+
+    # model
+    model_name_or_path: str = "meta-llama/Meta-Llama-3-8B-Instruct"
+    """hub id or local path of the policy's initial weights (paper: Llama-3-8B-Instruct, Mistral-7B-SFT)"""
+    ref_model_name_or_path: str | None = None
+    """reference model (default: the policy's initial weights; with LoRA: the base model, adapters off)"""
+    tokenizer_name: str | None = None
+    """tokenizer hub id or path (default: --model_name_or_path)"""
+    trust_remote_code: bool = False
+    """allow custom modelling code from the hub (off: only code shipped with transformers runs)"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype the weights are loaded in; mixed precision itself comes from the accelerate config"""
+    attn_implementation: str = "sdpa"
+    """attention kernel: sdpa, eager, flash_attention_2"""
+    gradient_checkpointing: bool = True
+    """recompute activations in backward to save memory (on in the official config)"""
+
+    # LoRA
+    use_lora: bool = False
+    """train LoRA adapters (peft) instead of all weights; merged into the saved model"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA scaling alpha"""
+    lora_dropout: float = 0.05
+    """LoRA dropout"""
+    lora_target_modules: str = "all-linear"
+    """modules that get adapters: "all-linear" or a comma-separated list of names"""
+
+    # data
+    dataset_name: str = "HuggingFaceH4/ultrafeedback_binarized"
+    """hub id, local dataset folder, a save_to_disk folder, or a .json/.jsonl/.parquet file"""
+    dataset_config: str | None = None
+    """dataset config (subset) name"""
+    train_split: str = "train_prefs"
+    """split to train on"""
+    eval_split: str | None = "test_prefs"
+    """held-out split for eval metrics (None: no eval)"""
+    prompt_column: str = "prompt"
+    """prompt column: a string (used when chosen/rejected are strings) or a message list"""
+    chosen_column: str = "chosen"
+    """chosen response: a message list ending in the assistant turn, or a string"""
+    rejected_column: str = "rejected"
+    """rejected response: a message list ending in the assistant turn, or a string"""
+    max_length: int = 2048
+    """prompt + response tokens; longer responses are cut (end-of-turn kept) (paper: 2048 Llama-3, 1024 Mistral)"""
+    max_prompt_length: int = 1800
+    """prompt tokens; longer prompts keep their last tokens (paper: 1800 Llama-3, 512 Mistral)"""
+    max_train_samples: int | None = None
+    """use only the first N training pairs"""
+    max_eval_samples: int | None = 1000
+    """use only the first N eval pairs"""
+    padding_free: bool = False
+    """pack each micro-batch into one row without padding (sequences cannot attend to each other)"""
+
+    # algorithm
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """DPO loss: sigmoid (DPO), ipo, hinge"""
+    beta: float = 0.01
+    """inverse temperature of the implicit reward (paper: 0.01)"""
+    label_smoothing: float = 0.0
+    """sigmoid loss only: assumed probability that a label is flipped (conservative DPO)"""
+    ref_mode: Literal["precompute", "live"] = "precompute"
+    """precompute: reference log-probs in one pass before training, cached on disk; live: every step"""
+    cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "w2s_alignment")
+    """where the precomputed reference log-probs are cached"""
+    prepass_batch_size: int = 16
+    """pairs per forward in the reference pre-pass"""
+    clamp_weight: bool = True
+    """clamp the pair weight at 1 (official code); --no_clamp_weight: TRL's `use_weighting` form"""
+    weight_sum_sq: bool = True
+    """subtract log sum_v p_v^2 per token (official "sampled alignment"); off: plain length-normalised log-probs"""
+
+    # optimization
+    learning_rate: float = 1e-6
+    """peak learning rate (paper: 1e-6 Llama-3-8B-Instruct, 5e-7 Mistral-7B-SFT)"""
+    num_train_epochs: int = 2
+    """passes over the training data (paper: 2 Llama-3-8B-Instruct, 1 Mistral-7B-SFT)"""
+    max_steps: int | None = None
+    """stop after this many optimizer steps (overrides the epochs)"""
+    per_device_train_batch_size: int = 2
+    """pairs per micro-batch per process (paper: 2 x 8 accumulation x 8 GPUs = 128)"""
+    gradient_accumulation_steps: int = 8
+    """micro-batches per optimizer step"""
+    per_device_eval_batch_size: int = 8
+    """pairs per eval batch per process"""
+    lr_scheduler_type: str = "cosine"
+    """transformers scheduler name"""
+    warmup_ratio: float = 0.1
+    """fraction of steps with linear warm-up"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+
+    # logging and checkpoints
+    logging_steps: int = 10
+    """log train metrics every N optimizer steps"""
+    eval_steps: int | None = None
+    """evaluate every N optimizer steps (default: only at the start and end)"""
+    save_steps: int | None = None
+    """write a resumable checkpoint every N optimizer steps"""
+    save_total_limit: int = 2
+    """keep only the newest N checkpoints"""
+    resume: bool = False
+    """resume from the newest checkpoint in output_dir/checkpoints"""
+
+    # hybrid (on-policy) pairs: --build_pairs_output DIR builds a dataset and exits
+    build_pairs_output: str | None = None
+    """build hybrid pairs (policy samples + existing responses, scored by the reward model) into DIR and exit"""
+    reward_model_name_or_path: str = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
+    """reward model (AutoModelForSequenceClassification, hub id or path; ArmoRM needs --trust_remote_code)"""
+    num_samples: int = 5
+    """responses sampled from the policy per prompt"""
+    temperature: float = 0.8
+    """sampling temperature"""
+    top_p: float = 0.95
+    """nucleus sampling: keep the smallest token set with this much probability"""
+    max_new_tokens: int = 1024
+    """longest sampled response, in tokens"""
+    include_existing: bool = True
+    """also score the dataset's own chosen and rejected responses as candidates (the "hybrid" in WPO-HB)"""
+    pair_rule: Literal["v2", "v1"] = "v2"
+    """v2: rejected = lowest score (WPO README); v1: rejected = a random lower-scored response (paper)"""
+    build_batch_size: int = 8
+    """prompts per generate call and per reward-model forward (which scores all their candidates at once)"""
+
+    # filled in at runtime
+    world_size: int = 1
+    """(runtime) number of processes"""
+    global_batch_size: int = 0
+    """(runtime) micro batch x accumulation x processes"""
+
+
+PRESETS = {
+    "tiny": Args(
+        preset="tiny", output_dir="runs/tiny/wpo", model_name_or_path="runs/tiny/sft-weak",
+        dataset_name="data/tiny/ultrafeedback", max_length=128, max_prompt_length=64, learning_rate=5e-5,
+        num_train_epochs=1, per_device_train_batch_size=32, gradient_accumulation_steps=1, per_device_eval_batch_size=64,
+        max_eval_samples=400, logging_steps=20, prepass_batch_size=64, cache_dir="runs/tiny/cache",
+        gradient_checkpointing=False, beta=0.1, max_new_tokens=24, build_batch_size=64,
+    ),
+}
+
+
+def parse_args() -> Args:
+    """`--preset NAME` picks the defaults; every other flag overrides them."""
+    argv = sys.argv[1:]
+    preset = argv[argv.index("--preset") + 1] if "--preset" in argv[:-1] else None
+    if preset is not None and preset not in PRESETS:
+        raise SystemExit(f"unknown --preset {preset!r}; choose from {sorted(PRESETS)}")
+    return tyro.cli(Args, default=PRESETS.get(preset, Args()), use_underscores=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+def load_split(name: str, config: str | None, split: str):
+    """Hub id, local dataset folder (README YAML / data files), save_to_disk folder, or one file."""
+    if os.path.isfile(name):
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(name)[1])
+        if kind is None:
+            raise SystemExit(f"cannot read dataset file {name!r}: use .json, .jsonl, .parquet or .csv")
+        return load_dataset(kind, data_files={split: name}, split=split)
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
+        return load_from_disk(name)[split]
+    try:
+        return load_dataset(name, config, split=split)
+    except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
+        raise SystemExit(
+            f"could not load split {split!r} of dataset {name!r}: {e}\nWith no network, use a local copy "
+            "(python -m tiny --out data/tiny writes the offline tiny setting; then --preset tiny)."
+        ) from e
+
+
+def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def split_pair(ex: dict, args: Args) -> tuple[list[dict], str, str]:
+    """(prompt messages, chosen text, rejected text) from message lists or plain strings."""
+    c, r = ex[args.chosen_column], ex[args.rejected_column]
+    if isinstance(c, list) and isinstance(r, list):
+        if not c or not r or c[-1].get("role") != "assistant" or r[-1].get("role") != "assistant":
+            raise ValueError("chosen/rejected must end with an assistant message")
+        if c[:-1] != r[:-1]:
+            raise ValueError("chosen and rejected have different prompts")
+        prompt = c[:-1] or [{"role": "user", "content": ex[args.prompt_column]}]
+        return prompt, c[-1]["content"], r[-1]["content"]
+    p = ex[args.prompt_column]
+    prompt = p if isinstance(p, list) else [{"role": "user", "content": p}]
+    return prompt, c, r
+
+
+def tokenize_pair(tokenizer, ex: dict, args: Args) -> dict:
+    """Prompt ids (chat template + generation prompt) and the two response ids, or a skip reason.
+
+    # ALGO LOGIC: the response tokens are what the template appends to the prompt's tokens, through
+    # the end-of-turn token; the prompt's tokens must be a prefix of prompt+response's tokens.
+    """
+    empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    try:
+        prompt, chosen, rejected = split_pair(ex, args)
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        return {**empty, "skip": f"malformed pair ({e})"}
+    if not isinstance(chosen, str) or not isinstance(rejected, str) or not chosen.strip() or not rejected.strip():
+        return {**empty, "skip": "empty chosen or rejected"}
+    if chosen == rejected:
+        return {**empty, "skip": "chosen identical to rejected"}
+    prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
+    responses = []
+    for text in (chosen, rejected):
+        full = chat_ids(tokenizer, prompt + [{"role": "assistant", "content": text}])
+        if full[: len(prompt_ids)] != prompt_ids:
+            raise SystemExit(
+                f"the chat template's prompt tokens are not a prefix of prompt+response tokens for {prompt!r}; "
+                "the response cannot be located. Use a template whose generation prompt ends the prompt exactly."
+            )
+        resp = full[len(prompt_ids):]
+        eot = tokenizer.eos_token_id
+        resp = resp[: len(resp) - resp[::-1].index(eot)] if eot in resp else resp + [eot]
+        responses.append(resp)
+    prompt_ids = prompt_ids[-args.max_prompt_length:]  # ALGO LOGIC: the prompt is cut from the left
+    room = args.max_length - len(prompt_ids)
+    if room < 2:
+        return {**empty, "skip": "prompt leaves no room for a response"}
+    skip = "truncated" if max(map(len, responses)) > room else ""
+    responses = [r if len(r) <= room else r[: room - 1] + [tokenizer.eos_token_id] for r in responses]
+    return {"prompt_ids": prompt_ids, "chosen_ids": responses[0], "rejected_ids": responses[1], "skip": skip}
+
+
+def prepare_dataset(ds, tokenizer, args: Args, what: str, log):
+    """Tokenize and drop the pairs that cannot be trained on; every drop is counted in the log."""
+    missing = [c for c in (args.chosen_column, args.rejected_column) if c not in ds.column_names]
+    if missing:
+        raise SystemExit(f"the {what} split has no column {missing} (columns: {ds.column_names}); pass "
+                         "--chosen_column / --rejected_column / --prompt_column naming your columns")
+    ds = ds.map(lambda ex: tokenize_pair(tokenizer, ex, args), remove_columns=ds.column_names, desc=f"tokenizing {what}")
+    reasons = {r: n for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}
+    kept = ds.filter(lambda ex: ex["skip"] in ("", "truncated")).remove_columns("skip")
+    log(f"{what}: {len(kept)} of {len(ds)} pairs kept; " + (", ".join(f"{n} {r}" for r, n in reasons.items()) or "none skipped or cut"))
+    if len(kept) == 0:
+        raise SystemExit(f"no usable pair in the {what} split ({reasons}); check the column flags and the data")
+    return kept.add_column("row", list(range(len(kept))))
+
+
+def collate(rows: list[dict], pad_id: int, padding_free: bool) -> dict:
+    """Chosen sequences first, then rejected ones: sequence i and i + len(rows) are one pair.
+
+    `targets[t]` is the next token; `loss_mask[t]` marks the positions that predict a response token;
+    `seq_id[t]` says which sequence position t belongs to. padded: right padding + attention mask.
+    padding-free: one row, position_ids restart per sequence, no attention mask (transformers then
+    builds a block-diagonal causal mask; this needs use_cache=False)."""
+    seqs, masks = [], []
+    for key in ("chosen_ids", "rejected_ids"):
+        for r in rows:
+            ids = r["prompt_ids"] + r[key]
+            seqs.append(torch.tensor(ids))
+            masks.append(torch.tensor([False] * (len(r["prompt_ids"]) - 1) + [True] * len(r[key]) + [False]))
+    targets = [torch.cat([s[1:], s.new_zeros(1)]) for s in seqs]
+    seq_id = [torch.full_like(s, i) for i, s in enumerate(seqs)]
+    out = {"row": torch.tensor([r["row"] for r in rows]), "n_seqs": len(seqs)}
+    if padding_free:
+        return {**out, "input_ids": torch.cat(seqs)[None], "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None],
+                "targets": torch.cat(targets)[None], "loss_mask": torch.cat(masks)[None], "seq_id": torch.cat(seq_id)[None]}
+    n = max(len(s) for s in seqs)
+    pad = lambda xs, v: torch.stack([F.pad(x, (0, n - len(x)), value=v) for x in xs])
+    return {**out, "input_ids": pad(seqs, pad_id), "attention_mask": pad([torch.ones_like(s) for s in seqs], 0),
+            "targets": pad(targets, 0), "loss_mask": pad(masks, False), "seq_id": pad(seq_id, 0)}
+
+
+# ---------------------------------------------------------------------------------------------
+# log-probs and loss
+# ---------------------------------------------------------------------------------------------
+def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = logits.float()
+    log_z = logits.logsumexp(-1)
+    # ALGO LOGIC: log sum_v p_v^2 = logsumexp(2z) - 2 logsumexp(z): WPO's per-token normaliser, no probabilities
+    # materialised (TRL chunked_logprob.py: log(sq_sum_exp) - 2 log(sum_exp)); detached, it only feeds the weight
+    log_sum_sq = (2 * logits.detach()).logsumexp(-1) - 2 * log_z.detach()
+    return logits.gather(-1, targets[:, None])[:, 0] - log_z, log_sum_sq
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(logits)[target] and log sum_v softmax(logits)_v^2, fp32, a chunk of rows at a time;
+    under autograd each chunk is recomputed in backward, so no fp32 copy of the logits is ever held whole."""
+    fn = partial(checkpoint, _chunk_logps, use_reentrant=False) if torch.is_grad_enabled() else _chunk_logps
+    lp, sq = zip(*(fn(logits[i : i + chunk], targets[i : i + chunk]) for i in range(0, len(targets), chunk)))
+    return torch.cat(lp), torch.cat(sq)
+
+
+def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of every sequence in the batch, response lengths, and summed
+    log sum_v p_v^2 over the response positions (detached).
+
+    # ALGO LOGIC: logits_to_keep = loss_mask, so the lm_head runs only where a response token is predicted.
+    """
+    mask = batch["loss_mask"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch.get("position_ids"), logits_to_keep=mask, use_cache=False).logits
+    lp, sq = token_logps(logits, batch["targets"][mask])
+    seq = batch["seq_id"][mask]
+    sums = torch.zeros(batch["n_seqs"], device=lp.device, dtype=lp.dtype).index_add(0, seq, lp)
+    lengths = torch.zeros(batch["n_seqs"], device=lp.device, dtype=lp.dtype).index_add(0, seq, torch.ones_like(lp))
+    sq_sums = torch.zeros(batch["n_seqs"], device=lp.device, dtype=lp.dtype).index_add(0, seq, sq)
+    return sums, lengths, sq_sums
+
+
+def wpo_weight(logps: torch.Tensor, lengths: torch.Tensor, sq_sums: torch.Tensor, clamp: bool = True,
+               sum_sq: bool = True) -> torch.Tensor:
+    """Pair weights from the policy's summed response log-probs (chosen rows first, then rejected).
+
+    # ALGO LOGIC: official WPOTrainer.get_batch_logps (scripts/run_wpo.py): per response, the mean over its
+    # tokens of logp(y_t) - log sum_v p_v(t)^2; weight = clamp(exp(mean_w + mean_l), max=1), detached.
+    # TRL DPOTrainer (use_weighting): the same product of exp(mean) factors, without the clamp.
+    """
+    n = len(logps) // 2
+    mean = ((logps - sq_sums) if sum_sq else logps).detach() / lengths
+    w = torch.exp(mean[:n] + mean[n:])
+    return w.clamp(max=1) if clamp else w
+
+
+def dpo_loss(pc, pr, rc, rr, beta: float, loss_type: str, label_smoothing: float = 0.0):
+    """Per-pair loss and implicit rewards from policy (p) and reference (r) log-probs of chosen (c)
+    and rejected (r) responses (already length-averaged for ipo)."""
+    # ALGO LOGIC: h = (logp_pi(yw) - logp_ref(yw)) - (logp_pi(yl) - logp_ref(yl))   (DPO eq. 7)
+    h = (pc - rc) - (pr - rr)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2  # IPO eq. 17
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)  # SLiC-HF
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
+def pair_metrics(model, batch, ref_c, ref_r, args: Args) -> tuple[torch.Tensor, dict]:
+    """Mean weighted loss over the batch's pairs, and the TRL-named metrics (summed, for gathering;
+    the weight's min and max are reduced by min / max)."""
+    logps, lengths, sq_sums = sequence_logps(model, batch)
+    n = len(batch["row"])
+    # ALGO LOGIC: the weight comes from this same forward of the policy, detached
+    w = wpo_weight(logps, lengths, sq_sums, args.clamp_weight, args.weight_sum_sq)
+    pc, pr = logps[:n], logps[n:]
+    if args.loss_type == "ipo":  # IPO uses length-averaged log-probs
+        pc, pr, ref_c, ref_r = pc / lengths[:n], pr / lengths[n:], ref_c / lengths[:n], ref_r / lengths[n:]
+    losses, rw_c, rw_r = dpo_loss(pc, pr, ref_c, ref_r, args.beta, args.loss_type, args.label_smoothing)
+    # ALGO LOGIC: L = -E[w * logsigmoid(beta h)]; the official dpo_loss scales both label-smoothing terms by w
+    losses = w * losses
+    m = {"loss": losses.detach().sum(), "rewards/chosen": rw_c.sum(), "rewards/rejected": rw_r.sum(),
+         "rewards/accuracies": (rw_c > rw_r).float().sum(), "rewards/margins": (rw_c - rw_r).sum(),
+         "logps/chosen": logps[:n].detach().sum(), "logps/rejected": logps[n:].detach().sum(),
+         "weight/mean": w.sum(), "weight/min": w.min(), "weight/max": w.max(),
+         "pairs": torch.tensor(float(n), device=losses.device)}
+    return losses.mean(), m
+
+
+EXTREMES = {"weight/min": torch.minimum, "weight/max": torch.maximum}  # every other metric is summed
+
+
+def accumulate(total: dict, m: dict) -> dict:
+    return {k: EXTREMES.get(k, torch.add)(total[k], v) if k in total else v for k, v in m.items()}
+
+
+def weight_extremes(total: dict, accelerator, prefix: str) -> dict:
+    """The weight's min and max over the accumulated batches and all processes."""
+    lo = accelerator.gather(total["weight/min"].double()[None]).min()
+    hi = accelerator.gather(total["weight/max"].double()[None]).max()
+    return {f"{prefix}/weight/min": lo.item(), f"{prefix}/weight/max": hi.item()}
+
+
+# ---------------------------------------------------------------------------------------------
+# reference log-probs: a pre-pass cached on disk
+# ---------------------------------------------------------------------------------------------
+def model_fingerprint(name: str) -> str:
+    """A hub id names fixed weights (up to its revision); a local folder is fingerprinted by its files."""
+    if not os.path.isdir(name):
+        return name
+    files = sorted(f for f in os.listdir(name) if f.endswith((".safetensors", ".json")))
+    return name + "|" + "|".join(f"{f}:{os.path.getsize(os.path.join(name, f))}:{os.path.getmtime(os.path.join(name, f))}" for f in files)
+
+
+def data_fingerprint(ds, columns) -> str:
+    """A hash of the token ids themselves: the cache follows the data and tokenization, nothing else."""
+    h = hashlib.sha256()
+    for col in columns:
+        for ids in ds[col]:
+            h.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
+    return h.hexdigest()
+
+
+def cache_key(args: Args, ref_name: str, ds) -> str:
+    parts = [model_fingerprint(ref_name), data_fingerprint(ds, ("prompt_ids", "chosen_ids", "rejected_ids")),
+             str(args.use_lora), args.dtype]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+@torch.no_grad()
+def reference_logps(ref_model, ds, args: Args, accelerator, collate_fn, path: str, log) -> dict:
+    """Summed reference log-probs of every pair's chosen and rejected response, indexed by row.
+    Each process scores a shard; the main process writes the cache (safetensors, renamed into place)."""
+    if os.path.exists(path):
+        log(f"reference log-probs: reusing the cache {path}")
+        return load_file(path)
+    rows = list(range(len(ds)))
+    results = []
+    with accelerator.split_between_processes(rows) as mine:
+        ref_model.eval()
+        loader = DataLoader(ds.select(mine), batch_size=args.prepass_batch_size, collate_fn=collate_fn)
+        for batch in tqdm(loader, desc="reference pre-pass", disable=not accelerator.is_local_main_process):
+            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            logps, _, _ = sequence_logps(ref_model, batch)
+            n = len(batch["row"])
+            results += list(zip(batch["row"].tolist(), logps[:n].tolist(), logps[n:].tolist()))
+    results = sorted(gather_object(results))
+    out = {"chosen": torch.tensor([c for _, c, _ in results], dtype=torch.float64),
+           "rejected": torch.tensor([r for _, _, r in results], dtype=torch.float64)}
+    assert len(results) == len(ds) and [i for i, _, _ in results] == rows
+    if accelerator.is_main_process:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file(out, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        log(f"reference log-probs: computed {len(rows)} pairs, cached in {path}")
+    accelerator.wait_for_everyone()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------
+def load_tokenizer(args: Args):
+    name = args.tokenizer_name or args.model_name_or_path
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"could not load the tokenizer {name!r} from the hub or a local path: {e}\nWith no network, "
+                         "build the offline tiny setting (python -m tiny --out data/tiny) and pass --preset tiny.") from e
+    if tok.chat_template is None:
+        raise SystemExit(f"tokenizer {name!r} has no chat template; use an instruct tokenizer or set one")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, args: Args):
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code,
+                                                    attn_implementation=args.attn_implementation)
+    except OSError as e:
+        raise SystemExit(f"could not load the model {name!r} from the hub or a local path: {e}\nWith no network, train "
+                         "one offline first (python -m tiny --out data/tiny; python sft.py --preset tiny) and pass its folder.") from e
+
+
+def newest_checkpoint(output_dir: str) -> str | None:
+    """Only fully written checkpoints count: they are renamed into place after saving."""
+    root = os.path.join(output_dir, "checkpoints")
+    steps = [int(d.split("-")[1]) for d in os.listdir(root) if d.startswith("step-")] if os.path.isdir(root) else []
+    return os.path.join(root, f"step-{max(steps)}") if steps else None
+
+
+# ---------------------------------------------------------------------------------------------
+# hybrid (on-policy) pairs: sample from the policy, score with a reward model, pick chosen / rejected
+# ---------------------------------------------------------------------------------------------
+def pick_pair(scores: list[float], lengths: list[int], rule: str = "v2", rng: random.Random | None = None):
+    """(chosen, rejected) indices among one prompt's candidate responses, or None when every score ties.
+
+    # ALGO LOGIC: v2 (WPO README, the HB-v2 models): chosen = highest score, ties -> the shortest; rejected =
+    # lowest score, ties -> the smallest length difference to the chosen. v1 (the paper): chosen = highest
+    # score, rejected = a random other response (here among the lower-scored ones, so the pair is a preference).
+    # Ties these rules leave go to the earliest candidate.
+    """
+    top, low = max(scores), min(scores)
+    if top == low:
+        return None
+    best = [i for i, s in enumerate(scores) if s == top]
+    if rule == "v1":
+        return best[0], rng.choice([i for i, s in enumerate(scores) if s < top])
+    chosen = min(best, key=lambda i: lengths[i])
+    rejected = min((i for i, s in enumerate(scores) if s == low), key=lambda i: abs(lengths[i] - lengths[chosen]))
+    return chosen, rejected
+
+
+def prompt_and_existing(ex: dict, args: Args) -> tuple[list[dict], list[str]]:
+    """A row's prompt messages and its existing responses (none for a prompt-only dataset)."""
+    if args.chosen_column in ex and args.rejected_column in ex:
+        prompt, chosen, rejected = split_pair(ex, args)
+        return prompt, [chosen, rejected] if args.include_existing else []
+    p = ex[args.prompt_column]
+    return (p if isinstance(p, list) else [{"role": "user", "content": p}]), []
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: list[list[dict]], args: Args) -> list[list[str]]:
+    """`num_samples` responses per prompt in one batched `generate`; prompts left-padded, cut from the left
+    to max_prompt_length as in training."""
+    ids = [chat_ids(tokenizer, p, add_generation_prompt=True)[-args.max_prompt_length:] for p in prompts]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids], device=model.device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
+    eos = model.generation_config.eos_token_id
+    out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
+                         top_p=args.top_p, max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id if eos is None else eos)
+    texts = [t.strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+    return [texts[i : i + args.num_samples] for i in range(0, len(texts), args.num_samples)]
+
+
+@torch.no_grad()
+def reward_scores(rm, rm_tokenizer, convs: list[list[dict]], max_length: int) -> list[float]:
+    """One scalar per conversation (prompt + assistant response) from a sequence-classification reward model.
+    Left padding, with positions counted from each sequence's first real token: a batched score equals the
+    score of the conversation alone. Conversations longer than max_length keep their last tokens."""
+    ids = [chat_ids(rm_tokenizer, c)[-max_length:] for c in convs]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[rm_tokenizer.pad_token_id] * (width - len(x)) + x for x in ids], device=rm.device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=rm.device)
+    out = rm(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    score = out.score if getattr(out, "score", None) is not None else out.logits[:, 0]  # ArmoRM's head returns `score`
+    return score.float().flatten().tolist()
+
+
+def hybrid_pairs(exs: list[dict], keys: list[str], model, tokenizer, rm, rm_tokenizer, args: Args) -> tuple[list, int]:
+    """One preference row per example (None where every candidate's score ties), and the number of empty
+    samples dropped. `keys` seed v1's random choice per prompt, so the result does not depend on sharding."""
+    prompts, existing = zip(*(prompt_and_existing(ex, args) for ex in exs))
+    samples = sample_responses(model, tokenizer, prompts, args)
+    # ALGO LOGIC: candidates = the policy's samples + the existing responses, all scored by one reward model;
+    # an empty sample cannot be trained on and is dropped
+    cands = [[t for t in list(old) + new if t.strip()] for old, new in zip(existing, samples)]
+    convs = [p + [{"role": "assistant", "content": t}] for p, c in zip(prompts, cands) for t in c]
+    flat = reward_scores(rm, rm_tokenizer, convs, args.max_length) if convs else []
+    rows = []
+    for ex, key, prompt, c in zip(exs, keys, prompts, cands):
+        scores, flat = flat[: len(c)], flat[len(c) :]
+        lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in c]  # length = policy tokens
+        pair = pick_pair(scores, lengths, args.pair_rule, random.Random(key)) if c else None
+        if pair is None:
+            rows.append(None)
+            continue
+        chosen, rejected = (prompt + [{"role": "assistant", "content": c[i]}] for i in pair)
+        text = ex.get(args.prompt_column)
+        rows.append({"prompt": text if isinstance(text, str) else prompt[-1]["content"],
+                     "prompt_id": str(ex.get("prompt_id", key)), "chosen": chosen, "rejected": rejected,
+                     "messages": chosen, "score_chosen": scores[pair[0]], "score_rejected": scores[pair[1]],
+                     "candidates": c, "candidate_scores": scores})
+    return rows, sum(len(old) + len(new) - len(c) for old, new, c in zip(existing, samples, cands))
+
+
+def build_pairs(model, tokenizer, args: Args, accelerator, log) -> None:
+    """Hybrid pairs for every prompt of the train (and eval) split, written with save_to_disk to
+    --build_pairs_output: the ultrafeedback_binarized schema, plus every candidate and its score."""
+    if os.path.exists(args.build_pairs_output):
+        raise SystemExit(f"--build_pairs_output {args.build_pairs_output} exists; remove it or pick another folder")
+    try:
+        rm_tokenizer = AutoTokenizer.from_pretrained(args.reward_model_name_or_path, trust_remote_code=args.trust_remote_code)
+        rm = AutoModelForSequenceClassification.from_pretrained(
+            args.reward_model_name_or_path, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"could not load the reward model {args.reward_model_name_or_path!r}: {e}") from e
+    if rm_tokenizer.chat_template is None:
+        raise SystemExit(f"the reward model's tokenizer {args.reward_model_name_or_path!r} has no chat template")
+    if rm_tokenizer.pad_token is None:
+        rm_tokenizer.pad_token = rm_tokenizer.eos_token
+    rm.config.pad_token_id = rm_tokenizer.pad_token_id  # the classifier reads the last non-pad token
+    rm, model = rm.to(accelerator.device).eval(), model.eval()
+    splits = {}
+    for split, limit in ((args.train_split, args.max_train_samples), (args.eval_split, args.max_eval_samples)):
+        if split is None:
+            continue
+        ds = load_split(args.dataset_name, args.dataset_config, split)
+        ds = ds.select(range(min(limit, len(ds)))) if limit is not None else ds
+        rows, empty = [], 0
+        with accelerator.split_between_processes(list(range(len(ds)))) as mine:
+            for start in tqdm(range(0, len(mine), args.build_batch_size), desc=f"hybrid pairs ({split})",
+                              disable=not accelerator.is_local_main_process):
+                idx = mine[start : start + args.build_batch_size]
+                keys = [f"{args.seed}-{split}-{i}" for i in idx]
+                got, n_empty = hybrid_pairs([ds[i] for i in idx], keys, model, tokenizer, rm, rm_tokenizer, args)
+                rows, empty = rows + list(zip(idx, got)), empty + n_empty
+        rows, empty = sorted(gather_object(rows), key=lambda r: r[0]), sum(gather_object([empty]))
+        kept = [r for _, r in rows if r is not None]
+        log(f"{split}: {len(kept)} pairs from {len(ds)} prompts ({args.num_samples} samples each"
+            f"{' + the existing responses' if args.include_existing else ''}); {len(rows) - len(kept)} prompts dropped "
+            f"(every score ties), {empty} empty samples dropped")
+        if not kept:
+            raise SystemExit(f"no pair could be built for the {split} split: every prompt's candidates tie")
+        splits[split] = Dataset.from_list(kept)
+    if accelerator.is_main_process:
+        DatasetDict(splits).save_to_disk(args.build_pairs_output)
+        with open(os.path.join(args.build_pairs_output, "build_args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        log(f"wrote the hybrid pairs to {args.build_pairs_output}; train on them with --dataset_name {args.build_pairs_output}")
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    # TRY NOT TO MODIFY: accelerator, batch-size chain, seeding, logging
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+    args.world_size = accelerator.num_processes
+    args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    log = lambda msg: accelerator.print(f"[{args.exp_name}] {msg}")
+    if args.build_pairs_output is not None:  # hybrid (on-policy) pairs: build the dataset from the policy, write it, stop
+        set_seed(args.seed, device_specific=True)
+        build_pairs(load_model(args.model_name_or_path, args).to(accelerator.device), load_tokenizer(args), args, accelerator, log)
+        raise SystemExit(0)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.track and accelerator.is_main_process:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), dir=args.output_dir,
+                   name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if accelerator.is_main_process else None
+
+    def log_metrics(metrics: dict, step: int):
+        if accelerator.is_main_process:
+            metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+            metrics_file.flush()
+            if args.track:
+                wandb.log(metrics, step=step)
+
+    set_seed(args.seed, device_specific=True)
+    tokenizer = load_tokenizer(args)
+    model = load_model(args.model_name_or_path, args)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if args.use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
+    log(f"policy: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; global batch "
+        f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation x {args.world_size} processes "
+        f"= {args.global_batch_size} pairs")
+
+    with accelerator.main_process_first():
+        train_ds = load_split(args.dataset_name, args.dataset_config, args.train_split)
+        if args.max_train_samples is not None:
+            train_ds = train_ds.select(range(min(args.max_train_samples, len(train_ds))))
+        train_ds = prepare_dataset(train_ds, tokenizer, args, "train", log)
+        eval_ds = None
+        if args.eval_split:
+            eval_ds = load_split(args.dataset_name, args.dataset_config, args.eval_split)
+            if args.max_eval_samples is not None:
+                eval_ds = eval_ds.select(range(min(args.max_eval_samples, len(eval_ds))))
+            eval_ds = prepare_dataset(eval_ds, tokenizer, args, "eval", log)
+    collate_fn = lambda rows: collate(rows, tokenizer.pad_token_id, args.padding_free)
+
+    # ALGO LOGIC: the reference. precompute: log-probs of every pair once, before training, cached;
+    # the reference defaults to the policy's initial weights, so the pre-pass runs on the policy itself.
+    ref_name = args.ref_model_name_or_path or args.model_name_or_path
+    ref_model = None  # with LoRA and no --ref_model_name_or_path, the reference is the policy with adapters off
+    if args.ref_model_name_or_path is not None or (args.ref_mode == "live" and not args.use_lora):
+        ref_model = load_model(ref_name, args).to(accelerator.device).eval()
+        ref_model.requires_grad_(False)
+    ref_cache = {}
+    if args.ref_mode == "precompute":
+        scorer = ref_model if ref_model is not None else model.to(accelerator.device)
+        with scorer.disable_adapter() if args.use_lora and ref_model is None else nullcontext():
+            for split, ds in (("train", train_ds), ("eval", eval_ds)):
+                if ds is not None:
+                    path = os.path.join(args.cache_dir, f"ref-logps-{cache_key(args, ref_name, ds)}.safetensors")
+                    ref_cache[split] = reference_logps(scorer, ds, args, accelerator, collate_fn, path, log)
+        ref_model = None  # training holds only the policy
+
+    def reference(batch, split):
+        if args.ref_mode == "precompute":
+            c = ref_cache[split]
+            return (c["chosen"][batch["row"].cpu()].to(accelerator.device, torch.float32),
+                    c["rejected"][batch["row"].cpu()].to(accelerator.device, torch.float32))
+        with torch.no_grad():
+            if ref_model is not None:
+                logps, _, _ = sequence_logps(ref_model, batch)
+            else:  # LoRA: the base model is the reference
+                with accelerator.unwrap_model(model).disable_adapter():
+                    logps, _, _ = sequence_logps(model, batch)
+        n = len(batch["row"])
+        return logps[:n].detach(), logps[n:].detach()
+
+    rows_per_epoch = len(train_ds) // args.global_batch_size * args.global_batch_size
+    steps_per_epoch = rows_per_epoch // args.global_batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(train_ds)} training pairs are fewer than one global batch ({args.global_batch_size})")
+    total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+
+    def epoch_loader(epoch: int):
+        # the data order depends on (seed, epoch) only, so a resumed run sees the same batches
+        order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed + epoch))
+        subset = train_ds.select(order[:rows_per_epoch].tolist())
+        return accelerator.prepare(DataLoader(subset, batch_size=args.per_device_train_batch_size, collate_fn=collate_fn))
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay)
+    # stepped by hand once per optimizer step (accelerate would step it once per process)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    eval_loader = None
+    if eval_ds is not None:
+        eval_loader = accelerator.prepare(DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn))
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        model.eval()
+        total = {}
+        for batch in eval_loader:
+            ref_c, ref_r = reference(batch, "eval")
+            _, m = pair_metrics(model, batch, ref_c, ref_r, args)
+            total = accumulate(total, m)
+        model.train()
+        sums = {k: accelerator.reduce(v.double(), reduction="sum") for k, v in total.items() if k not in EXTREMES}
+        return {**{f"eval/{k}": (v / sums["pairs"]).item() for k, v in sums.items() if k != "pairs"},
+                **weight_extremes(total, accelerator, "eval")}
+
+    global_step = 0
+    if args.resume:
+        ckpt = newest_checkpoint(args.output_dir)
+        if ckpt is None:
+            log("--resume: no checkpoint found, starting from scratch")
+        else:
+            accelerator.load_state(ckpt)
+            global_step = int(ckpt.rsplit("-", 1)[1])
+            log(f"resumed from {ckpt} (step {global_step})")
+
+    def save_checkpoint(step: int):
+        # written to a temporary folder, then renamed: a crash mid-save never leaves a checkpoint resume would pick
+        root = os.path.join(args.output_dir, "checkpoints")
+        tmp, final = os.path.join(root, f"tmp-step-{step}"), os.path.join(root, f"step-{step}")
+        accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            os.replace(tmp, final)
+            for old in sorted((d for d in os.listdir(root) if d.startswith("step-")), key=lambda d: int(d[5:]))[: -args.save_total_limit]:
+                shutil.rmtree(os.path.join(root, old))
+        accelerator.wait_for_everyone()
+
+    if eval_loader is not None and global_step == 0:
+        m = evaluate()
+        log(f"step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
+        log_metrics(m, 0)
+
+    # TRY NOT TO MODIFY: the training loop
+    model.train()
+    bar = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="wpo")
+    running, n_tokens, t0 = {}, 0, time.time()
+    for epoch in range(global_step // steps_per_epoch, num_epochs):
+        loader = epoch_loader(epoch)
+        skip = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
+        if skip > 0:
+            loader = accelerator.skip_first_batches(loader, skip)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                ref_c, ref_r = reference(batch, "train")
+                loss, m = pair_metrics(model, batch, ref_c, ref_r, args)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            running = accumulate(running, m)
+            n_tokens += batch["input_ids"].numel()
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            global_step += 1
+            bar.update(1)
+            if not math.isfinite(loss.item()):
+                raise SystemExit(f"non-finite loss at step {global_step} (epoch {epoch}, rows {batch['row'].tolist()}); "
+                                 f"the last good checkpoint is kept in {args.output_dir}/checkpoints")
+            if global_step % args.logging_steps == 0 or global_step == total_steps:
+                r = {k: accelerator.reduce(v.double(), reduction="sum") for k, v in running.items() if k not in EXTREMES}
+                tokens = accelerator.reduce(torch.tensor(float(n_tokens), device=accelerator.device), reduction="sum")
+                out = {f"train/{k}": (v / r["pairs"]).item() for k, v in r.items() if k != "pairs"}
+                out.update(weight_extremes(running, accelerator, "train"))
+                out.update({"train/lr": scheduler.get_last_lr()[0], "train/epoch": global_step / steps_per_epoch,
+                            "perf/tokens_per_s": tokens.item() / (time.time() - t0),
+                            "perf/pairs_per_s": r["pairs"].item() / (time.time() - t0)})
+                bar.set_postfix(loss=f"{out['train/loss']:.4f}", acc=f"{out['train/rewards/accuracies']:.2f}",
+                                w=f"{out['train/weight/mean']:.3f}")
+                log_metrics(out, global_step)
+                running, n_tokens, t0 = {}, 0, time.time()
+            if eval_loader is not None and args.eval_steps and global_step % args.eval_steps == 0 and global_step != total_steps:
+                log_metrics(evaluate(), global_step)
+            if args.save_steps and global_step % args.save_steps == 0:
+                save_checkpoint(global_step)
+            if global_step >= total_steps:
+                break
+        if global_step >= total_steps:
+            break
+    bar.close()
+
+    if eval_loader is not None:
+        m = evaluate()
+        log(f"step {global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
+        log_metrics(m, global_step)
+
+    # TRY NOT TO MODIFY: save a plain transformers model (LoRA merged) + tokenizer, safetensors
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if args.use_lora:
+            unwrapped, state_dict = unwrapped.merge_and_unload(), None
+        unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        log(f"saved the model to {args.output_dir}")
+        if args.push_to_hub:
+            unwrapped.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
+            tokenizer.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
+    accelerator.wait_for_everyone()
+    if args.track and accelerator.is_main_process:
+        wandb.finish()
+    accelerator.end_training()
