@@ -368,17 +368,17 @@ def dpo_loss(pc, pr, rc, rr, beta: float, loss_type: str, label_smoothing: float
 
 
 def pair_metrics(model, batch, ref_c, ref_r, args: Args) -> tuple[torch.Tensor, dict]:
-    """Mean loss over the batch's pairs, and the TRL-named metrics (summed, for gathering)."""
+    """Mean loss over the batch's pairs, and the TRL-named metrics per pair (for exact gathering)."""
     logps, lengths = sequence_logps(model, batch)
     n = len(batch["row"])
     pc, pr = logps[:n], logps[n:]
-    if args.loss_type == "ipo":  # IPO uses length-averaged log-probs
-        pc, pr, ref_c, ref_r = pc / lengths[:n], pr / lengths[n:], ref_c / lengths[:n], ref_r / lengths[n:]
-    losses, rw_c, rw_r = dpo_loss(pc, pr, ref_c, ref_r, args.beta, args.loss_type, args.label_smoothing)
-    m = {"loss": losses.detach().sum(), "rewards/chosen": rw_c.sum(), "rewards/rejected": rw_r.sum(),
-         "rewards/accuracies": (rw_c > rw_r).float().sum(), "rewards/margins": (rw_c - rw_r).sum(),
-         "logps/chosen": logps[:n].detach().sum(), "logps/rejected": logps[n:].detach().sum(),
-         "pairs": torch.tensor(float(n), device=losses.device)}
+    # IPO's loss takes length-averaged log-probs; the implicit rewards stay on summed log-probs (as TRL logs them)
+    nc, nr = (lengths[:n], lengths[n:]) if args.loss_type == "ipo" else (1.0, 1.0)
+    losses, _, _ = dpo_loss(pc / nc, pr / nr, ref_c / nc, ref_r / nr, args.beta, args.loss_type, args.label_smoothing)
+    rw_c, rw_r = args.beta * (pc - ref_c).detach(), args.beta * (pr - ref_r).detach()
+    m = {"loss": losses.detach(), "rewards/chosen": rw_c, "rewards/rejected": rw_r,
+         "rewards/accuracies": (rw_c > rw_r).float(), "rewards/margins": rw_c - rw_r,
+         "logps/chosen": logps[:n].detach(), "logps/rejected": logps[n:].detach()}
     return losses.mean(), m
 
 
@@ -578,15 +578,15 @@ if __name__ == "__main__":
 
     @torch.no_grad()
     def evaluate() -> dict:
+        """Means over every held-out pair: per-pair metrics go through gather_for_metrics, which drops
+        the duplicates accelerate adds to even out the last batch across processes."""
         model.eval()
-        total = {}
+        parts = []
         for batch in eval_loader:
             ref_c, ref_r = reference(batch, "eval")
-            _, m = pair_metrics(model, batch, ref_c, ref_r, args)
-            total = {k: total.get(k, 0) + v for k, v in m.items()}
+            parts.append(accelerator.gather_for_metrics(pair_metrics(model, batch, ref_c, ref_r, args)[1]))
         model.train()
-        total = {k: accelerator.reduce(v.double(), reduction="sum") for k, v in total.items()}
-        return {f"eval/{k}": (v / total["pairs"]).item() for k, v in total.items() if k != "pairs"}
+        return {f"eval/{k}": torch.cat([p[k] for p in parts]).double().mean().item() for k in parts[0]}
 
     global_step = 0
     if args.resume:
@@ -633,7 +633,7 @@ if __name__ == "__main__":
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            running = {k: running.get(k, 0) + v for k, v in m.items()}
+            running = {k: running.get(k, 0) + v.double().sum() for k, v in {**m, "pairs": torch.ones_like(m["loss"])}.items()}
             n_tokens += batch["input_ids"].numel()
             if not accelerator.sync_gradients:
                 continue
@@ -644,7 +644,7 @@ if __name__ == "__main__":
                 raise SystemExit(f"non-finite loss at step {global_step} (epoch {epoch}, rows {batch['row'].tolist()}); "
                                  f"the last good checkpoint is kept in {args.output_dir}/checkpoints")
             if global_step % args.logging_steps == 0 or global_step == total_steps:
-                r = {k: accelerator.reduce(v.double(), reduction="sum") for k, v in running.items()}
+                r = {k: accelerator.reduce(v, reduction="sum") for k, v in running.items()}
                 tokens = accelerator.reduce(torch.tensor(float(n_tokens), device=accelerator.device), reduction="sum")
                 out = {f"train/{k}": (v / r["pairs"]).item() for k, v in r.items() if k != "pairs"}
                 out.update({"train/lr": scheduler.get_last_lr()[0], "train/epoch": global_step / steps_per_epoch,

@@ -286,8 +286,8 @@ def collate(rows: list[dict], pad_id: int, packing: bool) -> dict:
 # ---------------------------------------------------------------------------------------------
 # loss
 # ---------------------------------------------------------------------------------------------
-def sft_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token cross-entropy over assistant tokens, and their count.
+def sft_loss_sum(model, batch: dict, per_sequence: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropy over assistant tokens, and their count (per row if asked).
 
     # ALGO LOGIC: logits only at the positions that are trained (logits_to_keep = a boolean mask):
     # the lm_head never runs on prompt or padding tokens, so no batch x length x vocab tensor exists.
@@ -297,21 +297,25 @@ def sft_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"), logits_to_keep=mask, use_cache=False,
     ).logits
-    targets = batch["shift_labels"][mask]
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), mask.sum()
+    losses = F.cross_entropy(logits.float(), batch["shift_labels"][mask], reduction="none")
+    if not per_sequence:
+        return losses.sum(), mask.sum()
+    rows, zeros = mask.nonzero()[:, 0], losses.new_zeros(mask.shape[0])
+    return zeros.index_add(0, rows, losses), zeros.index_add(0, rows, torch.ones_like(losses))
 
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator) -> float:
-    """Token-weighted mean eval loss over the whole split, gathered across processes."""
+    """Token-weighted mean eval loss over the whole split. Per-conversation sums go through
+    gather_for_metrics, which drops the duplicates accelerate adds to even out the last batch."""
     model.eval()
-    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    sums, counts = [], []
     for batch in loader:
-        s, n = sft_loss_sum(model, batch)
-        total += torch.stack([s.double(), n.double()])
+        s, n = accelerator.gather_for_metrics(sft_loss_sum(model, batch, per_sequence=True))
+        sums.append(s)
+        counts.append(n)
     model.train()
-    total = accelerator.reduce(total, reduction="sum")
-    return (total[0] / total[1]).item()
+    return (torch.cat(sums).sum() / torch.cat(counts).sum()).item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,7 +464,8 @@ if __name__ == "__main__":
     accelerator.register_for_checkpointing(scheduler)
     eval_loader = None
     if eval_ds is not None:
-        eval_loader = accelerator.prepare(DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn))
+        eval_loader = accelerator.prepare(DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size,  # padded: rows = conversations
+                                                     collate_fn=lambda rows: collate(rows, tokenizer.pad_token_id, False)))
 
     global_step = 0
     if args.resume:

@@ -232,7 +232,7 @@ class Args:
 PRESETS = {
     "tiny": Args(
         preset="tiny", output_dir="runs/tiny/wpo", model_name_or_path="runs/tiny/sft-weak",
-        dataset_name="data/tiny/ultrafeedback", max_length=128, max_prompt_length=64, learning_rate=5e-5,
+        dataset_name="data/tiny/ultrafeedback", max_length=128, max_prompt_length=64, learning_rate=1e-4,
         num_train_epochs=1, per_device_train_batch_size=32, gradient_accumulation_steps=1, per_device_eval_batch_size=64,
         max_eval_samples=400, logging_steps=20, prepass_batch_size=64, cache_dir="runs/tiny/cache",
         gradient_checkpointing=False, beta=0.1, max_new_tokens=24, build_batch_size=64,
@@ -435,37 +435,28 @@ def dpo_loss(pc, pr, rc, rr, beta: float, loss_type: str, label_smoothing: float
 
 
 def pair_metrics(model, batch, ref_c, ref_r, args: Args) -> tuple[torch.Tensor, dict]:
-    """Mean weighted loss over the batch's pairs, and the TRL-named metrics (summed, for gathering;
-    the weight's min and max are reduced by min / max)."""
+    """Mean weighted loss over the batch's pairs, and the TRL-named metrics per pair (for exact gathering)."""
     logps, lengths, sq_sums = sequence_logps(model, batch)
     n = len(batch["row"])
     # ALGO LOGIC: the weight comes from this same forward of the policy, detached
     w = wpo_weight(logps, lengths, sq_sums, args.clamp_weight, args.weight_sum_sq)
     pc, pr = logps[:n], logps[n:]
-    if args.loss_type == "ipo":  # IPO uses length-averaged log-probs
-        pc, pr, ref_c, ref_r = pc / lengths[:n], pr / lengths[n:], ref_c / lengths[:n], ref_r / lengths[n:]
-    losses, rw_c, rw_r = dpo_loss(pc, pr, ref_c, ref_r, args.beta, args.loss_type, args.label_smoothing)
+    # IPO's loss takes length-averaged log-probs; the implicit rewards stay on summed log-probs (as TRL logs them)
+    nc, nr = (lengths[:n], lengths[n:]) if args.loss_type == "ipo" else (1.0, 1.0)
+    losses, _, _ = dpo_loss(pc / nc, pr / nr, ref_c / nc, ref_r / nr, args.beta, args.loss_type, args.label_smoothing)
+    rw_c, rw_r = args.beta * (pc - ref_c).detach(), args.beta * (pr - ref_r).detach()
     # ALGO LOGIC: L = -E[w * logsigmoid(beta h)]; the official dpo_loss scales both label-smoothing terms by w
     losses = w * losses
-    m = {"loss": losses.detach().sum(), "rewards/chosen": rw_c.sum(), "rewards/rejected": rw_r.sum(),
-         "rewards/accuracies": (rw_c > rw_r).float().sum(), "rewards/margins": (rw_c - rw_r).sum(),
-         "logps/chosen": logps[:n].detach().sum(), "logps/rejected": logps[n:].detach().sum(),
-         "weight/mean": w.sum(), "weight/min": w.min(), "weight/max": w.max(),
-         "pairs": torch.tensor(float(n), device=losses.device)}
+    m = {"loss": losses.detach(), "rewards/chosen": rw_c, "rewards/rejected": rw_r,
+         "rewards/accuracies": (rw_c > rw_r).float(), "rewards/margins": rw_c - rw_r,
+         "logps/chosen": logps[:n].detach(), "logps/rejected": logps[n:].detach(), "weight/mean": w}
     return losses.mean(), m
 
 
-EXTREMES = {"weight/min": torch.minimum, "weight/max": torch.maximum}  # every other metric is summed
-
-
-def accumulate(total: dict, m: dict) -> dict:
-    return {k: EXTREMES.get(k, torch.add)(total[k], v) if k in total else v for k, v in m.items()}
-
-
-def weight_extremes(total: dict, accelerator, prefix: str) -> dict:
-    """The weight's min and max over the accumulated batches and all processes."""
-    lo = accelerator.gather(total["weight/min"].double()[None]).min()
-    hi = accelerator.gather(total["weight/max"].double()[None]).max()
+def weight_extremes(w: torch.Tensor, accelerator, prefix: str) -> dict:
+    """The min and max of the pair weights w over all processes."""
+    lo = accelerator.gather(w.min().double()[None]).min()
+    hi = accelerator.gather(w.max().double()[None]).max()
     return {f"{prefix}/weight/min": lo.item(), f"{prefix}/weight/max": hi.item()}
 
 
@@ -804,16 +795,17 @@ if __name__ == "__main__":
 
     @torch.no_grad()
     def evaluate() -> dict:
+        """Means over every held-out pair: per-pair metrics go through gather_for_metrics, which drops
+        the duplicates accelerate adds to even out the last batch across processes."""
         model.eval()
-        total = {}
+        parts = []
         for batch in eval_loader:
             ref_c, ref_r = reference(batch, "eval")
-            _, m = pair_metrics(model, batch, ref_c, ref_r, args)
-            total = accumulate(total, m)
+            parts.append(accelerator.gather_for_metrics(pair_metrics(model, batch, ref_c, ref_r, args)[1]))
         model.train()
-        sums = {k: accelerator.reduce(v.double(), reduction="sum") for k, v in total.items() if k not in EXTREMES}
-        return {**{f"eval/{k}": (v / sums["pairs"]).item() for k, v in sums.items() if k != "pairs"},
-                **weight_extremes(total, accelerator, "eval")}
+        out = {f"eval/{k}": torch.cat([p[k] for p in parts]).double().mean().item() for k in parts[0]}
+        w = torch.cat([p["weight/mean"] for p in parts])  # already gathered from every process
+        return {**out, "eval/weight/min": w.min().item(), "eval/weight/max": w.max().item()}
 
     global_step = 0
     if args.resume:
@@ -845,7 +837,7 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: the training loop
     model.train()
     bar = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="wpo")
-    running, n_tokens, t0 = {}, 0, time.time()
+    running, n_tokens, t0, weights = {}, 0, time.time(), []
     for epoch in range(global_step // steps_per_epoch, num_epochs):
         loader = epoch_loader(epoch)
         skip = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
@@ -860,7 +852,8 @@ if __name__ == "__main__":
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            running = accumulate(running, m)
+            running = {k: running.get(k, 0) + v.double().sum() for k, v in {**m, "pairs": torch.ones_like(m["loss"])}.items()}
+            weights.append(m["weight/mean"])  # for the weight's min and max over the logging window
             n_tokens += batch["input_ids"].numel()
             if not accelerator.sync_gradients:
                 continue
@@ -871,17 +864,17 @@ if __name__ == "__main__":
                 raise SystemExit(f"non-finite loss at step {global_step} (epoch {epoch}, rows {batch['row'].tolist()}); "
                                  f"the last good checkpoint is kept in {args.output_dir}/checkpoints")
             if global_step % args.logging_steps == 0 or global_step == total_steps:
-                r = {k: accelerator.reduce(v.double(), reduction="sum") for k, v in running.items() if k not in EXTREMES}
+                r = {k: accelerator.reduce(v, reduction="sum") for k, v in running.items()}
                 tokens = accelerator.reduce(torch.tensor(float(n_tokens), device=accelerator.device), reduction="sum")
                 out = {f"train/{k}": (v / r["pairs"]).item() for k, v in r.items() if k != "pairs"}
-                out.update(weight_extremes(running, accelerator, "train"))
+                out.update(weight_extremes(torch.cat(weights), accelerator, "train"))
                 out.update({"train/lr": scheduler.get_last_lr()[0], "train/epoch": global_step / steps_per_epoch,
                             "perf/tokens_per_s": tokens.item() / (time.time() - t0),
                             "perf/pairs_per_s": r["pairs"].item() / (time.time() - t0)})
                 bar.set_postfix(loss=f"{out['train/loss']:.4f}", acc=f"{out['train/rewards/accuracies']:.2f}",
                                 w=f"{out['train/weight/mean']:.3f}")
                 log_metrics(out, global_step)
-                running, n_tokens, t0 = {}, 0, time.time()
+                running, n_tokens, t0, weights = {}, 0, time.time(), []
             if eval_loader is not None and args.eval_steps and global_step % args.eval_steps == 0 and global_step != total_steps:
                 log_metrics(evaluate(), global_step)
             if args.save_steps and global_step % args.save_steps == 0:

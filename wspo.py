@@ -200,10 +200,8 @@ PRESETS = {
         cache_dir="runs/tiny/cache", beta=0.5,
     ),
 }
-# Why beta = 0.5 offline: the loss drives the strong log-ratio to (weak log-ratio) / beta, so 1/beta
-# amplifies everything the weak DPO changed, its likelihood displacement on answer tokens included.
-# Measured on the tiny setting (docs/results.md): beta 0.1 transfers the tone (+0.28) but answer
-# correctness falls 0.97 -> 0.33; beta 0.5 keeps 0.77 with tone +0.56; beta 1.0 keeps 0.84, tone +0.30.
+# beta 0.5 offline: the strong log-ratio goes to (weak log-ratio) / beta, amplifying the weak DPO's likelihood
+# displacement too; on the tiny setting beta 0.1 cut answer correctness 0.97 -> 0.33 (docs/results.md).
 
 
 def parse_args() -> Args:
@@ -381,8 +379,7 @@ def wspo_loss(policy_lp, sref_lp, weak_ratio, seq_id, n_seqs: int, beta: float, 
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    x, y = x - x.mean(), y - y.mean()
-    return (x * y).sum() / (x.norm() * y.norm()).clamp_min(1e-12)
+    return torch.nn.functional.cosine_similarity(x - x.mean(), y - y.mean(), dim=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,7 +488,6 @@ if __name__ == "__main__":
     os.makedirs(args.output_dir, exist_ok=True)
     if args.track and accelerator.is_main_process:
         import wandb
-
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), dir=args.output_dir,
                    name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
     metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if accelerator.is_main_process else None
@@ -540,7 +536,6 @@ if __name__ == "__main__":
         model.gradient_checkpointing_enable()
     if args.use_lora:
         from peft import LoraConfig, get_peft_model
-
         targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                                  target_modules=targets, task_type="CAUSAL_LM"))
@@ -572,7 +567,8 @@ if __name__ == "__main__":
         eval_loader = accelerator.prepare(DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size, collate_fn=eval_collate))
 
     def step_metrics(batch, split: str, n_rows: int):
-        """The loss over the batch's chosen responses, and the summed metrics for gathering."""
+        """The loss over the batch's chosen responses, per-example metrics (for exact gathering), and
+        the batch's correlation between strong and weak per-token log-ratios."""
         c = cache[split]
         n = len(batch["row"])
         lp = token_logps(model, batch)
@@ -582,28 +578,27 @@ if __name__ == "__main__":
         weak = lookup(c["weak_ratio"], batch["row"], n_rows).to(lp)
         losses, d = wspo_loss(lp[chosen], sref, weak, seq, n, args.beta, args.weak_coef, args.loss_level)
         strong_ratio = (lp[chosen] - sref).detach()
-        reward = args.beta * torch.zeros(n, device=lp.device).index_add(0, seq, strong_ratio)
-        m = {"loss": losses.detach().sum(), "abs_d": d.detach().abs().mean() * n, "rewards/chosen": reward.sum(),
-             "logratio_corr": pearson(strong_ratio, weak) * n, "examples": torch.tensor(float(n), device=lp.device)}
+        zeros = torch.zeros(n, device=lp.device)
+        reward = args.beta * zeros.index_add(0, seq, strong_ratio)
+        abs_d = (zeros.index_add(0, seq, d.detach().abs()) / zeros.index_add(0, seq, torch.ones_like(strong_ratio))
+                 if args.loss_level == "token" else d.detach().abs())
+        m = {"loss": losses.detach(), "abs_d": abs_d, "rewards/chosen": reward}
         if split == "eval" and eval_pairs:  # held-out reward accuracy of the strong implicit reward
-            rej = ~chosen
-            seq_r = batch["seq_id"][batch["loss_mask"]][rej] - n
+            seq_r = batch["seq_id"][batch["loss_mask"]][~chosen] - n
             sref_r = lookup(c["sref"], batch["row"], n_rows, key_index=1).to(lp)
-            reward_r = args.beta * torch.zeros(n, device=lp.device).index_add(0, seq_r, (lp[rej] - sref_r).detach())
-            m.update({"rewards/rejected": reward_r.sum(), "rewards/accuracies": (reward > reward_r).float().sum(),
-                      "rewards/margins": (reward - reward_r).sum()})
-        return losses.mean(), m
+            reward_r = args.beta * zeros.index_add(0, seq_r, (lp[~chosen] - sref_r).detach())
+            m.update({"rewards/rejected": reward_r, "rewards/accuracies": (reward > reward_r).float(),
+                      "rewards/margins": reward - reward_r})
+        return losses.mean(), m, pearson(strong_ratio, weak)
 
     @torch.no_grad()
     def evaluate() -> dict:
+        """Means over every held-out example: per-example metrics go through gather_for_metrics, which
+        drops the duplicates accelerate adds to even out the last batch across processes."""
         model.eval()
-        total = {}
-        for batch in eval_loader:
-            _, m = step_metrics(batch, "eval", len(eval_ds))
-            total = {k: total.get(k, 0) + v for k, v in m.items()}
+        parts = [accelerator.gather_for_metrics(step_metrics(batch, "eval", len(eval_ds))[1]) for batch in eval_loader]
         model.train()
-        total = {k: accelerator.reduce(v.double(), reduction="sum") for k, v in total.items()}
-        return {f"eval/{k}": (v / total["examples"]).item() for k, v in total.items() if k != "examples"}
+        return {f"eval/{k}": torch.cat([p[k] for p in parts]).double().mean().item() for k in parts[0]}
 
     global_step = 0
     if args.resume:
@@ -643,13 +638,14 @@ if __name__ == "__main__":
             loader = accelerator.skip_first_batches(loader, skip)
         for batch in loader:
             with accelerator.accumulate(model):
-                loss, m = step_metrics(batch, "train", len(train_ds))
+                loss, m, corr = step_metrics(batch, "train", len(train_ds))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            running = {k: running.get(k, 0) + v for k, v in m.items()}
+            m = {**m, "logratio_corr": corr.detach() * torch.ones_like(m["loss"]), "examples": torch.ones_like(m["loss"])}
+            running = {k: running.get(k, 0) + v.double().sum() for k, v in m.items()}
             n_tokens += batch["input_ids"].numel()
             if not accelerator.sync_gradients:
                 continue
@@ -660,7 +656,7 @@ if __name__ == "__main__":
                 raise SystemExit(f"non-finite loss at step {global_step} (epoch {epoch}, rows {batch['row'].tolist()}); "
                                  f"the last good checkpoint is kept in {args.output_dir}/checkpoints")
             if global_step % args.logging_steps == 0 or global_step == total_steps:
-                r = {k: accelerator.reduce(v.double(), reduction="sum") for k, v in running.items()}
+                r = {k: accelerator.reduce(v, reduction="sum") for k, v in running.items()}
                 tokens = accelerator.reduce(torch.tensor(float(n_tokens), device=accelerator.device), reduction="sum")
                 out = {f"train/{k}": (v / r["examples"]).item() for k, v in r.items() if k != "examples"}
                 out.update({"train/lr": scheduler.get_last_lr()[0], "train/epoch": global_step / steps_per_epoch,

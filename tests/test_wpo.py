@@ -19,10 +19,6 @@ spec = importlib.util.spec_from_file_location("wpo", ROOT / "wpo.py")
 wpo = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(wpo)
 
-SMALL = ("hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=1,"
-         "max_position_embeddings=256,tie_word_embeddings=True")
-
-
 def metrics(out):
     return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
@@ -187,16 +183,7 @@ def test_the_weight_carries_no_gradient(tiny):
     want = torch.autograd.grad((w.clone() * losses).mean(), list(model.parameters()))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
-    # and the logged metrics: mean (summed over pairs), min and max of the same weights
-    assert abs(m["weight/mean"].item() - w.sum().item()) < 1e-6
-    assert m["weight/min"].item() == pytest.approx(w.min().item()) and m["weight/max"].item() == pytest.approx(w.max().item())
-
-
-def test_weight_extremes_accumulate_by_min_and_max():
-    a = {"loss": torch.tensor(1.0), "weight/min": torch.tensor(0.3), "weight/max": torch.tensor(0.6), "pairs": torch.tensor(2.0)}
-    b = {"loss": torch.tensor(2.0), "weight/min": torch.tensor(0.1), "weight/max": torch.tensor(0.5), "pairs": torch.tensor(3.0)}
-    total = wpo.accumulate(wpo.accumulate({}, a), b)
-    assert {k: v.item() for k, v in total.items()} == pytest.approx({"loss": 3.0, "weight/min": 0.1, "weight/max": 0.6, "pairs": 5.0})
+    torch.testing.assert_close(m["weight/mean"], w, atol=0, rtol=0)  # the per-pair weights that are logged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,10 +223,10 @@ def test_v1_rejects_a_random_lower_scored_response():
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def sft_model(tiny, tmp_path_factory):
+    """The tiny preset's model after 60 SFT steps: it answers in the tiny language, its tone is random."""
     out = tmp_path_factory.mktemp("wpo") / "sft"
     run_script("sft.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrachat"), "--tokenizer_name",
-               str(tiny / "tokenizer"), "--output_dir", str(out), "--config_overrides", SMALL, "--max_steps", "60",
-               "--eval_split", "None")
+               str(tiny / "tokenizer"), "--output_dir", str(out), "--max_steps", "60", "--eval_split", "None")
     return out
 
 
@@ -250,8 +237,7 @@ def wpo_args(tiny, sft_model, out, *extra):
 
 def test_wpo_end_to_end_trains_with_weights_in_range(tiny, sft_model, tmp_path):
     out = tmp_path / "wpo"
-    run_script(*wpo_args(tiny, sft_model, out, "--max_steps", "40", "--logging_steps", "5", "--learning_rate", "3e-4",
-                         "--max_eval_samples", "200"))
+    run_script(*wpo_args(tiny, sft_model, out, "--max_steps", "40", "--logging_steps", "5", "--max_eval_samples", "200"))
     m = metrics(out)
     train = [r for r in m if "train/loss" in r]
     evals = [r for r in m if "eval/rewards/accuracies" in r]
@@ -260,6 +246,7 @@ def test_wpo_end_to_end_trains_with_weights_in_range(tiny, sft_model, tmp_path):
         k = "train" if "train/loss" in r else "eval"
         lo, mean, hi = r[f"{k}/weight/min"], r[f"{k}/weight/mean"], r[f"{k}/weight/max"]
         assert 0 < lo <= mean <= hi <= 1, r
+    assert max(r["train/weight/min"] for r in train) < 1 and evals[1]["eval/weight/mean"] < 0.9  # not all clamped
     assert evals[0]["eval/loss"] > evals[1]["eval/loss"]
     assert evals[1]["eval/rewards/accuracies"] > 0.5  # held-out implicit-reward accuracy
     assert evals[1]["eval/rewards/margins"] > 0

@@ -49,7 +49,8 @@ def live_token_logps(path, ids, n_prompt):
 def test_loss_equals_official_formula_with_four_live_models(tiny, four, tmp_path, level):
     args = dataclasses.replace(wspo.PRESETS["tiny"], dataset_name=str(tiny / "ultrafeedback"), strong=four["strong"],
                                strong_ref=four["sref"], weak_ref=four["wref"], weak_aligned=four["wal"],
-                               cache_dir=str(tmp_path / "cache"), prepass_batch_size=3, loss_level=level)
+                               cache_dir=str(tmp_path / "cache"), prepass_batch_size=3, loss_level=level,
+                               beta=0.1, weak_coef=1.0)  # the official values, as in the formula below
     tok = AutoTokenizer.from_pretrained(four["strong"])
     raw = wspo.load_split(args.dataset_name, None, "test_prefs").select(range(5))
     ds, _ = wspo.prepare_dataset(raw, tok, args, "train", print)

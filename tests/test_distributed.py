@@ -1,0 +1,103 @@
+"""Distributed equivalence: two CPU processes (torchrun, gloo) give the same per-step losses, eval
+metrics and final weights as one process with the matching gradient accumulation. The eval split
+is sized so that it does not divide into whole batches per process (accelerate pads the last batch
+with duplicates, which the scripts must not count). The sharded pre-passes of dpo.py and wspo.py
+are computed once, written by rank 0 only, and reused."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_script
+
+SMALL = ("hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=1,"
+         "max_position_embeddings=256,tie_word_embeddings=True")
+TOL = 1e-5
+
+
+def torchrun(*args, port):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return p
+
+
+def compare(one, two):
+    """Same metrics (perf/* aside) at the same steps, logged once (rank 0 only), same weights."""
+    ma = [json.loads(line) for line in open(one / "metrics.jsonl")]
+    mb = [json.loads(line) for line in open(two / "metrics.jsonl")]
+    assert [r["step"] for r in ma] == [r["step"] for r in mb] and len(ma) > 3
+    for ra, rb in zip(ma, mb):
+        for k in ra:
+            # at step 0 the policy is the reference: every implicit reward is 0 up to float noise (the
+            # cached reference came from other batch shapes), so which of two zeros is larger is arbitrary
+            if k.endswith("rewards/accuracies") and abs(ra[k.replace("accuracies", "margins")]) < 1e-5:
+                continue
+            if not k.startswith("perf/"):
+                assert ra[k] == pytest.approx(rb[k], abs=TOL), (ra["step"], k, ra[k], rb[k])
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < TOL
+
+
+@pytest.fixture(scope="module")
+def small_sft(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    run_script("sft.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrachat"), "--tokenizer_name",
+               str(tiny / "tokenizer"), "--output_dir", str(out), "--config_overrides", SMALL, "--max_steps", "30",
+               "--eval_split", "None")
+    return out
+
+
+def test_sft_two_processes_equal_one_with_accumulation(tiny, tmp_path):
+    common = ["sft.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrachat"), "--tokenizer_name",
+              str(tiny / "tokenizer"), "--config_overrides", SMALL, "--max_steps", "4", "--logging_steps", "1",
+              "--max_train_samples", "256", "--max_eval_samples", "37", "--per_device_eval_batch_size", "8",
+              "--per_device_train_batch_size", "4"]
+    run_script(*common, "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "one"))
+    p = torchrun(*common, "--gradient_accumulation_steps", "1", "--output_dir", str(tmp_path / "two"), port=29541)
+    assert "4 x 1 accumulation x 2 processes = 8" in p.stdout
+    compare(tmp_path / "one", tmp_path / "two")
+
+
+def test_dpo_two_processes_equal_one_and_share_the_prepass(tiny, small_sft, tmp_path):
+    common = ["dpo.py", "--preset", "tiny", "--model_name_or_path", str(small_sft), "--dataset_name",
+              str(tiny / "ultrafeedback"), "--max_steps", "4", "--logging_steps", "1", "--max_train_samples", "96",
+              "--max_eval_samples", "37", "--per_device_eval_batch_size", "8", "--per_device_train_batch_size", "4",
+              "--prepass_batch_size", "8"]
+    run_script(*common, "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "one"),
+               "--cache_dir", str(tmp_path / "c1"))
+    p = torchrun(*common, "--gradient_accumulation_steps", "1", "--output_dir", str(tmp_path / "two"),
+                 "--cache_dir", str(tmp_path / "c2"), port=29542)
+    assert p.stdout.count("computed") == 2  # train and eval pre-pass, announced once (rank 0)
+    for f in os.listdir(tmp_path / "c1"):  # the sharded pre-pass wrote the same cache as one process
+        a, b = load_file(tmp_path / "c1" / f), load_file(tmp_path / "c2" / f)
+        assert torch.allclose(a["chosen"], b["chosen"], atol=TOL) and torch.allclose(a["rejected"], b["rejected"], atol=TOL)
+    compare(tmp_path / "one", tmp_path / "two")
+
+
+def test_wspo_two_processes_equal_one_and_share_the_prepass(tiny, small_sft, tmp_path):
+    weak_al = tmp_path / "weak_al"
+    run_script("dpo.py", "--preset", "tiny", "--model_name_or_path", str(small_sft), "--dataset_name",
+               str(tiny / "ultrafeedback"), "--max_steps", "3", "--eval_split", "None", "--max_train_samples", "96",
+               "--output_dir", str(weak_al), "--cache_dir", str(tmp_path / "c0"))
+    common = ["wspo.py", "--preset", "tiny", "--strong", str(small_sft), "--weak_ref", str(small_sft), "--weak_aligned",
+              str(weak_al), "--dataset_name", str(tiny / "ultrafeedback"), "--max_steps", "4", "--logging_steps", "1",
+              "--max_train_samples", "96", "--max_eval_samples", "37", "--per_device_eval_batch_size", "8",
+              "--per_device_train_batch_size", "4", "--prepass_batch_size", "8"]
+    run_script(*common, "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "one"),
+               "--cache_dir", str(tmp_path / "c1"))
+    p = torchrun(*common, "--gradient_accumulation_steps", "1", "--output_dir", str(tmp_path / "two"),
+                 "--cache_dir", str(tmp_path / "c2"), port=29543)
+    assert p.stdout.count("cached in") == 4  # (weak aligned, strong ref) x (train, eval); weak ref = strong ref here
+    assert sorted(os.listdir(tmp_path / "c1")) == sorted(os.listdir(tmp_path / "c2"))
+    for f in os.listdir(tmp_path / "c1"):
+        a, b = load_file(tmp_path / "c1" / f), load_file(tmp_path / "c2" / f)
+        assert torch.equal(a["offsets"], b["offsets"]) and torch.allclose(a["values"], b["values"], atol=TOL)
+    compare(tmp_path / "one", tmp_path / "two")
