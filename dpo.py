@@ -290,7 +290,19 @@ def prepare_dataset(ds, tokenizer, args: Args, what: str, log):
     ds = ds.map(lambda ex: tokenize_pair(tokenizer, ex, args), remove_columns=ds.column_names, desc=f"tokenizing {what}")
     reasons = {r: n for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}
     kept = ds.filter(lambda ex: ex["skip"] in ("", "truncated")).remove_columns("skip")
-    log(f"{what}: {len(kept)} of {len(ds)} pairs kept; " + (", ".join(f"{n} {r}" for r, n in reasons.items()) or "none skipped or cut"))
+    seen = set()  # an exact duplicate (same prompt, chosen and rejected tokens) would count twice in the loss
+
+    def first_time(ex) -> bool:
+        key = hash((tuple(ex["prompt_ids"]), tuple(ex["chosen_ids"]), tuple(ex["rejected_ids"])))
+        new = key not in seen
+        seen.add(key)
+        return new
+
+    n_usable = len(kept)
+    kept = kept.filter(first_time, load_from_cache_file=False)
+    if n_usable > len(kept):
+        reasons["duplicate pair"] = n_usable - len(kept)
+    log(f"{what}: {len(kept)} of {len(ds)} pairs kept; " + (", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "none skipped or cut"))
     if len(kept) == 0:
         raise SystemExit(f"no usable pair in the {what} split ({reasons}); check the column flags and the data")
     return kept.add_column("row", list(range(len(kept))))
@@ -630,7 +642,10 @@ if __name__ == "__main__":
                 loss, m = pair_metrics(model, batch, ref_c, ref_r, args)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    if not (torch.isfinite(loss.detach()) and torch.isfinite(grad_norm)):  # checked before the update
+                        raise SystemExit(f"non-finite loss or gradient at step {global_step + 1} (epoch {epoch}, rows {batch['row'].tolist()}); no update "
+                                         f"was applied; the last good checkpoint is in {args.output_dir}/checkpoints")
                 optimizer.step()
                 optimizer.zero_grad()
             running = {k: running.get(k, 0) + v.double().sum() for k, v in {**m, "pairs": torch.ones_like(m["loss"])}.items()}
@@ -640,9 +655,6 @@ if __name__ == "__main__":
             scheduler.step()
             global_step += 1
             bar.update(1)
-            if not math.isfinite(loss.item()):
-                raise SystemExit(f"non-finite loss at step {global_step} (epoch {epoch}, rows {batch['row'].tolist()}); "
-                                 f"the last good checkpoint is kept in {args.output_dir}/checkpoints")
             if global_step % args.logging_steps == 0 or global_step == total_steps:
                 r = {k: accelerator.reduce(v, reduction="sum") for k, v in running.items()}
                 tokens = accelerator.reduce(torch.tensor(float(n_tokens), device=accelerator.device), reduction="sum")

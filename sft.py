@@ -511,7 +511,10 @@ if __name__ == "__main__":
                 loss = loss_sum / n_tokens
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    if not (torch.isfinite(loss.detach()) and torch.isfinite(grad_norm)):  # checked before the update
+                        raise SystemExit(f"non-finite loss or gradient at step {global_step + 1} (epoch {epoch}); no update "
+                                         f"was applied; the last good checkpoint is in {args.output_dir}/checkpoints")
                 optimizer.step()
                 optimizer.zero_grad()
             running += torch.stack([loss.detach().double(), torch.ones((), device=running.device, dtype=torch.float64),
@@ -521,9 +524,6 @@ if __name__ == "__main__":
             scheduler.step()
             global_step += 1
             bar.update(1)
-            if not math.isfinite(loss.item()):
-                raise SystemExit(f"non-finite loss at step {global_step} (epoch {epoch}); the last good checkpoint "
-                                 f"is kept in {args.output_dir}/checkpoints")
             if global_step % args.logging_steps == 0 or global_step == total_steps:
                 r = accelerator.reduce(running, reduction="sum")
                 m = {"train/loss": (r[0] / r[1]).item(), "train/lr": scheduler.get_last_lr()[0],

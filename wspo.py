@@ -641,7 +641,10 @@ if __name__ == "__main__":
                 loss, m, corr = step_metrics(batch, "train", len(train_ds))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    if not (torch.isfinite(loss.detach()) and torch.isfinite(grad_norm)):  # checked before the update
+                        raise SystemExit(f"non-finite loss or gradient at step {global_step + 1} (epoch {epoch}, rows {batch['row'].tolist()}); no update "
+                                         f"was applied; the last good checkpoint is in {args.output_dir}/checkpoints")
                 optimizer.step()
                 optimizer.zero_grad()
             m = {**m, "logratio_corr": corr.detach() * torch.ones_like(m["loss"]), "examples": torch.ones_like(m["loss"])}
@@ -652,9 +655,6 @@ if __name__ == "__main__":
             scheduler.step()
             global_step += 1
             bar.update(1)
-            if not math.isfinite(loss.item()):
-                raise SystemExit(f"non-finite loss at step {global_step} (epoch {epoch}, rows {batch['row'].tolist()}); "
-                                 f"the last good checkpoint is kept in {args.output_dir}/checkpoints")
             if global_step % args.logging_steps == 0 or global_step == total_steps:
                 r = {k: accelerator.reduce(v, reduction="sum") for k, v in running.items()}
                 tokens = accelerator.reduce(torch.tensor(float(n_tokens), device=accelerator.device), reduction="sum")

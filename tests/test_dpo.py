@@ -158,7 +158,8 @@ def test_missing_column_is_a_clear_error(tiny, sft_model, tmp_path):
 
 
 def test_bad_pairs_are_counted(tiny, sft_model, tmp_path):
-    rows = [{"prompt": "copy one", "chosen": "ok one done", "rejected": "meh one now go away"}] * 4
+    rows = [{"prompt": f"copy {w}", "chosen": f"ok {w} done", "rejected": f"meh {w} now go away"} for w in ("one", "two", "three", "four")]
+    rows += [rows[0], rows[1]]  # exact duplicates
     rows += [{"prompt": "copy one", "chosen": "", "rejected": "meh one"},
              {"prompt": "copy one", "chosen": "ok one", "rejected": "ok one"},
              {"prompt": "copy " + " ".join(["one"] * 200), "chosen": "ok one", "rejected": "meh one"}]
@@ -167,5 +168,5 @@ def test_bad_pairs_are_counted(tiny, sft_model, tmp_path):
     p = run_script(*dpo_args(tiny, sft_model, tmp_path / "o", tmp_path / "c", "--dataset_name", str(data),
                              "--train_split", "train", "--eval_split", "None", "--per_device_train_batch_size", "2",
                              "--max_prompt_length", "300", "--max_length", "128", "--max_steps", "1"))
-    assert ("train: 4 of 7 pairs kept; 1 chosen identical to rejected, 1 empty chosen or rejected, "
+    assert ("train: 4 of 9 pairs kept; 1 chosen identical to rejected, 2 duplicate pair, 1 empty chosen or rejected, "
             "1 prompt leaves no room for a response") in p.stdout

@@ -214,3 +214,18 @@ def test_same_seed_same_loss_curve_bit_for_bit(tiny, tmp_path):
     assert len(la) == 6 and la == lb  # exact equality, not a tolerance
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tiny, tmp_path):
+    out = tmp_path / "nan"
+    p = run_script(*tiny_args(tiny, out, "--config_overrides", SMALL, "--learning_rate", "1e30", "--warmup_ratio", "0",
+                              "--max_steps", "6", "--save_steps", "1", "--eval_split", "None", "--max_train_samples", "256",
+                              "--per_device_train_batch_size", "8"), check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    msg = [line for line in p.stderr.splitlines() if "non-finite loss or gradient at step" in line]
+    assert msg and "no update was applied" in msg[0]
+    bad_step = int(msg[0].split("at step ")[1].split()[0])
+    assert bad_step >= 2
+    kept = sorted(d.name for d in (out / "checkpoints").iterdir())
+    assert kept[-1] == f"step-{bad_step - 1}" and not any(d.startswith("tmp-") for d in kept)
+    assert not (out / "model.safetensors").exists()
