@@ -170,3 +170,22 @@ def test_bad_pairs_are_counted(tiny, sft_model, tmp_path):
                              "--max_prompt_length", "300", "--max_length", "128", "--max_steps", "1"))
     assert ("train: 4 of 9 pairs kept; 1 chosen identical to rejected, 2 duplicate pair, 1 empty chosen or rejected, "
             "1 prompt leaves no room for a response") in p.stdout
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny, sft_model, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    common = ("--max_steps", "8", "--logging_steps", "1", "--eval_split", "None", "--max_train_samples", "128",
+              "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_script(*dpo_args(tiny, sft_model, full, tmp_path / "c", *common, "--save_steps", "4", "--save_total_limit", "5"))
+    (cut / "checkpoints").mkdir(parents=True)  # a run killed right after step 4
+    shutil.copytree(full / "checkpoints" / "step-4", cut / "checkpoints" / "step-4")
+    run_script(*dpo_args(tiny, sft_model, cut, tmp_path / "c", *common, "--resume"))
+    a, b = load_file(full / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    la = {r["step"]: r["train/loss"] for r in metrics(full) if "train/loss" in r}
+    lb = {r["step"]: r["train/loss"] for r in metrics(cut) if "train/loss" in r}
+    assert sorted(lb) == [5, 6, 7, 8] and all(abs(la[s] - lb[s]) < 1e-6 for s in lb)
