@@ -189,3 +189,17 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, sft_model, tmp_path):
     la = {r["step"]: r["train/loss"] for r in metrics(full) if "train/loss" in r}
     lb = {r["step"]: r["train/loss"] for r in metrics(cut) if "train/loss" in r}
     assert sorted(lb) == [5, 6, 7, 8] and all(abs(la[s] - lb[s]) < 1e-6 for s in lb)
+
+
+def test_lora_trains_and_saves_a_merged_plain_model(tiny, sft_model, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    p = run_script(*dpo_args(tiny, sft_model, out, tmp_path / "c", "--use_lora", "--lora_r", "4", "--max_steps", "3",
+                             "--learning_rate", "1e-2", "--eval_split", "None", "--max_train_samples", "96"))
+    assert "computed" in p.stdout  # the reference pre-pass ran on the base model (adapters disabled)
+    merged, base = load_file(out / "model.safetensors"), load_file(sft_model / "model.safetensors")
+    assert not any("lora" in k for k in merged) and set(merged) == set(base)
+    assert max((merged[k] - base[k]).abs().max().item() for k in base) > 1e-4  # the merged adapters changed it
+    AutoModelForCausalLM.from_pretrained(out)
