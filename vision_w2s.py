@@ -28,7 +28,7 @@ and DINO's self-supervised pretraining, not a reproduction of either. The weak n
 
 Published setting (hub access to ILSVRC/imagenet-1k; AlexNet needs torchvision, imported only then):
     accelerate launch vision_w2s.py --strong_model facebook/dino-vitb8 --probe_epochs 5
-    accelerate launch vision_w2s.py --strong_model dino_resnet50 --probe_epochs 20   # torch.hub DINO
+    accelerate launch vision_w2s.py --strong_model dino_resnet50 --probe_epochs 20 --trust_remote_code  # torch.hub DINO
 Other labelled image sets: weak labels from a ground-truth probe on the weak model's embeddings, e.g.
     accelerate launch vision_w2s.py --dataset uoft-cs/cifar10 --image_column img --split test \
         --n_train 8000 --weak_head_split train --probe_epochs 20
@@ -110,6 +110,8 @@ class Args:
     """data loader processes decoding images"""
 
     # models: a name (pretrained) or a transformers model type + config overrides (built from scratch)
+    trust_remote_code: bool = False
+    """allow models whose code comes from outside transformers (torch.hub DINO ResNet-50 runs its repo's code)"""
     weak_model: str | None = "alexnet"
     """weak supervisor: alexnet (torchvision), a transformers image classifier (hub id / path), or any body with
     --weak_head_split; None to build it from --weak_model_type"""
@@ -305,7 +307,10 @@ def load_model(side: str, spec: dict, want: Literal["probs", "emb"], data: dict,
     elif name in TORCH_HUB_DINO:
         if want == "probs":
             raise ValueError(f"{name} has no classification head to give weak labels: pass --weak_head_split <split>")
-        model = torch.hub.load("facebookresearch/dino:main", name)  # models.py; its hubconf imports torchvision
+        if not args.trust_remote_code:
+            raise ValueError(f"{name} comes from torch.hub, which runs the code of github.com/facebookresearch/dino; "
+                             "pass --trust_remote_code to allow it, or use facebook/dino-vitb8 (transformers)")
+        model = torch.hub.load("facebookresearch/dino:main", name, trust_repo=True)  # its hubconf imports torchvision
         fn = model
     elif name is not None:  # a transformers hub id or local path
         model = (AutoModelForImageClassification if want == "probs" else AutoModel).from_pretrained(name)
