@@ -1,5 +1,5 @@
-"""Distributed equivalence: two CPU processes (torchrun, gloo) give the same per-step losses, eval
-metrics and final weights as one process with the matching gradient accumulation. The eval split
+"""Distributed equivalence: two CPU processes (torchrun, gloo; DDP, and FSDP2 for sft.py) give the same
+per-step losses, eval metrics and final weights as one process with the matching gradient accumulation. The eval split
 is sized so that it does not divide into whole batches per process (accelerate pads the last batch
 with duplicates, which the scripts must not count). The sharded pre-passes of dpo.py and wspo.py
 are computed once, written by rank 0 only, and reused."""
@@ -21,8 +21,12 @@ SMALL = ("hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_
 TOL = 1e-5
 
 
-def torchrun(*args, port):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+FSDP = {"ACCELERATE_USE_FSDP": "1", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+        "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_RESHARD_AFTER_FORWARD": "true"}  # = configs/fsdp.yaml, on CPU
+
+
+def torchrun(*args, port, env_extra=None):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
@@ -55,13 +59,15 @@ def small_sft(tiny, tmp_path_factory):
     return out
 
 
-def test_sft_two_processes_equal_one_with_accumulation(tiny, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_sft_two_processes_equal_one_with_accumulation(tiny, tmp_path, mode):
     common = ["sft.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrachat"), "--tokenizer_name",
               str(tiny / "tokenizer"), "--config_overrides", SMALL, "--max_steps", "4", "--logging_steps", "1",
               "--max_train_samples", "256", "--max_eval_samples", "37", "--per_device_eval_batch_size", "8",
               "--per_device_train_batch_size", "4"]
     run_script(*common, "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "one"))
-    p = torchrun(*common, "--gradient_accumulation_steps", "1", "--output_dir", str(tmp_path / "two"), port=29541)
+    p = torchrun(*common, "--gradient_accumulation_steps", "1", "--output_dir", str(tmp_path / "two"),
+                 port=29541 if mode == "ddp" else 29544, env_extra=FSDP if mode == "fsdp" else None)
     assert "4 x 1 accumulation x 2 processes = 8" in p.stdout
     compare(tmp_path / "one", tmp_path / "two")
 
