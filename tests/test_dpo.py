@@ -203,3 +203,14 @@ def test_lora_trains_and_saves_a_merged_plain_model(tiny, sft_model, tmp_path):
     assert not any("lora" in k for k in merged) and set(merged) == set(base)
     assert max((merged[k] - base[k]).abs().max().item() for k in base) > 1e-4  # the merged adapters changed it
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_malformed_pairs_are_counted_skips(tiny):
+    tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
+    args = dpo.PRESETS["tiny"]
+    u = lambda p: {"role": "user", "content": p}
+    a = lambda r: {"role": "assistant", "content": r}
+    other_prompt = {"prompt": "x", "chosen": [u("copy one"), a("ok one")], "rejected": [u("copy two"), a("ok two")]}
+    assert dpo.tokenize_pair(tok, other_prompt, args)["skip"] == "malformed pair (chosen and rejected have different prompts)"
+    no_answer = {"prompt": "x", "chosen": [u("copy one")], "rejected": [u("copy one"), a("ok one")]}
+    assert dpo.tokenize_pair(tok, no_answer, args)["skip"].startswith("malformed pair (chosen/rejected must end")

@@ -229,3 +229,15 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tiny, 
     kept = sorted(d.name for d in (out / "checkpoints").iterdir())
     assert kept[-1] == f"step-{bad_step - 1}" and not any(d.startswith("tmp-") for d in kept)
     assert not (out / "model.safetensors").exists()
+
+
+def test_template_that_rewrites_earlier_turns_is_a_clear_error(tiny):
+    tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
+    # like "thinking" templates: earlier assistant turns are rendered differently from the last one
+    tok.chat_template = ("{%- for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                         "{%- if m['role'] == 'assistant' and not loop.last %}ok{% else %}{{ m['content'] }}{% endif %}"
+                         "<|im_end|>\n{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+    msgs = [{"role": "user", "content": "copy one"}, {"role": "assistant", "content": "sure one done"},
+            {"role": "user", "content": "copy two"}, {"role": "assistant", "content": "sure two done"}]
+    with pytest.raises(SystemExit, match="does not render conversations incrementally"):
+        sft.tokenize_conversation(tok, msgs, 512)

@@ -166,3 +166,15 @@ def test_lora_trains_and_saves_a_merged_plain_model(tiny, four, tmp_path):
     merged, base = load_file(tmp_path / "o" / "model.safetensors"), load_file(f"{four['strong']}/model.safetensors")
     assert not any("lora" in k for k in merged) and set(merged) == set(base)
     assert max((merged[k] - base[k]).abs().max().item() for k in base) > 1e-4
+
+
+def test_empty_or_malformed_responses_are_counted_skips(tiny):
+    tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
+    args = wspo.PRESETS["tiny"]
+    u = lambda p: {"role": "user", "content": p}
+    assert wspo.tokenize_example(tok, {"prompt": "copy one", "chosen": [u("copy one"), {"role": "assistant", "content": " "}]},
+                                 args, False)["skip"] == "empty response"
+    assert wspo.tokenize_example(tok, {"prompt": "copy one", "chosen": [u("copy one")]}, args, False)["skip"] == \
+        "response is not a conversation ending in an assistant turn"
+    ok = wspo.tokenize_example(tok, {"prompt": "copy one", "chosen": "ok one done"}, args, False)
+    assert ok["skip"] == "" and tok.decode(ok["chosen_ids"]) == "ok one done<|im_end|>"
