@@ -214,3 +214,16 @@ def test_malformed_pairs_are_counted_skips(tiny):
     assert dpo.tokenize_pair(tok, other_prompt, args)["skip"] == "malformed pair (chosen and rejected have different prompts)"
     no_answer = {"prompt": "x", "chosen": [u("copy one")], "rejected": [u("copy one"), a("ok one")]}
     assert dpo.tokenize_pair(tok, no_answer, args)["skip"].startswith("malformed pair (chosen/rejected must end")
+
+
+def test_same_seed_same_loss_curve_bit_for_bit(tiny, sft_model, tmp_path):
+    from safetensors.torch import load_file
+
+    common = ("--max_steps", "4", "--logging_steps", "1", "--eval_split", "None", "--max_train_samples", "64",
+              "--per_device_train_batch_size", "8")
+    for name in ("a", "b"):
+        run_script(*dpo_args(tiny, sft_model, tmp_path / name, tmp_path / "c", *common))
+    la, lb = ([r["train/loss"] for r in metrics(tmp_path / n)] for n in ("a", "b"))
+    assert len(la) == 4 and la == lb
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

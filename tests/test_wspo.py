@@ -178,3 +178,18 @@ def test_empty_or_malformed_responses_are_counted_skips(tiny):
         "response is not a conversation ending in an assistant turn"
     ok = wspo.tokenize_example(tok, {"prompt": "copy one", "chosen": "ok one done"}, args, False)
     assert ok["skip"] == "" and tok.decode(ok["chosen_ids"]) == "ok one done<|im_end|>"
+
+
+def test_same_seed_same_loss_curve_bit_for_bit(tiny, four, tmp_path):
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name in ("a", "b"):
+        run_script("wspo.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrafeedback"), "--strong", four["strong"],
+                   "--weak_ref", four["wref"], "--weak_aligned", four["wal"], "--output_dir", str(tmp_path / name),
+                   "--cache_dir", str(tmp_path / "c"), "--max_train_samples", "64", "--eval_split", "None",
+                   "--max_steps", "4", "--logging_steps", "1", "--per_device_train_batch_size", "8")
+        runs[name] = [json.loads(line)["train/loss"] for line in open(tmp_path / name / "metrics.jsonl")]
+    assert len(runs["a"]) == 4 and runs["a"] == runs["b"]
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
