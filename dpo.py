@@ -493,7 +493,6 @@ if __name__ == "__main__":
     os.makedirs(args.output_dir, exist_ok=True)
     if args.track and accelerator.is_main_process:
         import wandb
-
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), dir=args.output_dir,
                    name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
     metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if accelerator.is_main_process else None
@@ -512,7 +511,6 @@ if __name__ == "__main__":
         model.gradient_checkpointing_enable()
     if args.use_lora:
         from peft import LoraConfig, get_peft_model
-
         targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                                  target_modules=targets, task_type="CAUSAL_LM"))
@@ -583,7 +581,6 @@ if __name__ == "__main__":
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     eval_loader = None
     if eval_ds is not None:
         eval_loader = accelerator.prepare(DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn))
@@ -608,6 +605,8 @@ if __name__ == "__main__":
         else:
             accelerator.load_state(ckpt)
             global_step = int(ckpt.rsplit("-", 1)[1])
+            for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
+                scheduler.step()
             log(f"resumed from {ckpt} (step {global_step})")
 
     def save_checkpoint(step: int):

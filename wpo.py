@@ -800,7 +800,6 @@ if __name__ == "__main__":
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     eval_loader = None
     if eval_ds is not None:
         eval_loader = accelerator.prepare(DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn))
@@ -827,6 +826,8 @@ if __name__ == "__main__":
         else:
             accelerator.load_state(ckpt)
             global_step = int(ckpt.rsplit("-", 1)[1])
+            for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
+                scheduler.step()
             log(f"resumed from {ckpt} (step {global_step})")
 
     def save_checkpoint(step: int):

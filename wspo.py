@@ -28,8 +28,7 @@ differing example.
 GPU, hub (the design card's command; defaults: weak pair Qwen2-1.5B -> Qwen2-1.5B-Instruct):
     accelerate launch wspo.py --strong Qwen/Qwen2-7B
     # the WSPO paper's setting: --strong runs/qwen2-7b-sft --weak_ref runs/qwen2-1.5b-sft \
-    #   --weak_aligned runs/qwen2-1.5b-dpo   (full: lr 1e-5 x 1 epoch, ZeRO-3 offload via configs/)
-    #   LoRA: --use_lora --learning_rate 5e-6 --num_train_epochs 3
+    #   --weak_aligned runs/qwen2-1.5b-dpo   (full: lr 1e-5 x 1 epoch, ZeRO-3 offload; LoRA: lr 5e-6 x 3 epochs)
 Offline tiny setting (CPU; see run_tiny.sh for the models it expects):
     python wspo.py --preset tiny --output_dir runs/tiny/wspo-strong
 """
@@ -560,7 +559,6 @@ if __name__ == "__main__":
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     eval_loader = None
     if eval_ds is not None:
         eval_collate = partial(collate_fn, keys=("chosen_ids", "rejected_ids") if eval_pairs else ("chosen_ids",))
@@ -608,6 +606,8 @@ if __name__ == "__main__":
         else:
             accelerator.load_state(ckpt)
             global_step = int(ckpt.rsplit("-", 1)[1])
+            for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
+                scheduler.step()
             log(f"resumed from {ckpt} (step {global_step})")
 
     def save_checkpoint(step: int):
