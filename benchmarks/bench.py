@@ -390,10 +390,11 @@ def ref_cache_path(mod, args) -> str:
 def run_prepass_dpo(spec) -> dict:
     """dpo.py's reference pre-pass (the policy's initial weights score every pair once, no grad)."""
     args = pair_args(dpo, gc=False)
-    model = dpo.load_model(CTX.paths["strong"], args).eval()
+    accelerator = Accelerator()
+    model = dpo.load_model(CTX.paths["strong"], args).to(accelerator.device).eval()
     collate_fn = lambda rows: dpo.collate(rows, PAD, args.padding_free)
     t0 = time.perf_counter()
-    dpo.reference_logps(model, CTX.pairs, args, Accelerator(), collate_fn, ref_cache_path(dpo, args), lambda _: None)
+    dpo.reference_logps(model, CTX.pairs, args, accelerator, collate_fn, ref_cache_path(dpo, args), lambda _: None)
     return {"prepass_s": time.perf_counter() - t0, "items": len(CTX.pairs)}
 
 
@@ -512,7 +513,8 @@ def run_official_wspo(spec) -> dict:
     reference and both weak models all forward the whole batch with full fp32 logits; the token-level loss on
     the chosen half. Gradient checkpointing on the policy (LLaMA-Factory's default), HF Trainer's clip 1.0."""
     args = wspo_args(spec["gc"])  # only for the optimizer / scheduler settings shared with ours
-    load = lambda name: AutoModelForCausalLM.from_pretrained(CTX.paths[name], dtype=torch.float32, attn_implementation="sdpa")
+    device = Accelerator().device
+    load = lambda name: AutoModelForCausalLM.from_pretrained(CTX.paths[name], dtype=torch.float32, attn_implementation="sdpa").to(device)
     ref_model, weak_base_model, weak_aligned_model = (load(n).eval() for n in ("strong", "weak_ref", "weak_aligned"))
     model = load("strong")
     if spec["gc"]:
@@ -699,7 +701,8 @@ def machine() -> dict:
         peft_v = peft.__version__
     except ImportError:
         peft_v = "-"
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gb": mem, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    # device_count, not get_device_name: this process forks the measured ones and must not initialise CUDA
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gb": mem, "gpu": f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
             "datasets": datasets.__version__, "accelerate": __import__("accelerate").__version__, "peft": peft_v,
             "threads": os.environ.get("OMP_NUM_THREADS", "unset")}
