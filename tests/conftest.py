@@ -30,3 +30,18 @@ def tiny(tmp_path_factory) -> Path:
     run_script("-m", "tiny", "--out", str(out), "--n_sft", "2000", "--n_prefs", "1500", "--n_cls", "3000",
                "--n_test", "200", "--no_images")
     return out
+
+
+# a 1-layer, hidden-32 Qwen2: the smallest model the tests train
+SMALL = ("hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=1,"
+         "max_position_embeddings=256,tie_word_embeddings=True")
+
+
+@pytest.fixture(scope="session")
+def small_sft(tiny, tmp_path_factory) -> Path:
+    """A SMALL model after 60 SFT steps on the tiny language: a policy / reference starting point."""
+    out = tmp_path_factory.mktemp("small_sft")
+    run_script("sft.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrachat"), "--tokenizer_name",
+               str(tiny / "tokenizer"), "--output_dir", str(out), "--config_overrides", SMALL, "--max_steps", "60",
+               "--eval_split", "None")
+    return out

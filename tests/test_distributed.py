@@ -6,7 +6,6 @@ are computed once, written by rank 0 only, and reused."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -14,10 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_script
+from conftest import ROOT, SMALL, run_script
 
-SMALL = ("hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=1,"
-         "max_position_embeddings=256,tie_word_embeddings=True")
 TOL = 1e-5
 
 
@@ -48,15 +45,6 @@ def compare(one, two):
                 assert ra[k] == pytest.approx(rb[k], abs=TOL), (ra["step"], k, ra[k], rb[k])
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < TOL
-
-
-@pytest.fixture(scope="module")
-def small_sft(tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft")
-    run_script("sft.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrachat"), "--tokenizer_name",
-               str(tiny / "tokenizer"), "--output_dir", str(out), "--config_overrides", SMALL, "--max_steps", "30",
-               "--eval_split", "None")
-    return out
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

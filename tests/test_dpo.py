@@ -16,22 +16,10 @@ spec = importlib.util.spec_from_file_location("dpo", ROOT / "dpo.py")
 dpo = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(dpo)
 
-SMALL = ("hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=1,"
-         "max_position_embeddings=256,tie_word_embeddings=True")
 
 
-@pytest.fixture(scope="module")
-def sft_model(tiny, tmp_path_factory):
-    """A small SFT model of the tiny language: the policy's and the reference's starting point."""
-    out = tmp_path_factory.mktemp("sft")
-    run_script("sft.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrachat"), "--tokenizer_name",
-               str(tiny / "tokenizer"), "--output_dir", str(out), "--config_overrides", SMALL, "--max_steps", "60",
-               "--eval_split", "None")
-    return out
-
-
-def dpo_args(tiny, sft_model, out, cache, *extra):
-    return ["dpo.py", "--preset", "tiny", "--model_name_or_path", str(sft_model), "--dataset_name",
+def dpo_args(tiny, small_sft, out, cache, *extra):
+    return ["dpo.py", "--preset", "tiny", "--model_name_or_path", str(small_sft), "--dataset_name",
             str(tiny / "ultrafeedback"), "--output_dir", str(out), "--cache_dir", str(cache), *extra]
 
 
@@ -84,12 +72,12 @@ def pair_batch(tiny, model_dir, padding_free):
     return dpo.collate(rows, tok.pad_token_id, padding_free), rows, tok
 
 
-def test_padding_free_equals_padded(tiny, sft_model):
+def test_padding_free_equals_padded(tiny, small_sft):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(sft_model).eval()
-    padded, rows, tok = pair_batch(tiny, sft_model, False)
-    packed, _, _ = pair_batch(tiny, sft_model, True)
+    model = AutoModelForCausalLM.from_pretrained(small_sft).eval()
+    padded, rows, tok = pair_batch(tiny, small_sft, False)
+    packed, _, _ = pair_batch(tiny, small_sft, True)
     assert packed["input_ids"].shape[0] == 1
     with torch.no_grad():
         lp, np_ = dpo.sequence_logps(model, padded)
@@ -127,10 +115,10 @@ def test_tokenize_pair_truncation_and_skips(tiny):
     assert tight["skip"] == "prompt leaves no room for a response"
 
 
-def test_end_to_end_learns_and_reuses_the_cache(tiny, sft_model, tmp_path):
+def test_end_to_end_learns_and_reuses_the_cache(tiny, small_sft, tmp_path):
     cache = tmp_path / "cache"
     out = tmp_path / "dpo"
-    p = run_script(*dpo_args(tiny, sft_model, out, cache, "--max_steps", "40", "--logging_steps", "10"))
+    p = run_script(*dpo_args(tiny, small_sft, out, cache, "--max_steps", "40", "--logging_steps", "10"))
     assert "computed" in p.stdout and len(list(cache.glob("ref-logps-*.safetensors"))) == 2
     m = metrics(out)
     evals = [r for r in m if "eval/loss" in r]
@@ -139,25 +127,25 @@ def test_end_to_end_learns_and_reuses_the_cache(tiny, sft_model, tmp_path):
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     # a rerun reuses both caches, and cached reference log-probs equal live ones
     live = tmp_path / "live"
-    p2 = run_script(*dpo_args(tiny, sft_model, tmp_path / "again", cache, "--max_steps", "2", "--logging_steps", "1"))
+    p2 = run_script(*dpo_args(tiny, small_sft, tmp_path / "again", cache, "--max_steps", "2", "--logging_steps", "1"))
     assert p2.stdout.count("reusing the cache") == 2 and "computed" not in p2.stdout
-    run_script(*dpo_args(tiny, sft_model, live, cache, "--max_steps", "2", "--logging_steps", "1", "--ref_mode", "live"))
+    run_script(*dpo_args(tiny, small_sft, live, cache, "--max_steps", "2", "--logging_steps", "1", "--ref_mode", "live"))
     a, b = metrics(tmp_path / "again"), metrics(live)
     for ra, rb in zip(a, b):
         for k in ra:
             assert ra[k] == pytest.approx(rb[k], abs=1e-5) or k.startswith("perf/"), k
 
 
-def test_missing_column_is_a_clear_error(tiny, sft_model, tmp_path):
+def test_missing_column_is_a_clear_error(tiny, small_sft, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"prompt": "copy one", "good": "ok one", "rejected": "meh one"}) + "\n")
-    p = run_script(*dpo_args(tiny, sft_model, tmp_path / "o", tmp_path / "c", "--dataset_name", str(data),
+    p = run_script(*dpo_args(tiny, small_sft, tmp_path / "o", tmp_path / "c", "--dataset_name", str(data),
                              "--train_split", "train", "--eval_split", "None"), check=False)
     assert p.returncode != 0 and "no column ['chosen']" in p.stderr and "--chosen_column" in p.stderr
     assert "Traceback" not in p.stderr
 
 
-def test_bad_pairs_are_counted(tiny, sft_model, tmp_path):
+def test_bad_pairs_are_counted(tiny, small_sft, tmp_path):
     rows = [{"prompt": f"copy {w}", "chosen": f"ok {w} done", "rejected": f"meh {w} now go away"} for w in ("one", "two", "three", "four")]
     rows += [rows[0], rows[1]]  # exact duplicates
     rows += [{"prompt": "copy one", "chosen": "", "rejected": "meh one"},
@@ -165,14 +153,14 @@ def test_bad_pairs_are_counted(tiny, sft_model, tmp_path):
              {"prompt": "copy " + " ".join(["one"] * 200), "chosen": "ok one", "rejected": "meh one"}]
     data = tmp_path / "mixed.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    p = run_script(*dpo_args(tiny, sft_model, tmp_path / "o", tmp_path / "c", "--dataset_name", str(data),
+    p = run_script(*dpo_args(tiny, small_sft, tmp_path / "o", tmp_path / "c", "--dataset_name", str(data),
                              "--train_split", "train", "--eval_split", "None", "--per_device_train_batch_size", "2",
                              "--max_prompt_length", "300", "--max_length", "128", "--max_steps", "1"))
     assert ("train: 4 of 9 pairs kept; 1 chosen identical to rejected, 2 duplicate pair, 1 empty chosen or rejected, "
             "1 prompt leaves no room for a response") in p.stdout
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny, sft_model, tmp_path):
+def test_resume_reproduces_the_uninterrupted_run(tiny, small_sft, tmp_path):
     import shutil
 
     from safetensors.torch import load_file
@@ -180,10 +168,10 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, sft_model, tmp_path):
     common = ("--max_steps", "8", "--logging_steps", "1", "--eval_split", "None", "--max_train_samples", "128",
               "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2")
     full, cut = tmp_path / "full", tmp_path / "cut"
-    run_script(*dpo_args(tiny, sft_model, full, tmp_path / "c", *common, "--save_steps", "4", "--save_total_limit", "5"))
+    run_script(*dpo_args(tiny, small_sft, full, tmp_path / "c", *common, "--save_steps", "4", "--save_total_limit", "5"))
     (cut / "checkpoints").mkdir(parents=True)  # a run killed right after step 4
     shutil.copytree(full / "checkpoints" / "step-4", cut / "checkpoints" / "step-4")
-    run_script(*dpo_args(tiny, sft_model, cut, tmp_path / "c", *common, "--resume"))
+    run_script(*dpo_args(tiny, small_sft, cut, tmp_path / "c", *common, "--resume"))
     a, b = load_file(full / "model.safetensors"), load_file(cut / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     la = {r["step"]: r["train/loss"] for r in metrics(full) if "train/loss" in r}
@@ -191,15 +179,15 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, sft_model, tmp_path):
     assert sorted(lb) == [5, 6, 7, 8] and all(abs(la[s] - lb[s]) < 1e-6 for s in lb)
 
 
-def test_lora_trains_and_saves_a_merged_plain_model(tiny, sft_model, tmp_path):
+def test_lora_trains_and_saves_a_merged_plain_model(tiny, small_sft, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora"
-    p = run_script(*dpo_args(tiny, sft_model, out, tmp_path / "c", "--use_lora", "--lora_r", "4", "--max_steps", "3",
+    p = run_script(*dpo_args(tiny, small_sft, out, tmp_path / "c", "--use_lora", "--lora_r", "4", "--max_steps", "3",
                              "--learning_rate", "1e-2", "--eval_split", "None", "--max_train_samples", "96"))
     assert "computed" in p.stdout  # the reference pre-pass ran on the base model (adapters disabled)
-    merged, base = load_file(out / "model.safetensors"), load_file(sft_model / "model.safetensors")
+    merged, base = load_file(out / "model.safetensors"), load_file(small_sft / "model.safetensors")
     assert not any("lora" in k for k in merged) and set(merged) == set(base)
     assert max((merged[k] - base[k]).abs().max().item() for k in base) > 1e-4  # the merged adapters changed it
     AutoModelForCausalLM.from_pretrained(out)
@@ -216,13 +204,13 @@ def test_malformed_pairs_are_counted_skips(tiny):
     assert dpo.tokenize_pair(tok, no_answer, args)["skip"].startswith("malformed pair (chosen/rejected must end")
 
 
-def test_same_seed_same_loss_curve_bit_for_bit(tiny, sft_model, tmp_path):
+def test_same_seed_same_loss_curve_bit_for_bit(tiny, small_sft, tmp_path):
     from safetensors.torch import load_file
 
     common = ("--max_steps", "4", "--logging_steps", "1", "--eval_split", "None", "--max_train_samples", "64",
               "--per_device_train_batch_size", "8")
     for name in ("a", "b"):
-        run_script(*dpo_args(tiny, sft_model, tmp_path / name, tmp_path / "c", *common))
+        run_script(*dpo_args(tiny, small_sft, tmp_path / name, tmp_path / "c", *common))
     la, lb = ([r["train/loss"] for r in metrics(tmp_path / n)] for n in ("a", "b"))
     assert len(la) == 4 and la == lb
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")

@@ -3,9 +3,7 @@
 import dataclasses
 import importlib.util
 import json
-import os
 import shutil
-import sys
 import time
 
 import pytest
@@ -13,15 +11,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, run_script
+from conftest import ROOT, SMALL, run_script
 from tiny import lang
 
 spec = importlib.util.spec_from_file_location("sft", ROOT / "sft.py")
 sft = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sft)
 
-SMALL = ("hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=1,"
-         "max_position_embeddings=256,tie_word_embeddings=True")
 
 
 def tiny_args(tiny, out, *extra):

@@ -161,8 +161,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, four, tmp_path):
 def test_lora_trains_and_saves_a_merged_plain_model(tiny, four, tmp_path):
     from safetensors.torch import load_file
 
-    p = run_wspo(tiny, four, tmp_path, "--use_lora", "--lora_r", "4", "--learning_rate", "1e-2", "--max_steps", "3",
-                 "--eval_split", "None", check=True)
+    run_wspo(tiny, four, tmp_path, "--use_lora", "--lora_r", "4", "--learning_rate", "1e-2", "--max_steps", "3",
+             "--eval_split", "None", check=True)
     merged, base = load_file(tmp_path / "o" / "model.safetensors"), load_file(f"{four['strong']}/model.safetensors")
     assert not any("lora" in k for k in merged) and set(merged) == set(base)
     assert max((merged[k] - base[k]).abs().max().item() for k in base) > 1e-4
