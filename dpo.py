@@ -623,7 +623,7 @@ if __name__ == "__main__":
 
     if eval_loader is not None and global_step == 0:
         m = evaluate()
-        log(f"step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
+        log("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
         log_metrics(m, 0)
 
     # TRY NOT TO MODIFY: the training loop

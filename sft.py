@@ -20,10 +20,9 @@ Offline tiny setting (CPU, no network; a model built from a config):
 import json
 import math
 import os
-import random
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np

@@ -49,7 +49,7 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -739,9 +739,9 @@ def report(args: Args, res: dict, rat: dict, info: dict, command: str) -> str:
          f"{size.response_len[0]}..{size.response_len[1]} tokens (uniform; chosen and rejected independent), max length {size.max_length}. "
          f"Batch {size.batch_size} pairs / sequences (SFT packed: {size.batch_size} bins of TRL's bfd packing), no accumulation, "
          f"{size.warmup} warm-up + {size.steps} measured steps per configuration; ours and theirs get the same batches in the same order.",
-         f"- Throughput = examples (pairs or conversations) per second, median over the measured steps with min..max; tokens/s "
-         f"counts the real (unpadded) tokens of a step's examples (prompt counted once per response). Peak = peak RSS of the "
-         f"configuration's process" + (" (torch.cuda.max_memory_allocated on GPU)." if m["gpu"] else "."),
+         "- Throughput = examples (pairs or conversations) per second, median over the measured steps with min..max; tokens/s "
+         "counts the real (unpadded) tokens of a step's examples (prompt counted once per response). Peak = peak RSS of the "
+         "configuration's process" + (" (torch.cuda.max_memory_allocated on GPU)." if m["gpu"] else "."),
          f"- GC = gradient checkpointing. TRL runs with its defaults except fp32 (bf16=False), a sequential sampler and logging every "
          f"step; its DPO reference model is live (its default, precompute_ref_log_probs=False). The official WSPO step is re-created "
          f"in the benchmark (run_official_wspo); it and ours gave first-batch losses {rat.get('wspo/first_loss', ('-', '-'))[0]} and "
