@@ -20,8 +20,10 @@ look on-policy: a pair the policy would likely have sampled counts fully, an unl
 What makes it lean: the reference model's log-probs never change, so by default they are computed
 in one pass before training and cached on disk (keyed by a hash of the model, data and tokenization
 settings; a rerun reuses them), and training holds only the policy. Chosen and rejected go through
-one forward; logits exist only at response positions (no batch x length x vocab tensor), and the
-fp32 log-softmax is taken chunk by chunk and recomputed in backward. `--padding_free` packs each
+one loss; sorted by length, they go through the model in `--length_groups` forwards, each padded
+only to its own longest sequence (uniform lengths of 32..384 tokens: 40% padding in one forward,
+about 10% in four). Logits exist only at response positions (no batch x length x vocab tensor), and
+the fp32 log-softmax is taken chunk by chunk and recomputed in backward. `--padding_free` packs each
 batch into one row. With LoRA the reference is the base model (adapters disabled). The weight needs
 log sum_v p_v^2 = logsumexp(2z) - 2 logsumexp(z) for logits z, taken in the same chunks: no
 probability tensor either. Everything else is dpo.py: `diff dpo.py wpo.py` shows what WPO changes.
@@ -149,6 +151,9 @@ class Args:
     """use only the first N eval pairs"""
     padding_free: bool = False
     """pack each micro-batch into one row without padding (sequences cannot attend to each other)"""
+    length_groups: int = 4
+    """padded batches: forward the sequences sorted by length in this many groups, each padded only to its own
+    longest sequence (less padding, same loss); 1 = one padded forward"""
 
     # algorithm
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
@@ -246,7 +251,10 @@ def parse_args() -> Args:
     preset = argv[argv.index("--preset") + 1] if "--preset" in argv[:-1] else None
     if preset is not None and preset not in PRESETS:
         raise SystemExit(f"unknown --preset {preset!r}; choose from {sorted(PRESETS)}")
-    return tyro.cli(Args, default=PRESETS.get(preset, Args()), use_underscores=True)
+    args = tyro.cli(Args, default=PRESETS.get(preset, Args()), use_underscores=True)
+    if args.length_groups < 1:
+        raise SystemExit(f"--length_groups must be at least 1 (got {args.length_groups}); 1 means one padded forward per micro-batch")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,13 +362,14 @@ def prepare_dataset(ds, tokenizer, args: Args, what: str, log):
     return kept.add_column("row", list(range(len(kept))))
 
 
-def collate(rows: list[dict], pad_id: int, padding_free: bool) -> dict:
+def collate(rows: list[dict], pad_id: int, padding_free: bool, length_groups: int = 1) -> dict:
     """Chosen sequences first, then rejected ones: sequence i and i + len(rows) are one pair.
 
-    `targets[t]` is the next token; `loss_mask[t]` marks the positions that predict a response token;
-    `seq_id[t]` says which sequence position t belongs to. padded: right padding + attention mask.
-    padding-free: one row, position_ids restart per sequence, no attention mask (transformers then
-    builds a block-diagonal causal mask; this needs use_cache=False)."""
+    Each of `parts` is one forward. `targets[t]` is the next token; `loss_mask[t]` marks the positions that
+    predict a response token; `seq_id[t]` says which sequence position t belongs to. padded: the sequences,
+    sorted by length, are cut into `length_groups` parts, each right-padded to its own longest sequence, with
+    an attention mask. padding-free: one part, one row, position_ids restart per sequence, no attention mask
+    (transformers then builds a block-diagonal causal mask; this needs use_cache=False)."""
     seqs, masks = [], []
     for key in ("chosen_ids", "rejected_ids"):
         for r in rows:
@@ -371,12 +380,17 @@ def collate(rows: list[dict], pad_id: int, padding_free: bool) -> dict:
     seq_id = [torch.full_like(s, i) for i, s in enumerate(seqs)]
     out = {"row": torch.tensor([r["row"] for r in rows]), "n_seqs": len(seqs)}
     if padding_free:
-        return {**out, "input_ids": torch.cat(seqs)[None], "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None],
-                "targets": torch.cat(targets)[None], "loss_mask": torch.cat(masks)[None], "seq_id": torch.cat(seq_id)[None]}
-    n = max(len(s) for s in seqs)
-    pad = lambda xs, v: torch.stack([F.pad(x, (0, n - len(x)), value=v) for x in xs])
-    return {**out, "input_ids": pad(seqs, pad_id), "attention_mask": pad([torch.ones_like(s) for s in seqs], 0),
-            "targets": pad(targets, 0), "loss_mask": pad(masks, False), "seq_id": pad(seq_id, 0)}
+        return {**out, "parts": [{"input_ids": torch.cat(seqs)[None], "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None],
+                                  "targets": torch.cat(targets)[None], "loss_mask": torch.cat(masks)[None], "seq_id": torch.cat(seq_id)[None]}]}
+    g = min(length_groups, len(seqs))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i])) if g > 1 else range(len(seqs))
+    parts = []
+    for group in (order[j * len(order) // g : (j + 1) * len(order) // g] for j in range(g)):
+        n = max(len(seqs[i]) for i in group)
+        pad = lambda xs, v: torch.stack([F.pad(xs[i], (0, n - len(xs[i])), value=v) for i in group])
+        parts.append({"input_ids": pad(seqs, pad_id), "attention_mask": pad([torch.ones_like(s) for s in seqs], 0),
+                      "targets": pad(targets, 0), "loss_mask": pad(masks, False), "seq_id": pad(seq_id, 0)})
+    return {**out, "parts": parts}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,15 +415,20 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) 
 
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed response log-probs of every sequence in the batch, response lengths, and summed
-    log sum_v p_v^2 over the response positions (detached).
+    log sum_v p_v^2 over the response positions (detached); one forward per part.
 
     # ALGO LOGIC: logits_to_keep = loss_mask, so the lm_head runs only where a response token is predicted.
     """
-    mask = batch["loss_mask"]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch.get("position_ids"), logits_to_keep=mask, use_cache=False).logits
-    lp, sq = token_logps(logits, batch["targets"][mask])
-    seq = batch["seq_id"][mask]
+    lp, sq, seq = [], [], []
+    for part in batch["parts"]:
+        mask = part["loss_mask"]
+        logits = model(input_ids=part["input_ids"], attention_mask=part.get("attention_mask"),
+                       position_ids=part.get("position_ids"), logits_to_keep=mask, use_cache=False).logits
+        lp_part, sq_part = token_logps(logits, part["targets"][mask])
+        lp.append(lp_part)
+        sq.append(sq_part)
+        seq.append(part["seq_id"][mask])
+    lp, sq, seq = torch.cat(lp), torch.cat(sq), torch.cat(seq)
     sums = torch.zeros(batch["n_seqs"], device=lp.device, dtype=lp.dtype).index_add(0, seq, lp)
     lengths = torch.zeros(batch["n_seqs"], device=lp.device, dtype=lp.dtype).index_add(0, seq, torch.ones_like(lp))
     sq_sums = torch.zeros(batch["n_seqs"], device=lp.device, dtype=lp.dtype).index_add(0, seq, sq)
@@ -748,7 +767,7 @@ if __name__ == "__main__":
             if args.max_eval_samples is not None:
                 eval_ds = eval_ds.select(range(min(args.max_eval_samples, len(eval_ds))))
             eval_ds = prepare_dataset(eval_ds, tokenizer, args, "eval", log)
-    collate_fn = lambda rows: collate(rows, tokenizer.pad_token_id, args.padding_free)
+    collate_fn = lambda rows: collate(rows, tokenizer.pad_token_id, args.padding_free, args.length_groups)
 
     # ALGO LOGIC: the reference. precompute: log-probs of every pair once, before training, cached;
     # the reference defaults to the policy's initial weights, so the pre-pass runs on the policy itself.
@@ -794,8 +813,9 @@ if __name__ == "__main__":
         subset = train_ds.select(order[:rows_per_epoch].tolist())
         return accelerator.prepare(DataLoader(subset, batch_size=args.per_device_train_batch_size, collate_fn=collate_fn))
 
+    # fused: one kernel over all parameters, not a loop of per-tensor ops (as TRL's default optim, adamw_torch_fused)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, fused=True)
     # stepped by hand once per optimizer step (accelerate would step it once per process)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
@@ -870,7 +890,7 @@ if __name__ == "__main__":
                 optimizer.zero_grad()
             running = {k: running.get(k, 0) + v.double().sum() for k, v in {**m, "pairs": torch.ones_like(m["loss"])}.items()}
             weights.append(m["weight/mean"])  # for the weight's min and max over the logging window
-            n_tokens += batch["input_ids"].numel()
+            n_tokens += sum(p["input_ids"].numel() for p in batch["parts"])
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()

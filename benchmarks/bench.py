@@ -336,8 +336,9 @@ def ours_training(model, args, loss_fn, batches, spec) -> dict:
     loss.item() for the finiteness check."""
     accelerator = Accelerator(gradient_accumulation_steps=1)
     total = CTX.size.warmup + CTX.size.steps
+    # fused: one kernel over all parameters, not a loop of per-tensor ops (as TRL's default optim, adamw_torch_fused)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, fused=True)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total),
                               num_training_steps=total)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -392,7 +393,7 @@ def run_prepass_dpo(spec) -> dict:
     args = pair_args(dpo, gc=False)
     accelerator = Accelerator()
     model = dpo.load_model(CTX.paths["strong"], args).to(accelerator.device).eval()
-    collate_fn = lambda rows: dpo.collate(rows, PAD, args.padding_free)
+    collate_fn = lambda rows: dpo.collate(rows, PAD, args.padding_free, args.length_groups)
     t0 = time.perf_counter()
     dpo.reference_logps(model, CTX.pairs, args, accelerator, collate_fn, ref_cache_path(dpo, args), lambda _: None)
     return {"prepass_s": time.perf_counter() - t0, "items": len(CTX.pairs)}
@@ -407,7 +408,7 @@ def run_ours_pairs(spec) -> dict:
     model = mod.load_model(CTX.paths["strong"], args)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    collate_fn = lambda rows: mod.collate(rows, PAD, args.padding_free)
+    collate_fn = lambda rows: mod.collate(rows, PAD, args.padding_free, args.length_groups)
     ref = mod.reference_logps(model, CTX.pairs, args, Accelerator(), collate_fn, path, lambda _: None)  # cache hit
 
     def loss_fn(model, batch):

@@ -106,7 +106,7 @@ def trl_side(trainer, rows, swap=False):
 
 def dpo_side(policy, ref, rows, args, pad_id):
     """dpo.py's batch loss (with graph) and batch-mean metrics: collate, reference log-probs, pair_metrics."""
-    batch = dpo.collate([{**r, "row": i} for i, r in enumerate(rows)], pad_id, False)
+    batch = dpo.collate([{**r, "row": i} for i, r in enumerate(rows)], pad_id, False, args.length_groups)  # default 4 forwards
     n = len(rows)
     with torch.no_grad():
         ref_logps, _ = dpo.sequence_logps(ref, batch)
@@ -141,7 +141,7 @@ def test_tokenization(setting, tmp_path):
     for source in ("trl", "dpo"):
         ids = ids_of(setting, trainer, source)
         theirs = trainer.data_collator(ids)
-        ours = dpo.collate([{**r, "row": i} for i, r in enumerate(ids)], tok.pad_token_id, False)
+        (ours,) = dpo.collate([{**r, "row": i} for i, r in enumerate(ids)], tok.pad_token_id, False)["parts"]
         assert torch.equal(theirs["input_ids"], ours["input_ids"])
         assert torch.equal(theirs["attention_mask"], ours["attention_mask"])
         assert torch.equal(theirs["completion_mask"][:, 1:].bool(), ours["loss_mask"][:, :-1]) and not ours["loss_mask"][:, -1].any()

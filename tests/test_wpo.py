@@ -72,9 +72,9 @@ def fixed_batch(n_pairs=4, length=9, vocab=13, seed=0):
             labels[i, start:end] = logits[i, start - 1 : end - 1].argmax(-1)
     mask = torch.zeros_like(labels, dtype=torch.bool)
     mask[:, :-1] = labels[:, 1:] != -100
-    batch = {"loss_mask": mask, "targets": torch.cat([labels[:, 1:].clamp(min=0), torch.zeros_like(labels[:, :1])], 1),
-             "seq_id": torch.arange(2 * n_pairs)[:, None].expand_as(labels), "n_seqs": 2 * n_pairs,
-             "input_ids": torch.zeros_like(labels)}
+    part = {"loss_mask": mask, "targets": torch.cat([labels[:, 1:].clamp(min=0), torch.zeros_like(labels[:, :1])], 1),
+            "seq_id": torch.arange(2 * n_pairs)[:, None].expand_as(labels), "input_ids": torch.zeros_like(labels)}
+    batch = {"n_seqs": 2 * n_pairs, "parts": [part]}
     return logits, labels, batch
 
 
@@ -95,8 +95,9 @@ def test_weight_equals_the_official_formula_on_fixed_logits():
     plain = torch.exp(logps[:n] / lengths[:n] + logps[n:] / lengths[n:]).clamp(max=1)
     torch.testing.assert_close(wpo.wpo_weight(logps, lengths, sq_sums, sum_sq=False), plain, atol=1e-7, rtol=1e-6)
     # chunking (as on long batches) changes nothing
-    lp, sq = wpo.token_logps(logits[batch["loss_mask"]], batch["targets"][batch["loss_mask"]], chunk=5)
-    lp1, sq1 = wpo.token_logps(logits[batch["loss_mask"]], batch["targets"][batch["loss_mask"]])
+    (part,) = batch["parts"]
+    lp, sq = wpo.token_logps(logits[part["loss_mask"]], part["targets"][part["loss_mask"]], chunk=5)
+    lp1, sq1 = wpo.token_logps(logits[part["loss_mask"]], part["targets"][part["loss_mask"]])
     torch.testing.assert_close(lp, lp1, atol=0, rtol=0)
     torch.testing.assert_close(sq, sq1, atol=0, rtol=0)
 
@@ -129,7 +130,8 @@ def test_weight_equals_trls_use_weighting_weight_below_one(tiny):
 
     tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
     model = tiny_lm(len(tok))
-    batch = wpo.collate(pair_rows(tok), tok.pad_token_id, padding_free=False)
+    batch = wpo.collate(pair_rows(tok), tok.pad_token_id, padding_free=False)  # one padded part, as TRL's batch
+    (part,) = batch["parts"]
     with torch.no_grad():
         logps, lengths, sq_sums = wpo.sequence_logps(model, batch)
     ours_raw = wpo.wpo_weight(logps, lengths, sq_sums, clamp=False)
@@ -138,11 +140,11 @@ def test_weight_equals_trls_use_weighting_weight_below_one(tiny):
     # TRL 1.16 DPOTrainer(use_weighting=True): its fused LM head (trl/trainer/utils.py add_fused_lm_head, outputs
     # "log_sum_sq_probs") and the lines of DPOTrainer._compute_loss (trl/trainer/dpo_trainer.py) that use it
     add_fused_lm_head(model, outputs=("log_probs", "log_sum_sq_probs"))
-    completion_mask = torch.cat([torch.zeros_like(batch["loss_mask"][:, :1]), batch["loss_mask"][:, :-1]], 1).long()
+    completion_mask = torch.cat([torch.zeros_like(part["loss_mask"][:, :1]), part["loss_mask"][:, :-1]], 1).long()
     shift_completion_mask = completion_mask[..., 1:]
-    labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
+    labels = part["input_ids"].masked_fill(completion_mask == 0, -100)
     with torch.no_grad():
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, labels=labels,
+        outputs = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], use_cache=False, labels=labels,
                         fused_lm_head=True)
     seq_len = shift_completion_mask.size(1)
     per_token_logps = outputs.log_probs[:, -seq_len:]
@@ -164,13 +166,15 @@ def test_weight_equals_trls_use_weighting_weight_below_one(tiny):
 def test_the_weight_carries_no_gradient(tiny):
     logits, _, batch = fixed_batch()
     logits.requires_grad_(True)
-    lp, sq = wpo.token_logps(logits[batch["loss_mask"]], batch["targets"][batch["loss_mask"]])
+    (part,) = batch["parts"]
+    lp, sq = wpo.token_logps(logits[part["loss_mask"]], part["targets"][part["loss_mask"]])
     assert lp.requires_grad and not sq.requires_grad
 
     # the loss's gradient is the DPO gradient scaled by a constant weight: nothing flows through the weight
     tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
     model = tiny_lm(len(tok)).train()
-    batch = wpo.collate(pair_rows(tok), tok.pad_token_id, padding_free=False)
+    batch = wpo.collate(pair_rows(tok), tok.pad_token_id, padding_free=False, length_groups=3)  # 3 forwards, one loss
+    assert len(batch["parts"]) == 3
     args = dataclasses.replace(wpo.Args(), beta=0.5)
     ref_c, ref_r = torch.tensor([-20.0, -15, -30, -12]), torch.tensor([-18.0, -25, -14, -16])
     loss, m = wpo.pair_metrics(model, batch, ref_c, ref_r, args)
