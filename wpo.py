@@ -23,10 +23,12 @@ settings; a rerun reuses them), and training holds only the policy. Chosen and r
 one loss; sorted by length, they go through the model in `--length_groups` forwards, each padded
 only to its own longest sequence (uniform lengths of 32..384 tokens: 40% padding in one forward,
 about 10% in four). Logits exist only at response positions (no batch x length x vocab tensor), and
-the fp32 log-softmax is taken chunk by chunk and recomputed in backward. `--padding_free` packs each
-batch into one row. With LoRA the reference is the base model (adapters disabled). The weight needs
-log sum_v p_v^2 = logsumexp(2z) - 2 logsumexp(z) for logits z, taken in the same chunks: no
-probability tensor either. Everything else is dpo.py: `diff dpo.py wpo.py` shows what WPO changes.
+the fp32 log-softmax is taken chunk by chunk; its gradient, onehot - softmax, is written chunk by
+chunk into one buffer (TokenLogps). `--padding_free` packs each batch into one row. With LoRA the
+reference is the base model (adapters disabled). The weight needs log sum_v p_v^2 =
+log sum_v e_v^2 - 2 log sum_v e_v with e = exp(z - max z) for logits z, from the exponentials the
+log-normaliser takes anyway: no probability tensor either. Everything else is dpo.py:
+`diff dpo.py wpo.py` shows what WPO changes.
 
 Hybrid pairs (`--build_pairs_output DIR`, section "hybrid (on-policy) pairs"): for each prompt, sample
 `--num_samples` responses from the policy, score them and the existing responses with a reward model
@@ -59,7 +61,6 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -70,7 +71,6 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from safetensors.torch import load_file, save_file
-from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
@@ -396,21 +396,46 @@ def collate(rows: list[dict], pad_id: int, padding_free: bool, length_groups: in
 # ---------------------------------------------------------------------------------------------
 # log-probs and loss
 # ---------------------------------------------------------------------------------------------
-def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = logits.float()
-    log_z = logits.logsumexp(-1)
-    # ALGO LOGIC: log sum_v p_v^2 = logsumexp(2z) - 2 logsumexp(z): WPO's per-token normaliser, no probabilities
-    # materialised (TRL chunked_logprob.py: log(sq_sum_exp) - 2 log(sum_exp)); detached, it only feeds the weight
-    log_sum_sq = (2 * logits.detach()).logsumexp(-1) - 2 * log_z.detach()
-    return logits.gather(-1, targets[:, None])[:, 0] - log_z, log_sum_sq
+class TokenLogps(torch.autograd.Function):
+    """log softmax(z)[target] and log sum_v softmax(z)_v^2 (detached) for rows of logits z, in fp32,
+    `chunk` rows at a time.
+
+    Autograd through log_softmax would keep an fp32 copy and a softmax of every row, and allocate several
+    logits-sized temporaries in backward. Here forward saves only the logits it was given and one
+    log-normaliser per row, and backward writes d logp / dz = onehot(target) - softmax(z), times the
+    incoming gradient, chunk by chunk into one logits-sized buffer."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        log_z, log_sum_sq = [], []
+        for i in range(0, len(logits), chunk):
+            z = logits[i : i + chunk].float()
+            m = z.max(-1, keepdim=True).values
+            e = (z - m).exp_()
+            s = e.sum(-1)
+            log_z.append(m[:, 0] + s.log())
+            # ALGO LOGIC: log sum_v p_v^2 = log sum_v e_v^2 - 2 log sum_v e_v with e = exp(z - max z): WPO's per-token
+            # normaliser from the same exponentials, no probabilities materialised (TRL chunked_logprob.py:
+            # log(sq_sum_exp) - 2 log(sum_exp)); it only feeds the weight, so it carries no gradient
+            log_sum_sq.append(e.square_().sum(-1).log() - 2 * s.log())
+        log_z, log_sum_sq = torch.cat(log_z), torch.cat(log_sum_sq)
+        ctx.save_for_backward(logits, targets, log_z)
+        ctx.chunk = chunk
+        ctx.mark_non_differentiable(log_sum_sq)
+        return logits.gather(-1, targets[:, None])[:, 0].float() - log_z, log_sum_sq
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _):
+        logits, targets, log_z = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for i in range(0, len(logits), ctx.chunk):
+            rows = slice(i, i + ctx.chunk)
+            out[rows] = (logits[rows].float() - log_z[rows, None]).exp_().mul_(-grad[rows, None])  # -softmax * grad
+        return out.scatter_add_(-1, targets[:, None], grad[:, None].to(out.dtype)), None, None  # + onehot * grad
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """log softmax(logits)[target] and log sum_v softmax(logits)_v^2, fp32, a chunk of rows at a time;
-    under autograd each chunk is recomputed in backward, so no fp32 copy of the logits is ever held whole."""
-    fn = partial(checkpoint, _chunk_logps, use_reentrant=False) if torch.is_grad_enabled() else _chunk_logps
-    lp, sq = zip(*(fn(logits[i : i + chunk], targets[i : i + chunk]) for i in range(0, len(targets), chunk)))
-    return torch.cat(lp), torch.cat(sq)
+    return TokenLogps.apply(logits, targets, chunk)
 
 
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

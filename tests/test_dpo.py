@@ -52,16 +52,22 @@ def test_ipo_and_hinge_match_reference_formula():
     assert dpo.dpo_loss(PC, PR, RC, RR, beta, "hinge")[0][0].item() == pytest.approx(1 - 0.1 * 1.5)
 
 
-def test_token_logps_equal_log_softmax_and_gradients_match():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logps_equal_log_softmax_and_gradients_match(dtype):
     torch.manual_seed(0)
-    logits = torch.randn(37, 50, requires_grad=True)
+    logits = (3 * torch.randn(37, 50)).to(dtype).requires_grad_(True)
     targets = torch.randint(0, 50, (37,))
+    targets[:5] = logits[:5].argmax(-1)  # some rows where the target carries most of the mass
+    upstream = torch.randn(37)  # as from the loss: a different gradient per token
     got = dpo.token_logps(logits, targets, chunk=8)
     want = torch.log_softmax(logits.double(), -1).gather(-1, targets[:, None])[:, 0]
+    assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
-    (g1,) = torch.autograd.grad(got.sum(), logits)
-    (g2,) = torch.autograd.grad(want.sum(), logits)
-    torch.testing.assert_close(g1.double(), g2.double(), atol=1e-5, rtol=0)
+    (g1,) = torch.autograd.grad((got * upstream).sum(), logits)
+    (g2,) = torch.autograd.grad((want * upstream.double()).sum(), logits)
+    assert g1.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 2e-2  # bf16: the gradient buffer has the logits' dtype
+    torch.testing.assert_close(g1.double(), g2.double(), atol=tol, rtol=0)
 
 
 def pair_batch(tiny, model_dir, padding_free, length_groups=1):

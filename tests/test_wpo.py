@@ -163,6 +163,22 @@ def test_weight_equals_trls_use_weighting_weight_below_one(tiny):
     assert (ours[~below] == 1).all()
 
 
+def test_token_logps_and_sum_sq_equal_softmax_formulas_with_gradients():
+    torch.manual_seed(0)
+    logits = (4 * torch.randn(29, 40)).requires_grad_(True)
+    targets = torch.randint(0, 40, (29,))
+    upstream = torch.randn(29)
+    lp, sq = wpo.token_logps(logits, targets, chunk=7)
+    p = torch.softmax(logits.double(), -1)
+    want_lp = p.log().gather(-1, targets[:, None])[:, 0]
+    torch.testing.assert_close(lp.double(), want_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sq.double(), p.square().sum(-1).log(), atol=1e-5, rtol=0)
+    assert not sq.requires_grad
+    (g1,) = torch.autograd.grad((lp * upstream).sum(), logits)
+    (g2,) = torch.autograd.grad((want_lp * upstream.double()).sum(), logits)
+    torch.testing.assert_close(g1.double(), g2.double(), atol=1e-6, rtol=0)
+
+
 def test_the_weight_carries_no_gradient(tiny):
     logits, _, batch = fixed_batch()
     logits.requires_grad_(True)
