@@ -246,6 +246,22 @@ def isolated(fn, spec: dict) -> dict:
     return out
 
 
+def run_probe(spec) -> dict:
+    """How fast the (shared) machine is right now, for CPU runs: a compute-bound matmul, and a multiply into a fresh
+    [4096 x 32000] fp32 tensor per call, bound by memory bandwidth and page faults like TRL's full-vocabulary
+    logits ops. Measured at the start and the end of the run."""
+    a, b, x = torch.randn(2048, 2048), torch.randn(2048, 2048), torch.randn(4096, 32000)
+    a @ b, x * 2.0  # warm-up
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    mm = 10 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
+    t = time.perf_counter()
+    for _ in range(5):
+        x * 2.0
+    return {"matmul_gflops": mm, "fresh_elementwise_gbs": 5 * 2 * x.numel() * 4 / (time.perf_counter() - t) / 1e9}
+
+
 def profiler():
     return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
                                   with_flops=True)
@@ -749,6 +765,10 @@ def report(args: Args, res: dict, rat: dict, info: dict, command: str) -> str:
          f"{rat.get('wspo/first_loss', ('-', '-'))[1]} (asserted equal).", "",
          "Load on the shared machine (other engineers' jobs were running when the load average exceeds the benchmark's own ~2):", "",
          "```", "before: " + info["others_before"], "after:  " + info["others_after"], "```", "",
+         *([f"Machine speed probes (benchmarks/bench.py run_probe), start / end: matmul {info['probe_before']['matmul_gflops']:.0f} / "
+            f"{info['probe_after']['matmul_gflops']:.0f} GFLOP/s; multiply into fresh memory {info['probe_before']['fresh_elementwise_gbs']:.1f} / "
+            f"{info['probe_after']['fresh_elementwise_gbs']:.1f} GB/s. The second bounds the full-vocabulary logits ops that take "
+            "much of TRL's step.", ""] if "probe_before" in info else []),
          "## Results", "",
          "| configuration | GC | step s (median, min..max) | examples/s (median, min..max) | tokens/s | CPU s / step | peak GB | first-step loss | load 1-min (start/end) |",
          "|---|---|---|---|---|---|---|---|---|"]
@@ -843,6 +863,9 @@ def main():
                   tokenizer=build_tokenizer(size.vocab), pairs=pairs, sft=convs,
                   packed=pack_dataset(convs.select_columns(["input_ids", "labels"]), size.max_length, "bfd"))
     info["params"] = isolated(lambda spec: build_models(CTX), {"name": "setup/models"})
+    cpu_probe = not torch.cuda.is_available() and not args.quick
+    if cpu_probe:
+        info["probe_before"] = isolated(run_probe, {"name": "probe/start"})
 
     runners = {f.__name__: f for f in (run_prepass_dpo, run_ours_pairs, run_trl_dpo, run_prepass_wspo, run_official_wspo,
                                        run_ours_wspo, run_trl_sft, run_ours_sft)}
@@ -877,6 +900,8 @@ def main():
                 r = isolated(runners[spec["fn"]], spec)
                 res[target + "-profile"] = {"profile": r["profile"], "missed": what, "spec": spec}
     info["others_after"] = others()
+    if cpu_probe:
+        info["probe_after"] = isolated(run_probe, {"name": "probe/end"})
     info["wall"] = time.time() - info["start"]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     notes = ""
