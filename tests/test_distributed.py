@@ -1,4 +1,4 @@
-"""Distributed equivalence: two CPU processes (torchrun, gloo; DDP, and FSDP2 for sft.py) give the same
+"""Distributed equivalence: two CPU processes (torchrun, gloo; DDP, and FSDP2 for sft.py and dpo.py) give the same
 per-step losses, eval metrics and final weights as one process with the matching gradient accumulation. The eval split
 is sized so that it does not divide into whole batches per process (accelerate pads the last batch
 with duplicates, which the scripts must not count). The sharded pre-passes of dpo.py and wspo.py
@@ -60,7 +60,9 @@ def test_sft_two_processes_equal_one_with_accumulation(tiny, tmp_path, mode):
     compare(tmp_path / "one", tmp_path / "two")
 
 
-def test_dpo_two_processes_equal_one_and_share_the_prepass(tiny, small_sft, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_dpo_two_processes_equal_one_and_share_the_prepass(tiny, small_sft, tmp_path, mode):
+    """4 pairs per micro-batch = 8 sequences in 4 length groups: four forwards before each backward, under DDP and FSDP2."""
     common = ["dpo.py", "--preset", "tiny", "--model_name_or_path", str(small_sft), "--dataset_name",
               str(tiny / "ultrafeedback"), "--max_steps", "4", "--logging_steps", "1", "--max_train_samples", "96",
               "--max_eval_samples", "37", "--per_device_eval_batch_size", "8", "--per_device_train_batch_size", "4",
@@ -68,7 +70,7 @@ def test_dpo_two_processes_equal_one_and_share_the_prepass(tiny, small_sft, tmp_
     run_script(*common, "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "one"),
                "--cache_dir", str(tmp_path / "c1"))
     p = torchrun(*common, "--gradient_accumulation_steps", "1", "--output_dir", str(tmp_path / "two"),
-                 "--cache_dir", str(tmp_path / "c2"), port=29542)
+                 "--cache_dir", str(tmp_path / "c2"), port=29542 if mode == "ddp" else 29545, env_extra=FSDP if mode == "fsdp" else None)
     assert p.stdout.count("computed") == 2  # train and eval pre-pass, announced once (rank 0)
     for f in os.listdir(tmp_path / "c1"):  # the sharded pre-pass wrote the same cache as one process
         a, b = load_file(tmp_path / "c1" / f), load_file(tmp_path / "c2" / f)

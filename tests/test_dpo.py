@@ -167,6 +167,12 @@ def test_missing_column_is_a_clear_error(tiny, small_sft, tmp_path):
     assert "Traceback" not in p.stderr
 
 
+def test_length_groups_below_one_is_a_clear_error(tiny, small_sft, tmp_path):
+    p = run_script(*dpo_args(tiny, small_sft, tmp_path / "o", tmp_path / "c", "--length_groups", "0"), check=False)
+    assert p.returncode != 0 and "--length_groups must be at least 1 (got 0)" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_pairs_are_counted(tiny, small_sft, tmp_path):
     rows = [{"prompt": f"copy {w}", "chosen": f"ok {w} done", "rejected": f"meh {w} now go away"} for w in ("one", "two", "three", "four")]
     rows += [rows[0], rows[1]]  # exact duplicates
