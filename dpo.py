@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import gather_object, send_to_device, set_seed
 from datasets import load_dataset, load_from_disk
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
@@ -466,7 +466,7 @@ def reference_logps(ref_model, ds, args: Args, accelerator, collate_fn, path: st
         ref_model.eval()
         loader = DataLoader(ds.select(mine), batch_size=args.prepass_batch_size, collate_fn=collate_fn)
         for batch in tqdm(loader, desc="reference pre-pass", disable=not accelerator.is_local_main_process):
-            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = send_to_device(batch, accelerator.device)  # nested: the parts' tensors too
             logps, _ = sequence_logps(ref_model, batch)
             n = len(batch["row"])
             results += list(zip(batch["row"].tolist(), logps[:n].tolist(), logps[n:].tolist()))

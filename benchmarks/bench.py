@@ -65,6 +65,7 @@ import transformers  # noqa: E402
 import trl  # noqa: E402
 import tyro  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import send_to_device  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, TrainerCallback, get_scheduler  # noqa: E402
@@ -363,7 +364,7 @@ def ours_training(model, args, loss_fn, batches, spec) -> dict:
 
     def step(batch):
         nonlocal running
-        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = send_to_device(batch, accelerator.device)  # nested: the parts' tensors too
         with accelerator.accumulate(model):
             loss, m = loss_fn(model, batch)
             accelerator.backward(loss)
