@@ -6,8 +6,10 @@ are computed once, written by rank 0 only, and reused."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -22,10 +24,23 @@ FSDP = {"ACCELERATE_USE_FSDP": "1", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY"
         "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_RESHARD_AFTER_FORWARD": "true"}  # = configs/fsdp.yaml, on CPU
 
 
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
 def torchrun(*args, port, env_extra=None):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    if p.returncode != 0 and GLOO_EXIT_ABORT in p.stderr and "saved the model" in p.stdout:
+        # Gloo's C++ threads on CPU can abort a rank as the interpreter exits, after the run finished and saved
+        # (seen once in eight runs of the FSDP2 dpo.py test, under CI load; pytorch/pytorch#190489 reports the
+        # same message). That teardown race is not what these tests check: the run is repeated once from scratch,
+        # then compared as always.
+        warnings.warn(f"a rank aborted at exit ({GLOO_EXIT_ABORT!r}); rerunning {args[0]} once")
+        for flag in ("--output_dir", "--cache_dir"):
+            if flag in args:
+                shutil.rmtree(args[args.index(flag) + 1], ignore_errors=True)
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return p
 
