@@ -16,11 +16,11 @@ in one pass before training and cached on disk (keyed by a hash of the model, da
 settings; a rerun reuses them), and training holds only the policy. Chosen and rejected go through
 one loss; sorted by length, they go through the model in `--length_groups` forwards, each padded
 only to its own longest sequence (8 pairs with prompts of 16..128 and responses of 32..384 tokens,
-uniform: 38% of the positions are padding in one forward, 11% in four). Logits exist only at
-response positions (no batch x length x vocab tensor), and the fp32 log-softmax is taken chunk by
-chunk; its gradient, onehot - softmax, is written chunk by chunk into one buffer (TokenLogps).
-`--padding_free` packs each batch into one row. With LoRA the reference is the base model (adapters
-disabled).
+uniform: 38% of the positions are padding in one forward, 11% in four; benchmarks/padding.py).
+Logits exist only at response positions (no batch x length x vocab tensor), and the fp32
+log-softmax is taken chunk by chunk; its gradient, onehot - softmax, is written chunk by chunk into
+one buffer (TokenLogps). `--padding_free` packs each batch into one row. With LoRA the reference
+is the base model (adapters disabled).
 
 Paper-scale (GPU, hub; the WSPO repo's weak DPO: full, beta 0.1, lr 1e-5, 1 epoch):
     accelerate launch --config_file configs/zero3.yaml dpo.py --model_name_or_path runs/qwen2-1.5b-sft \

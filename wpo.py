@@ -22,13 +22,13 @@ in one pass before training and cached on disk (keyed by a hash of the model, da
 settings; a rerun reuses them), and training holds only the policy. Chosen and rejected go through
 one loss; sorted by length, they go through the model in `--length_groups` forwards, each padded
 only to its own longest sequence (8 pairs with prompts of 16..128 and responses of 32..384 tokens,
-uniform: 38% of the positions are padding in one forward, 11% in four). Logits exist only at
-response positions (no batch x length x vocab tensor), and the fp32 log-softmax is taken chunk by
-chunk; its gradient, onehot - softmax, is written chunk by chunk into one buffer (TokenLogps).
-`--padding_free` packs each batch into one row. With LoRA the reference is the base model (adapters
-disabled). The weight needs log sum_v p_v^2 = log sum_v e_v^2 - 2 log sum_v e_v with
-e = exp(z - max z) for logits z, from the exponentials the log-normaliser takes anyway: no
-probability tensor either. Everything else is dpo.py: `diff dpo.py wpo.py` shows what WPO changes.
+uniform: 38% of the positions are padding in one forward, 11% in four; benchmarks/padding.py).
+Logits exist only at response positions (no batch x length x vocab tensor), and the fp32
+log-softmax is taken chunk by chunk; its gradient, onehot - softmax, is written chunk by chunk into
+one buffer (TokenLogps). `--padding_free` packs each batch into one row. With LoRA the reference
+is the base model (adapters disabled). The weight needs log sum_v p_v^2 = log sum_v e_v^2 -
+2 log sum_v e_v with e = exp(z - max z) for logits z, from the exponentials the log-normaliser takes
+anyway: no probability tensor either. Everything else is dpo.py: `diff dpo.py wpo.py` shows what WPO changes.
 
 Hybrid pairs (`--build_pairs_output DIR`, section "hybrid (on-policy) pairs"): for each prompt, sample
 `--num_samples` responses from the policy, score them and the existing responses with a reward model
