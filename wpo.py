@@ -838,9 +838,8 @@ if __name__ == "__main__":
         subset = train_ds.select(order[:rows_per_epoch].tolist())
         return accelerator.prepare(DataLoader(subset, batch_size=args.per_device_train_batch_size, collate_fn=collate_fn))
 
-    # fused: one kernel over all parameters, not a loop of per-tensor ops (as TRL's default optim, adamw_torch_fused)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay, fused=True)
+                                  weight_decay=args.weight_decay, fused=True)  # one kernel for all tensors (TRL's default)
     # stepped by hand once per optimizer step (accelerate would step it once per process)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
                               num_training_steps=total_steps)

@@ -353,9 +353,8 @@ def ours_training(model, args, loss_fn, batches, spec) -> dict:
     loss.item() for the finiteness check."""
     accelerator = Accelerator(gradient_accumulation_steps=1)
     total = CTX.size.warmup + CTX.size.steps
-    # fused: one kernel over all parameters, not a loop of per-tensor ops (as TRL's default optim, adamw_torch_fused)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay, fused=True)
+                                  weight_decay=args.weight_decay, fused=True)  # one kernel for all tensors (TRL's default)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total),
                               num_training_steps=total)
     model, optimizer = accelerator.prepare(model, optimizer)

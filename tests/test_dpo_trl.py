@@ -106,7 +106,7 @@ def trl_side(trainer, rows, swap=False):
 
 def dpo_side(policy, ref, rows, args, pad_id):
     """dpo.py's batch loss (with graph) and batch-mean metrics: collate, reference log-probs, pair_metrics."""
-    batch = dpo.collate([{**r, "row": i} for i, r in enumerate(rows)], pad_id, False, args.length_groups)  # default 4 forwards
+    batch = dpo.collate([{**r, "row": i} for i, r in enumerate(rows)], pad_id, False, args.length_groups)  # the default: up to 4 forwards
     n = len(rows)
     with torch.no_grad():
         ref_logps, _ = dpo.sequence_logps(ref, batch)
