@@ -1,5 +1,6 @@
 """Shared fixtures: the offline tiny setting, written once per test session."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +13,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_script(name: str):
+    """Import a top-level script (e.g. "dpo") as a module, to test its functions directly."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(*args: str, cwd: Path = ROOT, check: bool = True, env: dict | None = None, timeout: int = 900):

@@ -2,7 +2,6 @@
 and end to end on the tiny setting."""
 
 import dataclasses
-import importlib.util
 import json
 
 import pytest
@@ -10,11 +9,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from conftest import ROOT, run_script
+from conftest import load_script, run_script
 
-spec = importlib.util.spec_from_file_location("dpo", ROOT / "dpo.py")
-dpo = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(dpo)
+dpo = load_script("dpo")
 
 
 

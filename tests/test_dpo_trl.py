@@ -31,7 +31,6 @@ Differences between TRL 1.16 and dpo.py / REFERENCE.md (DPO section), and what i
 """
 
 import dataclasses
-import importlib.util
 
 import pytest
 import torch
@@ -40,11 +39,9 @@ from datasets import Dataset
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 from trl import DPOConfig, DPOTrainer
 
-from conftest import ROOT
+from conftest import load_script
 
-spec = importlib.util.spec_from_file_location("dpo", ROOT / "dpo.py")
-dpo = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(dpo)
+dpo = load_script("dpo")
 
 N_PAIRS = 8
 ATOL = 1e-5

@@ -1,7 +1,6 @@
 """sft.py: assistant-only mask, packing, end to end on the tiny setting, resume, bad input, logging."""
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 import time
@@ -11,12 +10,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, SMALL, run_script
+from conftest import SMALL, load_script, run_script
 from tiny import lang
 
-spec = importlib.util.spec_from_file_location("sft", ROOT / "sft.py")
-sft = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sft)
+sft = load_script("sft")
 
 
 

@@ -2,7 +2,6 @@
 absent, unreadable images and bad labels, and the math (preprocessing, probe losses)."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, run_script
+from conftest import load_script, run_script
 from PIL import Image
 
 # every run: one torch thread (tiny convolutions crawl when two threads fight other jobs for two cores),
@@ -139,10 +138,7 @@ def test_images_deterministic(image_set, tmp_path):
 # the math, in process
 @pytest.fixture(scope="module")
 def vw():
-    spec = importlib.util.spec_from_file_location("vision_w2s", ROOT / "vision_w2s.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("vision_w2s")
 
 
 def test_published_transform(vw):

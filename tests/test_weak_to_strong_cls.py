@@ -2,7 +2,6 @@
 gradient accumulation and distributed equivalence, seeds aggregation, and the offline pipeline end to
 end (weak < strong ceiling, PGR, JSON and PNG, cache reuse)."""
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -11,13 +10,11 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from conftest import ROOT, run_script
+from conftest import load_script, run_script
 from datasets import load_from_disk
 from safetensors.torch import load_file
 
-spec = importlib.util.spec_from_file_location("weak_to_strong_cls", ROOT / "weak_to_strong_cls.py")
-w2s = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(w2s)
+w2s = load_script("weak_to_strong_cls")
 
 # one torch thread: tiny matrices crawl when two threads fight other jobs for two cores
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -2,7 +2,6 @@
 (every tie case), end to end on the tiny setting, and hybrid pairs built from the tiny SFT model."""
 
 import dataclasses
-import importlib.util
 import json
 import random
 from types import SimpleNamespace
@@ -13,11 +12,9 @@ import torch.nn.functional as F
 from datasets import load_dataset, load_from_disk
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
-from conftest import ROOT, run_script
+from conftest import load_script, run_script
 
-spec = importlib.util.spec_from_file_location("wpo", ROOT / "wpo.py")
-wpo = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(wpo)
+wpo = load_script("wpo")
 
 def metrics(out):
     return [json.loads(line) for line in open(out / "metrics.jsonl")]

@@ -2,7 +2,6 @@
 tokenizer checks and clear errors. (End to end ordering: tests/test_pipeline.py.)"""
 
 import dataclasses
-import importlib.util
 import json
 import sys
 
@@ -11,11 +10,9 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-from conftest import ROOT, run_script
+from conftest import ROOT, load_script, run_script
 
-spec = importlib.util.spec_from_file_location("wspo", ROOT / "wspo.py")
-wspo = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(wspo)
+wspo = load_script("wspo")
 
 
 def make_model(tok, path, seed, hidden=32):
