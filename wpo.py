@@ -1,5 +1,5 @@
 """Weighted Preference Optimization (WPO): DPO with each pair weighted by its probability under the
-current policy, plus on-policy (hybrid) preference-pair building.
+current policy. On-policy (hybrid) pairs are built by hybrid_pairs.py; wpo.py trains on them.
 
 Zhou et al., "WPO: Enhancing RLHF with Weighted Preference Optimization" (2024); official code
 github.com/wzhouad/WPO (`scripts/run_wpo.py`, class WPOTrainer). Off-policy pairs are reweighted to
@@ -30,32 +30,21 @@ is the base model (adapters disabled). The weight needs log sum_v p_v^2 = log su
 2 log sum_v e_v with e = exp(z - max z) for logits z, from the exponentials the log-normaliser takes
 anyway: no probability tensor either. Everything else is dpo.py: `diff dpo.py wpo.py` shows what WPO changes.
 
-Hybrid pairs (`--build_pairs_output DIR`, section "hybrid (on-policy) pairs"): for each prompt, sample
-`--num_samples` responses from the policy, score them and the existing responses with a reward model
-(AutoModelForSequenceClassification), and write a preference dataset (save_to_disk, the
-ultrafeedback_binarized schema) that wpo.py and dpo.py train on with `--dataset_name DIR`. v2 rules
-(WPO README): chosen = highest score (ties: the shortest); rejected = lowest score (ties: the smallest
-length difference to the chosen). `--pair_rule v1` (the paper): rejected = a random lower-scored one.
-
 Paper-scale (GPU, hub; the official Llama-3-8B-Instruct setting: beta 0.01, lr 1e-6, 2 epochs, max
 length 2048 / prompt 1800, 8 GPUs x batch 2 x accumulation 8, UltraFeedback binarized):
     accelerate launch --config_file configs/zero3.yaml wpo.py --output_dir runs/llama3-8b-instruct-wpo
-    # hybrid (on-policy) pairs from the policy, scored by ArmoRM, then WPO on them:
-    accelerate launch wpo.py --build_pairs_output data/llama3-hybrid --trust_remote_code \
-        --reward_model_name_or_path RLHFlow/ArmoRM-Llama3-8B-v0.1
+    # WPO-HB: hybrid (on-policy) pairs from the policy, scored by ArmoRM (hybrid_pairs.py), then WPO on them:
     accelerate launch --config_file configs/zero3.yaml wpo.py --dataset_name data/llama3-hybrid \
         --output_dir runs/llama3-8b-instruct-wpo-hb
 Offline tiny setting (CPU):
     python -m tiny --out data/tiny && python sft.py --preset tiny --output_dir runs/tiny/sft-weak
     python wpo.py --preset tiny --model_name_or_path runs/tiny/sft-weak --output_dir runs/tiny/wpo-weak
-    python wpo.py --preset tiny --build_pairs_output runs/tiny/hybrid --reward_model_name_or_path RM_FOLDER
 """
 
 import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -69,11 +58,11 @@ import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
 from accelerate.utils import gather_object, send_to_device, set_seed
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import load_dataset, load_from_disk
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 
 @dataclass
@@ -207,26 +196,6 @@ class Args:
     resume: bool = False
     """resume from the newest checkpoint in output_dir/checkpoints"""
 
-    # hybrid (on-policy) pairs: --build_pairs_output DIR builds a dataset and exits
-    build_pairs_output: str | None = None
-    """build hybrid pairs (policy samples + existing responses, scored by the reward model) into DIR and exit"""
-    reward_model_name_or_path: str = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
-    """reward model (AutoModelForSequenceClassification, hub id or path; ArmoRM needs --trust_remote_code)"""
-    num_samples: int = 5
-    """responses sampled from the policy per prompt"""
-    temperature: float = 0.8
-    """sampling temperature"""
-    top_p: float = 0.95
-    """nucleus sampling: keep the smallest token set with this much probability"""
-    max_new_tokens: int = 1024
-    """longest sampled response, in tokens"""
-    include_existing: bool = True
-    """also score the dataset's own chosen and rejected responses as candidates (the "hybrid" in WPO-HB)"""
-    pair_rule: Literal["v2", "v1"] = "v2"
-    """v2: rejected = lowest score (WPO README); v1: rejected = a random lower-scored response (paper)"""
-    build_batch_size: int = 8
-    """prompts per generate call and per reward-model forward (which scores all their candidates at once)"""
-
     # filled in at runtime
     world_size: int = 1
     """(runtime) number of processes"""
@@ -240,7 +209,7 @@ PRESETS = {
         dataset_name="data/tiny/ultrafeedback", max_length=128, max_prompt_length=64, learning_rate=1e-4,
         num_train_epochs=1, per_device_train_batch_size=32, gradient_accumulation_steps=1, per_device_eval_batch_size=64,
         max_eval_samples=400, logging_steps=20, prepass_batch_size=64, cache_dir="runs/tiny/cache",
-        gradient_checkpointing=False, beta=0.1, max_new_tokens=24, build_batch_size=64,
+        gradient_checkpointing=False, beta=0.1,
     ),
 }
 
@@ -604,142 +573,6 @@ def newest_checkpoint(output_dir: str) -> str | None:
     steps = [int(d.split("-")[1]) for d in os.listdir(root) if d.startswith("step-")] if os.path.isdir(root) else []
     return os.path.join(root, f"step-{max(steps)}") if steps else None
 
-
-# ---------------------------------------------------------------------------------------------
-# hybrid (on-policy) pairs: sample from the policy, score with a reward model, pick chosen / rejected
-# ---------------------------------------------------------------------------------------------
-def pick_pair(scores: list[float], lengths: list[int], rule: str = "v2", rng: random.Random | None = None):
-    """(chosen, rejected) indices among one prompt's candidate responses, or None when every score ties.
-
-    # ALGO LOGIC: v2 (WPO README, the HB-v2 models): chosen = highest score, ties -> the shortest; rejected =
-    # lowest score, ties -> the smallest length difference to the chosen. v1 (the paper): chosen = highest
-    # score, rejected = a random other response (here among the lower-scored ones, so the pair is a preference).
-    # Ties these rules leave go to the earliest candidate.
-    """
-    top, low = max(scores), min(scores)
-    if top == low:
-        return None
-    best = [i for i, s in enumerate(scores) if s == top]
-    if rule == "v1":
-        return best[0], rng.choice([i for i, s in enumerate(scores) if s < top])
-    chosen = min(best, key=lambda i: lengths[i])
-    rejected = min((i for i, s in enumerate(scores) if s == low), key=lambda i: abs(lengths[i] - lengths[chosen]))
-    return chosen, rejected
-
-
-def prompt_and_existing(ex: dict, args: Args) -> tuple[list[dict], list[str]]:
-    """A row's prompt messages and its existing responses (none for a prompt-only dataset)."""
-    if args.chosen_column in ex and args.rejected_column in ex:
-        prompt, chosen, rejected = split_pair(ex, args)
-        return prompt, [chosen, rejected] if args.include_existing else []
-    p = ex[args.prompt_column]
-    return (p if isinstance(p, list) else [{"role": "user", "content": p}]), []
-
-
-@torch.no_grad()
-def sample_responses(model, tokenizer, prompts: list[list[dict]], args: Args) -> list[list[str]]:
-    """`num_samples` responses per prompt in one batched `generate`; prompts left-padded, cut from the left
-    to max_prompt_length as in training."""
-    ids = [chat_ids(tokenizer, p, add_generation_prompt=True)[-args.max_prompt_length:] for p in prompts]
-    width = max(map(len, ids))
-    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids], device=model.device)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
-    eos = model.generation_config.eos_token_id
-    out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
-                         top_p=args.top_p, max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id if eos is None else eos)
-    texts = [t.strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
-    return [texts[i : i + args.num_samples] for i in range(0, len(texts), args.num_samples)]
-
-
-@torch.no_grad()
-def reward_scores(rm, rm_tokenizer, convs: list[list[dict]], max_length: int) -> list[float]:
-    """One scalar per conversation (prompt + assistant response) from a sequence-classification reward model.
-    Left padding, with positions counted from each sequence's first real token: a batched score equals the
-    score of the conversation alone. Conversations longer than max_length keep their last tokens."""
-    ids = [chat_ids(rm_tokenizer, c)[-max_length:] for c in convs]
-    width = max(map(len, ids))
-    input_ids = torch.tensor([[rm_tokenizer.pad_token_id] * (width - len(x)) + x for x in ids], device=rm.device)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=rm.device)
-    out = rm(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
-    score = out.score if getattr(out, "score", None) is not None else out.logits[:, 0]  # ArmoRM's head returns `score`
-    return score.float().flatten().tolist()
-
-
-def hybrid_pairs(exs: list[dict], keys: list[str], model, tokenizer, rm, rm_tokenizer, args: Args) -> tuple[list, int]:
-    """One preference row per example (None where every candidate's score ties), and the number of empty
-    samples dropped. `keys` seed v1's random choice per prompt, so the result does not depend on sharding."""
-    prompts, existing = zip(*(prompt_and_existing(ex, args) for ex in exs))
-    samples = sample_responses(model, tokenizer, prompts, args)
-    # ALGO LOGIC: candidates = the policy's samples + the existing responses, all scored by one reward model;
-    # an empty sample cannot be trained on and is dropped
-    cands = [[t for t in list(old) + new if t.strip()] for old, new in zip(existing, samples)]
-    convs = [p + [{"role": "assistant", "content": t}] for p, c in zip(prompts, cands) for t in c]
-    flat = reward_scores(rm, rm_tokenizer, convs, args.max_length) if convs else []
-    rows = []
-    for ex, key, prompt, c in zip(exs, keys, prompts, cands):
-        scores, flat = flat[: len(c)], flat[len(c) :]
-        lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in c]  # length = policy tokens
-        pair = pick_pair(scores, lengths, args.pair_rule, random.Random(key)) if c else None
-        if pair is None:
-            rows.append(None)
-            continue
-        chosen, rejected = (prompt + [{"role": "assistant", "content": c[i]}] for i in pair)
-        text = ex.get(args.prompt_column)
-        rows.append({"prompt": text if isinstance(text, str) else prompt[-1]["content"],
-                     "prompt_id": str(ex.get("prompt_id", key)), "chosen": chosen, "rejected": rejected,
-                     "messages": chosen, "score_chosen": scores[pair[0]], "score_rejected": scores[pair[1]],
-                     "candidates": c, "candidate_scores": scores})
-    return rows, sum(len(old) + len(new) - len(c) for old, new, c in zip(existing, samples, cands))
-
-
-def build_pairs(model, tokenizer, args: Args, accelerator, log) -> None:
-    """Hybrid pairs for every prompt of the train (and eval) split, written with save_to_disk to
-    --build_pairs_output: the ultrafeedback_binarized schema, plus every candidate and its score."""
-    if os.path.exists(args.build_pairs_output):
-        raise SystemExit(f"--build_pairs_output {args.build_pairs_output} exists; remove it or pick another folder")
-    try:
-        rm_tokenizer = AutoTokenizer.from_pretrained(args.reward_model_name_or_path, trust_remote_code=args.trust_remote_code)
-        rm = AutoModelForSequenceClassification.from_pretrained(
-            args.reward_model_name_or_path, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"could not load the reward model {args.reward_model_name_or_path!r}: {e}") from e
-    if rm_tokenizer.chat_template is None:
-        raise SystemExit(f"the reward model's tokenizer {args.reward_model_name_or_path!r} has no chat template")
-    if rm_tokenizer.pad_token is None:
-        rm_tokenizer.pad_token = rm_tokenizer.eos_token
-    rm.config.pad_token_id = rm_tokenizer.pad_token_id  # the classifier reads the last non-pad token
-    rm, model = rm.to(accelerator.device).eval(), model.eval()
-    splits = {}
-    for split, limit in ((args.train_split, args.max_train_samples), (args.eval_split, args.max_eval_samples)):
-        if split is None:
-            continue
-        ds = load_split(args.dataset_name, args.dataset_config, split)
-        ds = ds.select(range(min(limit, len(ds)))) if limit is not None else ds
-        rows, empty = [], 0
-        with accelerator.split_between_processes(list(range(len(ds)))) as mine:
-            for start in tqdm(range(0, len(mine), args.build_batch_size), desc=f"hybrid pairs ({split})",
-                              disable=not accelerator.is_local_main_process):
-                idx = mine[start : start + args.build_batch_size]
-                keys = [f"{args.seed}-{split}-{i}" for i in idx]
-                got, n_empty = hybrid_pairs([ds[i] for i in idx], keys, model, tokenizer, rm, rm_tokenizer, args)
-                rows, empty = rows + list(zip(idx, got)), empty + n_empty
-        rows, empty = sorted(gather_object(rows), key=lambda r: r[0]), sum(gather_object([empty]))
-        kept = [r for _, r in rows if r is not None]
-        log(f"{split}: {len(kept)} pairs from {len(ds)} prompts ({args.num_samples} samples each"
-            f"{' + the existing responses' if args.include_existing else ''}); {len(rows) - len(kept)} prompts dropped "
-            f"(every score ties), {empty} empty samples dropped")
-        if not kept:
-            raise SystemExit(f"no pair could be built for the {split} split: every prompt's candidates tie")
-        splits[split] = Dataset.from_list(kept)
-    if accelerator.is_main_process:
-        DatasetDict(splits).save_to_disk(args.build_pairs_output)
-        with open(os.path.join(args.build_pairs_output, "build_args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        log(f"wrote the hybrid pairs to {args.build_pairs_output}; train on them with --dataset_name {args.build_pairs_output}")
-    accelerator.wait_for_everyone()
-
-
 if __name__ == "__main__":
     args = parse_args()
     # TRY NOT TO MODIFY: accelerator, batch-size chain, seeding, logging
@@ -747,10 +580,6 @@ if __name__ == "__main__":
     args.world_size = accelerator.num_processes
     args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     log = lambda msg: accelerator.print(f"[{args.exp_name}] {msg}")
-    if args.build_pairs_output is not None:  # hybrid (on-policy) pairs: build the dataset from the policy, write it, stop
-        set_seed(args.seed, device_specific=True)
-        build_pairs(load_model(args.model_name_or_path, args).to(accelerator.device), load_tokenizer(args), args, accelerator, log)
-        raise SystemExit(0)
     os.makedirs(args.output_dir, exist_ok=True)
     if args.track and accelerator.is_main_process:
         import wandb

@@ -1,16 +1,14 @@
-"""wpo.py: the weight against the official code and TRL, no gradient through it, the hybrid pair rules
-(every tie case), end to end on the tiny setting, and hybrid pairs built from the tiny SFT model."""
+"""wpo.py: the weight against the official code and TRL, no gradient through it, end to end on the tiny
+setting. (The hybrid pair builder and its tests live in hybrid_pairs.py / tests/test_hybrid_pairs.py.)"""
 
 import dataclasses
 import json
-import random
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import load_dataset, load_from_disk
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from conftest import load_script, run_script
 
@@ -204,38 +202,6 @@ def test_the_weight_carries_no_gradient(tiny):
 
 
 # ---------------------------------------------------------------------------------------------
-# hybrid pair rules
-# ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("scores, lengths, want", [
-    ([0.5, 0.9, 0.1], [5, 5, 5], (1, 2)),                        # no tie: highest / lowest
-    ([0.9, 0.2], [3, 8], (0, 1)),                                # two candidates
-    ([0.9, 0.1, 0.9, 0.5], [10, 4, 6, 2], (2, 1)),               # chosen tie: the shortest of the best
-    ([0.9, 0.1, 0.9, 0.5], [6, 4, 6, 2], (0, 1)),                # chosen tie, same length: the earliest
-    ([0.9, 0.1, 0.5, 0.1, 0.1], [10, 3, 1, 9, 14], (0, 3)),      # rejected tie: closest length to the chosen
-    ([0.9, 0.1, 0.1, 0.5], [10, 12, 8, 1], (0, 1)),              # rejected tie, equal distance (longer first): earliest
-    ([0.9, 0.1, 0.1, 0.5], [10, 8, 12, 1], (0, 1)),              # rejected tie, equal distance (shorter first): earliest
-    ([0.1, 0.9, 0.1, 0.9], [5, 12, 11, 4], (3, 0)),              # both tie: rejected measured against the shortest best
-    ([0.2, 0.2, 0.9, 0.2], [7, 7, 1, 7], (2, 0)),                # rejected tie, every length equal: earliest
-])
-def test_v2_pair_rules_on_ties(scores, lengths, want):
-    assert wpo.pick_pair(scores, lengths, "v2") == want
-
-
-@pytest.mark.parametrize("rule", ["v2", "v1"])
-def test_no_pair_when_every_score_ties(rule):
-    assert wpo.pick_pair([0.4, 0.4, 0.4], [1, 5, 9], rule, random.Random(0)) is None
-    assert wpo.pick_pair([0.4], [3], rule, random.Random(0)) is None
-
-
-def test_v1_rejects_a_random_lower_scored_response():
-    scores, lengths = [0.3, 0.9, 0.9, 0.1, 0.9, 0.5], [4, 9, 2, 5, 6, 1]
-    picks = [wpo.pick_pair(scores, lengths, "v1", random.Random(k)) for k in range(200)]
-    assert {c for c, _ in picks} == {1}  # the highest score, ties -> the earliest (no length rule in v1)
-    assert {r for _, r in picks} == {0, 3, 5}  # every lower-scored response, never a tied best
-    assert picks == [wpo.pick_pair(scores, lengths, "v1", random.Random(k)) for k in range(200)]  # seeded
-
-
-# ---------------------------------------------------------------------------------------------
 # end to end on the tiny setting
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
@@ -269,63 +235,6 @@ def test_wpo_end_to_end_trains_with_weights_in_range(tiny, sft_model, tmp_path):
     assert evals[1]["eval/rewards/margins"] > 0
     for f in ("model.safetensors", "config.json", "tokenizer.json", "args.json"):
         assert (out / f).exists(), f
-
-
-def tiny_reward_model(tok, path):
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=256, num_labels=1, pad_token_id=tok.pad_token_id)
-    Qwen2ForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def test_hybrid_pairs_follow_the_reward_model_and_train(tiny, sft_model, tmp_path):
-    tok = AutoTokenizer.from_pretrained(sft_model)
-    rm_path = tiny_reward_model(tok, tmp_path / "rm")
-    built = tmp_path / "hybrid"
-    p = run_script(*wpo_args(tiny, sft_model, tmp_path / "unused", "--build_pairs_output", str(built),
-                             "--reward_model_name_or_path", str(rm_path), "--num_samples", "3", "--temperature", "1.0",
-                             "--top_p", "0.9", "--build_batch_size", "16", "--max_train_samples", "48",
-                             "--max_eval_samples", "16"))
-    assert "train_prefs: 48 pairs from 48 prompts" in p.stdout and not (tmp_path / "unused").exists()
-    ds = load_from_disk(str(built))
-    assert sorted(ds) == ["test_prefs", "train_prefs"] and len(ds["test_prefs"]) == 16
-    for col in ("prompt", "prompt_id", "chosen", "rejected", "messages", "score_chosen", "score_rejected", "candidates",
-                "candidate_scores"):
-        assert col in ds["train_prefs"].column_names, col
-
-    src = load_dataset(str(tiny / "ultrafeedback"), split="train_prefs")
-    rm = Qwen2ForSequenceClassification.from_pretrained(rm_path).eval()
-    sampled_new = 0
-    for k, row in enumerate(ds["train_prefs"]):
-        prompt = [{"role": "user", "content": src[k]["prompt"]}]
-        assert row["prompt"] == src[k]["prompt"] and row["prompt_id"] == src[k]["prompt_id"]
-        assert row["chosen"][:-1] == prompt == row["rejected"][:-1] and row["messages"] == row["chosen"]
-        cands = row["candidates"]
-        # the existing responses come first, then up to 3 non-empty samples from the policy
-        assert cands[:2] == [src[k]["chosen"][-1]["content"], src[k]["rejected"][-1]["content"]] and 3 <= len(cands) <= 5
-        sampled_new += sum(c not in cands[:2] for c in cands[2:])
-        # every score is the reward model's, scoring the conversation alone (no padding)
-        with torch.no_grad():
-            for text, s in zip(cands, row["candidate_scores"]):
-                ids = wpo.chat_ids(tok, prompt + [{"role": "assistant", "content": text}])
-                assert abs(rm(input_ids=torch.tensor([ids])).logits[0, 0].item() - s) < 1e-4
-        # v2: chosen = highest score (ties: shortest), rejected = lowest score (ties: closest length)
-        scores = row["candidate_scores"]
-        c, r = row["chosen"][-1]["content"], row["rejected"][-1]["content"]
-        assert row["score_chosen"] == max(scores) and row["score_rejected"] == min(scores) < max(scores)
-        assert c == cands[wpo.pick_pair(scores, [len(tok(t)["input_ids"]) for t in cands])[0]]
-        assert r == cands[wpo.pick_pair(scores, [len(tok(t)["input_ids"]) for t in cands])[1]]
-    assert sampled_new > 48  # the policy's own samples are there, not only the existing pairs
-
-    # the output is a normal preference dataset: wpo.py and dpo.py train on it
-    for script in ("wpo.py", "dpo.py"):
-        out = tmp_path / script[:-3]
-        run_script(script, "--preset", "tiny", "--model_name_or_path", str(sft_model), "--dataset_name", str(built),
-                   "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"), "--max_steps", "2",
-                   "--per_device_train_batch_size", "16", "--logging_steps", "1")
-        assert (out / "model.safetensors").exists() and len([r for r in metrics(out) if "train/loss" in r]) == 2
 
 
 def test_help_documents_every_flag():
