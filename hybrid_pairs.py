@@ -1,0 +1,461 @@
+"""Hybrid (on-policy) preference pairs for WPO: sample responses from the policy, score them with a reward
+model, and keep one (chosen, rejected) pair per prompt. The written dataset is what wpo.py (WPO-HB) and
+dpo.py train on with `--dataset_name OUTPUT_DIR`.
+
+Zhou et al., "WPO: Enhancing RLHF with Weighted Preference Optimization" (2024); official code
+github.com/wzhouad/WPO (README: the "hybrid" HB / HB-v2 data). For each prompt x of a preference dataset:
+
+    candidates(x) = the existing chosen and rejected responses (--include_existing, the "hybrid" part)
+                    + --num_samples responses sampled from the policy (--temperature, --top_p, --max_new_tokens)
+    score(y)      = reward model r(x, y): a sequence-classification head on the chat-formatted conversation
+    v2 (default, the README's HB-v2 models):
+        chosen    = the highest score; ties -> the shortest response (policy tokens)
+        rejected  = the lowest score;  ties -> the smallest length difference to the chosen response
+    v1 (the paper): chosen = the highest score; rejected = a random response with a lower score,
+        drawn from a generator seeded by (seed, split, row), so the pick does not depend on sharding
+    ties these rules leave go to the earliest candidate (existing responses first, then samples in order);
+    a prompt whose candidates all score the same gives no pair (dropped, counted); empty samples are dropped.
+
+Output (save_to_disk, HuggingFaceH4/ultrafeedback_binarized schema, one split per input split): `prompt`,
+`prompt_id`, `chosen` / `rejected` (message lists ending in the assistant turn), `messages` (= chosen),
+`score_chosen` / `score_rejected`, plus `candidates` / `candidate_scores` (every scored response) and
+`args.json` (these arguments). Sampled prompts are cut from the left to --max_prompt_length tokens, as
+training cuts them; the reward model reads at most --max_length tokens (the last ones) per conversation,
+left-padded with positions counted from each sequence's first token, so a batched score equals the score
+of the conversation alone. Prompts are sharded across processes (accelerate); each process samples with
+its own seed (set_seed(seed, device_specific=True)), so the samples depend on the number of processes.
+
+Paper scale (GPU, hub; Llama-3-8B-Instruct scored by ArmoRM, as the WPO README's HB-v2 models):
+    accelerate launch hybrid_pairs.py --output_dir data/llama3-hybrid --trust_remote_code \
+        --model_name_or_path meta-llama/Meta-Llama-3-8B-Instruct \
+        --reward_model_name_or_path RLHFlow/ArmoRM-Llama3-8B-v0.1
+    accelerate launch --config_file configs/zero3.yaml wpo.py --dataset_name data/llama3-hybrid \
+        --output_dir runs/llama3-8b-instruct-wpo-hb
+Offline tiny setting (CPU; RM_FOLDER = any AutoModelForSequenceClassification folder with a chat template):
+    python -m tiny --out data/tiny && python sft.py --preset tiny --output_dir runs/tiny/sft-weak
+    python hybrid_pairs.py --preset tiny --reward_model_name_or_path RM_FOLDER --output_dir data/tiny/hybrid
+    python wpo.py --preset tiny --model_name_or_path runs/tiny/sft-weak --dataset_name data/tiny/hybrid \
+        --output_dir runs/tiny/wpo-hb
+
+Defaults: 5 samples per prompt at temperature 0.8, top-p 0.95, up to 1024 new tokens, plus the existing
+pair (WPO-HB); prompt / total lengths 1800 / 2048 tokens as wpo.py's Llama-3 setting; bf16 weights on a GPU.
+"""
+
+import json
+import os
+import random
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Literal, NoReturn
+from urllib.parse import urlparse
+
+import torch
+import tyro
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this program (log prefix)"""
+    seed: int = 1
+    """seed of the sampling and of v1's random rejected response"""
+    output_dir: str = "data/hybrid"
+    """the folder the dataset is written to (save_to_disk; train on it with --dataset_name OUTPUT_DIR)"""
+    overwrite_output_dir: bool = False
+    """replace a dataset an earlier run wrote in output_dir (the folder is deleted once the new one is complete)"""
+    preset: Literal["tiny"] | None = None
+    """named defaults: `tiny` = the offline tiny setting (data/tiny, runs/tiny/sft-weak); flags still override"""
+    push_to_hub: bool = False
+    """also upload the dataset to the Hugging Face Hub (needs a login)"""
+    hub_dataset_id: str | None = None
+    """repo id for --push_to_hub (default: the output_dir's name)"""
+
+    # policy and reward model
+    model_name_or_path: str = "meta-llama/Meta-Llama-3-8B-Instruct"
+    """the policy that samples responses: hub id or local folder (WPO README: the model WPO then trains)"""
+    tokenizer_name: str | None = None
+    """the policy's tokenizer, hub id or path (default: --model_name_or_path)"""
+    reward_model_name_or_path: str = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
+    """reward model (AutoModelForSequenceClassification with a chat template; ArmoRM needs --trust_remote_code)"""
+    trust_remote_code: bool = False
+    """allow custom modelling code from the hub (off: only code shipped with transformers runs)"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of both models' weights; auto = bfloat16 on a GPU, float32 on the CPU"""
+    attn_implementation: str = "sdpa"
+    """attention kernel: sdpa, eager, flash_attention_2"""
+
+    # data
+    dataset_name: str = "HuggingFaceH4/ultrafeedback_binarized"
+    """prompts (and existing pairs): hub id, local dataset folder, save_to_disk folder or a .json/.jsonl/.parquet file"""
+    dataset_config: str | None = None
+    """dataset config (subset) name"""
+    train_split: str = "train_prefs"
+    """split whose prompts become the training pairs (the output split keeps this name)"""
+    eval_split: str | None = "test_prefs"
+    """split whose prompts become held-out pairs (None: build the train split only)"""
+    prompt_column: str = "prompt"
+    """prompt column: a string or a message list (used when there is no chosen/rejected pair)"""
+    chosen_column: str = "chosen"
+    """existing chosen response: a message list ending in the assistant turn, or a string"""
+    rejected_column: str = "rejected"
+    """existing rejected response: a message list ending in the assistant turn, or a string"""
+    max_train_samples: int | None = None
+    """use only the first N prompts of the train split"""
+    max_eval_samples: int | None = 1000
+    """use only the first N prompts of the eval split"""
+    max_length: int = 2048
+    """the reward model reads at most this many tokens per conversation (the last ones)"""
+    max_prompt_length: int = 1800
+    """sampling prompts keep their last this many tokens (as wpo.py / dpo.py cut them)"""
+
+    # sampling and pairs
+    num_samples: int = 5
+    """responses sampled from the policy per prompt"""
+    temperature: float = 0.8
+    """sampling temperature (> 0)"""
+    top_p: float = 0.95
+    """nucleus sampling: keep the smallest token set with this much probability"""
+    max_new_tokens: int = 1024
+    """longest sampled response, in tokens"""
+    include_existing: bool = True
+    """also score the dataset's own chosen and rejected responses as candidates (the "hybrid" in WPO-HB)"""
+    pair_rule: Literal["v2", "v1"] = "v2"
+    """v2: rejected = lowest score (WPO README); v1: rejected = a random lower-scored response (paper)"""
+    batch_size: int = 8
+    """prompts per generate call and per reward-model forward (which scores all their candidates at once)"""
+
+
+PRESETS = {
+    "tiny": Args(
+        preset="tiny", output_dir="data/tiny/hybrid", model_name_or_path="runs/tiny/sft-weak",
+        dataset_name="data/tiny/ultrafeedback", max_length=128, max_prompt_length=64, max_new_tokens=24,
+        batch_size=64, max_eval_samples=400,
+    ),
+}
+
+
+def fail(message: str) -> NoReturn:
+    """A user error: one message saying what is wrong and how to fix it, exit code 2, nothing written."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args() -> Args:
+    """`--preset NAME` (or `--preset=NAME`) picks the defaults; every flag given overrides them."""
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS))
+    preset = pre.parse_known_args()[0].preset
+    args = tyro.cli(Args, default=PRESETS[preset] if preset else Args(), use_underscores=True)
+    validate(args)
+    return args
+
+
+def validate(args: Args) -> None:
+    """Every argument error, before anything is loaded or written."""
+    for name in ("num_samples", "max_new_tokens", "batch_size", "max_length", "max_prompt_length"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    for name in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1 (got {getattr(args, name)}); leave it out to use the whole split")
+    if not args.temperature > 0:
+        fail(f"--temperature must be above 0 (got {args.temperature}): greedy decoding would make every sample the same")
+    if not 0 < args.top_p <= 1:
+        fail(f"--top_p must be in (0, 1] (got {args.top_p})")
+    if args.max_prompt_length >= args.max_length:
+        fail(f"--max_prompt_length ({args.max_prompt_length}) must be below --max_length ({args.max_length})")
+    if args.num_samples < 2 and not args.include_existing:
+        fail("a pair needs at least two candidates: pass --num_samples 2 or more, or keep --include_existing")
+    if args.eval_split is not None and args.eval_split == args.train_split:
+        fail(f"--train_split and --eval_split are both {args.train_split!r}; pass another --eval_split or --eval_split None")
+    if os.path.isfile(args.dataset_name) and args.eval_split is not None:
+        fail(f"--dataset_name {args.dataset_name} is a single file: it holds one split, read as --train_split; "
+             "pass --eval_split None (or give a dataset folder with both splits)")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        fail(f"output_dir {args.output_dir} is a file; pass another --output_dir")
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite_output_dir:
+        fail(f"output_dir {args.output_dir} already holds files (a dataset, args.json, ...); pass --overwrite_output_dir "
+             "to replace them, or another --output_dir")
+    if os.path.abspath(args.output_dir) == os.path.abspath(args.dataset_name):
+        fail(f"--output_dir {args.output_dir} is the input --dataset_name; pass another --output_dir")
+
+
+def check_hub(names: list[str]) -> None:
+    """With the hub online and some name not a local path: fail fast (3 s) when the hub cannot be reached."""
+    from huggingface_hub import constants
+
+    remote = [n for n in names if n is not None and not os.path.exists(n)]
+    if not remote or constants.HF_HUB_OFFLINE:
+        return
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError:
+        fail(f"no network: cannot reach the Hugging Face Hub for '{remote[0]}'. Set HF_HUB_OFFLINE=1 to use the "
+             "local cache, or pass a local path.")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+def read_jsonl(path: str) -> list[dict]:
+    """A .jsonl file row by row, so a bad line is reported by its 1-based number."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    fail(f"{path}, line {n}: not valid JSON ({e.msg}); fix or remove that line")
+                if not isinstance(rows[-1], dict):
+                    fail(f"{path}, line {n}: expected a JSON object with the prompt and pair columns")
+    return rows
+
+
+def load_split(args: Args, split: str):
+    """Hub id, local dataset folder (README YAML / data files), save_to_disk folder, or one file."""
+    name = args.dataset_name
+    try:
+        if os.path.isfile(name):
+            ext = os.path.splitext(name)[1]
+            if ext == ".jsonl":
+                rows = read_jsonl(name)
+                if not rows:
+                    fail(f"{name} is empty; it needs one JSON object per line")
+                return Dataset.from_list(rows)
+            kind = {".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(ext)
+            if kind is None:
+                fail(f"cannot read dataset file {name}: use .json, .jsonl, .parquet or .csv")
+            return load_dataset(kind, data_files={split: name}, split=split)
+        if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
+            saved = load_from_disk(name)
+            if split not in saved:
+                fail(f"dataset {name} has no split {split!r} (splits: {sorted(saved)}); pass --train_split / --eval_split")
+            return saved[split]
+        return load_dataset(name, args.dataset_config, split=split)
+    except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
+        where = "no such local folder or file, and not a hub dataset" + (" in the local cache" if os.environ.get("HF_HUB_OFFLINE") else "")
+        fail(f"could not load split {split!r} of dataset '{name}': {where} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
+def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def as_messages(prompt) -> list[dict]:
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def prompt_and_existing(ex: dict, args: Args) -> tuple[list[dict], list[str]]:
+    """A row's prompt messages and its existing responses (none for a prompt-only dataset or --no_include_existing).
+    Message-list pairs take their prompt from the turns before the last assistant turn."""
+    if args.chosen_column not in ex or args.rejected_column not in ex:
+        return as_messages(ex[args.prompt_column]), []
+    chosen, rejected = ex[args.chosen_column], ex[args.rejected_column]
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        prompt = chosen[:-1] or as_messages(ex[args.prompt_column])
+        chosen, rejected = chosen[-1]["content"], rejected[-1]["content"]
+    else:
+        prompt = as_messages(ex[args.prompt_column])
+    return prompt, [chosen, rejected] if args.include_existing else []
+
+
+def check_columns(ds, args: Args, split: str) -> None:
+    """A split needs a prompt column, or a chosen/rejected pair to take the prompt from."""
+    cols = ds.column_names
+    has_pair = args.chosen_column in cols and args.rejected_column in cols
+    if args.prompt_column not in cols and not has_pair:
+        fail(f"the {split} split of {args.dataset_name} has neither a {args.prompt_column!r} column nor "
+             f"{args.chosen_column!r}/{args.rejected_column!r} (columns: {cols}); pass --prompt_column (and "
+             "--chosen_column / --rejected_column) naming your columns")
+    for k, ex in enumerate(ds.select(range(min(len(ds), 1000)))):
+        try:
+            prompt, existing = prompt_and_existing(ex, args)
+            ok = all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt)
+            ok = ok and all(isinstance(t, str) for t in existing)
+        except (KeyError, TypeError, IndexError, AttributeError):
+            ok = False
+        if not ok:
+            fail(f"row {k} of the {split} split of {args.dataset_name}: the prompt must be a string or a list of "
+                 "{role, content} messages, and chosen/rejected strings or message lists ending in the assistant turn")
+
+
+# ---------------------------------------------------------------------------------------------
+# the pair rules
+# ---------------------------------------------------------------------------------------------
+def pick_pair(scores: list[float], lengths: list[int], rule: str = "v2", rng: random.Random | None = None):
+    """(chosen, rejected) indices among one prompt's candidate responses, or None when every score ties."""
+    top, low = max(scores), min(scores)
+    if top == low:
+        return None
+    best = [i for i, s in enumerate(scores) if s == top]
+    if rule == "v1":  # ALGO LOGIC: the paper: chosen = the best, rejected = a random lower-scored response
+        return best[0], rng.choice([i for i, s in enumerate(scores) if s < top])
+    # ALGO LOGIC: v2 (WPO README): chosen = highest score, ties -> the shortest;
+    # rejected = lowest score, ties -> the smallest length difference to the chosen
+    chosen = min(best, key=lambda i: lengths[i])
+    rejected = min((i for i, s in enumerate(scores) if s == low), key=lambda i: abs(lengths[i] - lengths[chosen]))
+    return chosen, rejected
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling and scoring
+# ---------------------------------------------------------------------------------------------
+def left_pad(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the left to the longest, and their attention mask."""
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+    return input_ids, mask
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: list[list[dict]], args: Args) -> list[list[str]]:
+    """`num_samples` responses per prompt in one batched `generate`; prompts left-padded, cut from the left
+    to max_prompt_length as in training."""
+    input_ids, mask = left_pad([chat_ids(tokenizer, p, add_generation_prompt=True)[-args.max_prompt_length:]
+                                for p in prompts], tokenizer.pad_token_id, model.device)
+    eos = model.generation_config.eos_token_id
+    out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
+                         top_p=args.top_p, top_k=None, max_new_tokens=args.max_new_tokens,
+                         num_return_sequences=args.num_samples, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id if eos is None else eos)
+    texts = [t.strip() for t in tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)]
+    return [texts[i : i + args.num_samples] for i in range(0, len(texts), args.num_samples)]
+
+
+@torch.no_grad()
+def reward_scores(rm, rm_tokenizer, convs: list[list[dict]], max_length: int) -> list[float]:
+    """One scalar per conversation (prompt + assistant response) from a sequence-classification reward model.
+    Positions count from each sequence's first real token: a batched score equals the conversation's alone."""
+    input_ids, mask = left_pad([chat_ids(rm_tokenizer, c)[-max_length:] for c in convs], rm_tokenizer.pad_token_id,
+                               rm.device)
+    out = rm(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    score = out.score if getattr(out, "score", None) is not None else out.logits[:, 0]  # ArmoRM's head returns `score`
+    return score.float().flatten().tolist()
+
+
+def hybrid_pairs(exs: list[dict], keys: list[str], model, tokenizer, rm, rm_tokenizer, args: Args) -> tuple[list, int]:
+    """One preference row per example (None where every candidate's score ties), and the number of empty
+    samples dropped. `keys` seed v1's random choice per prompt, so the result does not depend on sharding."""
+    prompts, existing = zip(*(prompt_and_existing(ex, args) for ex in exs))
+    samples = sample_responses(model, tokenizer, prompts, args)
+    # ALGO LOGIC: candidates = the existing responses + the policy's samples, all scored by one reward model;
+    # an empty sample cannot be trained on and is dropped
+    candidates = [[t for t in list(old) + new if t.strip()] for old, new in zip(existing, samples)]
+    convs = [p + [{"role": "assistant", "content": t}] for p, cands in zip(prompts, candidates) for t in cands]
+    flat_scores = reward_scores(rm, rm_tokenizer, convs, args.max_length) if convs else []
+    rows = []
+    for ex, key, prompt, cands in zip(exs, keys, prompts, candidates):
+        scores, flat_scores = flat_scores[: len(cands)], flat_scores[len(cands) :]
+        lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in cands]  # length = policy tokens
+        pair = pick_pair(scores, lengths, args.pair_rule, random.Random(key)) if cands else None
+        if pair is None:
+            rows.append(None)
+            continue
+        chosen, rejected = (prompt + [{"role": "assistant", "content": cands[i]}] for i in pair)
+        text = ex.get(args.prompt_column)
+        rows.append({"prompt": text if isinstance(text, str) else prompt[-1]["content"],
+                     "prompt_id": str(ex.get("prompt_id", key)), "chosen": chosen, "rejected": rejected,
+                     "messages": chosen, "score_chosen": scores[pair[0]], "score_rejected": scores[pair[1]],
+                     "candidates": cands, "candidate_scores": scores})
+    return rows, sum(len(old) + len(new) - len(c) for old, new, c in zip(existing, samples, candidates))
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+def load_pretrained(cls, name: str, what: str, args: Args, **kwargs):
+    """A tokenizer or model by hub id or local folder; a bad name is a user error naming it."""
+    try:
+        return cls.from_pretrained(name, trust_remote_code=args.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        where = "no such local folder" + (", and not a hub id in the local cache (HF_HUB_OFFLINE is set)"
+                                          if os.environ.get("HF_HUB_OFFLINE") else " and not a hub id")
+        fail(f"could not load {what} '{name}': {where} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
+def load_tokenizer(name: str, what: str, args: Args):
+    tok = load_pretrained(AutoTokenizer, name, what, args)
+    if tok.chat_template is None:
+        fail(f"{what} '{name}' has no chat template; use an instruct / chat tokenizer or one with a template set")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    check_hub([args.model_name_or_path, args.tokenizer_name, args.reward_model_name_or_path, args.dataset_name])
+    # TRY NOT TO MODIFY: accelerator, seeding, logging
+    accelerator = Accelerator()
+    log = lambda msg: accelerator.print(f"[{args.exp_name}] {msg}")
+    set_seed(args.seed, device_specific=True)
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+    splits = {}
+    for split, limit in ((args.train_split, args.max_train_samples), (args.eval_split, args.max_eval_samples)):
+        if split is not None:
+            ds = load_split(args, split)
+            splits[split] = ds.select(range(min(limit, len(ds)))) if limit is not None else ds
+            if len(splits[split]) == 0:
+                fail(f"the {split} split of {args.dataset_name} is empty")
+            check_columns(splits[split], args, split)
+    tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, "the policy's tokenizer", args)
+    rm_tokenizer = load_tokenizer(args.reward_model_name_or_path, "the reward model's tokenizer", args)
+    model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, "the policy", args, dtype=dtype,
+                            attn_implementation=args.attn_implementation)
+    rm = load_pretrained(AutoModelForSequenceClassification, args.reward_model_name_or_path, "the reward model", args,
+                         dtype=dtype)
+    rm.config.pad_token_id = rm_tokenizer.pad_token_id  # the classifier reads the last non-pad token
+    model, rm = model.to(accelerator.device).eval(), rm.to(accelerator.device).eval()
+    log(f"policy {args.model_name_or_path}, reward model {args.reward_model_name_or_path}, {dtype}, "
+        f"{accelerator.num_processes} process(es)")
+
+    built = {}
+    for split, ds in splits.items():
+        rows, empty = [], 0
+        # ALGO LOGIC: every prompt gets candidates, scores and a pair; processes take contiguous shards of prompts
+        with accelerator.split_between_processes(list(range(len(ds)))) as mine:
+            for start in tqdm(range(0, len(mine), args.batch_size), desc=f"hybrid pairs ({split})",
+                              disable=not accelerator.is_local_main_process):
+                idx = mine[start : start + args.batch_size]
+                keys = [f"{args.seed}-{split}-{i}" for i in idx]
+                got, n_empty = hybrid_pairs([ds[i] for i in idx], keys, model, tokenizer, rm, rm_tokenizer, args)
+                rows, empty = rows + list(zip(idx, got)), empty + n_empty
+        rows, empty = sorted(gather_object(rows), key=lambda r: r[0]), sum(gather_object([empty]))
+        kept = [r for _, r in rows if r is not None]
+        log(f"{split}: {len(kept)} pairs from {len(ds)} prompts ({args.num_samples} samples each"
+            f"{' + the existing responses' if args.include_existing else ''}); {len(rows) - len(kept)} prompts dropped "
+            f"(every score ties), {empty} empty samples dropped")
+        if not kept:
+            fail(f"no pair could be built for the {split} split: every prompt's candidates score the same; check the "
+                 "reward model, or sample more (--num_samples, --temperature)")
+        built[split] = Dataset.from_list(kept)
+
+    # TRY NOT TO MODIFY: write to a temporary folder, then rename: a run that stops early leaves nothing behind
+    if accelerator.is_main_process:
+        tmp = args.output_dir.rstrip("/") + f".tmp-{os.getpid()}"
+        DatasetDict(built).save_to_disk(tmp)
+        with open(os.path.join(tmp, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        if os.path.isdir(args.output_dir):  # non-empty only with --overwrite_output_dir (validated)
+            shutil.rmtree(args.output_dir)
+        os.replace(tmp, args.output_dir)
+        log(f"wrote the hybrid pairs to {args.output_dir}; train on them with --dataset_name {args.output_dir}")
+        if args.push_to_hub:
+            DatasetDict(built).push_to_hub(args.hub_dataset_id or os.path.basename(args.output_dir.rstrip("/")))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
