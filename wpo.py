@@ -399,8 +399,9 @@ class TokenLogps(torch.autograd.Function):
         out = torch.empty_like(logits)
         for i in range(0, len(logits), ctx.chunk):
             rows = slice(i, i + ctx.chunk)
-            out[rows] = (logits[rows].float() - log_z[rows, None]).exp_().mul_(-grad[rows, None])  # -softmax * grad
-        return out.scatter_add_(-1, targets[:, None], grad[:, None].to(out.dtype)), None, None  # + onehot * grad
+            g = (logits[rows].float() - log_z[rows, None]).exp_().mul_(-grad[rows, None])  # -softmax * grad
+            out[rows] = g.scatter_add_(-1, targets[rows, None], grad[rows, None])  # + onehot * grad, in fp32; one cast
+        return out, None, None
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
@@ -505,9 +506,9 @@ def data_fingerprint(ds, columns) -> str:
     return h.hexdigest()
 
 
-def cache_key(args: Args, ref_name: str, ds) -> str:
+def cache_key(args: Args, ref_name: str, ds, mixed_precision: str) -> str:
     parts = [model_fingerprint(ref_name), data_fingerprint(ds, ("prompt_ids", "chosen_ids", "rejected_ids")),
-             str(args.use_lora), args.dtype]
+             str(args.use_lora), args.dtype, mixed_precision]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
@@ -525,7 +526,8 @@ def reference_logps(ref_model, ds, args: Args, accelerator, collate_fn, path: st
         loader = DataLoader(ds.select(mine), batch_size=args.prepass_batch_size, collate_fn=collate_fn)
         for batch in tqdm(loader, desc="reference pre-pass", disable=not accelerator.is_local_main_process):
             batch = send_to_device(batch, accelerator.device)  # nested: the parts' tensors too
-            logps, _, _ = sequence_logps(ref_model, batch)
+            with accelerator.autocast():  # the policy's forward runs under it too (accelerator.prepare)
+                logps, _, _ = sequence_logps(ref_model, batch)
             n = len(batch["row"])
             results += list(zip(batch["row"].tolist(), logps[:n].tolist(), logps[n:].tolist()))
     results = sorted(gather_object(results))
@@ -636,7 +638,7 @@ if __name__ == "__main__":
         with scorer.disable_adapter() if args.use_lora and ref_model is None else nullcontext():
             for split, ds in (("train", train_ds), ("eval", eval_ds)):
                 if ds is not None:
-                    path = os.path.join(args.cache_dir, f"ref-logps-{cache_key(args, ref_name, ds)}.safetensors")
+                    path = os.path.join(args.cache_dir, f"ref-logps-{cache_key(args, ref_name, ds, accelerator.mixed_precision)}.safetensors")
                     ref_cache[split] = reference_logps(scorer, ds, args, accelerator, collate_fn, path, log)
         ref_model = None  # training holds only the policy
 

@@ -3,6 +3,7 @@ setting. (The hybrid pair builder and its tests live in hybrid_pairs.py / tests/
 
 import dataclasses
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -174,6 +175,61 @@ def test_token_logps_and_sum_sq_equal_softmax_formulas_with_gradients():
     torch.testing.assert_close(g1.double(), g2.double(), atol=1e-6, rtol=0)
 
 
+def peaked_logits(rows=64, vocab=300, seed=0):
+    """bf16 logits whose first half of the rows put more than 0.9 of the mass on their target."""
+    g = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(rows, vocab, generator=g)
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    logits[: rows // 2].scatter_(-1, targets[: rows // 2, None], 16.0)
+    return logits.bfloat16(), targets
+
+
+def test_log_sum_sq_is_fp32_and_exact_for_bf16_logits():
+    logits, targets = peaked_logits()
+    lp, sq = wpo.token_logps(logits, targets, chunk=7)
+    assert lp.dtype == sq.dtype == torch.float32
+    # the reference: an fp32 (here fp64) softmax of the same bf16 logits
+    p = torch.softmax(logits.double(), -1)
+    torch.testing.assert_close(sq.double(), p.square().sum(-1).log(), atol=2e-6, rtol=0)
+    torch.testing.assert_close(lp.double(), p.log().gather(-1, targets[:, None])[:, 0], atol=2e-6, rtol=0)
+    # a softmax taken in bf16 is far off on the same rows: the test sees the difference
+    bf16_sq = torch.softmax(logits, -1).square().sum(-1).double().log()
+    assert (bf16_sq - p.square().sum(-1).log()).abs().max() > 1e-3
+    # one pass: every chunk size gives the same bits
+    for chunk in (1, 5, 64, 2048):
+        lp_c, sq_c = wpo.token_logps(logits, targets, chunk=chunk)
+        assert torch.equal(lp_c, lp) and torch.equal(sq_c, sq)
+
+
+def test_weight_from_bf16_logits_equals_the_official_formula_in_fp32():
+    logits, labels, batch = fixed_batch(n_pairs=6, length=12, vocab=50, seed=3)
+    logits = logits.bfloat16()
+    want_logps, want_w = official_get_batch_logps(logits.double(), labels)
+    logps, lengths, sq_sums = wpo.sequence_logps(FixedLogits(logits), batch)
+    torch.testing.assert_close(logps.double(), want_logps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(wpo.wpo_weight(logps, lengths, sq_sums).double(), want_w, atol=1e-6, rtol=1e-5)
+
+
+def test_token_logps_gradient_keeps_fp32_precision_in_bf16():
+    logits, targets = peaked_logits()
+    logits.requires_grad_(True)
+    upstream = torch.randn(len(targets), generator=torch.Generator().manual_seed(1))
+    lp, _ = wpo.token_logps(logits, targets, chunk=7)
+    (got,) = torch.autograd.grad((lp * upstream).sum(), logits)
+    assert got.dtype == torch.bfloat16
+    # plain autograd through an fp32 log_softmax of the same bf16 logits
+    ref_logits = logits.detach().float().requires_grad_(True)
+    want_lp = torch.log_softmax(ref_logits, -1).gather(-1, targets[:, None])[:, 0]
+    (want,) = torch.autograd.grad((want_lp * upstream).sum(), ref_logits)
+    rows = torch.arange(len(targets))
+    high = torch.softmax(ref_logits.detach(), -1)[rows, targets] > 0.9
+    assert high.sum() == len(targets) // 2
+    at_target = lambda g: g.float()[rows[high], targets[high]]  # (1 - p) * upstream: small where p > 0.9
+    rel = (at_target(got) - at_target(want)).abs() / at_target(want).abs()
+    assert rel.max() < 0.01, rel.max()  # one rounding of an fp32 value to bf16: at most 2^-8
+    torch.testing.assert_close(got.float(), want, atol=0.02 * upstream.abs().max().item(), rtol=0.01)
+
+
 def test_the_weight_carries_no_gradient(tiny):
     logits, _, batch = fixed_batch()
     logits.requires_grad_(True)
@@ -235,6 +291,27 @@ def test_wpo_end_to_end_trains_with_weights_in_range(tiny, sft_model, tmp_path):
     assert evals[1]["eval/rewards/margins"] > 0
     for f in ("model.safetensors", "config.json", "tokenizer.json", "args.json"):
         assert (out / f).exists(), f
+
+
+def test_step_0_rewards_are_exactly_zero_in_bf16_and_fp32(tiny, small_sft, tmp_path):
+    """At step 0 the policy is the reference: the pre-pass and the policy's forward run under the same precision,
+    so every implicit reward is exactly 0, whatever the mixed precision."""
+    step0 = {}
+    for precision in ("bf16", "no"):
+        out = tmp_path / precision
+        run_script("wpo.py", "--preset", "tiny", "--model_name_or_path", str(small_sft), "--dataset_name",
+                   str(tiny / "ultrafeedback"), "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"),
+                   "--max_steps", "1", "--max_eval_samples", "64", "--max_train_samples", "64",
+                   env={"ACCELERATE_MIXED_PRECISION": precision})
+        step0[precision] = m = next(r for r in metrics(out) if r["step"] == 0 and "eval/loss" in r)
+        for k in ("eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins", "eval/rewards/accuracies"):
+            assert m[k] == 0.0, (precision, k, m[k])
+        assert 0 < m["eval/weight/min"] <= m["eval/weight/mean"] <= m["eval/weight/max"] <= 1
+        # h = 0 for every pair: each loss is w * log 2
+        assert m["eval/loss"] == pytest.approx(math.log(2) * m["eval/weight/mean"], rel=1e-6)
+    # bf16 really ran: the log-probs themselves differ from fp32's
+    assert step0["bf16"]["eval/logps/chosen"] != step0["no"]["eval/logps/chosen"]
+    assert step0["bf16"]["eval/logps/chosen"] == pytest.approx(step0["no"]["eval/logps/chosen"], rel=1e-2)
 
 
 def test_help_documents_every_flag():
