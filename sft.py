@@ -1,13 +1,24 @@
 """Supervised fine-tuning (SFT) of a causal LM on chat conversations, loss on assistant tokens only.
 
-Step 1 of the WSPO pipeline (Zhu et al., "Weak-to-Strong Preference Optimization", 2025; official
-code: the WSPO repo, LLaMA-Factory `stage: sft`): the weak and strong base models are fine-tuned on
-UltraChat before alignment. The loss is next-token cross-entropy on the tokens of every assistant
-turn, its end-of-turn token included; system and user turns (and the template's glue) are masked.
+Step 1 of the WSPO pipeline (Zhu et al., "Weak-to-Strong Preference Optimization", 2025; official code: the WSPO
+repo, LLaMA-Factory `stage: sft`): the weak and strong base models are fine-tuned on UltraChat before alignment.
+The loss is next-token cross-entropy on the tokens of every assistant turn, its end-of-turn token included; system
+and user turns (and the template's glue) are masked:
 
-    L = - (1 / #assistant tokens) * sum_{t in assistant tokens} log p(y_t | y_<t)
+    L = - (1 / N) * sum_{t in A} log p(y_t | y_<t)
 
-Paper-scale run (GPU, hub; the WSPO repo's full fine-tuning setting, see ../shared/REFERENCE.md):
+A = the assistant tokens of one optimizer step (every micro-batch of the accumulation, every process), N = |A|.
+The normaliser is the token count of the whole global batch, as in transformers >= 4.46 and TRL
+(`num_items_in_batch`): the gradient is that of one big batch however the batch is split into micro-batches and
+processes. Each micro-batch contributes sum_{t in A_mb} / N; accelerate divides every loss by the accumulation
+steps and DDP / FSDP average gradients over processes, so the backward multiplies by both.
+
+Defaults = the WSPO repo's full fine-tuning of Qwen2 base models: lr 2e-6, 2 epochs, cosine with 10% warm-up,
+cutoff 4096 tokens, 8 conversations per process and step (1 x 8 accumulation); LoRA: lr 2e-5, 3 epochs. Mixed
+precision (bf16) comes from the accelerate config: every forward runs under accelerate's autocast (the prepared
+model's forward is wrapped). The model's dropout is kept, as TRL's SFTTrainer keeps it.
+
+Paper-scale run (GPU, hub):
     accelerate launch --config_file configs/zero3.yaml sft.py --model_name_or_path Qwen/Qwen2-7B \
         --output_dir runs/qwen2-7b-sft
     # LoRA: --use_lora --learning_rate 2e-5 --num_train_epochs 3
@@ -17,20 +28,27 @@ Offline tiny setting (CPU, no network; a model built from a config):
     python sft.py --preset tiny --output_dir runs/sft-tiny
 """
 
+import argparse
 import json
 import math
 import os
+import resource
 import shutil
+import socket
+import sys
 import time
-from dataclasses import dataclass
-from typing import Literal
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from itertools import islice
+from typing import Literal, NoReturn
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import GradientAccumulationPlugin, set_seed
 from datasets import load_dataset, load_from_disk
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -43,11 +61,11 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (wandb run name prefix)"""
     seed: int = 1
-    """seed of the experiment (model init, data order)"""
+    """seed of the experiment (model init, data order, --eval_fraction split)"""
     output_dir: str = "runs/sft"
     """where the final model, checkpoints and metrics.jsonl go"""
     preset: Literal["tiny"] | None = None
-    """named defaults: `tiny` = the offline tiny setting (data/tiny, a model built from a config); flags still override"""
+    """named defaults: `tiny` = the offline tiny setting (data/tiny, a model built from a config); flags override"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project_name: str = "w2s-alignment"
@@ -60,8 +78,8 @@ class Args:
     """repo id for --push_to_hub (default: the output_dir's name)"""
 
     # model
-    model_name_or_path: str = "Qwen/Qwen2-7B"
-    """hub id or local path of the model to fine-tune (ignored with --model_type)"""
+    model_name_or_path: str | None = "Qwen/Qwen2-7B"
+    """hub id or local path of the model to fine-tune (given explicitly, it wins over a preset's --model_type)"""
     model_type: str | None = None
     """build a fresh model of this type from a config instead of loading weights (e.g. qwen2), as in run_clm.py"""
     config_overrides: str | None = None
@@ -91,13 +109,17 @@ class Args:
 
     # data
     dataset_name: str = "HuggingFaceH4/ultrachat_200k"
-    """hub id, local dataset folder, a save_to_disk folder, or a .json/.jsonl/.parquet file"""
+    """hub id, local dataset folder, a save_to_disk folder, or a .json/.jsonl/.parquet/.csv file"""
     dataset_config: str | None = None
     """dataset config (subset) name"""
     train_split: str = "train_sft"
     """split to train on"""
     eval_split: str | None = "test_sft"
     """split for the eval loss (None: no eval)"""
+    eval_dataset_name: str | None = None
+    """eval data from another hub id / folder / file (its --eval_split, or the whole file)"""
+    eval_fraction: float | None = None
+    """hold out this fraction of the training data (seeded by --seed) as the eval split"""
     messages_column: str = "messages"
     """column with the conversation: a list of {"role", "content"} messages"""
     max_length: int = 4096
@@ -107,7 +129,8 @@ class Args:
     max_eval_samples: int | None = 1000
     """use only the first N eval conversations"""
     packing: bool = False
-    """padding-free batches: each micro-batch is one row of concatenated conversations that cannot attend to each other"""
+    """padding-free batches: each micro-batch is one row of concatenated conversations that cannot attend to each
+    other"""
 
     # optimization
     learning_rate: float = 2e-6
@@ -142,6 +165,11 @@ class Args:
     """keep only the newest N checkpoints"""
     resume: bool = False
     """resume from the newest checkpoint in output_dir/checkpoints"""
+    resume_allow_changes: tuple[str, ...] = ()
+    """with --resume: argument names allowed to differ from the saved args.json"""
+    overwrite_output_dir: bool = False
+    """replace what an earlier run wrote in output_dir: its checkpoints/ are deleted and metrics.jsonl starts afresh;
+    other files are kept"""
 
     # filled in at runtime
     world_size: int = 1
@@ -153,7 +181,7 @@ class Args:
 PRESETS = {
     "tiny": Args(
         preset="tiny", output_dir="runs/sft-tiny", dataset_name="data/tiny/ultrachat",
-        tokenizer_name="data/tiny/tokenizer", model_type="qwen2",
+        tokenizer_name="data/tiny/tokenizer", model_name_or_path=None, model_type="qwen2",
         config_overrides="hidden_size=128,intermediate_size=384,num_hidden_layers=4,num_attention_heads=4,"
         "num_key_value_heads=2,max_position_embeddings=512,tie_word_embeddings=True",
         max_length=128, learning_rate=3e-3, num_train_epochs=1, per_device_train_batch_size=32,
@@ -161,38 +189,156 @@ PRESETS = {
         logging_steps=20,
     ),
 }
+# arguments that change neither the training math nor the data order: --resume accepts new values for these
+RESUME_SAFE = {"exp_name", "output_dir", "preset", "track", "wandb_project_name", "wandb_entity", "push_to_hub",
+               "hub_model_id", "trust_remote_code", "gradient_checkpointing", "eval_split", "eval_dataset_name",
+               "max_eval_samples", "per_device_eval_batch_size", "logging_steps", "eval_steps", "save_steps",
+               "save_total_limit", "resume", "resume_allow_changes", "overwrite_output_dir"}
+DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def fail(message: str) -> NoReturn:
+    """A user error: one message saying what is wrong and how to fix it, exit code 2, nothing written."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def parse_args() -> Args:
-    """`--preset NAME` picks the defaults; every other flag overrides them."""
-    import sys
+    """`--preset NAME` (or `--preset=NAME`) picks the defaults; every flag given overrides them."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS))
+    for name in ("--model_name_or_path", "--model_type", "--config_overrides"):
+        pre.add_argument(name)
+    given = pre.parse_known_args()[0]
+    args = tyro.cli(Args, default=PRESETS[given.preset] if given.preset else Args(), use_underscores=True)
+    if given.model_name_or_path is not None:  # an explicit path wins over a preset's model-from-config
+        if given.model_type is not None or given.config_overrides is not None:
+            fail("--model_name_or_path loads a model, --model_type / --config_overrides build one from a config: "
+                 "pass one or the other")
+        args.model_type = args.config_overrides = None
+    elif args.model_type is not None:
+        args.model_name_or_path = None
+    validate(args)
+    return args
 
-    argv = sys.argv[1:]
-    preset = argv[argv.index("--preset") + 1] if "--preset" in argv[:-1] else None
-    if preset is not None and preset not in PRESETS:
-        raise SystemExit(f"unknown --preset {preset!r}; choose from {sorted(PRESETS)}")
-    return tyro.cli(Args, default=PRESETS.get(preset, Args()), use_underscores=True)
+
+def validate(args: Args) -> None:
+    """Every argument checked before anything is loaded or written."""
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
+                 "num_train_epochs", "max_steps", "max_length", "max_train_samples", "max_eval_samples",
+                 "logging_steps", "eval_steps", "save_steps", "save_total_limit", "lora_r", "lora_alpha"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            fail(f"--{name} must be positive (got {value})")
+    for name in ("learning_rate", "weight_decay"):
+        if getattr(args, name) < 0:
+            fail(f"--{name} must be non-negative (got {getattr(args, name)})")
+    if args.max_grad_norm <= 0:
+        fail(f"--max_grad_norm must be positive (got {args.max_grad_norm})")
+    if not 0 <= args.warmup_ratio <= 1:
+        fail(f"--warmup_ratio must be in [0, 1] (got {args.warmup_ratio})")
+    if not 0 <= args.lora_dropout < 1:
+        fail(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
+    if args.eval_fraction is not None and not 0 < args.eval_fraction < 1:
+        fail(f"--eval_fraction must be in (0, 1) (got {args.eval_fraction})")
+    if args.model_name_or_path is None and args.model_type is None:
+        fail("no model: pass --model_name_or_path (hub id or folder) or --model_type (a fresh model from a config)")
+    if args.config_overrides and args.model_type is None:
+        fail("--config_overrides applies to a model built from a config: add --model_type (e.g. qwen2)")
+    if args.resume and args.overwrite_output_dir:
+        fail("--resume continues the run in output_dir, --overwrite_output_dir replaces it: pass one of them")
+    if args.resume_allow_changes and not args.resume:
+        fail("--resume_allow_changes only applies with --resume")
+    unknown = sorted(set(args.resume_allow_changes) - {f.name for f in fields(Args)})
+    if unknown:
+        fail(f"--resume_allow_changes: no such argument {unknown}; name Args fields, e.g. learning_rate")
+    if args.eval_fraction is not None and args.eval_dataset_name is not None:
+        fail("--eval_fraction holds out training data, --eval_dataset_name names other data: pass one of them")
+    if (args.eval_split and args.eval_fraction is None and args.eval_dataset_name is None
+            and os.path.isfile(args.dataset_name)):
+        fail(f"--dataset_name {args.dataset_name} is a single file, so it has no eval split {args.eval_split!r}: "
+             f"pass --eval_dataset_name FILE (held-out data), --eval_fraction 0.05 (hold out 5% of the training "
+             f"rows) or --eval_split None (no eval)")
+    if args.eval_dataset_name is not None:
+        same = os.path.realpath(args.eval_dataset_name) == os.path.realpath(args.dataset_name)
+        if same and (os.path.isfile(args.dataset_name) or args.eval_split in (None, args.train_split)):
+            fail(f"the eval data are the training data ({args.eval_dataset_name}, split "
+                 f"{args.eval_split or args.train_split}): pass held-out data or --eval_fraction")
+    out = args.output_dir
+    if os.path.isdir(out) and os.listdir(out) and not (args.resume or args.overwrite_output_dir):
+        fail(f"output_dir {out} already holds files (a model, metrics.jsonl, ...); pass --overwrite_output_dir to "
+             "replace them, --resume to continue that run, or another --output_dir")
+
+
+def compare_with_saved_run(args: Args) -> int | None:
+    """--resume: refuse changes to the math or data order; return the saved run's completed steps if it finished."""
+    path = os.path.join(args.output_dir, "args.json")
+    if not os.path.exists(path):
+        return None
+    saved = json.load(open(path))
+    changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in vars(args).items()
+               if k in saved and k not in RESUME_SAFE and saved[k] != (list(v) if isinstance(v, tuple) else v)]
+    refused = [c for c in changed if c.split(":")[0] not in args.resume_allow_changes]
+    if refused:
+        fail(f"--resume with arguments that differ from the run in {args.output_dir}: {'; '.join(refused)}. Pass the "
+             f"saved values, name them in --resume_allow_changes, or use another --output_dir")
+    return None if changed else saved.get("completed_steps")
 
 
 # ---------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------
+def locate_file_error(path: str) -> str:
+    """The first bad line of a .json/.jsonl file (1-based, in file order), or what else is wrong with the file."""
+    lines = open(path, encoding="utf-8", errors="replace").read().splitlines()
+    if not any(line.strip() for line in lines):
+        return f"{path} is empty: it holds no rows"
+    if path.endswith(".json") and lines[0].lstrip().startswith("["):
+        try:
+            json.load(open(path))
+        except json.JSONDecodeError as e:
+            return f"{path}, line {e.lineno}: not valid JSON ({e.msg}); fix that line"
+        return f"{path}: rows with differing columns or value types; every row needs the same columns and types"
+    first = None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"{path}, line {number}: not valid JSON ({e.msg}); fix or remove that line"
+        if not isinstance(row, dict):
+            return f"{path}, line {number}: a JSON object per line is expected, got {type(row).__name__}"
+        types = {k: type(v).__name__ for k, v in row.items() if v is not None}
+        first = first or (number, types)
+        for key, kind in types.items():
+            if first[1].get(key, kind) != kind:
+                return (f"{path}, line {number}: column {key!r} holds a {kind} here but a {first[1][key]} on line "
+                        f"{first[0]}; every row needs the same value types")
+    return ""
+
+
 def load_split(name: str, config: str | None, split: str):
-    """Hub id, local dataset folder (README YAML / data files), save_to_disk folder, or one file."""
+    """Hub id, local dataset folder (README YAML / data files), save_to_disk folder, or one file (read whole)."""
     if os.path.isfile(name):
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(name)[1])
+        kind = DATA_FILE_TYPES.get(os.path.splitext(name)[1])
         if kind is None:
-            raise SystemExit(f"cannot read dataset file {name!r}: use .json, .jsonl, .parquet or .csv")
-        return load_dataset(kind, data_files={split: name}, split=split)
+            fail(f"cannot read dataset file {name}: use .json, .jsonl, .parquet or .csv")
+        try:
+            ds = load_dataset(kind, data_files={"rows": name}, split="rows")
+        except Exception as e:  # datasets reports bad rows as a long traceback: find the line ourselves
+            where = locate_file_error(name) if kind == "json" else ""
+            fail(where or f"cannot read {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        if len(ds) == 0:
+            fail(f"{name} is empty: it holds no rows")
+        return ds
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
         return load_from_disk(name)[split]
     try:
         return load_dataset(name, config, split=split)
     except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
-        raise SystemExit(
-            f"could not load split {split!r} of dataset {name!r}: {e}\nWith no network, use a local copy "
-            "(python -m tiny --out data/tiny writes the offline tiny setting; then --preset tiny)."
-        ) from e
+        fail(f"could not load split {split!r} of dataset {name!r}: {e}\nWith no network, use a local copy "
+             "(python -m tiny --out data/tiny writes the offline tiny setting; then --preset tiny).")
 
 
 def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
@@ -201,12 +347,7 @@ def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[i
 
 
 def tokenize_conversation(tokenizer, messages, max_length: int) -> dict:
-    """input_ids + labels (-100 outside assistant turns) for one conversation, or a skip reason.
-
-    # ALGO LOGIC: each assistant turn's tokens are found by rendering the conversation up to that
-    # turn: [ids(messages[:i] + generation prompt), ids(messages[:i+1])) is the turn, from its first
-    # content token through the end-of-turn token (the template's trailing newline is not trained).
-    """
+    """input_ids + labels (-100 outside assistant turns) for one conversation, or a skip reason."""
     if not isinstance(messages, list) or not messages:
         return {"input_ids": [], "labels": [], "skip": "empty conversation"}
     if any(not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str) for m in messages):
@@ -219,14 +360,14 @@ def tokenize_conversation(tokenizer, messages, max_length: int) -> dict:
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
+        # ALGO LOGIC: an assistant turn = [ids(messages[:i] + generation prompt), ids(messages[:i+1])), from its
+        # first content token through its end-of-turn token (the template's trailing newline is not trained)
         start = len(chat_ids(tokenizer, messages[:i], add_generation_prompt=True))
         upto = chat_ids(tokenizer, messages[: i + 1])
         if ids[: len(upto)] != upto:
-            raise SystemExit(
-                f"the chat template does not render conversations incrementally (turn {i} of {messages!r}): "
-                "the tokens of a conversation prefix are not a prefix of the whole; the assistant-only loss "
-                "mask cannot be placed. Use a template that renders earlier turns unchanged."
-            )
+            fail(f"the chat template does not render conversations incrementally (turn {i} of {messages!r}): the "
+                 "tokens of a conversation prefix are not a prefix of the whole; the assistant-only loss mask cannot "
+                 "be placed. Use a template that renders earlier turns unchanged.")
         end = len(upto)
         if eot in upto[start:end]:  # stop right after the turn's end-of-turn token
             end = start + (end - start) - upto[start:end][::-1].index(eot)
@@ -238,80 +379,114 @@ def tokenize_conversation(tokenizer, messages, max_length: int) -> dict:
     return {"input_ids": ids, "labels": labels, "skip": "truncated" if truncated else ""}
 
 
-def prepare_dataset(ds, tokenizer, args: Args, what: str, log) -> object:
-    """Tokenize, mask, and drop what cannot be trained on; every drop is counted in the log."""
-    if args.messages_column not in ds.column_names:
-        raise SystemExit(
-            f"the {what} split has no column {args.messages_column!r} (columns: {ds.column_names}); "
-            "pass --messages_column with the column that holds the list of {role, content} messages"
-        )
-    ds = ds.map(
-        lambda ex: tokenize_conversation(tokenizer, ex[args.messages_column], args.max_length),
-        remove_columns=ds.column_names, desc=f"tokenizing {what}",
-    )
-    reasons = {r: n for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}
+def prepare_dataset(ds, tokenizer, args: Args, what: str, source: str, log) -> tuple[object, dict]:
+    """Tokenize, mask, and drop what cannot be trained on; every drop and cut is counted in the log and metrics."""
+    column = args.messages_column
+    if column not in ds.column_names:
+        fail(f"the {what} data ({source}) have no column {column!r} (columns: {ds.column_names}); pass "
+             "--messages_column with the column that holds the list of {role, content} messages")
+    if not isinstance(ds[0][column], list):
+        fail(f"the {what} data ({source}), row 1 (line 1 of a .jsonl): column {column!r} holds a "
+             f"{type(ds[0][column]).__name__}, not a list of {{role, content}} messages; pass --messages_column")
+    ds = ds.map(lambda ex: tokenize_conversation(tokenizer, ex[column], args.max_length),
+                remove_columns=ds.column_names, desc=f"tokenizing {what}")
+    reasons = {r: int(n) for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}
     kept = ds.filter(lambda ex: ex["skip"] in ("", "truncated")).remove_columns("skip")
-    log(f"{what}: {len(kept)} of {len(ds)} conversations kept; " + (", ".join(f"{n} {r}" for r, n in reasons.items()) or "none skipped or cut"))
+    log(f"{what}: {len(kept)} of {len(ds)} conversations kept; "
+        + (", ".join(f"{n} {r}" for r, n in reasons.items()) or "none skipped or cut"))
     if len(kept) == 0:
-        raise SystemExit(f"no usable conversation in the {what} split ({reasons}); check --messages_column and the data")
-    return kept
+        fail(f"no usable conversation in the {what} data ({reasons}); check --messages_column and the data")
+    cut = reasons.get("truncated", 0)
+    return kept, {f"data/{what}_conversations": len(kept), f"data/{what}_conversations_cut": cut,
+                  f"data/{what}_conversations_skipped": len(ds) - len(kept)}
+
+
+def load_data(args: Args, tokenizer, log) -> tuple[object, object, dict]:
+    """Training and eval conversations, tokenized; the log says where the eval data come from."""
+    train, evals = load_split(args.dataset_name, args.dataset_config, args.train_split), None
+    if args.eval_fraction is not None:
+        parts = train.train_test_split(test_size=args.eval_fraction, seed=args.seed)
+        train, evals = parts["train"], parts["test"]
+        source = f"{args.eval_fraction:g} of {args.dataset_name} held out with seed {args.seed}"
+    elif args.eval_dataset_name is not None:
+        config = args.dataset_config if args.eval_dataset_name == args.dataset_name else None
+        evals = load_split(args.eval_dataset_name, config, args.eval_split or "rows")
+        source = f"{args.eval_dataset_name}" + ("" if os.path.isfile(args.eval_dataset_name) else f"[{args.eval_split}]")
+    elif args.eval_split:
+        evals = load_split(args.dataset_name, args.dataset_config, args.eval_split)
+        source = f"{args.dataset_name}[{args.eval_split}]"
+    log(f"eval data: {source}" if evals is not None else "eval data: none (--eval_split None)")
+    stats, out = {}, []
+    for ds, limit, what, where in ((train, args.max_train_samples, "train", args.dataset_name),
+                                   (evals, args.max_eval_samples, "eval", evals is not None and source)):
+        if ds is not None:
+            ds, counts = prepare_dataset(ds.select(range(min(limit or len(ds), len(ds)))), tokenizer, args, what,
+                                         where, log)
+            stats.update(counts)
+        out.append(ds)
+    return out[0], out[1], stats
 
 
 def collate(rows: list[dict], pad_id: int, packing: bool) -> dict:
-    """Labels are shifted here (shift_labels[t] = labels[t+1]) so that a sequence's last position
-    never predicts the next sequence's first token, padded or packed.
+    """Labels are shifted here (label of position t = token t+1) so that a sequence's last position never predicts
+    the next sequence's first token, padded or packed.
 
-    padded: right padding + attention mask. packed: one row, position_ids restart at 0 for each
-    conversation and no attention mask, from which transformers builds a block-diagonal causal mask
-    (only with use_cache=False: with a KV cache it silently lets the conversations attend to each other).
+    padded: right padding + attention mask. packed: one row, position_ids restart at 0 for each conversation and no
+    attention mask, from which transformers builds a block-diagonal causal mask (only with use_cache=False: with a
+    KV cache it silently lets the conversations attend to each other).
+    `loss_positions` / `loss_labels`: per row, the positions whose next token is trained and that token (padded
+    with position 0 and label -100), built here on the host: the lm_head runs on these positions only, with shapes
+    the device knows without waiting for a count.
     """
     ids = [torch.tensor(r["input_ids"]) for r in rows]
-    shift = [torch.tensor(r["labels"][1:] + [-100]) for r in rows]
+    shifted = [torch.tensor(r["labels"][1:] + [-100]) for r in rows]
     if packing:
-        return {
-            "input_ids": torch.cat(ids)[None],
-            "position_ids": torch.cat([torch.arange(len(x)) for x in ids])[None],
-            "shift_labels": torch.cat(shift)[None],
-        }
-    n = max(len(x) for x in ids)
-    pad = lambda xs, v: torch.stack([F.pad(x, (0, n - len(x)), value=v) for x in xs])
-    return {
-        "input_ids": pad(ids, pad_id),
-        "attention_mask": pad([torch.ones_like(x) for x in ids], 0),
-        "shift_labels": pad(shift, -100),
-    }
+        batch = {"position_ids": torch.cat([torch.arange(len(x)) for x in ids])[None]}
+        ids, shifted = [torch.cat(ids)], [torch.cat(shifted)]
+    else:
+        batch = {"attention_mask": pad_stack([torch.ones_like(x) for x in ids], 0)}
+    positions = [(s != -100).nonzero()[:, 0] for s in shifted]
+    return {"input_ids": pad_stack(ids, pad_id), **batch, "loss_positions": pad_stack(positions, 0),
+            "loss_labels": pad_stack([s[p] for s, p in zip(shifted, positions)], -100)}
+
+
+def pad_stack(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+    """Right-pad 1-D tensors to the longest and stack them."""
+    n = max(len(x) for x in rows)
+    return torch.stack([F.pad(x, (0, n - len(x)), value=value) for x in rows])
+
+
+def n_input_tokens(batch: dict) -> torch.Tensor:
+    """Non-padding tokens through the model (a device scalar: counted without a host sync)."""
+    mask = batch.get("attention_mask")
+    return mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
 
 
 # ---------------------------------------------------------------------------------------------
 # loss
 # ---------------------------------------------------------------------------------------------
-def sft_loss_sum(model, batch: dict, per_sequence: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token cross-entropy over assistant tokens, and their count (per row if asked).
-
-    # ALGO LOGIC: logits only at the positions that are trained (logits_to_keep = a boolean mask):
-    # the lm_head never runs on prompt or padding tokens, so no batch x length x vocab tensor exists.
-    """
-    mask = batch["shift_labels"] != -100
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"), logits_to_keep=mask, use_cache=False,
-    ).logits
-    losses = F.cross_entropy(logits.float(), batch["shift_labels"][mask], reduction="none")
-    if not per_sequence:
-        return losses.sum(), mask.sum()
-    rows, zeros = mask.nonzero()[:, 0], losses.new_zeros(mask.shape[0])
-    return zeros.index_add(0, rows, losses), zeros.index_add(0, rows, torch.ones_like(losses))
+def assistant_nll_sum(model, batch: dict, per_sequence: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of the next-token negative log-likelihood over the assistant tokens, and their count (per row if asked).
+    Logits are computed only at the trained positions: no batch x length x vocab tensor exists."""
+    labels = batch["loss_labels"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch.get("position_ids"), logits_to_keep=batch["loss_positions"], use_cache=False).logits
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view_as(labels)
+    counts = labels != -100
+    if per_sequence:
+        return nll.sum(1), counts.sum(1)
+    return nll.sum(), counts.sum()
 
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator) -> float:
-    """Token-weighted mean eval loss over the whole split. Per-conversation sums go through
-    gather_for_metrics, which drops the duplicates accelerate adds to even out the last batch."""
+    """Token-weighted mean eval loss over the whole split. Per-conversation sums go through gather_for_metrics,
+    which drops the duplicates accelerate adds to even out the last batch."""
     model.eval()
     sums, counts = [], []
     for batch in loader:
-        s, n = accelerator.gather_for_metrics(sft_loss_sum(model, batch, per_sequence=True))
-        sums.append(s)
+        nll_sum, n = accelerator.gather_for_metrics(assistant_nll_sum(model, batch, per_sequence=True))
+        sums.append(nll_sum)
         counts.append(n)
     model.train()
     return (torch.cat(sums).sum() / torch.cat(counts).sum()).item()
@@ -320,17 +495,42 @@ def evaluate(model, loader, accelerator) -> float:
 # ---------------------------------------------------------------------------------------------
 # model
 # ---------------------------------------------------------------------------------------------
+def check_network(args: Args) -> None:
+    """With HF_HUB_OFFLINE unset and some name not a local path: one 3-second connection to the hub, so that no
+    network is reported at once instead of after a minute of retries."""
+    from huggingface_hub import constants
+
+    remote = [n for n in (args.model_name_or_path, args.tokenizer_name, args.dataset_name, args.eval_dataset_name)
+              if n and not os.path.exists(n)]
+    if not remote or constants.HF_HUB_OFFLINE:
+        return
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError:
+        fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
+             "local cache, or pass a local path.")
+
+
+def load_failed(what: str, name: str, error: Exception, args: Args) -> NoReturn:
+    """Name what failed to load and why, with a hint that fits what was passed."""
+    if os.path.isdir(name):
+        fail(f"could not load {what} {name!r} from that folder: {str(error).splitlines()[0]}")
+    cache = " in the local cache (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+    hint = (" Pass a folder written by sft.py or python -m tiny, or leave --model_name_or_path out to build the "
+            "preset's model from its config." if args.preset else " With no network, build the offline tiny setting "
+            "(python -m tiny --out data/tiny) and pass --preset tiny.")
+    fail(f"could not load {what} {name!r}: no such local folder and not a hub id{cache}.{hint}")
+
+
 def load_tokenizer(args: Args):
     name = args.tokenizer_name or args.model_name_or_path
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise SystemExit(
-            f"could not load the tokenizer {name!r} from the hub or a local path: {e}\nWith no network, build "
-            "the offline tiny setting (python -m tiny --out data/tiny) and pass --preset tiny."
-        ) from e
+    except (OSError, ValueError) as e:  # without --tokenizer_name the tokenizer comes from the model's folder
+        load_failed("tokenizer" if args.tokenizer_name else "model", name, e, args)
     if tok.chat_template is None:
-        raise SystemExit(f"tokenizer {name!r} has no chat template; use an instruct tokenizer or set one")
+        fail(f"tokenizer {name!r} has no chat template; use an instruct tokenizer or set one")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -342,7 +542,7 @@ def parse_overrides(text: str | None) -> dict:
     out = {}
     for item in filter(None, (text or "").split(",")):
         if "=" not in item:
-            raise SystemExit(f"--config_overrides: {item!r} is not key=value")
+            fail(f"--config_overrides: {item!r} is not key=value")
         k, v = (x.strip() for x in item.split("=", 1))
         out[k] = {"true": True, "false": False, "none": None}.get(v.lower(), v)
         for cast in (int, float):
@@ -359,21 +559,17 @@ def load_model(args: Args, tokenizer):
     if args.model_type is not None:  # a fresh model from a config, as transformers' run_clm.py does
         config = AutoConfig.for_model(
             args.model_type, **parse_overrides(args.config_overrides), vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
         )
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=args.attn_implementation)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                args.model_name_or_path, dtype=dtype, attn_implementation=args.attn_implementation,
-                trust_remote_code=args.trust_remote_code,
-            )
+            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype,
+                                                         attn_implementation=args.attn_implementation,
+                                                         trust_remote_code=args.trust_remote_code)
         except OSError as e:
-            raise SystemExit(
-                f"could not load the model {args.model_name_or_path!r} from the hub or a local path: {e}\n"
-                "With no network, build the offline tiny setting (python -m tiny --out data/tiny) and pass "
-                "--preset tiny (a model built from a config)."
-            ) from e
+            load_failed("model", args.model_name_or_path, e, args)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if args.gradient_checkpointing:
@@ -382,43 +578,39 @@ def load_model(args: Args, tokenizer):
     if args.use_lora:
         from peft import LoraConfig, get_peft_model
 
-        targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+        targets = args.lora_target_modules
+        targets = targets if targets == "all-linear" else targets.split(",")
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                 lora_dropout=args.lora_dropout, target_modules=targets,
+                                                 task_type="CAUSAL_LM"))
     return model
+
+
+def checkpoint_step(name: str) -> int | None:
+    """`step-12` -> 12; anything else (e.g. a half-written `tmp-step-15`) -> None."""
+    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
 
 
 def newest_checkpoint(output_dir: str) -> str | None:
     """Only fully written checkpoints count: they are renamed into place after saving."""
     root = os.path.join(output_dir, "checkpoints")
-    steps = [int(d.split("-")[1]) for d in os.listdir(root) if d.startswith("step-")] if os.path.isdir(root) else []
+    steps = [s for s in map(checkpoint_step, os.listdir(root) if os.path.isdir(root) else []) if s is not None]
     return os.path.join(root, f"step-{max(steps)}") if steps else None
 
 
 if __name__ == "__main__":
     args = parse_args()
     # TRY NOT TO MODIFY: accelerator, batch-size chain, seeding, logging
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+    accumulation = GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False)
+    accelerator = Accelerator(gradient_accumulation_plugin=accumulation)  # the loop fetches a step's micro-batches first
     args.world_size = accelerator.num_processes
     args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     log = lambda msg: accelerator.print(f"[{args.exp_name}] {msg}")
-    os.makedirs(args.output_dir, exist_ok=True)
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    if args.track and accelerator.is_main_process:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=vars(args),
-                   dir=args.output_dir)
-    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if accelerator.is_main_process else None
-
-    def log_metrics(metrics: dict, step: int):
-        if not accelerator.is_main_process:
-            return
-        metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
-        metrics_file.flush()
-        if args.track:
-            wandb.log(metrics, step=step)
-
+    if args.resume and (done := compare_with_saved_run(args)) is not None:
+        log(f"run in {args.output_dir} already finished (step {done}); nothing to do")
+        sys.exit(0)
+    run_id = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    check_network(args)
     set_seed(args.seed)  # same model init on every process
     tokenizer = load_tokenizer(args)
     model = load_model(args, tokenizer)
@@ -427,55 +619,97 @@ if __name__ == "__main__":
     log(f"model: {n_params / 1e6:.2f}M parameters; global batch {args.per_device_train_batch_size} x "
         f"{args.gradient_accumulation_steps} accumulation x {args.world_size} processes = {args.global_batch_size}")
 
-    # data: tokenized once (main process first, the others reuse the datasets cache)
-    with accelerator.main_process_first():
-        train_ds = load_split(args.dataset_name, args.dataset_config, args.train_split)
-        if args.max_train_samples is not None:
-            train_ds = train_ds.select(range(min(args.max_train_samples, len(train_ds))))
-        train_ds = prepare_dataset(train_ds, tokenizer, args, "train", log)
-        eval_ds = None
-        if args.eval_split:
-            eval_ds = load_split(args.dataset_name, args.dataset_config, args.eval_split)
-            if args.max_eval_samples is not None:
-                eval_ds = eval_ds.select(range(min(args.max_eval_samples, len(eval_ds))))
-            eval_ds = prepare_dataset(eval_ds, tokenizer, args, "eval", log)
+    with accelerator.main_process_first():  # tokenized once: the other processes reuse the datasets cache
+        train_ds, eval_ds, data_stats = load_data(args, tokenizer, log)
     collate_fn = lambda rows: collate(rows, tokenizer.pad_token_id, args.packing)
     # whole optimizer steps only: every step sees exactly global_batch_size conversations
-    rows_per_epoch = len(train_ds) // args.global_batch_size * args.global_batch_size
-    steps_per_epoch = rows_per_epoch // args.global_batch_size
+    steps_per_epoch = len(train_ds) // args.global_batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train_ds)} training conversations are fewer than one global batch ({args.global_batch_size})")
+        fail(f"{len(train_ds)} training conversations are fewer than one global batch ({args.global_batch_size}): "
+             "lower --per_device_train_batch_size or --gradient_accumulation_steps")
     total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
 
     def epoch_loader(epoch: int):
-        # ALGO LOGIC: the data order depends on (seed, epoch) only, so a resumed run sees the same batches
+        # the data order depends on (seed, epoch) only, so a resumed run sees the same batches
         order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed + epoch))
-        subset = train_ds.select(order[:rows_per_epoch].tolist())
+        subset = train_ds.select(order[: steps_per_epoch * args.global_batch_size].tolist())
         return accelerator.prepare(DataLoader(subset, batch_size=args.per_device_train_batch_size, collate_fn=collate_fn))
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay, fused=True)  # one kernel for all tensors (TRL's default)
+                                  weight_decay=args.weight_decay, fused=True)  # one kernel for all tensors (as TRL)
     # the scheduler is stepped by hand once per optimizer step (accelerate would step it once per process)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
+                              num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
     eval_loader = None
-    if eval_ds is not None:
-        eval_loader = accelerator.prepare(DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size,  # padded: rows = conversations
+    if eval_ds is not None:  # padded: one row per conversation
+        eval_loader = accelerator.prepare(DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size,
                                                      collate_fn=lambda rows: collate(rows, tokenizer.pad_token_id, False)))
 
     global_step = 0
-    if args.resume:
-        ckpt = newest_checkpoint(args.output_dir)
-        if ckpt is None:
-            log("--resume: no checkpoint found, starting from scratch")
-        else:
-            accelerator.load_state(ckpt)
-            global_step = int(ckpt.rsplit("-", 1)[1])
-            for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
-                scheduler.step()
-            log(f"resumed from {ckpt} (step {global_step})")
+    ckpt = newest_checkpoint(args.output_dir) if args.resume else None
+    if ckpt is not None:
+        accelerator.load_state(ckpt)
+        global_step = checkpoint_step(os.path.basename(ckpt))
+        for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
+            scheduler.step()
+        log(f"resumed from {ckpt} (step {global_step})")
+    elif args.resume:
+        log("--resume: no checkpoint found, starting from scratch")
+
+    # TRY NOT TO MODIFY: the output folder is written from here on (nothing before: a failed start leaves nothing)
+    metrics_file = None
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump({**vars(args), "run_id": run_id}, f, indent=2)
+        metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a" if args.resume else "w")
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_id, config=vars(args),
+                       dir=args.output_dir)
+
+    def log_metrics(metrics: dict, step: int):
+        if accelerator.is_main_process:
+            metrics_file.write(json.dumps({"step": step, "run_id": run_id, **metrics}) + "\n")
+            metrics_file.flush()
+            if args.track:
+                wandb.log(metrics, step=step)
+
+    def device_sync():
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    clock = {"window": time.time(), "steady": None}  # start times; eval and checkpoint time is moved out of both
+
+    @contextmanager
+    def paused():
+        device_sync()
+        start = time.time()
+        yield
+        device_sync()
+        for k in clock:
+            clock[k] = clock[k] and clock[k] + time.time() - start
+
+    def evaluate_and_log(step: int):
+        with paused():
+            eval_loss = evaluate(model, eval_loader, accelerator)
+        log(f"step {step}: eval/loss {eval_loss:.4f}")
+        log_metrics({"eval/loss": eval_loss}, step)
+
+    first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    skip_update = torch.zeros((), device=accelerator.device)  # fused AdamW skips its update while this is 1 (adam.py)
+    optimizer.optimizer.found_inf = skip_update
+
+    def stop_if_non_finite():
+        # one host read per logging window, checkpoint and final save, not one per step
+        bad = int(accelerator.reduce(first_bad_step, reduction="max"))
+        if bad:
+            raise SystemExit(f"non-finite loss or gradient at step {bad}: no update was applied from that step on; "
+                             f"the last good checkpoint is in {args.output_dir}/checkpoints")
 
     def save_checkpoint(step: int):
         # written to a temporary folder, then renamed: a crash mid-save never leaves a checkpoint resume would pick
@@ -485,67 +719,88 @@ if __name__ == "__main__":
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             os.replace(tmp, final)
-            for old in sorted((d for d in os.listdir(root) if d.startswith("step-")), key=lambda d: int(d[5:]))[: -args.save_total_limit]:
-                shutil.rmtree(os.path.join(root, old))
+            steps = sorted(s for s in map(checkpoint_step, os.listdir(root)) if s is not None)
+            for old in steps[: -args.save_total_limit]:
+                shutil.rmtree(os.path.join(root, f"step-{old}"))
         accelerator.wait_for_everyone()
 
-    if eval_loader is not None and global_step == 0:
-        eval_loss = evaluate(model, eval_loader, accelerator)
-        log(f"step 0: eval/loss {eval_loss:.4f}")
-        log_metrics({"eval/loss": eval_loss}, 0)
+    if global_step == 0:
+        log_metrics(data_stats, 0)
+        if eval_loader is not None:
+            evaluate_and_log(0)
 
-    # TRY NOT TO MODIFY: the training loop
     model.train()
     bar = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="sft")
-    running = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss sum, loss tokens, all tokens
-    t0 = time.time()
-    for epoch in range(global_step // steps_per_epoch, num_epochs):
+    first_step, warmup = global_step, min(3, total_steps // 2)  # the first steps of this run are not steady state
+    window = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # sum of step losses, input tokens
+    steady_tokens, window_steps = torch.zeros_like(window[0]), 0
+    accum = args.gradient_accumulation_steps
+    while global_step < total_steps:
+        epoch, steps_done = divmod(global_step, steps_per_epoch)
         loader = epoch_loader(epoch)
-        skip = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
-        if skip > 0:
-            loader = accelerator.skip_first_batches(loader, skip)
-        for batch in loader:
-            with accelerator.accumulate(model):
-                # ALGO LOGIC: token-level mean cross-entropy over the micro-batch's assistant tokens
-                loss_sum, n_tokens = sft_loss_sum(model, batch)
-                loss = loss_sum / n_tokens
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    if not (torch.isfinite(loss.detach()) and torch.isfinite(grad_norm)):  # checked before the update
-                        raise SystemExit(f"non-finite loss or gradient at step {global_step + 1} (epoch {epoch}); no update "
-                                         f"was applied; the last good checkpoint is in {args.output_dir}/checkpoints")
-                optimizer.step()
-                optimizer.zero_grad()
-            running += torch.stack([loss.detach().double(), torch.ones((), device=running.device, dtype=torch.float64),
-                                    torch.tensor(batch["input_ids"].numel(), device=running.device, dtype=torch.float64)])
-            if not accelerator.sync_gradients:
-                continue
+        if steps_done:
+            loader = accelerator.skip_first_batches(loader, steps_done * accum)
+        for micro_batches in islice(zip(*[iter(loader)] * accum), total_steps - global_step):  # one optimizer step
+            if clock["steady"] is None and global_step - first_step == warmup:
+                device_sync()
+                clock["steady"] = time.time()
+            # ALGO LOGIC: N = the assistant tokens of the whole step (all micro-batches, all processes), counted first
+            n_loss_tokens = accelerator.reduce(sum((b["loss_labels"] != -100).sum() for b in micro_batches), "sum")
+            step_tokens = sum(n_input_tokens(b) for b in micro_batches)
+            for batch in micro_batches:
+                with accelerator.accumulate(model):
+                    # ALGO LOGIC: this micro-batch's share of L = -(1/N) sum_{t in A} log p(y_t | y_<t) (header)
+                    nll_sum, _ = assistant_nll_sum(model, batch)
+                    loss = nll_sum / n_loss_tokens
+                    # accelerate divides by the accumulation steps and DDP / FSDP average over processes: undone here
+                    accelerator.backward(loss * accum * accelerator.num_processes)
+                    if accelerator.sync_gradients:
+                        # TRY NOT TO MODIFY: clip, skip the update from the first non-finite step on (no host sync)
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        bad = (first_bad_step == 0) & ~torch.isfinite(grad_norm)
+                        first_bad_step.copy_(torch.where(bad, global_step + 1, first_bad_step))
+                        skip_update.fill_(0).add_((first_bad_step > 0).float())
+                    optimizer.step()
+                    optimizer.zero_grad()
+                window[0] += loss.detach()
+            window[1] += step_tokens
+            # TRY NOT TO MODIFY: schedule, logging, eval, checkpoints, throughput
             scheduler.step()
             global_step += 1
+            window_steps += 1
             bar.update(1)
+            if clock["steady"] is not None:
+                steady_tokens += step_tokens
             if global_step % args.logging_steps == 0 or global_step == total_steps:
-                r = accelerator.reduce(running, reduction="sum")
-                m = {"train/loss": (r[0] / r[1]).item(), "train/lr": scheduler.get_last_lr()[0],
-                     "train/epoch": global_step / steps_per_epoch, "perf/tokens_per_s": r[2].item() / (time.time() - t0)}
-                bar.set_postfix(loss=f"{m['train/loss']:.4f}")
-                log_metrics(m, global_step)
-                running.zero_()
-                t0 = time.time()
-            if eval_loader is not None and args.eval_steps and global_step % args.eval_steps == 0 and global_step != total_steps:
-                log_metrics({"eval/loss": evaluate(model, eval_loader, accelerator)}, global_step)
+                stop_if_non_finite()
+                loss_sum, tokens = accelerator.reduce(window, reduction="sum").tolist()
+                metrics = {"train/loss": loss_sum / window_steps, "train/lr": scheduler.get_last_lr()[0],
+                           "train/epoch": global_step / steps_per_epoch,
+                           "perf/tokens_per_s": tokens / (time.time() - clock["window"])}
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+                log_metrics(metrics, global_step)
+                window.zero_()
+                window_steps, clock["window"] = 0, time.time()
+            if eval_loader is not None and args.eval_steps and global_step % args.eval_steps == 0 \
+                    and global_step != total_steps:
+                evaluate_and_log(global_step)
             if args.save_steps and global_step % args.save_steps == 0:
-                save_checkpoint(global_step)
-            if global_step >= total_steps:
-                break
-        if global_step >= total_steps:
-            break
+                with paused():
+                    stop_if_non_finite()
+                    save_checkpoint(global_step)
     bar.close()
-
+    device_sync()
+    perf = {"perf/peak_memory_gb": (torch.cuda.max_memory_allocated() if accelerator.device.type == "cuda"
+                                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9}
+    if clock["steady"] is not None:  # steady state: the steps after the first `warmup` of this run
+        steady_s, steady_steps = time.time() - clock["steady"], global_step - first_step - warmup
+        perf.update({"perf/steady_tokens_per_s": accelerator.reduce(steady_tokens, reduction="sum").item() / steady_s,
+                     "perf/steady_examples_per_s": steady_steps * args.global_batch_size / steady_s,
+                     "perf/steady_steps": steady_steps, "perf/steady_s": steady_s})
+    log_metrics(perf, global_step)
+    stop_if_non_finite()
     if eval_loader is not None:
-        eval_loss = evaluate(model, eval_loader, accelerator)
-        log(f"step {global_step}: eval/loss {eval_loss:.4f}")
-        log_metrics({"eval/loss": eval_loss}, global_step)
+        evaluate_and_log(global_step)
 
     # TRY NOT TO MODIFY: save a plain transformers model (LoRA merged) + tokenizer, safetensors
     accelerator.wait_for_everyone()
@@ -557,7 +812,7 @@ if __name__ == "__main__":
         unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(args.output_dir)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+            json.dump({**vars(args), "run_id": run_id, "completed_steps": global_step}, f, indent=2)
         log(f"saved the model to {args.output_dir}")
         if args.push_to_hub:
             unwrapped.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
