@@ -1,52 +1,73 @@
 """Weak-to-strong generalization on images (AlexNet -> DINO on ImageNet), in one file.
 
 Burns et al. 2023, "Weak-to-Strong Generalization: Eliciting Strong Capabilities With Weak Supervision"
-(arXiv:2312.09390), the ImageNet experiment; official code: openai/weak-to-strong vision/
+(arXiv:2312.09390), the ImageNet experiment; official code: openai/weak-to-strong, folder vision/
 (run_weak_strong.py, models.py, data.py). One run does:
 
     1. data           <- one labelled image split (ImageNet validation, 50k), published preprocessing
                          (resize 256, center crop 224, ImageNet mean/std), seeded shuffle: n_train / rest test
-    2. weak labels    <- softmax of the weak supervisor's own head (AlexNet's ImageNet head); for classes
-                         that are not ImageNet's, of a linear probe trained with ground truth on the weak
-                         model's embeddings of another split (--weak_head_split)
-    3. embeddings     <- the frozen strong model (DINO ViT-B/8 or ResNet-50), once per model, preprocessing
-                         and split, cached as safetensors under --cache_dir, so probe sweeps cost seconds
-    4. strong ceiling <- a linear probe on the strong embeddings, trained with ground truth
-    5. weak-to-strong <- the same probe trained with the weak soft labels (xent, or logconf)
-    report: test accuracy of the weak labels, the ceiling and the student; PGR = (w2s - weak) / (ceiling -
-    weak); student-teacher agreement on the test part. results.json and results.png in --output_dir.
+    2. weak labels    <- q_i = softmax(weak head(x_i)): the weak supervisor's own head (AlexNet's ImageNet
+                         head); for classes that are not its head's, a linear probe trained with ground truth
+                         on the weak model's embeddings of another split (--weak_head_split)
+    3. embeddings     <- h_i = the frozen strong body's features (DINO ViT-B/8 CLS token, or ResNet-50 pooled),
+                         once per model, preprocessing and split, cached as safetensors under --cache_dir
+    4. strong ceiling <- a linear probe p_i = softmax(W h_i + b) trained with the ground truth (one-hot y_i)
+    5. weak-to-strong <- the same probe (same init, same batches) trained with the weak soft labels q_i
+    report: test accuracy of the weak labels, the ceiling and the student, student-teacher agreement, and
+        PGR = (acc_w2s - acc_weak) / (acc_ceiling - acc_weak)             (performance gap recovered, section 3)
+    results.json (with the run id) and results.png in --output_dir.
 
-Offline (tiny setting, --preset tiny; CPU, about 30 s): `python -m tiny` writes 32x32 procedural
-images (tiny/images.py). No pretrained weights exist offline, so the weak and strong models are two
-ResNets built from transformers configs (a small and a larger one), each "pretrained" by a short
-supervised run on the disjoint `train` split, then frozen: a stand-in for AlexNet's ImageNet training
-and DINO's self-supervised pretraining, not a reproduction of either. The weak network keeps its head
-(its softmax gives the weak labels, as AlexNet's ImageNet head does); the strong one gives embeddings.
+Probe losses (weak_to_strong/loss.py), over a probe batch B, with s = steps done / total steps:
+    xent:     L = -1/|B| sum_i sum_k t_ik log p_ik,  t = q (student) or one-hot y (ceiling)
+    logconf:  the same with t_i = (1 - c) q_i + c * hard(p_i), c = aux_coef * (s if s <= warmup_frac else 1);
+              hard(p_i) is detached: with 2 classes p_i0 thresholded at the batch quantile of p_0 that matches
+              the weak labels' class balance (official), with more classes the one-hot argmax.
+Normaliser: the mean over the |B| images of the batch. The probes train on one process without gradient
+accumulation, so the optimizer-step batch is the batch: the logconf quantile is always taken over the whole
+optimizer-step batch (--probe_batch_size images; the last batch of an epoch holds the remainder).
+The probe has no dropout. Preprocessing matches torchvision's transforms, written with PIL and torch.
+
+Presets: `--preset paper` (the default) is the published setting: ImageNet validation, 40k / 10k, AlexNet ->
+DINO ViT-B/8, Linear(d, 1000) probes with Adam lr 1e-3, no weight decay, batch 100, cosine stepped per
+iteration with T_max = the epoch count (official, so the lr cycles), 5 epochs (20 for ResNet-50).
+`--preset tiny` (or `--preset=tiny`) is the offline setting: `python -m tiny` writes 32x32 procedural images
+(tiny/images.py). No pretrained weights exist offline, so the weak and strong models are two ResNets built
+from transformers configs (a small and a larger one), each "pretrained" by a short supervised run on the
+disjoint `train` split, then frozen: a stand-in for AlexNet's ImageNet training and DINO's self-supervised
+pretraining, not a reproduction of either. The weak network keeps its head (its softmax gives the weak
+labels, as AlexNet's ImageNet head does); the strong one gives embeddings. Every flag given overrides the
+preset; a pretrained model named with --weak_model / --strong_model replaces the preset's scratch network.
     python -m tiny --out data/tiny
     OMP_NUM_THREADS=1 python vision_w2s.py --preset tiny   # one thread: tiny convolutions on a busy CPU
-    python vision_w2s.py --preset tiny --loss logconf       # seconds: the embeddings come from the cache
+    python vision_w2s.py --preset tiny --loss logconf --output_dir output/vision_w2s_tiny_logconf  # cached
 
 Published setting (hub access to ILSVRC/imagenet-1k; AlexNet needs torchvision, imported only then):
     accelerate launch vision_w2s.py --strong_model facebook/dino-vitb8 --probe_epochs 5
-    accelerate launch vision_w2s.py --strong_model dino_resnet50 --probe_epochs 20 --trust_remote_code  # torch.hub DINO
+    accelerate launch vision_w2s.py --strong_model dino_resnet50 --probe_epochs 20 --trust_remote_code
 Other labelled image sets: weak labels from a ground-truth probe on the weak model's embeddings, e.g.
     accelerate launch vision_w2s.py --dataset uoft-cs/cifar10 --image_column img --split test \
         --n_train 8000 --weak_head_split train --probe_epochs 20
+Arguments are checked before anything is loaded (a wrong one: one line, exit code 2, nothing written); an
+output_dir that already holds files needs --overwrite_output_dir. The cache is reused, never refused.
 """
 
+import argparse
 import ast
-import dataclasses
 import hashlib
+import importlib.util
 import io
 import json
 import math
 import os
 import re
+import socket
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
+from urllib.parse import urlparse
 
 import matplotlib
 
@@ -58,6 +79,7 @@ import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from huggingface_hub import constants as hub_constants
 from datasets import ClassLabel, Image as ImageFeature, load_dataset, load_from_disk
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -73,11 +95,14 @@ class Args:
     seed: int = 0
     """seed of the train/test shuffle, the probes and the pretraining (rank r seeds torch with seed + r)"""
     preset: Literal["paper", "tiny"] = "paper"
-    """`tiny`: the offline setting (data/tiny/images, small ResNets from configs); explicit flags still win"""
+    """paper: the published setting; tiny: the offline setting (data/tiny/images, small ResNets from configs);
+    flags given on the command line override the preset"""
     output_dir: str = "output/vision_w2s"
     """results.json and results.png go here"""
+    overwrite_output_dir: bool = False
+    """replace the results.json and results.png an earlier run wrote in output_dir (other files are kept)"""
     cache_dir: str = "output/vision_w2s_cache"
-    """embeddings and weak labels (safetensors) and pretrained scratch networks, keyed by model, preprocessing and data"""
+    """embeddings, weak labels (safetensors) and pretrained scratch networks, keyed by model, preprocessing, data"""
     track: bool = False
     """log to Weights and Biases"""
     wandb_project_name: str = "weak_to_strong"
@@ -99,7 +124,8 @@ class Args:
     n_classes: int | None = None
     """probe head size; default: the weak model's own head (1000 for AlexNet), else the dataset's class count"""
     preprocessing: Literal["published", "processor"] = "published"
-    """published: resize, center crop, ImageNet mean/std for every model (data.py); processor: each hub model's AutoImageProcessor"""
+    """published: resize, center crop, ImageNet mean/std for every model (data.py); processor: each hub model's
+    AutoImageProcessor"""
     resize: int = 256
     """published preprocessing: shorter side resized to this (bilinear)"""
     crop: int = 224
@@ -146,7 +172,7 @@ class Args:
     probe_lr: float = 1e-3
     """Adam lr of the linear probes"""
     probe_batch_size: int = 100
-    """batch of the linear probes"""
+    """batch of the linear probes (one optimizer step; no accumulation)"""
     probe_weight_decay: float = 0.0
     """Adam weight decay of the linear probes"""
     lr_schedule: Literal["official", "cosine"] = "official"
@@ -157,35 +183,151 @@ class Args:
     loss: Literal["xent", "logconf"] = "xent"
     """weak-to-strong loss on the weak soft labels"""
     logconf_aux_coef: float = 0.5
-    """logconf: weight of the student's hardened prediction in the target"""
+    """logconf: weight of the student's hardened prediction in the target, in [0, 1]"""
     logconf_warmup_frac: float = 0.1
-    """logconf: fraction of training during which that weight ramps up"""
+    """logconf: fraction of training during which that weight ramps up, in [0, 1]"""
 
     # filled in at runtime
     run_name: tyro.conf.Suppress[str] = ""
-    """name of the wandb run"""
+    """name of the wandb run; also the run id in results.json"""
 
 
-TINY_PRESET = dict(  # the offline setting written by `python -m tiny --out data/tiny`
-    dataset="data/tiny/images",
-    split="test",  # 2000 images: 1400 probe train / 600 test; the 1500 `train` images pretrain the networks
-    n_train=1400,
-    resize=32,
-    crop=32,
-    embed_batch_size=256,
-    num_workers=0,
-    weak_model=None,
-    weak_model_type="resnet",
-    weak_config_overrides="embedding_size=8,hidden_sizes=[8,16],depths=[1,1],layer_type=basic",
-    strong_model=None,
-    strong_model_type="resnet",
-    strong_config_overrides="embedding_size=16,hidden_sizes=[16,32,64],depths=[1,1,1],layer_type=basic",
-    probe_epochs=60,
-    output_dir="output/vision_w2s_tiny",
-    cache_dir="output/vision_w2s_tiny_cache",
-)
+PRESETS = {
+    "paper": Args(),
+    "tiny": Args(  # the offline setting written by `python -m tiny --out data/tiny`
+        preset="tiny",
+        dataset="data/tiny/images",
+        split="test",  # 2000 images: 1400 probe train / 600 test; the 1500 `train` images pretrain the networks
+        n_train=1400,
+        resize=32,
+        crop=32,
+        embed_batch_size=256,
+        num_workers=0,
+        weak_model=None,
+        weak_model_type="resnet",
+        weak_config_overrides="embedding_size=8,hidden_sizes=[8,16],depths=[1,1],layer_type=basic",
+        strong_model=None,
+        strong_model_type="resnet",
+        strong_config_overrides="embedding_size=16,hidden_sizes=[16,32,64],depths=[1,1,1],layer_type=basic",
+        probe_epochs=60,
+        output_dir="output/vision_w2s_tiny",
+        cache_dir="output/vision_w2s_tiny_cache",
+    ),
+}
 IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 TORCH_HUB_DINO = ("dino_resnet50", "dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8")
+MODEL_FLAGS = tuple(f"{side}_{what}" for side in ("weak", "strong")
+                    for what in ("model", "model_type", "config_overrides"))
+
+
+# --------------------------------------------------------------------------------------------
+# arguments: presets, validation before anything is loaded or written, user errors
+def fail(message: str) -> NoReturn:
+    """A user error: one message saying what is wrong and how to fix it, exit code 2, nothing written."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args() -> Args:
+    """`--preset NAME` (or `--preset=NAME`) picks the defaults; every flag given overrides them."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset")
+    for flag in MODEL_FLAGS:  # only to tell a model the user named from the preset's
+        pre.add_argument(f"--{flag}")
+    known = pre.parse_known_args()[0]
+    if known.preset is not None and known.preset not in PRESETS:
+        fail(f"unknown --preset {known.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    args = tyro.cli(Args, default=PRESETS[known.preset or "paper"], use_underscores=True)
+    given = {flag for flag in MODEL_FLAGS if getattr(known, flag) is not None}
+    for side in ("weak", "strong"):  # a pretrained model and a scratch network: the one named on the command line wins
+        model, scratch_flags = f"{side}_model", {f"{side}_model_type", f"{side}_config_overrides"}
+        if getattr(args, model) is None or getattr(args, f"{side}_model_type") is None:
+            continue
+        if model in given and scratch_flags & given:
+            fail(f"--{side}_model loads a pretrained network and --{side}_model_type / --{side}_config_overrides "
+                 f"build one from scratch: pass one of them (--{side}_model None to build from scratch)")
+        if model in given:
+            setattr(args, f"{side}_model_type", None)
+            setattr(args, f"{side}_config_overrides", None)
+        elif scratch_flags & given:
+            setattr(args, model, None)
+    validate(args)
+    return args
+
+
+def validate(args: Args) -> None:
+    """Every check that needs no data and no model, so that a wrong argument costs seconds, not a pre-pass."""
+    for name in ("n_train", "resize", "crop", "embed_batch_size", "pretrain_batch_size", "probe_epochs",
+                 "probe_batch_size"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be positive (got {getattr(args, name)})")
+    for name in ("num_workers", "pretrain_epochs", "pretrain_lr", "probe_lr", "probe_weight_decay"):
+        if not getattr(args, name) >= 0:  # `not >=` also catches nan
+            fail(f"--{name} must be non-negative (got {getattr(args, name)})")
+    for name in ("logconf_aux_coef", "logconf_warmup_frac"):
+        if not 0 <= getattr(args, name) <= 1:
+            fail(f"--{name} must be in [0, 1] (got {getattr(args, name)})")
+    if args.n_classes is not None and args.n_classes < 2:
+        fail(f"--n_classes must be at least 2 (got {args.n_classes}); drop it to use the weak head's or the data's")
+    if args.crop > args.resize:
+        fail(f"--crop {args.crop} is larger than --resize {args.resize}: the center crop must fit in the resized image")
+    scratch = []
+    for side in ("weak", "strong"):
+        model, model_type, overrides = (getattr(args, f"{side}_{what}") for what in ("model", "model_type",
+                                                                                   "config_overrides"))
+        if (model is None) == (model_type is None):
+            fail(f"give exactly one of --{side}_model (pretrained) and --{side}_model_type (built from scratch); "
+                 f"to build from scratch pass --{side}_model None")
+        if model is None:
+            scratch.append(side)
+            try:
+                scratch_config(model_type, overrides, 2)
+            except ValueError as e:
+                fail(f"--{side}_model_type {model_type} / --{side}_config_overrides {overrides!r}: {e}")
+        elif overrides is not None:
+            fail(f"--{side}_config_overrides applies to a network built from scratch, not to --{side}_model "
+                 f"{model}: drop it, or pass --{side}_model None --{side}_model_type TYPE")
+        if model in TORCH_HUB_DINO and not args.trust_remote_code:
+            fail(f"--{side}_model {model} comes from torch.hub, which runs the code of "
+                 "github.com/facebookresearch/dino; pass --trust_remote_code to allow it, or use facebook/dino-vitb8 "
+                 "(transformers)")
+    own_head = args.weak_head_split is None
+    if own_head and args.weak_model in TORCH_HUB_DINO:
+        fail(f"{args.weak_model} has no classification head to give weak labels: pass --weak_head_split <split>")
+    needs_torchvision = sorted({args.weak_model, args.strong_model} & {"alexnet", *TORCH_HUB_DINO})
+    if needs_torchvision and importlib.util.find_spec("torchvision") is None:
+        fail(f"torchvision is not installed, and {' and '.join(needs_torchvision)} needs it: install the torchvision "
+             "build matching your torch, or name transformers models (--weak_model, --strong_model), or --preset tiny")
+    for flag in ("weak_head_split", "pretrain_split"):
+        if (flag == "weak_head_split" or scratch) and getattr(args, flag) == args.split:
+            fail(f"--{flag} must differ from --split {args.split!r}: the experiment split's labels would leak")
+    if args.preprocessing == "processor" and (scratch or needs_torchvision):
+        fail("--preprocessing processor needs transformers hub models on both sides; use --preprocessing published")
+    out, cache = Path(args.output_dir), Path(args.cache_dir)
+    if out.resolve() == cache.resolve():
+        fail(f"--output_dir and --cache_dir are the same folder {out}: pass two folders")
+    if out.exists() and not out.is_dir():
+        fail(f"--output_dir {out} is a file, not a folder: pass another --output_dir")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir:
+        held = sorted(f.name for f in out.iterdir())
+        fail(f"output_dir {out} already holds files ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); pass "
+             "--overwrite_output_dir to replace them, or another --output_dir")
+    check_hub([args.dataset] + [m for m in (args.weak_model, args.strong_model)
+                                if m is not None and m not in ("alexnet", *TORCH_HUB_DINO)])
+
+
+def check_hub(names: list[str]) -> None:
+    """With HF_HUB_OFFLINE unset and a name that is not a local path: one 3-second connect to the hub, so that no
+    network is reported at once instead of after a minute of retries."""
+    remote = [name for name in names if not os.path.exists(name)]
+    if not remote or hub_constants.HF_HUB_OFFLINE:
+        return
+    url = urlparse(hub_constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError:
+        fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
+             "local cache, or pass a local path.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,17 +363,105 @@ def collate(idx: list[int], ds, image_column: str, preprocess) -> tuple[torch.Te
     return torch.tensor(idx), ok, preprocess(good) if good else torch.zeros(0, 3, 1, 1)
 
 
-def load_split(args: Args, split: str):
-    """One split with undecoded images (bytes / paths), so that a corrupt file is counted, not fatal."""
-    if os.path.exists(os.path.join(args.dataset, "dataset_dict.json")):  # a save_to_disk folder
-        ds = load_from_disk(args.dataset)[split]
-    else:
-        ds = load_dataset(args.dataset, split=split)
+def load_split(args: Args, split: str, flag: str):
+    """One split with undecoded images (bytes / paths), so that a corrupt image is counted, not fatal. A split
+    that cannot be loaded, is empty or lacks a column is a clear error naming the dataset and the fix."""
+    source = args.dataset
+    if not os.path.exists(source) and (os.path.isabs(source) or source.startswith(".") or source.count("/") != 1):
+        hint = "; `python -m tiny --out data/tiny` writes the tiny image set" if "tiny" in source else ""
+        fail(f"--dataset {source}: no such folder, and not a hub id (owner/name){hint}")
+    try:
+        if os.path.exists(os.path.join(source, "dataset_dict.json")):  # a save_to_disk folder
+            saved = load_from_disk(source)
+            if split not in saved:
+                fail(f"--{flag} {split!r}: {source} has the splits {sorted(saved)}; pass one of them")
+            ds = saved[split]
+        else:
+            ds = load_dataset(source, split=split)
+    except Exception as e:  # datasets raises many types here (FileNotFoundError, ValueError, DatasetNotFoundError...)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fix = (f"pass --{flag} with one of its splits" if "split" in reason.lower() else
+               "check that it is an image folder (SPLIT/CLASS/IMAGE files), a save_to_disk folder, or a cached hub id")
+        fail(f"could not load split {split!r} (--{flag}) of --dataset {source}: {type(e).__name__}: {reason}; {fix}")
     for col in (args.image_column, args.label_column):
         if col not in ds.column_names:
-            raise ValueError(f"{args.dataset} split {split!r} has no column {col!r} (columns: {ds.column_names}): "
-                             f"set --image_column / --label_column")
+            fail(f"{source} split {split!r} has no column {col!r} (columns: {ds.column_names}): "
+                 f"set --image_column / --label_column")
+    if len(ds) == 0:
+        fail(f"split {split!r} (--{flag}) of {source} holds no images: add images, or pass another --{flag}")
     return ds.cast_column(args.image_column, ImageFeature(decode=False))
+
+
+def row_name(ds, image_column: str, i: int) -> str:
+    """"row i (its image file)", in the dataset's own order (before any shuffle)."""
+    path = ds[i][image_column]["path"]
+    return f"row {i} ({path})" if path else f"row {i}"
+
+
+def integer_labels(ds, args: Args, split: str) -> np.ndarray:
+    """The label column as int64; a missing or non-integer label is an error naming its row and file."""
+    values = ds[args.label_column]
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, (int, np.integer)) or isinstance(v, bool)), None)
+    if bad is not None:
+        fail(f"label {values[bad]!r} of {row_name(ds, args.image_column, bad)} in split {split!r} of {args.dataset} "
+             f"is not an integer class id: fix that row, or set --label_column to the column of integer class ids")
+    return np.asarray(values, dtype=np.int64)
+
+
+def pretrained(loader, name: str, **kwargs):
+    """`loader.from_pretrained(name)`, with a model that cannot be loaded reported by its name and the fix."""
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        where = "a local folder" if os.path.exists(name) else "no such local folder and not a cached hub id"
+        fail(f"could not load model {name!r} ({where}): {reason}; pass a folder holding config.json and weights, or "
+             f"a hub id (with network, or cached when HF_HUB_OFFLINE=1)")
+
+
+def load_data(args: Args, scratch: list[str]) -> tuple[dict, dict, int]:
+    """Every split the run needs, their labels and the probe's class count; the labels are checked against the
+    head size here, before any model runs."""
+    flags = {args.split: "split"}
+    if args.weak_head_split is not None:
+        flags.setdefault(args.weak_head_split, "weak_head_split")
+    if scratch:
+        flags.setdefault(args.pretrain_split, "pretrain_split")
+    data = {split: load_split(args, split, flag) for split, flag in flags.items()}
+    labels = {split: integer_labels(ds, args, split) for split, ds in data.items()}
+    feature = data[args.split].features[args.label_column]
+    ds_classes = (feature.num_classes if isinstance(feature, ClassLabel)
+                  else int(max(y.max() for y in labels.values())) + 1)
+    head = None  # size of the weak model's own head, when it has one that is not built here
+    if args.weak_head_split is None and args.weak_model == "alexnet":
+        head = 1000
+    elif args.weak_head_split is None and args.weak_model is not None:
+        config = pretrained(AutoConfig, args.weak_model)
+        if not any(a.endswith("ForImageClassification") for a in config.architectures or []):
+            fail(f"{args.weak_model} is not an image classifier ({config.architectures}): its head would be random; "
+                 f"pass --weak_head_split <split> to train a probe on its embeddings")
+        head = config.num_labels
+    n_classes = args.n_classes or head or ds_classes
+    if head is not None and n_classes != head:
+        fail(f"--n_classes {n_classes} differs from the {head} classes of {args.weak_model}'s own head: drop "
+             f"--n_classes, or pass --weak_head_split <split> to train a weak probe with {n_classes} classes")
+    for split, y in labels.items():
+        outside = np.flatnonzero((y < 0) | (y >= n_classes))
+        if len(outside) == 0:
+            continue
+        first = int(outside[0])
+        where = (f"in split {split!r} (column {args.label_column!r}) of {args.dataset}, first at "
+                 f"{row_name(data[split], args.image_column, first)}, {len(outside)} rows in all")
+        if y[first] < 0:
+            fail(f"label id {y[first]} {where} is negative: an unlabelled split (ImageNet's test split has -1) cannot "
+                 f"be used; pass a labelled --{flags[split]}")
+        fail(f"label id {int(y.max())} {where} is beyond the head size {n_classes} (ids must be in [0, {n_classes})): "
+             f"the weak model's own head or --n_classes sets it; pass --n_classes {int(y.max()) + 1}, or "
+             f"--weak_head_split for classes that are not the head's")
+    if args.n_train >= len(labels[args.split]):
+        fail(f"--n_train {args.n_train} leaves no test images in split {args.split!r} ({len(labels[args.split])} "
+             f"images): pass a smaller --n_train")
+    return data, labels, n_classes
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,11 +476,20 @@ def pooled(out, model_type: str) -> torch.Tensor:
 
 def scratch_config(model_type: str, overrides: str | None, n_classes: int):
     """A transformers config from a model type and "key=value,..." overrides (values are Python literals)."""
-    known = AutoConfig.for_model(model_type).to_dict()
+    try:
+        known = AutoConfig.for_model(model_type).to_dict()
+    except ValueError:
+        raise ValueError(f"{model_type!r} is not a transformers model type (vision ones: resnet, vit, convnext, ...)"
+                         ) from None
+    pattern = r"(\w+)=(\[[^\]]*\]|[^,]*)"
+    leftover = re.sub(pattern, "", overrides or "").replace(",", "").strip()
+    if leftover:
+        raise ValueError(f"cannot read {leftover!r}: write the overrides as key=value,key=[1,2],...")
     kwargs = {}
-    for key, value in re.findall(r"(\w+)=(\[[^\]]*\]|[^,]*)", overrides or ""):
+    for key, value in re.findall(pattern, overrides or ""):
         if key not in known:
-            raise ValueError(f"config override {key!r} is not a field of a {model_type} config; fields: {sorted(known)}")
+            raise ValueError(f"config override {key!r} is not a field of a {model_type} config; fields: "
+                             f"{', '.join(sorted(known))}")
         try:
             kwargs[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -296,24 +535,17 @@ def load_model(side: str, spec: dict, want: Literal["probs", "emb"], data: dict,
     """A frozen function pixel_values -> class probabilities (its own head) or embeddings."""
     name = spec["name"]
     if name == "alexnet":
-        try:
-            import torchvision  # lazily: only the published weak model needs torchvision
-        except ImportError as e:
-            raise ImportError("--weak_model alexnet needs torchvision (install the build matching your torch), "
-                              "or pick a transformers image classifier as --weak_model") from e
+        import torchvision  # lazily: only the published weak model needs it (validate() checked it is there)
+
         model = torchvision.models.alexnet(weights="IMAGENET1K_V1")  # models.py: alexnet(pretrained=True)
         # ALGO LOGIC: the embedding is the input of AlexNet's classifier (models.py: HeadAndEmbedding)
-        fn = (lambda px: model(px).softmax(-1)) if want == "probs" else (lambda px: model.avgpool(model.features(px)).flatten(1))
+        fn = ((lambda px: model(px).softmax(-1)) if want == "probs"
+              else (lambda px: model.avgpool(model.features(px)).flatten(1)))
     elif name in TORCH_HUB_DINO:
-        if want == "probs":
-            raise ValueError(f"{name} has no classification head to give weak labels: pass --weak_head_split <split>")
-        if not args.trust_remote_code:
-            raise ValueError(f"{name} comes from torch.hub, which runs the code of github.com/facebookresearch/dino; "
-                             "pass --trust_remote_code to allow it, or use facebook/dino-vitb8 (transformers)")
         model = torch.hub.load("facebookresearch/dino:main", name, trust_repo=True)  # its hubconf imports torchvision
         fn = model
     elif name is not None:  # a transformers hub id or local path
-        model = (AutoModelForImageClassification if want == "probs" else AutoModel).from_pretrained(name)
+        model = pretrained(AutoModelForImageClassification if want == "probs" else AutoModel, name)
         body = model
     else:  # built from scratch, pretrained once on --pretrain_split, cached under cache_dir/models
         folder = Path(args.cache_dir) / "models" / f"{spec['model_type']}-{spec['hash']}"
@@ -358,7 +590,8 @@ def extract(fn, ds, preprocess, args: Args, accelerator: Accelerator, desc: str)
         # TRY NOT TO MODIFY: gather_for_metrics drops the samples that pad the last batch of the last ranks
         idx, ok, values = accelerator.gather_for_metrics((idx, ok.to(torch.uint8), values))
         out[idx.cpu()], ok_all[idx.cpu()] = values.cpu(), ok.cpu().bool()
-    accelerator.print(f"{desc}: {len(ds)} images in {time.time() - start:.1f}s, {int((~ok_all).sum())} unreadable skipped")
+    accelerator.print(f"{desc}: {len(ds)} images in {time.time() - start:.1f}s, "
+                      f"{int((~ok_all).sum())} unreadable skipped")
     return {"values": out, "ok": ok_all}
 
 
@@ -379,11 +612,11 @@ def cached(key: dict, name: str, compute, args: Args, accelerator: Accelerator) 
 
 
 # --------------------------------------------------------------------------------------------
-# ALGO LOGIC: the probe losses (openai/weak-to-strong weak_to_strong/loss.py); `labels` are class
-# probabilities (weak soft labels, or one-hot ground truth); `step_frac` = steps done / total steps.
+# the probe losses (openai/weak-to-strong weak_to_strong/loss.py); `labels` are class probabilities (weak soft
+# labels, or one-hot ground truth); `step_frac` = steps done / total steps; both average over the batch they get
 def xent_loss(logits: torch.Tensor, labels: torch.Tensor, step_frac: float) -> torch.Tensor:
     """Cross-entropy against the (soft) labels (run_weak_strong.py: CrossEntropyLoss on soft targets)."""
-    return F.cross_entropy(logits.float(), labels.float())
+    return F.cross_entropy(logits.float(), labels.float())  # ALGO LOGIC: -1/|B| sum_i sum_k t_ik log p_ik
 
 
 def logconf_loss(logits, labels, step_frac, aux_coef: float = 0.5, warmup_frac: float = 0.1) -> torch.Tensor:
@@ -391,14 +624,15 @@ def logconf_loss(logits, labels, step_frac, aux_coef: float = 0.5, warmup_frac: 
     hardened prediction. Two classes: hardened at the batch quantile of p(0) that matches the weak
     labels' class balance (official); more classes: the one-hot argmax (the natural extension)."""
     logits, labels = logits.float(), labels.float()
-    coef = aux_coef * (1.0 if step_frac > warmup_frac else step_frac)  # the official ramp
+    coef = aux_coef * (1.0 if step_frac > warmup_frac else step_frac)  # ALGO LOGIC: the official ramp of c
     preds = torch.softmax(logits, dim=-1)
     if logits.shape[1] == 2:
+        # ALGO LOGIC: the quantile is over this whole batch, which is the whole optimizer-step batch (no accumulation)
         threshold = torch.quantile(preds[:, 0], labels.mean(dim=0)[1])
         hard = torch.stack([preds[:, 0] >= threshold, preds[:, 0] < threshold], dim=1).float()
     else:
         hard = F.one_hot(preds.argmax(-1), logits.shape[1]).float()
-    return F.cross_entropy(logits, labels * (1 - coef) + hard.detach() * coef)
+    return F.cross_entropy(logits, labels * (1 - coef) + hard.detach() * coef)  # ALGO LOGIC: t = (1-c) q + c hard(p)
 
 
 def train_probe(x: torch.Tensor, targets: torch.Tensor, evals: dict, loss_fn, args: Args, n_classes: int, desc: str):
@@ -408,12 +642,13 @@ def train_probe(x: torch.Tensor, targets: torch.Tensor, evals: dict, loss_fn, ar
     probe = torch.nn.Linear(x.shape[1], n_classes).to(x.device)
     optimizer = torch.optim.Adam(probe.parameters(), lr=args.probe_lr, weight_decay=args.probe_weight_decay)
     n_steps = args.probe_epochs * math.ceil(len(x) / args.probe_batch_size)
-    # ALGO LOGIC: the official T_max is the epoch count while the scheduler steps per iteration (lr cycles)
+    # the official T_max is the epoch count while the scheduler steps per iteration (the lr cycles)
     t_max = args.probe_epochs if args.lr_schedule == "official" else n_steps
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max)
     curves, step = {k: [] for k in evals}, 0
     for _ in tqdm(range(args.probe_epochs), desc=desc):  # probes run on the main process only
         for b in torch.randperm(len(x)).split(args.probe_batch_size):
+            # ALGO LOGIC: the probe loss on one batch = one optimizer step (xent or logconf, header)
             loss = loss_fn(probe(x[b]), targets[b], step / n_steps)
             optimizer.zero_grad()
             loss.backward()
@@ -428,7 +663,8 @@ def train_probe(x: torch.Tensor, targets: torch.Tensor, evals: dict, loss_fn, ar
 
 def plot(res: dict, path: Path, title: str) -> None:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    names, accs = ["weak", f"w2s ({res['loss']})", "strong ceiling"], [res["weak_acc"], res["w2s_acc"], res["strong_ceiling_acc"]]
+    names = ["weak", f"w2s ({res['loss']})", "strong ceiling"]
+    accs = [res["weak_acc"], res["w2s_acc"], res["strong_ceiling_acc"]]
     bars = ax.bar(names, accs, color=["tab:gray", "tab:orange", "tab:blue"])
     pgr = "n/a" if res["pgr"] is None else f"{res['pgr']:.2f}"
     ax.text(bars[1].get_x() + bars[1].get_width() / 2, accs[1] + 0.005, f"PGR {pgr}", ha="center", va="bottom")
@@ -447,76 +683,40 @@ def plot(res: dict, path: Path, title: str) -> None:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args, use_underscores=True)
-    if args.preset == "tiny":  # parse again on top of the tiny defaults: flags given on the command line win
-        args = tyro.cli(Args, use_underscores=True, default=dataclasses.replace(Args(), **TINY_PRESET))
-    for side in ("weak", "strong"):
-        if (getattr(args, f"{side}_model") is None) == (getattr(args, f"{side}_model_type") is None):
-            raise ValueError(f"give exactly one of --{side}_model (pretrained) and --{side}_model_type (built from "
-                             f"scratch); to build from scratch pass --{side}_model None")
-    scratch = [s for s in ("weak", "strong") if getattr(args, f"{s}_model") is None]
-    for flag in ("weak_head_split", "pretrain_split"):
-        if (flag == "weak_head_split" or scratch) and getattr(args, flag) == args.split:
-            raise ValueError(f"--{flag} must differ from --split {args.split!r}: the experiment split's labels would leak")
+    args = parse_args()  # presets, then every check that needs no data or model (exit code 2, nothing written)
+    scratch = [side for side in ("weak", "strong") if getattr(args, f"{side}_model") is None]
     own_head = args.weak_head_split is None  # published: AlexNet's own ImageNet head gives the weak labels
-    if args.preprocessing == "processor" and (scratch or {args.weak_model, args.strong_model} & {"alexnet", *TORCH_HUB_DINO}):
-        raise ValueError("--preprocessing processor needs transformers hub models on both sides; use --preprocessing published")
-    if args.crop > args.resize:
-        raise ValueError(f"--crop {args.crop} is larger than --resize {args.resize}")
 
     # TRY NOT TO MODIFY: setup
     accelerator = Accelerator()
     set_seed(args.seed, device_specific=True)  # per-rank seeding: rank r uses seed + r
     args.run_name = f"{args.exp_name}__{Path(args.dataset).name}__{args.seed}__{int(time.time())}"
+
+    # 1. data: every split needed, labels checked against the head size before any model runs
+    data, labels, n_classes = load_data(args, scratch)
+    accelerator.print(f"{args.dataset}: " + ", ".join(f"{s} {len(d)} images" for s, d in data.items())
+                      + f"; {n_classes} classes")
     tracker = None
     if args.track and accelerator.is_main_process:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name, config=vars(args), save_code=True)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name, config=vars(args),
+                   save_code=True)
         tracker = wandb
-
-    # 1. data: every split needed, labels checked against the head size before any model runs
-    names = [args.split] + [s for s in (args.weak_head_split, args.pretrain_split if scratch else None) if s]
-    data = {s: load_split(args, s) for s in dict.fromkeys(names)}
-    labels = {s: np.asarray(ds[args.label_column], dtype=np.int64) for s, ds in data.items()}
-    feature = data[args.split].features[args.label_column]
-    ds_classes = feature.num_classes if isinstance(feature, ClassLabel) else int(max(y.max() for y in labels.values())) + 1
-    head = None  # size of the weak model's own head, when it has one that is not built here
-    if own_head and args.weak_model == "alexnet":
-        head = 1000
-    elif own_head and args.weak_model in TORCH_HUB_DINO:
-        raise ValueError(f"{args.weak_model} has no classification head to give weak labels: pass --weak_head_split <split>")
-    elif own_head and args.weak_model is not None:
-        config = AutoConfig.from_pretrained(args.weak_model)
-        if not any(a.endswith("ForImageClassification") for a in config.architectures or []):
-            raise ValueError(f"{args.weak_model} is not an image classifier ({config.architectures}): its head would be "
-                             f"random; pass --weak_head_split <split> to train a probe on its embeddings")
-        head = config.num_labels
-    n_classes = args.n_classes or head or ds_classes
-    if head is not None and n_classes != head:
-        raise ValueError(f"--n_classes {n_classes} differs from the {head} classes of {args.weak_model}'s own head: "
-                         f"drop --n_classes, or pass --weak_head_split <split> to train a weak probe with {n_classes} classes")
-    for s, y in labels.items():
-        if len(y) and (y.min() < 0 or y.max() >= n_classes):
-            bad = int(y.max()) if y.max() >= n_classes else int(y.min())
-            raise ValueError(f"label id {bad} in split {s!r} (column {args.label_column!r}) of {args.dataset} is beyond the "
-                             f"head size {n_classes} (ids must be in [0, {n_classes})): the weak model's own head or --n_classes "
-                             f"sets it; pass --n_classes {int(y.max()) + 1}, or --weak_head_split for classes that are not the head's")
-    if args.n_train >= len(labels[args.split]):
-        raise ValueError(f"--n_train {args.n_train} leaves no test images in split {args.split!r} ({len(labels[args.split])} images)")
-    accelerator.print(f"{args.dataset}: " + ", ".join(f"{s} {len(d)} images" for s, d in data.items()) + f"; {n_classes} classes")
 
     def preprocess_for(name):
         if args.preprocessing == "processor":
-            proc = AutoImageProcessor.from_pretrained(name)
+            proc = pretrained(AutoImageProcessor, name)
             return (lambda ims: proc(images=ims, return_tensors="pt")["pixel_values"]), {"processor": proc.to_dict()}
         fn = lambda ims: torch.stack([published_transform(im, args.resize, args.crop) for im in ims])
-        return fn, {"resize": args.resize, "crop": args.crop, "mean": IMAGENET_MEAN.tolist(), "std": IMAGENET_STD.tolist()}
+        return fn, {"resize": args.resize, "crop": args.crop, "mean": IMAGENET_MEAN.tolist(),
+                    "std": IMAGENET_STD.tolist()}
 
     def model_spec(side):
         spec = {"name": getattr(args, f"{side}_model")}
         if spec["name"] is None:  # identity of a scratch network = its config and its whole pretraining
-            spec |= {"model_type": getattr(args, f"{side}_model_type"), "overrides": getattr(args, f"{side}_config_overrides"),
+            spec |= {"model_type": getattr(args, f"{side}_model_type"),
+                     "overrides": getattr(args, f"{side}_config_overrides"),
                      "n_classes": n_classes, "pretrain": {k: getattr(args, k) for k in ("dataset", "pretrain_split",
                      "pretrain_epochs", "pretrain_lr", "pretrain_batch_size", "seed")},
                      "pretrain_data": data[args.pretrain_split]._fingerprint, "preprocessing": preprocess_for(None)[1]}
@@ -532,8 +732,8 @@ if __name__ == "__main__":
                "dataset": args.dataset, "split": split, "fingerprint": ds._fingerprint, "rows": len(ds),
                "image_column": args.image_column}
         label = spec["name"] or f"{spec['model_type']}-{spec['hash']}"
-        compute = lambda: extract(load_model(side, spec, want, data, labels, preprocess, args, accelerator), ds, preprocess,
-                                  args, accelerator, f"{side} {want} on {split}")
+        compute = lambda: extract(load_model(side, spec, want, data, labels, preprocess, args, accelerator), ds,
+                                  preprocess, args, accelerator, f"{side} {want} on {split}")
         return cached(key, f"{label}__{Path(args.dataset).name}__{split}__{want}", compute, args, accelerator)
 
     # ALGO LOGIC: 2. weak labels = softmax of the weak model's own head (run_weak_strong.py get_embeddings: AlexNet's
@@ -558,14 +758,15 @@ if __name__ == "__main__":
         with torch.no_grad():
             weak = {"values": weak_probe(weak_emb["values"].to(device)).softmax(-1).cpu(), "ok": weak_emb["ok"]}
 
-    # ALGO LOGIC: seeded shuffle of the split, first n_train rows train the probes (run_weak_strong.py main);
-    # unreadable images are dropped after the shuffle, so with none the split is exactly the official one
+    # seeded shuffle of the split, the first n_train rows train the probes (run_weak_strong.py main); unreadable
+    # images are dropped after the shuffle, so with none the split is exactly the official one
     keep = (weak["ok"] & strong["ok"]).numpy()  # readable images
     order = np.random.default_rng(args.seed).permutation(len(keep))
     order = order[keep[order]]
     train_idx, test_idx = torch.as_tensor(order[: args.n_train]), torch.as_tensor(order[args.n_train :])
     if len(test_idx) == 0:
-        raise ValueError(f"--n_train {args.n_train} leaves no test images: {len(order)} readable images in split {args.split!r}")
+        fail(f"--n_train {args.n_train} leaves no test images: {len(order)} of {len(keep)} images in split "
+             f"{args.split!r} of {args.dataset} are readable; replace the unreadable files or pass a smaller --n_train")
     y = torch.as_tensor(labels[args.split])
     x = strong["values"].to(device)
     weak_probs = weak["values"].float()
@@ -602,7 +803,7 @@ if __name__ == "__main__":
         "loss": args.loss, "n_train": len(train_idx), "n_test": len(test_idx), "n_classes": n_classes,
         "skipped_images": skipped, "pretrain": pretrain_stats,
         "curves": {"ceiling": ceiling["test"], "w2s": w2s["test"], "w2s_agreement": w2s["agreement"]},
-        "args": vars(args),
+        "run_id": args.run_name, "args": vars(args),
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -618,7 +819,8 @@ if __name__ == "__main__":
         for i in range(args.probe_epochs):
             tracker.log({"probe/ceiling/test_acc": ceiling["test"][i], "probe/w2s/test_acc": w2s["test"][i],
                          "probe/w2s/agreement": w2s["agreement"][i], "probe/epoch": i})
-        tracker.summary.update({f"eval/{k}": res[k] for k in ("weak_acc", "strong_ceiling_acc", "w2s_acc", "pgr", "agreement")})
+        tracker.summary.update({f"eval/{k}": res[k] for k in ("weak_acc", "strong_ceiling_acc", "w2s_acc", "pgr",
+                                                              "agreement")})
         tracker.log({"eval/results": tracker.Image(str(out / "results.png"))})
         tracker.finish()
     accelerator.wait_for_everyone()
