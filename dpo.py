@@ -22,6 +22,11 @@ log-softmax is taken chunk by chunk; its gradient, onehot - softmax, is written 
 one buffer (TokenLogps). `--padding_free` packs each batch into one row. With LoRA the reference
 is the base model (adapters disabled).
 
+Loss normaliser: the mean over the optimizer step's pairs. Each micro-batch's loss is its per-pair mean, and
+accelerate averages micro-batches and processes; this equals the mean over all pairs because every micro-batch
+holds the same number of pairs (only whole global batches are trained on). Dropout is off in the policy
+(`--disable_dropout`, LoRA dropout included), as in TRL's DPOTrainer: at step 0 the policy is the reference.
+
 Paper-scale (GPU, hub; the WSPO repo's weak DPO: full, beta 0.1, lr 1e-5, 1 epoch):
     accelerate launch --config_file configs/zero3.yaml dpo.py --model_name_or_path runs/qwen2-1.5b-sft \
         --output_dir runs/qwen2-1.5b-dpo
@@ -141,8 +146,8 @@ class Args:
     """inverse temperature of the implicit reward (paper: 0.1 full, 0.01 LoRA)"""
     label_smoothing: float = 0.0
     """sigmoid loss only: assumed probability that a label is flipped (conservative DPO)"""
-    ref_mode: Literal["precompute", "live"] = "precompute"
-    """precompute: reference log-probs in one pass before training, cached on disk; live: every step"""
+    disable_dropout: bool = True
+    """set every dropout probability to 0 in the policy (LoRA dropout included), as TRL's DPOTrainer does"""
     cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "w2s_alignment")
     """where the precomputed reference log-probs are cached"""
     prepass_batch_size: int = 16
@@ -316,6 +321,16 @@ def prepare_dataset(ds, tokenizer, args: Args, what: str, log):
     return kept.add_column("row", list(range(len(kept))))
 
 
+def prepare_split(args: Args, tokenizer, what: str, log):
+    """The train or eval pairs: loaded, cut to --max_{what}_samples, tokenized, filtered."""
+    split = args.train_split if what == "train" else args.eval_split
+    ds = load_split(args.dataset_name, args.dataset_config, split)
+    limit = args.max_train_samples if what == "train" else args.max_eval_samples
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return prepare_dataset(ds, tokenizer, args, what, log)
+
+
 def collate(rows: list[dict], pad_id: int, padding_free: bool, length_groups: int = 1) -> dict:
     """Chosen sequences first, then rejected ones: sequence i and i + len(rows) are one pair.
 
@@ -371,8 +386,10 @@ class TokenLogps(torch.autograd.Function):
         out = torch.empty_like(logits)
         for i in range(0, len(logits), ctx.chunk):
             rows = slice(i, i + ctx.chunk)
-            out[rows] = (logits[rows].float() - log_z[rows, None]).exp_().mul_(-grad[rows, None])  # -softmax * grad
-        return out.scatter_add_(-1, targets[:, None], grad[:, None].to(out.dtype)), None, None  # + onehot * grad
+            # (onehot - softmax) * grad built in fp32, cast once: bf16 logits keep the gradient's precision
+            d = (logits[rows].float() - log_z[rows, None]).exp_().mul_(-grad[rows, None])
+            out[rows] = d.scatter_add_(-1, targets[rows, None], grad[rows, None])
+        return out, None, None
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
@@ -448,38 +465,43 @@ def data_fingerprint(ds, columns) -> str:
     return h.hexdigest()
 
 
-def cache_key(args: Args, ref_name: str, ds) -> str:
+def cache_key(args: Args, ref_name: str, ds, split: str, accelerator) -> str:
+    """The reference model, the token ids, the precision and the micro-batches the pre-pass forms (a sequence's
+    log-prob depends, in its last bits, on the sequences padded or packed with it)."""
+    layout = ((args.seed, args.per_device_train_batch_size, args.global_batch_size) if split == "train"
+              else (args.per_device_eval_batch_size,))
     parts = [model_fingerprint(ref_name), data_fingerprint(ds, ("prompt_ids", "chosen_ids", "rejected_ids")),
-             str(args.use_lora), args.dtype]
+             str(args.use_lora), args.dtype, str(accelerator.mixed_precision), args.attn_implementation,
+             str((split, *layout, args.length_groups, args.padding_free))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
 @torch.no_grad()
-def reference_logps(ref_model, ds, args: Args, accelerator, collate_fn, path: str, log) -> dict:
-    """Summed reference log-probs of every pair's chosen and rejected response, indexed by row.
-    Each process scores a shard; the main process writes the cache (safetensors, renamed into place)."""
+def reference_logps(ref_model, loaders, n_rows: int, accelerator, path: str, log) -> dict:
+    """Summed reference log-probs of every pair's chosen and rejected response, indexed by row, from the batches of
+    `loaders()` (each process scores its own); the main process writes the cache (safetensors, renamed into place)."""
     if os.path.exists(path):
         log(f"reference log-probs: reusing the cache {path}")
         return load_file(path)
-    rows = list(range(len(ds)))
+    ref_model.eval()
     results = []
-    with accelerator.split_between_processes(rows) as mine:
-        ref_model.eval()
-        loader = DataLoader(ds.select(mine), batch_size=args.prepass_batch_size, collate_fn=collate_fn)
+    for loader in loaders():
         for batch in tqdm(loader, desc="reference pre-pass", disable=not accelerator.is_local_main_process):
-            batch = send_to_device(batch, accelerator.device)  # nested: the parts' tensors too
-            logps, _ = sequence_logps(ref_model, batch)
+            with accelerator.autocast():
+                logps, _ = sequence_logps(ref_model, batch)
             n = len(batch["row"])
             results += list(zip(batch["row"].tolist(), logps[:n].tolist(), logps[n:].tolist()))
-    results = sorted(gather_object(results))
-    out = {"chosen": torch.tensor([c for _, c, _ in results], dtype=torch.float64),
-           "rejected": torch.tensor([r for _, _, r in results], dtype=torch.float64)}
-    assert len(results) == len(ds) and [i for i, _, _ in results] == rows
+    first = {}
+    for row, chosen, rejected in gather_object(results):  # accelerate repeats rows to even out the last batches
+        first.setdefault(row, (chosen, rejected))
+    assert sorted(first) == list(range(n_rows))
+    out = {"chosen": torch.tensor([first[i][0] for i in range(n_rows)], dtype=torch.float64),
+           "rejected": torch.tensor([first[i][1] for i in range(n_rows)], dtype=torch.float64)}
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_file(out, path + ".tmp")
         os.replace(path + ".tmp", path)
-        log(f"reference log-probs: computed {len(rows)} pairs, cached in {path}")
+        log(f"reference log-probs: computed {n_rows} pairs, cached in {path}")
     accelerator.wait_for_everyone()
     return out
 
@@ -548,53 +570,20 @@ if __name__ == "__main__":
         targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                                  target_modules=targets, task_type="CAUSAL_LM"))
+    if args.disable_dropout:  # dropout would make the policy's log-probs differ from the reference's at step 0
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if isinstance(getattr(module, "attention_dropout", None), float):
+                module.attention_dropout = 0.0
     log(f"policy: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; global batch "
         f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation x {args.world_size} processes "
         f"= {args.global_batch_size} pairs")
 
     with accelerator.main_process_first():
-        train_ds = load_split(args.dataset_name, args.dataset_config, args.train_split)
-        if args.max_train_samples is not None:
-            train_ds = train_ds.select(range(min(args.max_train_samples, len(train_ds))))
-        train_ds = prepare_dataset(train_ds, tokenizer, args, "train", log)
-        eval_ds = None
-        if args.eval_split:
-            eval_ds = load_split(args.dataset_name, args.dataset_config, args.eval_split)
-            if args.max_eval_samples is not None:
-                eval_ds = eval_ds.select(range(min(args.max_eval_samples, len(eval_ds))))
-            eval_ds = prepare_dataset(eval_ds, tokenizer, args, "eval", log)
+        train_ds = prepare_split(args, tokenizer, "train", log)
+        eval_ds = prepare_split(args, tokenizer, "eval", log) if args.eval_split else None
     collate_fn = lambda rows: collate(rows, tokenizer.pad_token_id, args.padding_free, args.length_groups)
-
-    # ALGO LOGIC: the reference. precompute: log-probs of every pair once, before training, cached;
-    # the reference defaults to the policy's initial weights, so the pre-pass runs on the policy itself.
-    ref_name = args.ref_model_name_or_path or args.model_name_or_path
-    ref_model = None  # with LoRA and no --ref_model_name_or_path, the reference is the policy with adapters off
-    if args.ref_model_name_or_path is not None or (args.ref_mode == "live" and not args.use_lora):
-        ref_model = load_model(ref_name, args).to(accelerator.device).eval()
-        ref_model.requires_grad_(False)
-    ref_cache = {}
-    if args.ref_mode == "precompute":
-        scorer = ref_model if ref_model is not None else model.to(accelerator.device)
-        with scorer.disable_adapter() if args.use_lora and ref_model is None else nullcontext():
-            for split, ds in (("train", train_ds), ("eval", eval_ds)):
-                if ds is not None:
-                    path = os.path.join(args.cache_dir, f"ref-logps-{cache_key(args, ref_name, ds)}.safetensors")
-                    ref_cache[split] = reference_logps(scorer, ds, args, accelerator, collate_fn, path, log)
-        ref_model = None  # training holds only the policy
-
-    def reference(batch, split):
-        if args.ref_mode == "precompute":
-            c = ref_cache[split]
-            return (c["chosen"][batch["row"].cpu()].to(accelerator.device, torch.float32),
-                    c["rejected"][batch["row"].cpu()].to(accelerator.device, torch.float32))
-        with torch.no_grad():
-            if ref_model is not None:
-                logps, _ = sequence_logps(ref_model, batch)
-            else:  # LoRA: the base model is the reference
-                with accelerator.unwrap_model(model).disable_adapter():
-                    logps, _ = sequence_logps(model, batch)
-        n = len(batch["row"])
-        return logps[:n].detach(), logps[n:].detach()
 
     rows_per_epoch = len(train_ds) // args.global_batch_size * args.global_batch_size
     steps_per_epoch = rows_per_epoch // args.global_batch_size
@@ -603,10 +592,10 @@ if __name__ == "__main__":
     total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
     num_epochs = math.ceil(total_steps / steps_per_epoch)
 
-    def epoch_loader(epoch: int):
+    def epoch_loader(epoch: int, rows=None):
         # the data order depends on (seed, epoch) only, so a resumed run sees the same batches
         order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed + epoch))
-        subset = train_ds.select(order[:rows_per_epoch].tolist())
+        subset = train_ds.select(order[:rows_per_epoch].tolist() if rows is None else rows)
         return accelerator.prepare(DataLoader(subset, batch_size=args.per_device_train_batch_size, collate_fn=collate_fn))
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
@@ -619,6 +608,30 @@ if __name__ == "__main__":
     if eval_ds is not None:
         eval_loader = accelerator.prepare(DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn))
 
+    # ALGO LOGIC: the reference log-probs of every pair, once, before training, cached on disk. The reference
+    # defaults to the policy's initial weights, so the pre-pass runs the policy itself (LoRA: adapters off).
+    # Each pair is scored in the micro-batch it is trained (epoch 0) or evaluated in, under the same autocast:
+    # at step 0 the policy's log-probs equal the reference's bit for bit, so every reward is exactly 0.
+    ref_name = args.ref_model_name_or_path or args.model_name_or_path
+    scorer = model
+    if args.ref_model_name_or_path is not None:
+        scorer = load_model(ref_name, args).to(accelerator.device)
+        scorer.requires_grad_(False)
+    order0 = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    ref_cache = {}
+    with accelerator.unwrap_model(model).disable_adapter() if args.use_lora and scorer is model else nullcontext():
+        for split, ds, loaders in (("train", train_ds, lambda: [epoch_loader(0), epoch_loader(0, order0[rows_per_epoch:])]),
+                                   ("eval", eval_ds, lambda: [eval_loader])):
+            if ds is not None:
+                path = os.path.join(args.cache_dir, f"ref-logps-{cache_key(args, ref_name, ds, split, accelerator)}.safetensors")
+                ref_cache[split] = reference_logps(scorer, loaders, len(ds), accelerator, path, log)
+    del scorer  # training holds only the policy
+
+    def reference(batch, split):
+        c = ref_cache[split]
+        return (c["chosen"][batch["row"].cpu()].to(accelerator.device, torch.float32),
+                c["rejected"][batch["row"].cpu()].to(accelerator.device, torch.float32))
+
     @torch.no_grad()
     def evaluate() -> dict:
         """Means over every held-out pair: per-pair metrics go through gather_for_metrics, which drops
@@ -627,7 +640,8 @@ if __name__ == "__main__":
         parts = []
         for batch in eval_loader:
             ref_c, ref_r = reference(batch, "eval")
-            parts.append(accelerator.gather_for_metrics(pair_metrics(model, batch, ref_c, ref_r, args)[1]))
+            with accelerator.autocast():
+                parts.append(accelerator.gather_for_metrics(pair_metrics(model, batch, ref_c, ref_r, args)[1]))
         model.train()
         return {f"eval/{k}": torch.cat([p[k] for p in parts]).double().mean().item() for k in parts[0]}
 
@@ -672,7 +686,8 @@ if __name__ == "__main__":
         for batch in loader:
             with accelerator.accumulate(model):
                 ref_c, ref_r = reference(batch, "train")
-                loss, m = pair_metrics(model, batch, ref_c, ref_r, args)
+                with accelerator.autocast():
+                    loss, m = pair_metrics(model, batch, ref_c, ref_r, args)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
