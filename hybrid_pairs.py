@@ -190,6 +190,12 @@ def validate(args: Args) -> None:
         fail(f"--output_dir {args.output_dir} is the input --dataset_name; pass another --output_dir")
 
 
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE
+
+
 def check_hub(names: list[str]) -> None:
     """With the hub online and some name not a local path: fail fast (3 s) when the hub cannot be reached."""
     from huggingface_hub import constants
@@ -245,7 +251,7 @@ def load_split(args: Args, split: str):
             return saved[split]
         return load_dataset(name, args.dataset_config, split=split)
     except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
-        where = "no such local folder or file, and not a hub dataset" + (" in the local cache" if os.environ.get("HF_HUB_OFFLINE") else "")
+        where = "no such local folder or file, and not a hub dataset" + (" in the local cache" if hub_offline() else "")
         fail(f"could not load split {split!r} of dataset '{name}': {where} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
 
 
@@ -383,7 +389,7 @@ def load_pretrained(cls, name: str, what: str, args: Args, **kwargs):
         return cls.from_pretrained(name, trust_remote_code=args.trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
         where = "no such local folder" + (", and not a hub id in the local cache (HF_HUB_OFFLINE is set)"
-                                          if os.environ.get("HF_HUB_OFFLINE") else " and not a hub id")
+                                          if hub_offline() else " and not a hub id")
         fail(f"could not load {what} '{name}': {where} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
 
 
