@@ -367,6 +367,7 @@ def load_split(args: Args, split: str, flag: str):
     """One split with undecoded images (bytes / paths), so that a corrupt image is counted, not fatal. A split
     that cannot be loaded, is empty or lacks a column is a clear error naming the dataset and the fix."""
     source = args.dataset
+    empty = f"split {split!r} (--{flag}) of {source} holds no images: add images, or pass another --{flag}"
     if not os.path.exists(source) and (os.path.isabs(source) or source.startswith(".") or source.count("/") != 1):
         hint = "; `python -m tiny --out data/tiny` writes the tiny image set" if "tiny" in source else ""
         fail(f"--dataset {source}: no such folder, and not a hub id (owner/name){hint}")
@@ -380,6 +381,8 @@ def load_split(args: Args, split: str, flag: str):
             ds = load_dataset(source, split=split)
     except Exception as e:  # datasets raises many types here (FileNotFoundError, ValueError, DatasetNotFoundError...)
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "corresponds to no data" in reason:  # what datasets says about an empty split
+            fail(empty)
         fix = (f"pass --{flag} with one of its splits" if "split" in reason.lower() else
                "check that it is an image folder (SPLIT/CLASS/IMAGE files), a save_to_disk folder, or a cached hub id")
         fail(f"could not load split {split!r} (--{flag}) of --dataset {source}: {type(e).__name__}: {reason}; {fix}")
@@ -388,7 +391,7 @@ def load_split(args: Args, split: str, flag: str):
             fail(f"{source} split {split!r} has no column {col!r} (columns: {ds.column_names}): "
                  f"set --image_column / --label_column")
     if len(ds) == 0:
-        fail(f"split {split!r} (--{flag}) of {source} holds no images: add images, or pass another --{flag}")
+        fail(empty)
     return ds.cast_column(args.image_column, ImageFeature(decode=False))
 
 
@@ -401,7 +404,8 @@ def row_name(ds, image_column: str, i: int) -> str:
 def integer_labels(ds, args: Args, split: str) -> np.ndarray:
     """The label column as int64; a missing or non-integer label is an error naming its row and file."""
     values = ds[args.label_column]
-    bad = next((i for i, v in enumerate(values) if not isinstance(v, (int, np.integer)) or isinstance(v, bool)), None)
+    is_id = lambda v: isinstance(v, (int, np.integer, float)) and not isinstance(v, bool) and float(v).is_integer()
+    bad = next((i for i, v in enumerate(values) if not is_id(v)), None)
     if bad is not None:
         fail(f"label {values[bad]!r} of {row_name(ds, args.image_column, bad)} in split {split!r} of {args.dataset} "
              f"is not an integer class id: fix that row, or set --label_column to the column of integer class ids")
@@ -446,18 +450,18 @@ def load_data(args: Args, scratch: list[str]) -> tuple[dict, dict, int]:
         fail(f"--n_classes {n_classes} differs from the {head} classes of {args.weak_model}'s own head: drop "
              f"--n_classes, or pass --weak_head_split <split> to train a weak probe with {n_classes} classes")
     for split, y in labels.items():
-        outside = np.flatnonzero((y < 0) | (y >= n_classes))
-        if len(outside) == 0:
+        outside = int(((y < 0) | (y >= n_classes)).sum())
+        if outside == 0:
             continue
-        first = int(outside[0])
-        where = (f"in split {split!r} (column {args.label_column!r}) of {args.dataset}, first at "
-                 f"{row_name(data[split], args.image_column, first)}, {len(outside)} rows in all")
-        if y[first] < 0:
-            fail(f"label id {y[first]} {where} is negative: an unlabelled split (ImageNet's test split has -1) cannot "
-                 f"be used; pass a labelled --{flags[split]}")
-        fail(f"label id {int(y.max())} {where} is beyond the head size {n_classes} (ids must be in [0, {n_classes})): "
-             f"the weak model's own head or --n_classes sets it; pass --n_classes {int(y.max()) + 1}, or "
-             f"--weak_head_split for classes that are not the head's")
+        bad = int(y.min()) if y.min() < 0 else int(y.max())
+        where = (f"in split {split!r} (column {args.label_column!r}) of {args.dataset} (first at "
+                 f"{row_name(data[split], args.image_column, int(np.argmax(y == bad)))}; {outside} rows outside)")
+        if bad < 0:
+            fail(f"label id {bad} {where} is negative: an unlabelled split (ImageNet's test split has -1) cannot be "
+                 f"used; pass a labelled --{flags[split]}")
+        fail(f"label id {bad} {where} is beyond the head size {n_classes} (ids must be in [0, {n_classes})): the weak "
+             f"model's own head or --n_classes sets it; pass --n_classes {bad + 1}, or --weak_head_split for classes "
+             f"that are not the head's")
     if args.n_train >= len(labels[args.split]):
         fail(f"--n_train {args.n_train} leaves no test images in split {args.split!r} ({len(labels[args.split])} "
              f"images): pass a smaller --n_train")

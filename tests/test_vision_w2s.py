@@ -4,6 +4,7 @@ absent, unreadable images and bad labels, and the math (preprocessing, probe los
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -11,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from datasets import load_dataset
 from conftest import load_script, run_script
 from PIL import Image
 
 # every run: one torch thread (tiny convolutions crawl when two threads fight other jobs for two cores),
 # and `import torchvision` blocked, as if it were not installed: the script must never need it
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+SCRIPT = str(Path(__file__).resolve().parents[1] / "vision_w2s.py")
 WRITE_IMAGES = "import pathlib, sys; from tiny import images; images.write(pathlib.Path(sys.argv[1]), int(sys.argv[2]))"
 
 
@@ -176,3 +179,240 @@ def test_probe_losses(vw):
     weak2 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # mean of class 1: 0.5
     hard = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     assert torch.allclose(vw.logconf_loss(logits2, weak2, 1.0), F.cross_entropy(logits2, 0.5 * weak2 + 0.5 * hard))
+
+
+# ----------------------------------------------------------------------------------------------
+# presets and argument validation, in process: parse_args() as the command line would call it
+@pytest.fixture
+def parse(vw, monkeypatch, tmp_path):
+    """parse_args() on an argv, run in an empty folder (the default output folders are relative)."""
+    monkeypatch.chdir(tmp_path)
+
+    def run(*argv: str):
+        monkeypatch.setattr("sys.argv", ["vision_w2s.py", *argv])
+        return vw.parse_args()
+
+    return run
+
+
+def assert_user_error(parse, capsys, tmp_path, argv, message):
+    """exit code 2, one line `error: ...` holding `message`, and nothing written in the working folder."""
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as e:
+        parse(*argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def error_line(err: str) -> str:
+    """The last line of stderr (progress bars of `datasets` may come before it)."""
+    return err.replace("\r", "\n").strip().splitlines()[-1]
+
+
+def test_presets_both_spellings_and_flags_override(vw, parse, monkeypatch):
+    monkeypatch.setattr(vw.importlib.util, "find_spec", lambda name: object())  # as if torchvision were installed
+    assert parse() == vw.Args() == vw.PRESETS["paper"]
+    assert parse("--preset", "paper") == vw.Args()
+    tiny = vw.PRESETS["tiny"]
+    assert parse("--preset", "tiny") == parse("--preset=tiny") == tiny
+    assert tiny.preset == "tiny" and tiny.dataset == "data/tiny/images" and tiny.weak_model is None
+    args = parse("--preset=tiny", "--probe_epochs", "7", "--n_train=900")
+    assert (args.probe_epochs, args.n_train, args.probe_lr, args.split) == (7, 900, 1e-3, "test")
+    # a pretrained model named on the command line replaces the preset's network built from scratch ...
+    args = parse("--preset", "tiny", "--weak_model", "some/classifier")
+    assert (args.weak_model, args.weak_model_type, args.weak_config_overrides) == ("some/classifier", None, None)
+    assert args.strong_model is None and args.strong_model_type == "resnet"  # the other side keeps the preset's
+    # ... and a model type named on the command line replaces the paper preset's pretrained model
+    args = parse("--strong_model_type=vit", "--weak_model", "x/y")
+    assert (args.strong_model, args.strong_model_type, args.weak_model) == (None, "vit", "x/y")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--preset", "nano"), "unknown --preset 'nano'; choose one of paper, tiny"),
+    (("--preset=tiny", "--probe_batch_size", "0"), "--probe_batch_size must be positive (got 0)"),
+    (("--preset", "tiny", "--n_train", "-5"), "--n_train must be positive (got -5)"),
+    (("--preset", "tiny", "--embed_batch_size", "0"), "--embed_batch_size must be positive (got 0)"),
+    (("--preset", "tiny", "--pretrain_batch_size", "-1"), "--pretrain_batch_size must be positive (got -1)"),
+    (("--preset", "tiny", "--probe_epochs", "0"), "--probe_epochs must be positive (got 0)"),
+    (("--preset", "tiny", "--resize", "0"), "--resize must be positive (got 0)"),
+    (("--preset", "tiny", "--pretrain_epochs", "-1"), "--pretrain_epochs must be non-negative (got -1)"),
+    (("--preset", "tiny", "--num_workers", "-2"), "--num_workers must be non-negative (got -2)"),
+    (("--preset", "tiny", "--probe_lr", "-0.001"), "--probe_lr must be non-negative (got -0.001)"),
+    (("--preset", "tiny", "--pretrain_lr", "nan"), "--pretrain_lr must be non-negative (got nan)"),
+    (("--preset", "tiny", "--probe_weight_decay", "-1"), "--probe_weight_decay must be non-negative (got -1.0)"),
+    (("--preset", "tiny", "--logconf_aux_coef", "1.5"), "--logconf_aux_coef must be in [0, 1] (got 1.5)"),
+    (("--preset", "tiny", "--logconf_warmup_frac", "-0.1"), "--logconf_warmup_frac must be in [0, 1] (got -0.1)"),
+    (("--preset", "tiny", "--n_classes", "1"), "--n_classes must be at least 2 (got 1)"),
+    (("--preset", "tiny", "--crop", "64"), "--crop 64 is larger than --resize 32"),
+    (("--preset", "tiny", "--weak_model", "a/b", "--weak_model_type", "vit"),
+     "--weak_model loads a pretrained network and --weak_model_type / --weak_config_overrides build one from scratch"),
+    (("--strong_model", "a/b", "--strong_config_overrides", "x=1"),
+     "--strong_config_overrides applies to a network built from scratch, not to --strong_model a/b"),
+    (("--preset", "tiny", "--weak_model_type", "None"),
+     "give exactly one of --weak_model (pretrained) and --weak_model_type"),
+    (("--weak_config_overrides", "x=1"), "--weak_config_overrides applies to a network built from scratch"),
+    (("--preset", "tiny", "--strong_model_type", "nope"), "'nope' is not a transformers model type"),
+    (("--preset", "tiny", "--weak_config_overrides", "nonsense"),
+     "cannot read 'nonsense': write the overrides as key=value"),
+    (("--preset", "tiny", "--weak_config_overrides", "depth=[1]"),
+     "config override 'depth' is not a field of a resnet config"),
+    (("--preset", "tiny", "--strong_model", "dino_resnet50"), "pass --trust_remote_code to allow it"),
+    (("--weak_model", "dino_vitb8", "--trust_remote_code"),
+     "dino_vitb8 has no classification head to give weak labels"),
+    (("--preset", "tiny", "--weak_head_split", "test"), "--weak_head_split must differ from --split 'test'"),
+    (("--preset", "tiny", "--pretrain_split", "test"), "--pretrain_split must differ from --split 'test'"),
+    (("--preset", "tiny", "--preprocessing", "processor"), "--preprocessing processor needs transformers hub models"),
+    (("--preset", "tiny", "--output_dir", "same", "--cache_dir", "same"), "--output_dir and --cache_dir are the same"),
+])
+def test_bad_arguments_are_one_line_exit_2_nothing_written(parse, capsys, tmp_path, argv, message):
+    assert_user_error(parse, capsys, tmp_path, argv, message)
+
+
+def test_output_dir_with_files_is_refused_without_overwrite(parse, capsys, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    assert parse("--preset", "tiny", "--output_dir", str(tmp_path / "new")).output_dir.endswith("new")  # absent: fine
+    assert_user_error(parse, capsys, tmp_path, ("--preset", "tiny", "--output_dir", str(out)),
+                      f"output_dir {out} already holds files (results.json); pass --overwrite_output_dir to replace")
+    assert (out / "results.json").read_text() == "{}"
+    assert parse("--preset", "tiny", "--output_dir", str(out), "--overwrite_output_dir").overwrite_output_dir
+    (tmp_path / "file").write_text("x")
+    assert_user_error(parse, capsys, tmp_path, ("--preset", "tiny", "--output_dir", str(tmp_path / "file")),
+                      "is a file, not a folder")
+
+
+def test_logconf_threshold_is_over_the_whole_optimizer_step_batch(vw):
+    """No accumulation in the probe: every loss call sees one whole optimizer-step batch (issue 14 item 5)."""
+    seen = []
+
+    def recording_loss(logits, labels, step_frac):
+        seen.append(len(logits))
+        return vw.logconf_loss(logits, labels, step_frac)
+
+    args = vw.Args(probe_epochs=2, probe_batch_size=32)
+    x, targets = torch.randn(100, 4), F.one_hot(torch.arange(100) % 2, 2).float()
+    vw.train_probe(x, targets, {}, recording_loss, args, 2, "test")
+    assert seen == [32, 32, 32, 4] * 2  # one loss call per optimizer step, over all of its images
+
+
+# ----------------------------------------------------------------------------------------------
+# data errors: one message naming the dataset, the row / file and the fix; no library traceback
+def save_images(path: Path, labels: dict, image=None) -> Path:
+    """A save_to_disk dataset: split -> label values (one 8x8 image each)."""
+    from datasets import Dataset, DatasetDict, Image as ImageFeature
+
+    im = image or Image.new("RGB", (8, 8), (10, 20, 30))
+    DatasetDict({s: Dataset.from_dict({"image": [im] * len(y), "label": y}).cast_column("image", ImageFeature())
+                 for s, y in labels.items()}).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("make, flags, message", [
+    (lambda d: d / "missing", (), "no such folder, and not a hub id (owner/name)"),
+    (lambda d: save_images(d / "ds", {"train": [0, 1], "test": [0, 1, 1, 0]}), ("--split", "validation"),
+     "--split 'validation': "),
+    (lambda d: save_images(d / "ds", {"train": [0, 1], "test": [0, 1.5, 1, 0]}), (),
+     "label 1.5 of row 1 in split 'test' of "),
+    (lambda d: save_images(d / "ds", {"train": [0, 1], "test": [0, 1, -1, 0]}), (),
+     "/ds (first at row 2; 1 rows outside) is negative: an unlabelled split"),
+    (lambda d: save_images(d / "ds", {"train": [0, 1], "test": [0.0, 1.0, None, 0.0]}), (),
+     "label None of row 2 in split 'test' of "),
+    (lambda d: save_images(d / "ds", {"train": [0, 1], "test": [0, 1, 1, 0]}), ("--n_train", "4"),
+     "--n_train 4 leaves no test images in split 'test' (4 images): pass a smaller --n_train"),
+    (lambda d: save_images(d / "ds", {"train": [0, 1], "test": [0, 1, 1, 0]}), ("--label_column", "y"),
+     "split 'test' has no column 'y'"),
+    (lambda d: d / "folder", ("--weak_model", "missing_model_folder"), "could not load model 'missing_model_folder'"),
+])
+def test_data_errors_name_the_source_and_the_fix(vw, parse, capsys, tmp_path, make, flags, message):
+    source = make(tmp_path)
+    if source.name == "folder":
+        source = save_images(source, {"train": [0, 1], "test": [0, 1, 1, 0]})
+    args = parse("--preset", "tiny", "--dataset", str(source), "--n_train", "2", "--output_dir", str(tmp_path / "out"),
+                 "--cache_dir", str(tmp_path / "cache"), *flags)
+    scratch = [s for s in ("weak", "strong") if getattr(args, f"{s}_model") is None]
+    with pytest.raises(SystemExit) as e:
+        vw.load_data(args, scratch)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and error_line(err).startswith("error: ") and message in error_line(err), err
+    assert "Traceback" not in err and not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_data_error_names_the_image_file(vw, parse, capsys, image_set, tmp_path):
+    args = parse("--preset", "tiny", "--dataset", str(image_set), "--n_classes", "7")
+    with pytest.raises(SystemExit) as e:
+        vw.load_data(args, ["weak", "strong"])
+    err = capsys.readouterr().err
+    line = error_line(err)
+    assert e.value.code == 2 and line.startswith(f"error: label id 7 in split 'test' (column 'label') of {image_set} ")
+    row, path = re.search(r"\(first at row (\d+) \((.+?\.png)\); 250 rows outside\)", line).groups()
+    ds = load_dataset(str(image_set), split="test")  # the row and file named are a label-7 image, in file order
+    assert ds[int(row)]["label"] == 7 and Path(path).parent.name == ds.features["label"].names[7]
+    assert Path(path).parent.parent == image_set / "test" and Path(path).exists()
+    assert "pass --n_classes 8" in line
+
+
+def test_empty_split_is_a_clear_error(vw, parse, capsys, image_set):
+    args = parse("--preset", "tiny", "--dataset", str(image_set), "--split", "test[:0]")
+    with pytest.raises(SystemExit) as e:
+        vw.load_data(args, ["weak", "strong"])
+    assert e.value.code == 2 and error_line(capsys.readouterr().err) == (
+        f"error: split 'test[:0]' (--split) of {image_set} holds no images: add images, or pass another --split")
+
+
+def test_corrupt_or_empty_dataset_folder(vw, parse, capsys, tmp_path):
+    broken = save_images(tmp_path / "broken", {"train": [0, 1], "test": [0, 1, 1, 0]})
+    (broken / "dataset_dict.json").write_text("{not json")
+    empty = tmp_path / "empty"
+    (empty / "test" / "a").mkdir(parents=True)
+    for source in (broken, empty):
+        args = parse("--preset", "tiny", "--dataset", str(source), "--n_train", "2")
+        with pytest.raises(SystemExit) as e:
+            vw.load_data(args, ["weak", "strong"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2
+        assert error_line(err).startswith(f"error: could not load split 'test' (--split) of --dataset {source}")
+        assert "check that it is an image folder" in err and "Traceback" not in err
+
+
+def test_non_classifier_weak_model_is_a_clear_error(vw, parse, capsys, tmp_path):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("resnet").save_pretrained(tmp_path / "body")  # no *ForImageClassification architecture
+    data = save_images(tmp_path / "ds", {"train": [0, 1], "test": [0, 1, 1, 0]})
+    args = parse("--preset", "tiny", "--dataset", str(data), "--n_train", "2", "--weak_model", str(tmp_path / "body"))
+    with pytest.raises(SystemExit) as e:
+        vw.load_data(args, ["strong"])
+    assert e.value.code == 2 and "is not an image classifier" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# the same errors from the command line: the real exit code, no traceback, nothing written
+def test_cli_errors_exit_2_before_anything_is_written(image_set, no_torchvision, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    cases = [  # (flags, environment, message)
+        (("--preset=tiny", "--probe_batch_size", "0"), no_torchvision, "error: --probe_batch_size must be positive"),
+        (("--preset", "tiny", "--dataset", str(tmp_path / "nowhere")), no_torchvision, "no such folder"),
+        ((), no_torchvision, "error: torchvision is not installed, and alexnet needs it"),  # the paper defaults
+        (("--preset", "tiny", "--dataset", "someone/images"),
+         {**no_torchvision, "HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"},
+         "error: no network: cannot reach the Hugging Face Hub for 'someone/images'. Set HF_HUB_OFFLINE=1"),
+    ]
+    for flags, env, message in cases:
+        p = run_script(SCRIPT, *flags, "--output_dir", str(out), "--cache_dir", str(cache), env=env, check=False,
+                       cwd=tmp_path)  # an empty working folder: a stray wandb/ or output/ would show
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, (flags, p.stderr[-2000:])
+        assert sorted(tmp_path.iterdir()) == [], flags  # no output, no cache, no wandb folder
+
+
+def test_rerun_into_an_output_dir_needs_overwrite(offline_run, image_set, no_torchvision):
+    out, _, first = offline_run
+    before = (out / "out" / "results.json").read_bytes()
+    p = tiny_run(image_set, out, "--loss", "logconf", env=no_torchvision, check=False)
+    assert p.returncode == 2 and "already holds files (results.json, results.png)" in p.stderr
+    assert (out / "out" / "results.json").read_bytes() == before  # nothing lost
+    tiny_run(image_set, out, "--loss", "logconf", "--overwrite_output_dir", env=no_torchvision)
+    res = json.loads((out / "out" / "results.json").read_text())
+    assert res["loss"] == "logconf" and res["run_id"] != first["run_id"] and res["weak_acc"] == first["weak_acc"]
