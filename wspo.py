@@ -1,11 +1,9 @@
-"""Weak-to-Strong Preference Optimization (WSPO): align a strong model by imitating how alignment
-changed a weak one.
+"""Weak-to-Strong Preference Optimization (WSPO): align a strong model by imitating how alignment changed a weak one.
 
-Zhu et al., "Weak-to-Strong Preference Optimization: Stealing Reward from Weak Aligned Model"
-(ICLR 2025); official code: the WSPO repo, `src/llamafactory/train/wspo/trainer.py`. Four models
-share one tokenizer: the strong policy pi (trained, initialised from --strong), the strong
-reference pi_sref (frozen; --strong_ref, default --strong), the weak model before alignment pi_wref
-(--weak_ref) and after it pi_wal (--weak_aligned). On the chosen responses y of a preference set:
+Zhu et al., "Weak-to-Strong Preference Optimization: Stealing Reward from Weak Aligned Model" (ICLR 2025); official
+code: the WSPO repo, `src/llamafactory/train/wspo/trainer.py`. Four models share one tokenizer: the strong policy pi
+(trained, initialised from --strong), the strong reference pi_sref (frozen; --strong_ref, default --strong), the weak
+model before alignment pi_wref (--weak_ref) and after it pi_wal (--weak_aligned). On the chosen responses y:
 
     official (default, token level):
         d_t = beta (log pi(y_t) - log pi_sref(y_t)) - gamma (log pi_wal(y_t) - log pi_wref(y_t))
@@ -13,44 +11,54 @@ reference pi_sref (frozen; --strong_ref, default --strong), the weak model befor
     paper (--loss_level sequence): the same regression on whole-response log-ratios,
         L   = mean over the batch of  (beta log pi/pi_sref(y) - gamma log pi_wal/pi_wref(y))^2
 
-The paper writes the sequence-level form; the official code trains the token-level one, which is
-the default here. The official code also forwards the rejected responses through all four models
-and discards them; here they are never forwarded in training (they only serve the held-out reward
-accuracy when the eval split has them).
+The paper writes the sequence-level form; the official code trains the token-level one, the default here. The
+official code also forwards the rejected responses through all four models and discards them; here they are never
+forwarded in training (they only give the held-out reward accuracy when the eval split has them).
 
-What makes it lean: the weak log-ratio and the strong reference's log-probs never change, so they
-are computed per token in a pre-pass, one frozen model in memory at a time, and cached on disk
-(keyed by model, data and tokenization settings); training holds only the policy. Logits exist
-only at response positions, and the fp32 log-softmax is taken a chunk at a time. Before anything,
-the four tokenizers must give identical token ids on the data, or the run stops naming the first
-differing example.
+The weak log-ratio and the strong reference's log-probs never change, so a pre-pass computes them per token, one
+frozen model in memory at a time, caches them on disk (keyed by model, token ids, precision and batch layout), and
+training holds only the policy. The pre-pass forwards the strong reference in the very batches the run forwards the
+policy in (training: epoch 0's micro-batches; eval: the eval batches), under the same `accelerator.autocast()` and
+weights dtype, so that at step 0 the strong log-ratio is exactly 0, in fp32 and in bf16 mixed precision alike.
+Every model's tokenizer must give the strong tokenizer's ids on the data, or the run stops naming the first example.
 
-GPU, hub (the design card's command; defaults: weak pair Qwen2-1.5B -> Qwen2-1.5B-Instruct):
+Defaults: the paper's full fine-tuning setting (lr 1e-5, 1 epoch, batch 1 x accumulation 8, cosine, warm-up 0.1,
+cut-off 4096, beta 0.1); LoRA in the paper: lr 5e-6 x 3 epochs. Dropout is off in the policy (--disable_dropout,
+LoRA dropout included), as in the official WSPO trainer and TRL's DPOTrainer. Loss normaliser: per sequence (token
+level: sum_t d_t^2 / |y|), then the mean over the sequences of the micro-batch; accumulation and processes average
+those means, which equals the mean over all sequences of the optimizer step only because every micro-batch holds
+the same number of sequences (whole global batches only: the remainder of an epoch is left out).
+
+GPU, hub (defaults: weak pair Qwen2-1.5B -> Qwen2-1.5B-Instruct; mixed precision from configs/):
     accelerate launch wspo.py --strong Qwen/Qwen2-7B
     # the WSPO paper's setting: --strong runs/qwen2-7b-sft --weak_ref runs/qwen2-1.5b-sft \
     #   --weak_aligned runs/qwen2-1.5b-dpo   (full: lr 1e-5 x 1 epoch, ZeRO-3 offload; LoRA: lr 5e-6 x 3 epochs)
-Offline tiny setting (CPU; see run_tiny.sh for the models it expects):
+Offline tiny setting (CPU; run_tiny.sh trains the models it expects):
     python wspo.py --preset tiny --output_dir runs/tiny/wspo-strong
 """
 
+import argparse
 import gc
 import hashlib
 import json
 import math
 import os
+import resource
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Literal, NoReturn
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import gather_object, send_to_device, set_seed
 from datasets import load_dataset, load_from_disk
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
@@ -65,9 +73,9 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (wandb run name prefix)"""
     seed: int = 1
-    """seed of the experiment (data order)"""
+    """seed of the experiment (data order, --eval_fraction split)"""
     output_dir: str = "runs/wspo"
-    """where the final model, checkpoints and metrics.jsonl go"""
+    """where the final model, checkpoints, args.json and metrics.jsonl go"""
     preset: Literal["tiny"] | None = None
     """named defaults: `tiny` = the offline tiny setting (data/tiny, runs/tiny models); flags still override"""
     track: bool = False
@@ -93,11 +101,13 @@ class Args:
     trust_remote_code: bool = False
     """allow custom modelling code from the hub (off: only code shipped with transformers runs)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """dtype the weights are loaded in; mixed precision itself comes from the accelerate config"""
+    """dtype every model's weights are loaded in; mixed precision itself comes from the accelerate config"""
     attn_implementation: str = "sdpa"
     """attention kernel: sdpa, eager, flash_attention_2"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
+    disable_dropout: bool = True
+    """set every dropout probability to 0 in the policy, as TRL's DPOTrainer and the official WSPO trainer do"""
 
     # LoRA
     use_lora: bool = False
@@ -107,21 +117,25 @@ class Args:
     lora_alpha: int = 32
     """LoRA scaling alpha"""
     lora_dropout: float = 0.05
-    """LoRA dropout"""
+    """LoRA dropout (0 while --disable_dropout is on)"""
     lora_target_modules: str = "all-linear"
     """modules that get adapters: "all-linear" or a comma-separated list of names"""
 
     # data
     dataset_name: str = "HuggingFaceH4/ultrafeedback_binarized"
-    """hub id, local dataset folder, a save_to_disk folder, or a .json/.jsonl/.parquet file"""
+    """hub id, local dataset folder, a save_to_disk folder, or a .json/.jsonl/.parquet/.csv file"""
     dataset_config: str | None = None
     """dataset config (subset) name"""
     train_split: str = "train_prefs"
     """split to train on"""
     eval_split: str | None = "test_prefs"
     """held-out split (None: no eval); with a rejected column it also gives the reward accuracy"""
+    eval_dataset_name: str | None = None
+    """eval data from another hub id / folder / file (its --eval_split, or the whole file)"""
+    eval_fraction: float | None = None
+    """hold out this fraction of the training data (seeded by --seed) as the eval split"""
     response_column: str = "chosen"
-    """the responses to imitate: a message list ending in the assistant turn (e.g. `chosen`, or `messages` of an SFT set), or a string"""
+    """the responses to imitate: a message list ending in the assistant turn (`chosen`, `messages`), or a string"""
     prompt_column: str = "prompt"
     """prompt column, used when the responses are plain strings"""
     rejected_column: str = "rejected"
@@ -129,7 +143,7 @@ class Args:
     max_length: int = 4096
     """prompt + response tokens (paper cutoff 4096); longer responses are cut (end-of-turn kept)"""
     max_prompt_length: int = 2048
-    """prompt tokens; longer prompts keep their last tokens"""
+    """prompt tokens; longer prompts lose whole earlier turns, then the start of the oldest user text"""
     max_train_samples: int | None = None
     """use only the first N training examples"""
     max_eval_samples: int | None = 1000
@@ -147,7 +161,7 @@ class Args:
     cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "w2s_alignment")
     """where the pre-pass's per-token log-probs are cached"""
     prepass_batch_size: int = 16
-    """sequences per forward in the pre-pass"""
+    """sequences per forward in the weak models' pre-pass (the strong reference runs in the run's own batches)"""
 
     # optimization
     learning_rate: float = 1e-5
@@ -182,6 +196,11 @@ class Args:
     """keep only the newest N checkpoints"""
     resume: bool = False
     """resume from the newest checkpoint in output_dir/checkpoints"""
+    resume_allow_changes: tuple[str, ...] = ()
+    """with --resume: argument names allowed to differ from the saved args.json"""
+    overwrite_output_dir: bool = False
+    """replace what an earlier run wrote in output_dir: its checkpoints/ are deleted and metrics.jsonl starts afresh;
+    other files are kept"""
 
     # filled in at runtime
     world_size: int = 1
@@ -193,44 +212,202 @@ class Args:
 PRESETS = {
     "tiny": Args(
         preset="tiny", output_dir="runs/tiny/wspo", strong="runs/tiny/sft-strong", weak_ref="runs/tiny/sft-weak",
-        weak_aligned="runs/tiny/dpo-weak", dataset_name="data/tiny/ultrafeedback", max_length=128, max_prompt_length=64,
-        learning_rate=5e-4, num_train_epochs=1, per_device_train_batch_size=32, gradient_accumulation_steps=1,
-        per_device_eval_batch_size=64, max_eval_samples=400, logging_steps=20, prepass_batch_size=64,
-        cache_dir="runs/tiny/cache", beta=0.5,
+        weak_aligned="runs/tiny/dpo-weak", dataset_name="data/tiny/ultrafeedback", max_length=128,
+        max_prompt_length=64, learning_rate=5e-4, num_train_epochs=1, per_device_train_batch_size=32,
+        gradient_accumulation_steps=1, per_device_eval_batch_size=64, max_eval_samples=400, logging_steps=20,
+        prepass_batch_size=64, cache_dir="runs/tiny/cache", beta=0.5,
     ),
 }
 # beta 0.5 offline: the strong log-ratio goes to (weak log-ratio) / beta, amplifying the weak DPO's likelihood
 # displacement too; on the tiny setting beta 0.1 cut answer correctness 0.97 -> 0.33 (docs/results.md).
 
+# arguments that change neither the training math nor the data order: --resume accepts changes to them
+RESUME_SAFE = {"output_dir", "track", "wandb_project_name", "wandb_entity", "push_to_hub", "hub_model_id",
+               "logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume", "resume_allow_changes",
+               "overwrite_output_dir", "cache_dir", "world_size", "per_device_eval_batch_size", "exp_name", "preset",
+               "eval_split", "eval_dataset_name", "max_eval_samples", "trust_remote_code", "prepass_batch_size"}
+
+
+def fail(message: str) -> NoReturn:
+    """A user error: one message saying what is wrong and how to fix it, exit code 2, nothing written."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
 
 def parse_args() -> Args:
-    """`--preset NAME` picks the defaults; every other flag overrides them."""
-    argv = sys.argv[1:]
-    preset = argv[argv.index("--preset") + 1] if "--preset" in argv[:-1] else None
-    if preset is not None and preset not in PRESETS:
-        raise SystemExit(f"unknown --preset {preset!r}; choose from {sorted(PRESETS)}")
-    return tyro.cli(Args, default=PRESETS.get(preset, Args()), use_underscores=True)
+    """`--preset NAME` (or `--preset=NAME`) picks the defaults; every flag given overrides them."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS))
+    preset = pre.parse_known_args()[0].preset
+    return tyro.cli(Args, default=PRESETS[preset] if preset else Args(), use_underscores=True)
 
 
-# ---------------------------------------------------------------------------------------------
+def is_file_dataset(name: str | None) -> bool:
+    return name is not None and name.endswith((".json", ".jsonl", ".parquet", ".csv"))
+
+
+def validate(args: Args):
+    """Every check that needs no model or data: before the Accelerator, any load, or anything written."""
+    positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
+                "num_train_epochs", "max_length", "max_prompt_length", "prepass_batch_size", "lora_r", "lora_alpha",
+                "logging_steps", "save_total_limit", "max_steps", "eval_steps", "save_steps", "max_train_samples",
+                "max_eval_samples", "beta", "max_grad_norm"]
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            fail(f"--{name} must be positive (got {getattr(args, name)})")
+    for name in ("learning_rate", "weight_decay", "weak_coef"):
+        if getattr(args, name) < 0:
+            fail(f"--{name} must be non-negative (got {getattr(args, name)})")
+    if not 0 <= args.warmup_ratio <= 1:
+        fail(f"--warmup_ratio must be in [0, 1] (got {args.warmup_ratio})")
+    if not 0 <= args.lora_dropout < 1:
+        fail(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
+    if args.eval_fraction is not None and not 0 < args.eval_fraction < 1:
+        fail(f"--eval_fraction must be in (0, 1) (got {args.eval_fraction})")
+    if args.max_prompt_length >= args.max_length:
+        fail(f"--max_prompt_length ({args.max_prompt_length}) must be below --max_length ({args.max_length}): the "
+             "response needs room")
+    if args.resume and args.overwrite_output_dir:
+        fail("--resume continues the run in output_dir, --overwrite_output_dir replaces it: pass one of them")
+    if args.resume_allow_changes and not args.resume:
+        fail("--resume_allow_changes only applies with --resume")
+    unknown = set(args.resume_allow_changes) - set(vars(args))
+    if unknown:
+        fail(f"--resume_allow_changes names unknown arguments {sorted(unknown)}")
+    if args.eval_fraction is not None and args.eval_dataset_name is not None:
+        fail("--eval_fraction holds out training data, --eval_dataset_name names other data: pass one of them")
+    if args.eval_fraction is None and args.eval_dataset_name is None and args.eval_split is not None:
+        if is_file_dataset(args.dataset_name):
+            fail(f"--dataset_name {args.dataset_name} is a single file, which has no held-out split: evaluating on "
+                 f"{args.eval_split!r} would evaluate on the training data. Pass --eval_dataset_name FILE, "
+                 "--eval_fraction 0.05, or --eval_split None")
+        if args.eval_split == args.train_split:
+            fail(f"--eval_split {args.eval_split!r} is the training split: pick a held-out split, --eval_fraction "
+                 "0.05, or --eval_split None")
+    if args.eval_dataset_name is not None and os.path.abspath(args.eval_dataset_name) == os.path.abspath(
+            args.dataset_name) and (is_file_dataset(args.eval_dataset_name) or args.eval_split == args.train_split):
+        fail(f"--eval_dataset_name {args.eval_dataset_name} is the training data: name held-out data")
+    args.strong_ref = args.strong_ref or args.strong
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    check_output_dir(args)
+    check_network(args)
+
+
+def check_output_dir(args: Args):
+    """A non-empty output_dir is refused without --resume / --overwrite_output_dir; --resume refuses changed
+    arguments (except --resume_allow_changes) and exits 0 on a finished run."""
+    out = args.output_dir
+    if not os.path.isdir(out) or not os.listdir(out):
+        return
+    if not args.resume and not args.overwrite_output_dir:
+        fail(f"output_dir {out} already holds files (a model, metrics.jsonl, ...); pass --overwrite_output_dir to "
+             "replace them, --resume to continue that run, or another --output_dir")
+    saved_path = os.path.join(out, "args.json")
+    if not args.resume or not os.path.exists(saved_path):
+        return
+    saved, new = json.load(open(saved_path)), json.loads(json.dumps(vars(args)))
+    changed = [k for k in new if k not in RESUME_SAFE and k in saved and saved[k] != new[k]]
+    refused = [k for k in changed if k not in args.resume_allow_changes]
+    if refused:
+        fail(f"--resume with arguments that differ from {saved_path}: "
+             + "; ".join(f"{k}: {saved[k]!r} -> {new[k]!r}" for k in refused)
+             + f". Resume with the saved values, or allow the change with --resume_allow_changes {' '.join(refused)}")
+    if "completed_steps" in saved and not args.resume_allow_changes:
+        print(f"run in {out} already finished (step {saved['completed_steps']}); nothing to do")
+        sys.exit(0)
+
+
+def check_network(args: Args):
+    """With HF_HUB_OFFLINE unset and some name not a local path, test the hub once (3 s) instead of a minute of
+    retries inside the first load."""
+    from huggingface_hub import constants
+
+    names = [args.strong, args.strong_ref, args.weak_ref, args.weak_aligned, args.dataset_name, args.eval_dataset_name]
+    remote = [n for n in names if n is not None and not os.path.exists(n)]
+    if constants.HF_HUB_OFFLINE or not remote:
+        return
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError:
+        fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
+             "local cache, or pass a local path.")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # data
-# ---------------------------------------------------------------------------------------------
-def load_split(name: str, config: str | None, split: str):
-    """Hub id, local dataset folder (README YAML / data files), save_to_disk folder, or one file."""
-    if os.path.isfile(name):
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(name)[1])
-        if kind is None:
-            raise SystemExit(f"cannot read dataset file {name!r}: use .json, .jsonl, .parquet or .csv")
-        return load_dataset(kind, data_files={split: name}, split=split)
+# ---------------------------------------------------------------------------------------------------------------------
+def first_bad_line(path: str) -> str | None:
+    """Where a .json/.jsonl file breaks: the 1-based line of invalid JSON, a non-object, or a field whose type
+    differs from its first occurrence; None if nothing is found."""
+    if path.endswith(".json"):
+        try:
+            records = json.load(open(path))
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno} is not valid JSON ({e.msg})"
+        lines = list(enumerate(records if isinstance(records, list) else [], 1))
+    else:
+        lines = []
+        for number, line in enumerate(open(path), 1):
+            if line.strip():
+                try:
+                    lines.append((number, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    return f"line {number} is not valid JSON ({e.msg})"
+    seen = {}
+    for number, record in lines:
+        if not isinstance(record, dict):
+            return f"line {number} is not a JSON object"
+        for key, value in record.items():
+            first = seen.setdefault(key, (type(value).__name__, number))
+            if value is not None and first[0] != "NoneType" and first[0] != type(value).__name__:
+                return f"line {number}: {key!r} is a {type(value).__name__}, but a {first[0]} on line {first[1]}"
+    return None
+
+
+def load_split(name: str, config: str | None, split: str | None):
+    """Hub id, local dataset folder (README YAML / data files), save_to_disk folder, or one file (all of it)."""
+    if is_file_dataset(name):
+        if not os.path.isfile(name):
+            fail(f"dataset file {name} does not exist")
+        with open(name, "rb") as f:
+            if not f.read(4096).strip():
+                fail(f"dataset file {name} is empty: it holds no examples")
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}[os.path.splitext(name)[1]]
+        try:
+            return load_dataset(kind, data_files=name, split="train")
+        except Exception as e:
+            where = first_bad_line(name) if kind == "json" else None
+            fail(f"cannot read dataset file {name}: {where or str(e).splitlines()[0]}; fix or remove that line")
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
-        return load_from_disk(name)[split]
+        splits = load_from_disk(name)
+        if split not in splits:
+            fail(f"dataset {name} has no split {split!r} (splits: {list(splits)})")
+        return splits[split]
     try:
         return load_dataset(name, config, split=split)
-    except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
-        raise SystemExit(
-            f"could not load split {split!r} of dataset {name!r}: {e}\nWith no network, use a local copy "
-            "(python -m tiny --out data/tiny writes the offline tiny setting; then --preset tiny)."
-        ) from e
+    except Exception as e:
+        fail(f"could not load split {split!r} of dataset {name!r}: {str(e).splitlines()[0]}\nWith no network, use a "
+             "local copy (python -m tiny --out data/tiny writes the offline tiny setting; then --preset tiny).")
+
+
+def load_raw_splits(args: Args, log):
+    """The raw training and eval splits; the eval source is logged, and never the training data."""
+    raw_train = load_split(args.dataset_name, args.dataset_config, args.train_split)
+    raw_eval = None
+    if args.eval_fraction is not None:
+        parts = raw_train.train_test_split(test_size=args.eval_fraction, seed=args.seed)
+        raw_train, raw_eval = parts["train"], parts["test"]
+        log(f"eval: {len(raw_eval)} examples held out of {args.dataset_name} (--eval_fraction {args.eval_fraction})")
+    elif args.eval_dataset_name is not None:
+        raw_eval = load_split(args.eval_dataset_name, args.dataset_config, args.eval_split)
+        log(f"eval: {args.eval_dataset_name}" + ("" if is_file_dataset(args.eval_dataset_name) else
+                                                 f", split {args.eval_split}"))
+    elif args.eval_split is not None:
+        raw_eval = load_split(args.dataset_name, args.dataset_config, args.eval_split)
+        log(f"eval: {args.dataset_name}, split {args.eval_split}")
+    return raw_train, raw_eval
 
 
 def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
@@ -238,20 +415,52 @@ def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[i
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
+def fit_prompt(tokenizer, prompt: list[dict], max_prompt_length: int):
+    """The prompt's token ids within max_prompt_length, never cutting a role header: whole earlier turns are dropped
+    first (a system message is kept), then the oldest user text is cut from its start. Returns (ids, the messages
+    kept, cut?) or None if even that does not fit."""
+    ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
+    if len(ids) <= max_prompt_length:
+        return ids, prompt, False
+    system = prompt[:1] if prompt[0].get("role") == "system" else []
+    turns = prompt[len(system):]
+    while len(ids) > max_prompt_length:
+        later_user = [i for i in range(1, len(turns)) if turns[i].get("role") == "user"]
+        if not later_user:
+            break
+        turns = turns[later_user[0]:]
+        ids = chat_ids(tokenizer, system + turns, add_generation_prompt=True)
+    prompt = system + turns
+    excess = len(ids) - max_prompt_length
+    if excess > 0:
+        users = [i for i, m in enumerate(prompt) if m.get("role") == "user"]
+        if not users:
+            return None
+        blank = chat_ids(tokenizer, [{**m, "content": ""} if i == users[0] else m for i, m in enumerate(prompt)], True)
+        head = next((i for i, (a, b) in enumerate(zip(ids, blank)) if a != b), min(len(ids), len(blank)))
+        limit = min(len(ids), len(blank)) - head  # the common suffix cannot overlap the common prefix
+        tail = next((i for i in range(limit) if ids[-1 - i] != blank[-1 - i]), limit)
+        if len(ids) - head - tail <= excess:  # the user text is shorter than the excess: headers alone too long
+            return None
+        ids = ids[:head] + ids[head + excess:]
+    return ids, prompt, True
+
+
 def response_ids(tokenizer, prompt: list[dict], text: str) -> list[int]:
     """The tokens the chat template appends to the prompt for an assistant turn, through end-of-turn."""
     prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
     full = chat_ids(tokenizer, prompt + [{"role": "assistant", "content": text}])
     if full[: len(prompt_ids)] != prompt_ids:
-        raise SystemExit(f"the chat template's prompt tokens are not a prefix of prompt+response tokens for {prompt!r}; "
-                         "the response cannot be located. Use a template whose generation prompt ends the prompt exactly.")
+        fail(f"the chat template's prompt tokens are not a prefix of prompt+response tokens for {prompt!r}; the "
+             "response cannot be located. Use a template whose generation prompt ends the prompt exactly.")
     resp, eot = full[len(prompt_ids):], tokenizer.eos_token_id
     return resp[: len(resp) - resp[::-1].index(eot)] if eot in resp else resp + [eot]
 
 
 def tokenize_example(tokenizer, ex: dict, args: Args, with_rejected: bool) -> dict:
     """prompt_ids, chosen_ids (the response to imitate) and, for eval, rejected_ids; or a skip reason."""
-    out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "skip": ""}
+    out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "skip": "", "prompt_cut": False,
+           "response_cut": False}
     conv = ex[args.response_column]
     if isinstance(conv, list):
         if not conv or not isinstance(conv[-1], dict) or conv[-1].get("role") != "assistant":
@@ -266,36 +475,52 @@ def tokenize_example(tokenizer, ex: dict, args: Args, with_rejected: bool) -> di
     if with_rejected:
         r = ex[args.rejected_column]
         texts.append(r[-1]["content"] if isinstance(r, list) else r)
-    prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)[-args.max_prompt_length:]
-    room = args.max_length - len(prompt_ids)
-    if room < 2:
+    fitted = fit_prompt(tokenizer, prompt, args.max_prompt_length)
+    if fitted is None or args.max_length - len(fitted[0]) < 2:
         return {**out, "skip": "prompt leaves no room for a response"}
+    prompt_ids, prompt, prompt_cut = fitted
+    room = args.max_length - len(prompt_ids)
     resps = [response_ids(tokenizer, prompt, t) for t in texts]
-    skip = "truncated" if max(map(len, resps)) > room else ""
+    response_cut = max(map(len, resps)) > room
     resps = [r if len(r) <= room else r[: room - 1] + [tokenizer.eos_token_id] for r in resps]
-    return {"prompt_ids": prompt_ids, "chosen_ids": resps[0], "rejected_ids": resps[1] if with_rejected else [], "skip": skip}
+    return {**out, "prompt_ids": prompt_ids, "chosen_ids": resps[0], "rejected_ids": resps[1] if with_rejected else [],
+            "prompt_cut": prompt_cut, "response_cut": response_cut}
 
 
-def prepare_dataset(ds, tokenizer, args: Args, what: str, log):
-    if args.response_column not in ds.column_names:
-        raise SystemExit(f"the {what} split has no column {args.response_column!r} (columns: {ds.column_names}); pass "
-                         "--response_column naming the responses to imitate (e.g. chosen, or messages)")
-    with_rejected = what == "eval" and args.rejected_column in ds.column_names
-    ds = ds.map(lambda ex: tokenize_example(tokenizer, ex, args, with_rejected), remove_columns=ds.column_names,
-                desc=f"tokenizing {what}")
-    reasons = {r: n for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}
-    kept = ds.filter(lambda ex: ex["skip"] in ("", "truncated")).remove_columns("skip")
-    log(f"{what}: {len(kept)} of {len(ds)} examples kept; " + (", ".join(f"{n} {r}" for r, n in reasons.items()) or "none skipped or cut"))
+def prepare_split(raw, max_samples: int | None, tokenizer, args: Args, what: str, source: str, log):
+    """Select the first max_samples, check the columns, tokenize, drop (and count) unusable rows. Returns the
+    tokenized split (with a `row` index), whether it holds rejected responses, and its data counts."""
+    if max_samples is not None:
+        raw = raw.select(range(min(max_samples, len(raw))))
+    if args.response_column not in raw.column_names:
+        fail(f"the {what} data ({source}) has no column {args.response_column!r} (columns: {raw.column_names}); pass "
+             "--response_column naming the responses to imitate (e.g. chosen, or messages)")
+    first = raw[0][args.response_column] if len(raw) else ""
+    if not isinstance(first, (str, list)):
+        fail(f"column {args.response_column!r} of the {what} data ({source}) holds {type(first).__name__} values "
+             "(row 1); expected a message list ending in the assistant turn, or a string")
+    if isinstance(first, str) and args.prompt_column not in raw.column_names:
+        fail(f"the {what} responses are strings, but the data ({source}) has no prompt column {args.prompt_column!r}; "
+             "pass --prompt_column")
+    with_rejected = what == "eval" and args.rejected_column in raw.column_names
+    ds = raw.map(lambda ex: tokenize_example(tokenizer, ex, args, with_rejected), remove_columns=raw.column_names,
+                 desc=f"tokenizing {what}")
+    skips = {r: n for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}
+    kept = ds.filter(lambda ex: ex["skip"] == "")
+    counts = {f"data/{what}_examples": len(kept), f"data/{what}_dropped": len(ds) - len(kept),
+              f"data/{what}_prompts_cut": sum(kept["prompt_cut"]), f"data/{what}_responses_cut": sum(kept["response_cut"])}
+    log(f"{what}: {len(kept)} of {len(ds)} examples kept; {counts[f'data/{what}_prompts_cut']} prompts cut, "
+        f"{counts[f'data/{what}_responses_cut']} responses cut" + "".join(f", {n} {r}" for r, n in skips.items()))
     if len(kept) == 0:
-        raise SystemExit(f"no usable example in the {what} split ({reasons}); check --response_column and the data")
-    return kept.add_column("row", list(range(len(kept)))), with_rejected
+        fail(f"no usable example in the {what} data ({source}; {skips}); check --response_column and the data")
+    kept = kept.remove_columns(["skip", "prompt_cut", "response_cut"])
+    return kept.add_column("row", list(range(len(kept)))), with_rejected, counts
 
 
 def check_tokenizers(args: Args, raws: list, names: list[str], log):
-    """# ALGO LOGIC: d_t pairs strong and weak log-probs token by token, so every model's tokenizer must
-    give the strong tokenizer's ids on every example; stop at the first that does not. A tokenizer
-    whose definition (vocabulary, merges, normalisation, chat template, special tokens) is identical
-    to the strong one's gives identical ids by construction and is not re-run over the data."""
+    """d_t pairs strong and weak log-probs token by token, so every model's tokenizer must give the strong
+    tokenizer's ids on every example; stop at the first that does not. A tokenizer whose definition (vocabulary,
+    merges, normalisation, chat template, special tokens) is the strong one's gives its ids by construction."""
     base = load_tokenizer(args.strong, args)
     definition = lambda t: (t.backend_tokenizer.to_str(), t.chat_template, t.eos_token, t.pad_token)
     base_ids = {}
@@ -313,83 +538,113 @@ def check_tokenizers(args: Args, raws: list, names: list[str], log):
                     theirs = tokenize_example(base, ex, args, False)
                     base_ids[split, i] = theirs["prompt_ids"] + theirs["chosen_ids"]
                 if mine["prompt_ids"] + mine["chosen_ids"] != base_ids[split, i]:
-                    raise SystemExit(
-                        f"tokenizer mismatch: {name!r} and the strong model {args.strong!r} tokenize {split} example {i} "
-                        f"differently ({ex.get(args.prompt_column)!r}):\n  {name}: {mine['prompt_ids'] + mine['chosen_ids']}\n"
-                        f"  {args.strong}: {base_ids[split, i]}\nWSPO pairs the weak and strong log-probs token by "
-                        "token; all four models must share one tokenizer and chat template.")
+                    fail(f"tokenizer mismatch: {name!r} and the strong model {args.strong!r} tokenize {split} example "
+                         f"{i} differently ({ex.get(args.prompt_column)!r}):\n  {name}: "
+                         f"{mine['prompt_ids'] + mine['chosen_ids']}\n  {args.strong}: {base_ids[split, i]}\nWSPO "
+                         "pairs the weak and strong log-probs token by token; all four models must share one "
+                         "tokenizer and chat template.")
         log(f"tokenizer check: {name} gives the strong tokenizer's ids on every example")
 
 
-def collate(rows: list[dict], pad_id: int, padding_free: bool, keys=("chosen_ids",)) -> dict:
-    """One sequence per (row, key), keys outer: with keys=(chosen, rejected), sequence i and i+len(rows) pair up.
-    `targets[t]` is the next token, `loss_mask[t]` marks positions that predict a response token,
-    `seq_id[t]` the sequence of position t. padding-free: one row, position_ids restart per sequence."""
+def cached_tokens(cache: dict, rows: list[int], key_index: int = 0) -> torch.Tensor:
+    """The cached per-token values of the rows' responses (key 0: chosen, 1: rejected), in collate's token order."""
+    offsets = cache["offsets"]
+    sequences = [key_index * cache["n_rows"] + r for r in rows]
+    return torch.cat([cache["values"][offsets[k]: offsets[k + 1]] for k in sequences])
+
+
+def collate(rows: list[dict], pad_id: int, padding_free: bool, keys=("chosen_ids",), cache: dict | None = None) -> dict:
+    """One sequence per (key, row), keys outer: with keys=(chosen, rejected), sequence i and i+len(rows) pair up.
+    `targets[t]` is the next token, `loss_mask[t]` marks positions that predict a response token. The response
+    tokens' sequence ids, counts and cached values are built here, on the host, so the step never waits on the
+    device for them. padding-free: one row, position_ids restart per sequence."""
     seqs, masks = [], []
     for key in keys:
         for r in rows:
             seqs.append(torch.tensor(r["prompt_ids"] + r[key]))
             masks.append(torch.tensor([False] * (len(r["prompt_ids"]) - 1) + [True] * len(r[key]) + [False]))
     targets = [torch.cat([s[1:], s.new_zeros(1)]) for s in seqs]
-    seq_id = [torch.full_like(s, i) for i, s in enumerate(seqs)]
-    out = {"row": torch.tensor([r["row"] for r in rows]), "n_seqs": len(seqs)}
+    response_lengths = [len(r[key]) for key in keys for r in rows]
+    row_ids = [r["row"] for r in rows]
+    out = {"row": row_ids, "n_seqs": len(seqs), "n_tokens": sum(map(len, seqs)), "response_lengths": response_lengths,
+           "n_chosen_tokens": sum(response_lengths[: len(rows)]),
+           "response_seq": torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(response_lengths)),
+           "response_targets": torch.cat([t[m] for t, m in zip(targets, masks)])}
+    if cache is not None:  # the pre-pass's strong-reference log-probs (every response) and weak log-ratio (chosen)
+        out["ref_logps"] = torch.cat([cached_tokens(cache["ref"], row_ids, k) for k in range(len(keys))])
+        out["weak_logratio"] = (cached_tokens(cache["weak_aligned"], row_ids) - cached_tokens(cache["weak_ref"], row_ids))
     if padding_free:
-        return {**out, "input_ids": torch.cat(seqs)[None], "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None],
-                "targets": torch.cat(targets)[None], "loss_mask": torch.cat(masks)[None], "seq_id": torch.cat(seq_id)[None]}
+        return {**out, "input_ids": torch.cat(seqs)[None], "loss_mask": torch.cat(masks)[None],
+                "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None]}
     n = max(len(s) for s in seqs)
     pad = lambda xs, v: torch.stack([F.pad(x, (0, n - len(x)), value=v) for x in xs])
     return {**out, "input_ids": pad(seqs, pad_id), "attention_mask": pad([torch.ones_like(s) for s in seqs], 0),
-            "targets": pad(targets, 0), "loss_mask": pad(masks, False), "seq_id": pad(seq_id, 0)}
+            "loss_mask": pad(masks, False)}
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # per-token log-probs and the loss
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # fp32 before the log-softmax: its gradient (onehot - softmax) is built in fp32 and cast to the logits' dtype once
     logits = logits.float()
     return logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(-1)
 
 
 def token_logps(model, batch: dict) -> torch.Tensor:
-    """log p(y_t) at every response position of the batch, in sequence order (fp32, chunked and
-    recomputed in backward; logits only at response positions via logits_to_keep)."""
-    mask = batch["loss_mask"]
+    """log p(y_t) at every response position of the batch, in sequence order (fp32, chunked and recomputed in
+    backward; logits only at response positions via logits_to_keep)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch.get("position_ids"), logits_to_keep=mask, use_cache=False).logits
-    targets = batch["targets"][mask]
+                   position_ids=batch.get("position_ids"), logits_to_keep=batch["loss_mask"], use_cache=False).logits
+    targets = batch["response_targets"]
     fn = partial(checkpoint, _chunk_logps, use_reentrant=False) if torch.is_grad_enabled() else _chunk_logps
-    return torch.cat([fn(logits[i : i + 2048], targets[i : i + 2048]) for i in range(0, len(targets), 2048)])
+    return torch.cat([fn(logits[i: i + 2048], targets[i: i + 2048]) for i in range(0, len(targets), 2048)])
 
 
-def wspo_loss(policy_lp, sref_lp, weak_ratio, seq_id, n_seqs: int, beta: float, gamma: float, level: str):
-    """Per-sequence WSPO loss from per-token log-probs (all aligned, response tokens only).
+def per_sequence_sum(values: torch.Tensor, seq_id: torch.Tensor, n_seqs: int) -> torch.Tensor:
+    return torch.zeros(n_seqs, device=values.device, dtype=values.dtype).index_add(0, seq_id, values)
 
-    # ALGO LOGIC: official trainer: d_t = beta (log pi - log pi_sref) - gamma (log pi_wal - log pi_wref);
-    # loss = sum_t d_t^2 / |y| per sequence (token level); the paper's form squares the summed ratios.
-    """
-    strong_ratio = policy_lp - sref_lp
-    zeros = torch.zeros(n_seqs, device=policy_lp.device, dtype=policy_lp.dtype)
-    lengths = zeros.index_add(0, seq_id, torch.ones_like(policy_lp))
-    if level == "token":
-        d = beta * strong_ratio - gamma * weak_ratio
-        return zeros.index_add(0, seq_id, d**2) / lengths, d
-    d_seq = beta * zeros.index_add(0, seq_id, strong_ratio) - gamma * zeros.index_add(0, seq_id, weak_ratio)
-    return d_seq**2, d_seq
+
+def compute_loss(policy_logps: torch.Tensor, batch: dict, beta: float, gamma: float, level: str):
+    """The WSPO loss of each chosen response (REFERENCE.md, WSPO; the official trainer's token-level form or the
+    paper's sequence-level one) and per-example metrics; with rejected responses, the held-out reward accuracy."""
+    n, n_chosen = len(batch["row"]), batch["n_chosen_tokens"]
+    seq_id = batch["response_seq"][:n_chosen]
+    strong_logratio = policy_logps[:n_chosen] - batch["ref_logps"][:n_chosen]  # log pi - log pi_sref, per token
+    weak_logratio = batch["weak_logratio"]  # log pi_wal - log pi_wref, per token
+    if level == "token":  # d_t = beta (log pi - log pi_sref) - gamma (log pi_wal - log pi_wref); sum_t d_t^2 / |y|
+        d = beta * strong_logratio - gamma * weak_logratio
+        n_tokens = per_sequence_sum(torch.ones_like(d), seq_id, n)
+        losses = per_sequence_sum(d**2, seq_id, n) / n_tokens
+        abs_d = per_sequence_sum(d.detach().abs(), seq_id, n) / n_tokens
+    else:  # the paper: (beta log pi/pi_sref(y) - gamma log pi_wal/pi_wref(y))^2
+        d = beta * per_sequence_sum(strong_logratio, seq_id, n) - gamma * per_sequence_sum(weak_logratio, seq_id, n)
+        losses, abs_d = d**2, d.detach().abs()
+    chosen_rewards = beta * per_sequence_sum(strong_logratio.detach(), seq_id, n)  # the strong implicit reward
+    metrics = {"loss": losses.detach(), "abs_d": abs_d, "rewards/chosen": chosen_rewards,
+               "logratio_corr": pearson(strong_logratio.detach(), weak_logratio) * torch.ones_like(abs_d)}
+    if batch["n_seqs"] > n:  # rejected responses (eval): the strong implicit reward's held-out accuracy
+        rejected_logratio = (policy_logps[n_chosen:] - batch["ref_logps"][n_chosen:]).detach()
+        rejected_rewards = beta * per_sequence_sum(rejected_logratio, batch["response_seq"][n_chosen:] - n, n)
+        metrics.update({"rewards/rejected": rejected_rewards, "rewards/margins": chosen_rewards - rejected_rewards,
+                        "rewards/accuracies": (chosen_rewards > rejected_rewards).float()})
+    return losses, metrics
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cosine_similarity(x - x.mean(), y - y.mean(), dim=0)
+    return F.cosine_similarity(x - x.mean(), y - y.mean(), dim=0)
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # the pre-pass: per-token log-probs of each frozen model, one model in memory at a time, cached
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 def model_fingerprint(name: str) -> str:
     """A hub id names fixed weights (up to its revision); a local folder is fingerprinted by its files."""
     if not os.path.isdir(name):
         return name
     files = sorted(f for f in os.listdir(name) if f.endswith((".safetensors", ".json")))
-    return name + "|" + "|".join(f"{f}:{os.path.getsize(os.path.join(name, f))}:{os.path.getmtime(os.path.join(name, f))}" for f in files)
+    return name + "|" + "|".join(f"{f}:{os.path.getsize(os.path.join(name, f))}:"
+                                 f"{os.path.getmtime(os.path.join(name, f))}" for f in files)
 
 
 def data_fingerprint(ds, columns) -> str:
@@ -401,32 +656,36 @@ def data_fingerprint(ds, columns) -> str:
     return h.hexdigest()
 
 
+def chunks(rows: list[int], size: int) -> list[list[int]]:
+    return [rows[i: i + size] for i in range(0, len(rows), size)]
+
+
 @torch.no_grad()
-def prepass(name: str, ds, keys, args: Args, accelerator, collate_fn, log) -> dict:
-    """Per-token log-probs of model `name` on every (row, key) response of `ds`, as one flat tensor
-    with offsets: the tokens of sequence k (= key index * len(ds) + row) are values[offsets[k]:offsets[k+1]]."""
-    key = hashlib.sha256("\n".join([model_fingerprint(name), data_fingerprint(ds, ("prompt_ids", *keys)), args.dtype]).encode())
-    path = os.path.join(args.cache_dir, f"token-logps-{key.hexdigest()[:20]}.safetensors")
+def prepass(name: str, ds, batches: list[list[int]], keys, args: Args, accelerator, pad_id: int, log) -> dict:
+    """Per-token log-probs of model `name` on every (key, row) response of `ds`, forwarded in `batches` (lists of
+    rows; batch i on process i % processes) under the training forward's autocast and weights dtype, as one flat
+    tensor with offsets: the tokens of sequence k = key index * len(ds) + row are values[offsets[k]:offsets[k+1]]."""
+    key = "\n".join([model_fingerprint(name), data_fingerprint(ds, ("prompt_ids", *keys)), args.dtype,
+                     accelerator.mixed_precision, str(args.padding_free), json.dumps(batches)])
+    path = os.path.join(args.cache_dir, f"token-logps-{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors")
     if os.path.exists(path):
         log(f"pre-pass {name}: reusing the cache {path}")
-        return load_file(path)
+        return {**load_file(path), "n_rows": len(ds)}
     model = load_model(name, args).to(accelerator.device).eval()
     results = []
-    with accelerator.split_between_processes(list(range(len(ds)))) as mine:
-        loader = DataLoader(ds.select(mine), batch_size=args.prepass_batch_size, collate_fn=partial(collate_fn, keys=keys))
-        for batch in tqdm(loader, desc=f"pre-pass {os.path.basename(name.rstrip('/'))}", disable=not accelerator.is_local_main_process):
-            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            lp = token_logps(model, batch).cpu()
-            lengths = torch.bincount(batch["seq_id"][batch["loss_mask"]].cpu(), minlength=batch["n_seqs"]).tolist()
-            per_seq = lp.split(lengths)
-            n = len(batch["row"])
-            for j, row in enumerate(batch["row"].tolist()):
-                results.append((row, [per_seq[k * n + j] for k in range(len(keys))]))
+    mine = batches[accelerator.process_index:: accelerator.num_processes]
+    for rows in tqdm(mine, desc=f"pre-pass {os.path.basename(name.rstrip('/'))}",
+                     disable=not accelerator.is_local_main_process):
+        batch = send_to_device(collate([ds[r] for r in rows], pad_id, args.padding_free, keys), accelerator.device)
+        with accelerator.autocast():
+            per_seq = token_logps(model, batch).cpu().split(batch["response_lengths"])
+        results += [(k * len(ds) + row, per_seq[k * len(rows) + j]) for k in range(len(keys))
+                    for j, row in enumerate(rows)]
     del model
     gc.collect()
     results = sorted(gather_object(results), key=lambda t: t[0])
-    assert [r for r, _ in results] == list(range(len(ds)))
-    seqs = [lps[k] for k in range(len(keys)) for _, lps in results]
+    assert [k for k, _ in results] == list(range(len(keys) * len(ds)))
+    seqs = [values for _, values in results]
     out = {"values": torch.cat(seqs), "offsets": torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)}
     if accelerator.is_main_process:
         os.makedirs(args.cache_dir, exist_ok=True)
@@ -434,27 +693,29 @@ def prepass(name: str, ds, keys, args: Args, accelerator, collate_fn, log) -> di
         os.replace(path + ".tmp", path)
         log(f"pre-pass {name}: {len(seqs)} responses, {len(out['values'])} tokens, cached in {path}")
     accelerator.wait_for_everyone()
-    return out
+    return {**out, "n_rows": len(ds)}
 
 
-def lookup(cache: dict, rows: torch.Tensor, n_rows: int, key_index: int = 0) -> torch.Tensor:
-    """The cached per-token values of the given rows, concatenated in batch order (= loss_mask order)."""
-    off = cache["offsets"]
-    seqs = [key_index * n_rows + r for r in rows.tolist()]
-    return torch.cat([cache["values"][off[k] : off[k + 1]] for k in seqs])
+# ---------------------------------------------------------------------------------------------------------------------
+# models, checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+def model_error(name: str, args: Args, e: Exception) -> NoReturn:
+    from huggingface_hub import constants
+
+    why = ("no such local folder, and not a hub id in the local cache (HF_HUB_OFFLINE=1)" if not os.path.exists(name)
+           and constants.HF_HUB_OFFLINE else str(e).splitlines()[0])
+    hint = ("the tiny models come from `bash run_tiny.sh` (or pass their folders)" if args.preset == "tiny" else
+            "pass a local model folder or a hub id (offline: --preset tiny after `bash run_tiny.sh`)")
+    fail(f"could not load model {name!r}: {why}. {hint}")
 
 
-# ---------------------------------------------------------------------------------------------
-# models
-# ---------------------------------------------------------------------------------------------
 def load_tokenizer(name: str, args: Args):
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"could not load the tokenizer of {name!r} from the hub or a local path: {e}\nWith no network, "
-                         "train the tiny models first (bash run_tiny.sh) and pass --preset tiny.") from e
+        model_error(name, args, e)
     if tok.chat_template is None:
-        raise SystemExit(f"tokenizer {name!r} has no chat template; use an instruct tokenizer or set one")
+        fail(f"tokenizer of {name!r} has no chat template; use an instruct tokenizer or set one")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -462,222 +723,281 @@ def load_tokenizer(name: str, args: Args):
 
 def load_model(name: str, args: Args):
     try:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code,
+        return AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, args.dtype),
+                                                    trust_remote_code=args.trust_remote_code,
                                                     attn_implementation=args.attn_implementation)
-    except OSError as e:
-        raise SystemExit(f"could not load the model {name!r} from the hub or a local path: {e}\nWith no network, train "
-                         "the tiny models first (bash run_tiny.sh) and pass --preset tiny.") from e
+    except (OSError, ValueError) as e:
+        model_error(name, args, e)
+
+
+def disable_dropout(model: torch.nn.Module):
+    """Every dropout probability to 0: nn.Dropout modules (LoRA's included) and attention-dropout attributes."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def checkpoint_step(name: str) -> int:
+    return int(name.rsplit("step-", 1)[1])
 
 
 def newest_checkpoint(output_dir: str) -> str | None:
     """Only fully written checkpoints count: they are renamed into place after saving."""
     root = os.path.join(output_dir, "checkpoints")
-    steps = [int(d.split("-")[1]) for d in os.listdir(root) if d.startswith("step-")] if os.path.isdir(root) else []
-    return os.path.join(root, f"step-{max(steps)}") if steps else None
+    names = [d for d in os.listdir(root) if d.startswith("step-")] if os.path.isdir(root) else []
+    return os.path.join(root, max(names, key=checkpoint_step)) if names else None
+
+
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 if __name__ == "__main__":
     args = parse_args()
+    validate(args)
     # TRY NOT TO MODIFY: accelerator, batch-size chain, seeding, logging
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
     args.world_size = accelerator.num_processes
     args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    args.strong_ref = args.strong_ref or args.strong
+    run_id = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     log = lambda msg: accelerator.print(f"[{args.exp_name}] {msg}")
-    os.makedirs(args.output_dir, exist_ok=True)
-    if args.track and accelerator.is_main_process:
-        import wandb
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), dir=args.output_dir,
-                   name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if accelerator.is_main_process else None
-
-    def log_metrics(metrics: dict, step: int):
-        if accelerator.is_main_process:
-            metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
-            metrics_file.flush()
-            if args.track:
-                wandb.log(metrics, step=step)
-
+    sync = torch.cuda.synchronize if accelerator.device.type == "cuda" else lambda: None
     set_seed(args.seed, device_specific=True)
     tokenizer = load_tokenizer(args.strong, args)
     log(f"global batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation x "
         f"{args.world_size} processes = {args.global_batch_size} responses")
 
     with accelerator.main_process_first():
-        raw_train = load_split(args.dataset_name, args.dataset_config, args.train_split)
-        if args.max_train_samples is not None:
-            raw_train = raw_train.select(range(min(args.max_train_samples, len(raw_train))))
-        train_ds, _ = prepare_dataset(raw_train, tokenizer, args, "train", log)
-        eval_ds, raw_eval, eval_pairs = None, None, False
-        if args.eval_split:
-            raw_eval = load_split(args.dataset_name, args.dataset_config, args.eval_split)
-            if args.max_eval_samples is not None:
-                raw_eval = raw_eval.select(range(min(args.max_eval_samples, len(raw_eval))))
-            eval_ds, eval_pairs = prepare_dataset(raw_eval, tokenizer, args, "eval", log)
+        raw_train, raw_eval = load_raw_splits(args, log)
+        train_ds, _, data_counts = prepare_split(raw_train, args.max_train_samples, tokenizer, args, "train",
+                                                 args.dataset_name, log)
+        eval_ds, eval_pairs = None, False
+        if raw_eval is not None:
+            eval_ds, eval_pairs, eval_counts = prepare_split(raw_eval, args.max_eval_samples, tokenizer, args, "eval",
+                                                             args.eval_dataset_name or args.dataset_name, log)
+            data_counts.update(eval_counts)
     check_tokenizers(args, [("train", raw_train)] + ([("eval", raw_eval)] if raw_eval is not None else []),
                      [args.strong_ref, args.weak_ref, args.weak_aligned], log)
-    collate_fn = partial(collate, pad_id=tokenizer.pad_token_id, padding_free=args.padding_free)
 
-    # ALGO LOGIC: the pre-pass. Weak log-ratio log pi_wal - log pi_wref and the strong reference's
-    # log-probs, per token, once; one frozen model in memory at a time. Rejected only for eval accuracy.
+    rows_per_epoch = len(train_ds) // args.global_batch_size * args.global_batch_size
+    steps_per_epoch = rows_per_epoch // args.global_batch_size
+    if steps_per_epoch == 0:
+        fail(f"{len(train_ds)} training examples are fewer than one global batch ({args.global_batch_size}); lower "
+             "--per_device_train_batch_size or --gradient_accumulation_steps, or add data")
+    total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
+    epoch_order = lambda epoch: torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed + epoch))
+
+    # ALGO LOGIC: the pre-pass (REFERENCE.md, WSPO: the weak log-ratio and the strong reference never change). The
+    # strong reference runs in the run's own batches (epoch 0's micro-batches, the eval batches): bit-equal to the
+    # policy's step-0 forward; the rows epoch 0 leaves out follow in batches of their own.
+    order = epoch_order(0).tolist()
+    layouts = {"train": (train_ds, ("chosen_ids",), chunks(order[:rows_per_epoch], args.per_device_train_batch_size)
+                         + chunks(order[rows_per_epoch:], args.per_device_train_batch_size))}
+    if eval_ds is not None:
+        layouts["eval"] = (eval_ds, ("chosen_ids", "rejected_ids") if eval_pairs else ("chosen_ids",),
+                           chunks(list(range(len(eval_ds))), args.per_device_eval_batch_size))
     cache = {}
-    for split, ds, keys in (("train", train_ds, ("chosen_ids",)),
-                            ("eval", eval_ds, ("chosen_ids", "rejected_ids") if eval_pairs else ("chosen_ids",))):
-        if ds is None:
-            continue
-        wal, wref = (prepass(n, ds, keys, args, accelerator, collate_fn, log) for n in (args.weak_aligned, args.weak_ref))
-        cache[split] = {"weak_ratio": {"values": wal["values"] - wref["values"], "offsets": wal["offsets"]},
-                        "sref": prepass(args.strong_ref, ds, keys, args, accelerator, collate_fn, log)}
-        assert torch.equal(wal["offsets"], wref["offsets"])
+    for split, (ds, keys, batches) in layouts.items():
+        weak_batches = chunks(list(range(len(ds))), args.prepass_batch_size)
+        run = partial(prepass, ds=ds, args=args, accelerator=accelerator, pad_id=tokenizer.pad_token_id, log=log)
+        cache[split] = {"ref": run(args.strong_ref, batches=batches, keys=keys)}
+        for role in ("weak_ref", "weak_aligned"):  # a model named twice is forwarded once
+            same = getattr(args, role) == args.strong_ref
+            cache[split][role] = cache[split]["ref"] if same else run(getattr(args, role), batches=weak_batches,
+                                                                      keys=("chosen_ids",))
 
     model = load_model(args.strong, args)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if args.use_lora:
         from peft import LoraConfig, get_peft_model
-        targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+
+        targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else \
+            args.lora_target_modules.split(",")
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                 lora_dropout=args.lora_dropout, target_modules=targets,
+                                                 task_type="CAUSAL_LM"))
+    if args.disable_dropout:
+        disable_dropout(model)
     log(f"policy: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
-    rows_per_epoch = len(train_ds) // args.global_batch_size * args.global_batch_size
-    steps_per_epoch = rows_per_epoch // args.global_batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train_ds)} training examples are fewer than one global batch ({args.global_batch_size})")
-    total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
-
-    def epoch_loader(epoch: int):
-        # the data order depends on (seed, epoch) only, so a resumed run sees the same batches
-        order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed + epoch))
-        subset = train_ds.select(order[:rows_per_epoch].tolist())
-        return accelerator.prepare(DataLoader(subset, batch_size=args.per_device_train_batch_size, collate_fn=collate_fn))
+    def make_loader(split: str, rows: list[int], batch_size: int):
+        ds, keys, _ = layouts[split]
+        collate_fn = partial(collate, pad_id=tokenizer.pad_token_id, padding_free=args.padding_free, keys=keys,
+                             cache=cache[split])
+        return accelerator.prepare(DataLoader(ds.select(rows), batch_size=batch_size, collate_fn=collate_fn))
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay, fused=True)  # one kernel for all tensors (TRL's default)
+                                  weight_decay=args.weight_decay, fused=True)  # one kernel for all tensors
     # stepped by hand once per optimizer step (accelerate would step it once per process)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
+                              num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
-    eval_loader = None
-    if eval_ds is not None:
-        eval_collate = partial(collate_fn, keys=("chosen_ids", "rejected_ids") if eval_pairs else ("chosen_ids",))
-        eval_loader = accelerator.prepare(DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size, collate_fn=eval_collate))
-
-    def step_metrics(batch, split: str, n_rows: int):
-        """The loss over the batch's chosen responses, per-example metrics (for exact gathering), and
-        the batch's correlation between strong and weak per-token log-ratios."""
-        c = cache[split]
-        n = len(batch["row"])
-        lp = token_logps(model, batch)
-        chosen = batch["seq_id"][batch["loss_mask"]] < n  # chosen responses come first in the batch
-        seq = batch["seq_id"][batch["loss_mask"]][chosen]
-        sref = lookup(c["sref"], batch["row"], n_rows).to(lp)
-        weak = lookup(c["weak_ratio"], batch["row"], n_rows).to(lp)
-        losses, d = wspo_loss(lp[chosen], sref, weak, seq, n, args.beta, args.weak_coef, args.loss_level)
-        strong_ratio = (lp[chosen] - sref).detach()
-        zeros = torch.zeros(n, device=lp.device)
-        reward = args.beta * zeros.index_add(0, seq, strong_ratio)
-        abs_d = (zeros.index_add(0, seq, d.detach().abs()) / zeros.index_add(0, seq, torch.ones_like(strong_ratio))
-                 if args.loss_level == "token" else d.detach().abs())
-        m = {"loss": losses.detach(), "abs_d": abs_d, "rewards/chosen": reward}
-        if split == "eval" and eval_pairs:  # held-out reward accuracy of the strong implicit reward
-            seq_r = batch["seq_id"][batch["loss_mask"]][~chosen] - n
-            sref_r = lookup(c["sref"], batch["row"], n_rows, key_index=1).to(lp)
-            reward_r = args.beta * zeros.index_add(0, seq_r, (lp[~chosen] - sref_r).detach())
-            m.update({"rewards/rejected": reward_r, "rewards/accuracies": (reward > reward_r).float(),
-                      "rewards/margins": reward - reward_r})
-        return losses.mean(), m, pearson(strong_ratio, weak)
-
-    @torch.no_grad()
-    def evaluate() -> dict:
-        """Means over every held-out example: per-example metrics go through gather_for_metrics, which
-        drops the duplicates accelerate adds to even out the last batch across processes."""
-        model.eval()
-        parts = [accelerator.gather_for_metrics(step_metrics(batch, "eval", len(eval_ds))[1]) for batch in eval_loader]
-        model.train()
-        return {f"eval/{k}": torch.cat([p[k] for p in parts]).double().mean().item() for k in parts[0]}
+    # device-side non-finite flag, read once per logging window: fused AdamW skips its update while it is 1, so a
+    # non-finite step (and every later one) leaves the weights as they were
+    nonfinite = torch.zeros((), device=accelerator.device)
+    first_nonfinite_step = torch.full((), -1, device=accelerator.device)
+    optimizer.optimizer.found_inf = nonfinite
+    eval_loader = make_loader("eval", list(range(len(eval_ds))), args.per_device_eval_batch_size) if eval_ds is not None else None
 
     global_step = 0
-    if args.resume:
-        ckpt = newest_checkpoint(args.output_dir)
-        if ckpt is None:
-            log("--resume: no checkpoint found, starting from scratch")
-        else:
-            accelerator.load_state(ckpt)
-            global_step = int(ckpt.rsplit("-", 1)[1])
-            for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
-                scheduler.step()
-            log(f"resumed from {ckpt} (step {global_step})")
+    ckpt = newest_checkpoint(args.output_dir) if args.resume else None
+    if ckpt is not None:
+        accelerator.load_state(ckpt)
+        global_step = checkpoint_step(ckpt)
+        for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
+            scheduler.step()
+        log(f"resumed from {ckpt} (step {global_step})")
+    elif args.resume:
+        log("--resume: no checkpoint found, starting from scratch")
 
-    def save_checkpoint(step: int):
+    # TRY NOT TO MODIFY: the output folder, created only now that data and models loaded
+    metrics_file = None
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
+        os.makedirs(args.output_dir, exist_ok=True)
+        metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a" if args.resume else "w")
+        json.dump({**vars(args), "run_id": run_id}, open(os.path.join(args.output_dir, "args.json"), "w"), indent=2)
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                       dir=args.output_dir, name=run_id)
+
+    def log_metrics(metrics: dict, step: int):
+        if accelerator.is_main_process:
+            metrics_file.write(json.dumps({"step": step, "run_id": run_id, **metrics}) + "\n")
+            metrics_file.flush()
+            if args.track:
+                wandb.log(metrics, step=step)
+
+    def check_finite():
+        """Reads the device-side flag (a host sync): once per logging window, and before a checkpoint or the save."""
+        if nonfinite.item():
+            raise SystemExit(f"non-finite loss or gradient at step {int(first_nonfinite_step.item())}; no update was "
+                             f"applied from that step on; the last good checkpoint is in {args.output_dir}/checkpoints")
+
+    @torch.no_grad()
+    def evaluate_and_log(step: int, extra: dict | None = None) -> float:
+        """Means over every held-out example (gather_for_metrics drops the duplicates accelerate adds to even out the
+        last batch across processes); returns the seconds it took, which steady-state throughput leaves out."""
+        sync()
+        start = time.time()
+        model.eval()
+        parts = []
+        for batch in eval_loader:
+            with accelerator.autocast():
+                policy_logps = token_logps(model, batch)
+            parts.append(accelerator.gather_for_metrics(compute_loss(policy_logps, batch, args.beta, args.weak_coef,
+                                                                     args.loss_level)[1]))
+        model.train()
+        m = {f"eval/{k}": torch.cat([p[k] for p in parts]).double().mean().item() for k in parts[0]}
+        log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
+        log_metrics({**m, **(extra or {})}, step)
+        sync()
+        return time.time() - start
+
+    def save_checkpoint(step: int) -> float:
         # written to a temporary folder, then renamed: a crash mid-save never leaves a checkpoint resume would pick
+        check_finite()
+        sync()
+        start = time.time()
         root = os.path.join(args.output_dir, "checkpoints")
         tmp, final = os.path.join(root, f"tmp-step-{step}"), os.path.join(root, f"step-{step}")
         accelerator.save_state(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             os.replace(tmp, final)
-            for old in sorted((d for d in os.listdir(root) if d.startswith("step-")), key=lambda d: int(d[5:]))[: -args.save_total_limit]:
+            kept = sorted((d for d in os.listdir(root) if d.startswith("step-")), key=checkpoint_step)
+            for old in kept[: -args.save_total_limit]:
                 shutil.rmtree(os.path.join(root, old))
         accelerator.wait_for_everyone()
+        return time.time() - start
 
-    if eval_loader is not None and global_step == 0:
-        m = evaluate()
-        log("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
-        log_metrics(m, 0)
+    if global_step == 0:
+        if eval_loader is not None:
+            evaluate_and_log(0, data_counts)
+        else:
+            log_metrics(data_counts, 0)
 
-    # TRY NOT TO MODIFY: the training loop
     model.train()
     bar = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="wspo")
-    running, n_tokens, t0 = {}, 0, time.time()
-    for epoch in range(global_step // steps_per_epoch, num_epochs):
-        loader = epoch_loader(epoch)
+    running, window_tokens, window_start = {}, 0, time.time()
+    warmup_steps, start_step = min(3, total_steps // 2), global_step  # steady state: after this invocation's warm-up
+    steady = {"tokens": 0, "examples": 0, "excluded_s": 0.0, "start": time.time()}
+    epoch = global_step // steps_per_epoch
+    while global_step < total_steps:
+        loader = make_loader("train", epoch_order(epoch)[:rows_per_epoch].tolist(), args.per_device_train_batch_size)
         skip = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
-        if skip > 0:
-            loader = accelerator.skip_first_batches(loader, skip)
+        loader = accelerator.skip_first_batches(loader, skip) if skip > 0 else loader
         for batch in loader:
             with accelerator.accumulate(model):
-                loss, m, corr = step_metrics(batch, "train", len(train_ds))
+                with accelerator.autocast():
+                    policy_logps = token_logps(model, batch)  # log pi(y_t) at every chosen response token
+                # ALGO LOGIC: the WSPO loss (REFERENCE.md, WSPO; official trainer, token level):
+                # d_t = beta (log pi - log pi_sref) - gamma (log pi_wal - log pi_wref), loss = mean_y sum_t d_t^2 / |y|
+                losses, m = compute_loss(policy_logps, batch, args.beta, args.weak_coef, args.loss_level)
+                loss = losses.mean()
+                # TRY NOT TO MODIFY: backward, clipping, the non-finite flag, the update
                 accelerator.backward(loss)
+                bad = ~torch.isfinite(loss.detach())
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    if not (torch.isfinite(loss.detach()) and torch.isfinite(grad_norm)):  # checked before the update
-                        raise SystemExit(f"non-finite loss or gradient at step {global_step + 1} (epoch {epoch}, rows {batch['row'].tolist()}); no update "
-                                         f"was applied; the last good checkpoint is in {args.output_dir}/checkpoints")
+                    bad = bad | ~torch.isfinite(grad_norm)
+                first_nonfinite_step.copy_(torch.where(bad & (nonfinite == 0), global_step + 1, first_nonfinite_step))
+                nonfinite.copy_(torch.maximum(nonfinite, bad.float()))
                 optimizer.step()
                 optimizer.zero_grad()
-            m = {**m, "logratio_corr": corr.detach() * torch.ones_like(m["loss"]), "examples": torch.ones_like(m["loss"])}
-            running = {k: running.get(k, 0) + v.double().sum() for k, v in m.items()}
-            n_tokens += batch["input_ids"].numel()
+            running = {k: running.get(k, 0) + v.double().sum() for k, v in {**m, "examples": torch.ones_like(m["loss"])}.items()}
+            window_tokens += batch["n_tokens"]
+            if global_step - start_step >= warmup_steps:
+                steady["tokens"] += batch["n_tokens"]
+                steady["examples"] += len(batch["row"])
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             global_step += 1
             bar.update(1)
+            if global_step - start_step == warmup_steps:
+                sync()
+                steady["start"] = time.time()
             if global_step % args.logging_steps == 0 or global_step == total_steps:
+                check_finite()
                 r = {k: accelerator.reduce(v, reduction="sum") for k, v in running.items()}
-                tokens = accelerator.reduce(torch.tensor(float(n_tokens), device=accelerator.device), reduction="sum")
+                tokens = accelerator.reduce(torch.tensor(float(window_tokens), device=accelerator.device), "sum")
                 out = {f"train/{k}": (v / r["examples"]).item() for k, v in r.items() if k != "examples"}
                 out.update({"train/lr": scheduler.get_last_lr()[0], "train/epoch": global_step / steps_per_epoch,
-                            "perf/tokens_per_s": tokens.item() / (time.time() - t0)})
+                            "perf/tokens_per_s": tokens.item() / (time.time() - window_start)})
                 bar.set_postfix(loss=f"{out['train/loss']:.4f}")
                 log_metrics(out, global_step)
-                running, n_tokens, t0 = {}, 0, time.time()
-            if eval_loader is not None and args.eval_steps and global_step % args.eval_steps == 0 and global_step != total_steps:
-                log_metrics(evaluate(), global_step)
+                running, window_tokens, window_start = {}, 0, time.time()
+            if eval_loader is not None and args.eval_steps and global_step % args.eval_steps == 0 \
+                    and global_step != total_steps:
+                steady["excluded_s"] += evaluate_and_log(global_step)
             if args.save_steps and global_step % args.save_steps == 0:
-                save_checkpoint(global_step)
+                steady["excluded_s"] += save_checkpoint(global_step)
             if global_step >= total_steps:
                 break
-        if global_step >= total_steps:
-            break
+        epoch += 1
     bar.close()
-
+    sync()
+    steady_s = time.time() - steady["start"] - steady["excluded_s"]
+    steady_steps = max(global_step - start_step - warmup_steps, 0)
+    totals = accelerator.reduce(torch.tensor([float(steady["tokens"]), float(steady["examples"])],
+                                             device=accelerator.device), "sum").tolist()
+    perf = {"perf/peak_memory_gb": peak_memory_gb(accelerator.device), "perf/steady_steps": steady_steps,
+            "perf/steady_s": steady_s, "perf/steady_tokens_per_s": totals[0] / steady_s if steady_steps else 0.0,
+            "perf/steady_examples_per_s": totals[1] / steady_s if steady_steps else 0.0}
+    check_finite()
     if eval_loader is not None:
-        m = evaluate()
-        log(f"step {global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
-        log_metrics(m, global_step)
+        evaluate_and_log(global_step, perf)
+    else:
+        log_metrics(perf, global_step)
 
     # TRY NOT TO MODIFY: save a plain transformers model (LoRA merged) + tokenizer, safetensors
     accelerator.wait_for_everyone()
@@ -688,8 +1008,8 @@ if __name__ == "__main__":
             unwrapped, state_dict = unwrapped.merge_and_unload(), None
         unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(args.output_dir)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        json.dump({**vars(args), "run_id": run_id, "completed_steps": global_step},
+                  open(os.path.join(args.output_dir, "args.json"), "w"), indent=2)
         log(f"saved the model to {args.output_dir}")
         if args.push_to_hub:
             unwrapped.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
