@@ -1,9 +1,10 @@
 """Weighted Preference Optimization (WPO): DPO with each pair weighted by its probability under the
-current policy. On-policy (hybrid) pairs are built by hybrid_pairs.py; wpo.py trains on them.
+current policy.
 
 Zhou et al., "WPO: Enhancing RLHF with Weighted Preference Optimization" (2024); official code
 github.com/wzhouad/WPO (`scripts/run_wpo.py`, class WPOTrainer). Off-policy pairs are reweighted to
 look on-policy: a pair the policy would likely have sampled counts fully, an unlikely one less.
+On-policy (hybrid, WPO-HB) pairs are built by hybrid_pairs.py; wpo.py trains on the dataset it writes.
 
     logp(y)  = sum over response tokens of log pi(y_t | x, y_<t)          (prompt and padding masked)
     h        = (logp_pi(y_w) - logp_ref(y_w)) - (logp_pi(y_l) - logp_ref(y_l))
@@ -28,12 +29,17 @@ log-softmax is taken chunk by chunk; its gradient, onehot - softmax, is written 
 one buffer (TokenLogps). `--padding_free` packs each batch into one row. With LoRA the reference
 is the base model (adapters disabled). The weight needs log sum_v p_v^2 = log sum_v e_v^2 -
 2 log sum_v e_v with e = exp(z - max z) for logits z, from the exponentials the log-normaliser takes
-anyway: no probability tensor either. Everything else is dpo.py: `diff dpo.py wpo.py` shows what WPO changes.
+anyway, in fp32: no probability tensor either. Everything else is dpo.py: `diff dpo.py wpo.py` shows WPO.
+
+Loss normaliser: the mean over the optimizer step's pairs. Each micro-batch's loss is its per-pair mean, and
+accelerate averages micro-batches and processes; this equals the mean over all pairs because every micro-batch
+holds the same number of pairs (only whole global batches are trained on). Dropout is off in the policy
+(`--disable_dropout`, LoRA dropout included), as in TRL's DPOTrainer: at step 0 the policy is the reference.
 
 Paper-scale (GPU, hub; the official Llama-3-8B-Instruct setting: beta 0.01, lr 1e-6, 2 epochs, max
-length 2048 / prompt 1800, 8 GPUs x batch 2 x accumulation 8, UltraFeedback binarized):
+length 2048 / prompt 1800, 8 GPUs x batch 2 x accumulation 8, gradient checkpointing, UltraFeedback binarized):
     accelerate launch --config_file configs/zero3.yaml wpo.py --output_dir runs/llama3-8b-instruct-wpo
-    # WPO-HB: hybrid (on-policy) pairs from the policy, scored by ArmoRM (hybrid_pairs.py), then WPO on them:
+    # WPO-HB: on-policy pairs from hybrid_pairs.py (the policy's samples scored by ArmoRM), then WPO on them:
     accelerate launch --config_file configs/zero3.yaml wpo.py --dataset_name data/llama3-hybrid \
         --output_dir runs/llama3-8b-instruct-wpo-hb
 Offline tiny setting (CPU):
@@ -151,16 +157,16 @@ class Args:
     """inverse temperature of the implicit reward (paper: 0.01)"""
     label_smoothing: float = 0.0
     """sigmoid loss only: assumed probability that a label is flipped (conservative DPO)"""
-    ref_mode: Literal["precompute", "live"] = "precompute"
-    """precompute: reference log-probs in one pass before training, cached on disk; live: every step"""
-    cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "w2s_alignment")
-    """where the precomputed reference log-probs are cached"""
-    prepass_batch_size: int = 16
-    """pairs per forward in the reference pre-pass"""
     clamp_weight: bool = True
     """clamp the pair weight at 1 (official code); --no_clamp_weight: TRL's `use_weighting` form"""
     weight_sum_sq: bool = True
     """subtract log sum_v p_v^2 per token (official "sampled alignment"); off: plain length-normalised log-probs"""
+    disable_dropout: bool = True
+    """set every dropout probability to 0 in the policy (LoRA dropout included), as TRL's DPOTrainer does"""
+    cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "w2s_alignment")
+    """where the precomputed reference log-probs are cached"""
+    prepass_batch_size: int = 16
+    """pairs per forward in the reference pre-pass"""
 
     # optimization
     learning_rate: float = 1e-6
@@ -209,7 +215,7 @@ PRESETS = {
         dataset_name="data/tiny/ultrafeedback", max_length=128, max_prompt_length=64, learning_rate=1e-4,
         num_train_epochs=1, per_device_train_batch_size=32, gradient_accumulation_steps=1, per_device_eval_batch_size=64,
         max_eval_samples=400, logging_steps=20, prepass_batch_size=64, cache_dir="runs/tiny/cache",
-        gradient_checkpointing=False, beta=0.1,
+        beta=0.1, gradient_checkpointing=False,  # as dpo.py: wpo.py's paper defaults differ
     ),
 }
 
@@ -331,6 +337,16 @@ def prepare_dataset(ds, tokenizer, args: Args, what: str, log):
     return kept.add_column("row", list(range(len(kept))))
 
 
+def prepare_split(args: Args, tokenizer, what: str, log):
+    """The train or eval pairs: loaded, cut to --max_{what}_samples, tokenized, filtered."""
+    split = args.train_split if what == "train" else args.eval_split
+    ds = load_split(args.dataset_name, args.dataset_config, split)
+    limit = args.max_train_samples if what == "train" else args.max_eval_samples
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return prepare_dataset(ds, tokenizer, args, what, log)
+
+
 def collate(rows: list[dict], pad_id: int, padding_free: bool, length_groups: int = 1) -> dict:
     """Chosen sequences first, then rejected ones: sequence i and i + len(rows) are one pair.
 
@@ -366,7 +382,7 @@ def collate(rows: list[dict], pad_id: int, padding_free: bool, length_groups: in
 # log-probs and loss
 # ---------------------------------------------------------------------------------------------
 class TokenLogps(torch.autograd.Function):
-    """log softmax(z)[target] and log sum_v softmax(z)_v^2 (detached) for rows of logits z, in fp32,
+    """log softmax(z)[target] and log sum_v softmax(z)_v^2 (no gradient) for rows of logits z, in fp32,
     `chunk` rows at a time.
 
     Autograd through log_softmax would keep an fp32 copy and a softmax of every row, and allocate several
@@ -383,8 +399,8 @@ class TokenLogps(torch.autograd.Function):
             e = (z - m).exp_()
             s = e.sum(-1)
             log_z.append(m[:, 0] + s.log())
-            # ALGO LOGIC: log sum_v p_v^2 = log sum_v e_v^2 - 2 log sum_v e_v with e = exp(z - max z): WPO's per-token
-            # normaliser from the same exponentials, no probabilities materialised (TRL chunked_logprob.py:
+            # ALGO LOGIC: log sum_v p_v^2 = log sum_v e_v^2 - 2 log sum_v e_v, e = exp(z - max z): WPO's per-token
+            # normaliser from the same fp32 exponentials, no probabilities materialised (TRL chunked_logprob.py:
             # log(sq_sum_exp) - 2 log(sum_exp)); it only feeds the weight, so it carries no gradient
             log_sum_sq.append(e.square_().sum(-1).log() - 2 * s.log())
         log_z, log_sum_sq = torch.cat(log_z), torch.cat(log_sum_sq)
@@ -399,8 +415,9 @@ class TokenLogps(torch.autograd.Function):
         out = torch.empty_like(logits)
         for i in range(0, len(logits), ctx.chunk):
             rows = slice(i, i + ctx.chunk)
-            g = (logits[rows].float() - log_z[rows, None]).exp_().mul_(-grad[rows, None])  # -softmax * grad
-            out[rows] = g.scatter_add_(-1, targets[rows, None], grad[rows, None])  # + onehot * grad, in fp32; one cast
+            # (onehot - softmax) * grad built in fp32, cast once: bf16 logits keep the gradient's precision
+            d = (logits[rows].float() - log_z[rows, None]).exp_().mul_(-grad[rows, None])
+            out[rows] = d.scatter_add_(-1, targets[rows, None], grad[rows, None])
         return out, None, None
 
 
@@ -410,7 +427,7 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) 
 
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed response log-probs of every sequence in the batch, response lengths, and summed
-    log sum_v p_v^2 over the response positions (detached); one forward per part.
+    log sum_v p_v^2 over the response positions (no gradient); one forward per part.
 
     # ALGO LOGIC: logits_to_keep = loss_mask, so the lm_head runs only where a response token is predicted.
     """
@@ -432,16 +449,21 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torc
 
 def wpo_weight(logps: torch.Tensor, lengths: torch.Tensor, sq_sums: torch.Tensor, clamp: bool = True,
                sum_sq: bool = True) -> torch.Tensor:
-    """Pair weights from the policy's summed response log-probs (chosen rows first, then rejected).
-
+    """Pair weights from the policy's summed response log-probs (chosen rows first, then rejected)."""
     # ALGO LOGIC: official WPOTrainer.get_batch_logps (scripts/run_wpo.py): per response, the mean over its
     # tokens of logp(y_t) - log sum_v p_v(t)^2; weight = clamp(exp(mean_w + mean_l), max=1), detached.
     # TRL DPOTrainer (use_weighting): the same product of exp(mean) factors, without the clamp.
-    """
     n = len(logps) // 2
     mean = ((logps - sq_sums) if sum_sq else logps).detach() / lengths
     w = torch.exp(mean[:n] + mean[n:])
     return w.clamp(max=1) if clamp else w
+
+
+def weight_extremes(w: torch.Tensor, accelerator, prefix: str) -> dict:
+    """The min and max of the pair weights w over all processes."""
+    lo = accelerator.gather(w.min().double()[None]).min()
+    hi = accelerator.gather(w.max().double()[None]).max()
+    return {f"{prefix}/weight_min": lo.item(), f"{prefix}/weight_max": hi.item()}
 
 
 def dpo_loss(pc, pr, rc, rr, beta: float, loss_type: str, label_smoothing: float = 0.0):
@@ -470,20 +492,13 @@ def pair_metrics(model, batch, ref_c, ref_r, args: Args) -> tuple[torch.Tensor, 
     # IPO's loss takes length-averaged log-probs; the implicit rewards stay on summed log-probs (as TRL logs them)
     nc, nr = (lengths[:n], lengths[n:]) if args.loss_type == "ipo" else (1.0, 1.0)
     losses, _, _ = dpo_loss(pc / nc, pr / nr, ref_c / nc, ref_r / nr, args.beta, args.loss_type, args.label_smoothing)
-    rw_c, rw_r = args.beta * (pc - ref_c).detach(), args.beta * (pr - ref_r).detach()
     # ALGO LOGIC: L = -E[w * logsigmoid(beta h)]; the official dpo_loss scales both label-smoothing terms by w
     losses = w * losses
+    rw_c, rw_r = args.beta * (pc - ref_c).detach(), args.beta * (pr - ref_r).detach()
     m = {"loss": losses.detach(), "rewards/chosen": rw_c, "rewards/rejected": rw_r,
          "rewards/accuracies": (rw_c > rw_r).float(), "rewards/margins": rw_c - rw_r,
-         "logps/chosen": logps[:n].detach(), "logps/rejected": logps[n:].detach(), "weight/mean": w}
+         "logps/chosen": logps[:n].detach(), "logps/rejected": logps[n:].detach(), "weight": w}
     return losses.mean(), m
-
-
-def weight_extremes(w: torch.Tensor, accelerator, prefix: str) -> dict:
-    """The min and max of the pair weights w over all processes."""
-    lo = accelerator.gather(w.min().double()[None]).min()
-    hi = accelerator.gather(w.max().double()[None]).max()
-    return {f"{prefix}/weight/min": lo.item(), f"{prefix}/weight/max": hi.item()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,39 +521,43 @@ def data_fingerprint(ds, columns) -> str:
     return h.hexdigest()
 
 
-def cache_key(args: Args, ref_name: str, ds, mixed_precision: str) -> str:
+def cache_key(args: Args, ref_name: str, ds, split: str, accelerator) -> str:
+    """The reference model, the token ids, the precision and the micro-batches the pre-pass forms (a sequence's
+    log-prob depends, in its last bits, on the sequences padded or packed with it)."""
+    layout = ((args.seed, args.per_device_train_batch_size, args.global_batch_size) if split == "train"
+              else (args.per_device_eval_batch_size,))
     parts = [model_fingerprint(ref_name), data_fingerprint(ds, ("prompt_ids", "chosen_ids", "rejected_ids")),
-             str(args.use_lora), args.dtype, mixed_precision]
+             str(args.use_lora), args.dtype, str(accelerator.mixed_precision), args.attn_implementation,
+             str((split, *layout, args.length_groups, args.padding_free))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
 @torch.no_grad()
-def reference_logps(ref_model, ds, args: Args, accelerator, collate_fn, path: str, log) -> dict:
-    """Summed reference log-probs of every pair's chosen and rejected response, indexed by row.
-    Each process scores a shard; the main process writes the cache (safetensors, renamed into place)."""
+def reference_logps(ref_model, loaders, n_rows: int, accelerator, path: str, log) -> dict:
+    """Summed reference log-probs of every pair's chosen and rejected response, indexed by row, from the batches of
+    `loaders()` (each process scores its own); the main process writes the cache (safetensors, renamed into place)."""
     if os.path.exists(path):
         log(f"reference log-probs: reusing the cache {path}")
         return load_file(path)
-    rows = list(range(len(ds)))
+    ref_model.eval()
     results = []
-    with accelerator.split_between_processes(rows) as mine:
-        ref_model.eval()
-        loader = DataLoader(ds.select(mine), batch_size=args.prepass_batch_size, collate_fn=collate_fn)
+    for loader in loaders():
         for batch in tqdm(loader, desc="reference pre-pass", disable=not accelerator.is_local_main_process):
-            batch = send_to_device(batch, accelerator.device)  # nested: the parts' tensors too
-            with accelerator.autocast():  # the policy's forward runs under it too (accelerator.prepare)
+            with accelerator.autocast():
                 logps, _, _ = sequence_logps(ref_model, batch)
             n = len(batch["row"])
             results += list(zip(batch["row"].tolist(), logps[:n].tolist(), logps[n:].tolist()))
-    results = sorted(gather_object(results))
-    out = {"chosen": torch.tensor([c for _, c, _ in results], dtype=torch.float64),
-           "rejected": torch.tensor([r for _, _, r in results], dtype=torch.float64)}
-    assert len(results) == len(ds) and [i for i, _, _ in results] == rows
+    first = {}
+    for row, chosen, rejected in gather_object(results):  # accelerate repeats rows to even out the last batches
+        first.setdefault(row, (chosen, rejected))
+    assert sorted(first) == list(range(n_rows))
+    out = {"chosen": torch.tensor([first[i][0] for i in range(n_rows)], dtype=torch.float64),
+           "rejected": torch.tensor([first[i][1] for i in range(n_rows)], dtype=torch.float64)}
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_file(out, path + ".tmp")
         os.replace(path + ".tmp", path)
-        log(f"reference log-probs: computed {len(rows)} pairs, cached in {path}")
+        log(f"reference log-probs: computed {n_rows} pairs, cached in {path}")
     accelerator.wait_for_everyone()
     return out
 
@@ -575,6 +594,7 @@ def newest_checkpoint(output_dir: str) -> str | None:
     steps = [int(d.split("-")[1]) for d in os.listdir(root) if d.startswith("step-")] if os.path.isdir(root) else []
     return os.path.join(root, f"step-{max(steps)}") if steps else None
 
+
 if __name__ == "__main__":
     args = parse_args()
     # TRY NOT TO MODIFY: accelerator, batch-size chain, seeding, logging
@@ -585,7 +605,6 @@ if __name__ == "__main__":
     os.makedirs(args.output_dir, exist_ok=True)
     if args.track and accelerator.is_main_process:
         import wandb
-
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), dir=args.output_dir,
                    name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
     metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if accelerator.is_main_process else None
@@ -604,57 +623,23 @@ if __name__ == "__main__":
         model.gradient_checkpointing_enable()
     if args.use_lora:
         from peft import LoraConfig, get_peft_model
-
         targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                                  target_modules=targets, task_type="CAUSAL_LM"))
+    if args.disable_dropout:  # dropout would make the policy's log-probs differ from the reference's at step 0
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if isinstance(getattr(module, "attention_dropout", None), float):
+                module.attention_dropout = 0.0
     log(f"policy: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; global batch "
         f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation x {args.world_size} processes "
         f"= {args.global_batch_size} pairs")
 
     with accelerator.main_process_first():
-        train_ds = load_split(args.dataset_name, args.dataset_config, args.train_split)
-        if args.max_train_samples is not None:
-            train_ds = train_ds.select(range(min(args.max_train_samples, len(train_ds))))
-        train_ds = prepare_dataset(train_ds, tokenizer, args, "train", log)
-        eval_ds = None
-        if args.eval_split:
-            eval_ds = load_split(args.dataset_name, args.dataset_config, args.eval_split)
-            if args.max_eval_samples is not None:
-                eval_ds = eval_ds.select(range(min(args.max_eval_samples, len(eval_ds))))
-            eval_ds = prepare_dataset(eval_ds, tokenizer, args, "eval", log)
+        train_ds = prepare_split(args, tokenizer, "train", log)
+        eval_ds = prepare_split(args, tokenizer, "eval", log) if args.eval_split else None
     collate_fn = lambda rows: collate(rows, tokenizer.pad_token_id, args.padding_free, args.length_groups)
-
-    # ALGO LOGIC: the reference. precompute: log-probs of every pair once, before training, cached;
-    # the reference defaults to the policy's initial weights, so the pre-pass runs on the policy itself.
-    ref_name = args.ref_model_name_or_path or args.model_name_or_path
-    ref_model = None  # with LoRA and no --ref_model_name_or_path, the reference is the policy with adapters off
-    if args.ref_model_name_or_path is not None or (args.ref_mode == "live" and not args.use_lora):
-        ref_model = load_model(ref_name, args).to(accelerator.device).eval()
-        ref_model.requires_grad_(False)
-    ref_cache = {}
-    if args.ref_mode == "precompute":
-        scorer = ref_model if ref_model is not None else model.to(accelerator.device)
-        with scorer.disable_adapter() if args.use_lora and ref_model is None else nullcontext():
-            for split, ds in (("train", train_ds), ("eval", eval_ds)):
-                if ds is not None:
-                    path = os.path.join(args.cache_dir, f"ref-logps-{cache_key(args, ref_name, ds, accelerator.mixed_precision)}.safetensors")
-                    ref_cache[split] = reference_logps(scorer, ds, args, accelerator, collate_fn, path, log)
-        ref_model = None  # training holds only the policy
-
-    def reference(batch, split):
-        if args.ref_mode == "precompute":
-            c = ref_cache[split]
-            return (c["chosen"][batch["row"].cpu()].to(accelerator.device, torch.float32),
-                    c["rejected"][batch["row"].cpu()].to(accelerator.device, torch.float32))
-        with torch.no_grad():
-            if ref_model is not None:
-                logps, _, _ = sequence_logps(ref_model, batch)
-            else:  # LoRA: the base model is the reference
-                with accelerator.unwrap_model(model).disable_adapter():
-                    logps, _, _ = sequence_logps(model, batch)
-        n = len(batch["row"])
-        return logps[:n].detach(), logps[n:].detach()
 
     rows_per_epoch = len(train_ds) // args.global_batch_size * args.global_batch_size
     steps_per_epoch = rows_per_epoch // args.global_batch_size
@@ -663,10 +648,10 @@ if __name__ == "__main__":
     total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
     num_epochs = math.ceil(total_steps / steps_per_epoch)
 
-    def epoch_loader(epoch: int):
+    def epoch_loader(epoch: int, rows=None):
         # the data order depends on (seed, epoch) only, so a resumed run sees the same batches
         order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed + epoch))
-        subset = train_ds.select(order[:rows_per_epoch].tolist())
+        subset = train_ds.select(order[:rows_per_epoch].tolist() if rows is None else rows)
         return accelerator.prepare(DataLoader(subset, batch_size=args.per_device_train_batch_size, collate_fn=collate_fn))
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
@@ -679,6 +664,30 @@ if __name__ == "__main__":
     if eval_ds is not None:
         eval_loader = accelerator.prepare(DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn))
 
+    # ALGO LOGIC: the reference log-probs of every pair, once, before training, cached on disk. The reference
+    # defaults to the policy's initial weights, so the pre-pass runs the policy itself (LoRA: adapters off).
+    # Each pair is scored in the micro-batch it is trained (epoch 0) or evaluated in, under the same autocast:
+    # at step 0 the policy's log-probs equal the reference's bit for bit, so every reward is exactly 0.
+    ref_name = args.ref_model_name_or_path or args.model_name_or_path
+    scorer = model
+    if args.ref_model_name_or_path is not None:
+        scorer = load_model(ref_name, args).to(accelerator.device)
+        scorer.requires_grad_(False)
+    order0 = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    ref_cache = {}
+    with accelerator.unwrap_model(model).disable_adapter() if args.use_lora and scorer is model else nullcontext():
+        for split, ds, loaders in (("train", train_ds, lambda: [epoch_loader(0), epoch_loader(0, order0[rows_per_epoch:])]),
+                                   ("eval", eval_ds, lambda: [eval_loader])):
+            if ds is not None:
+                path = os.path.join(args.cache_dir, f"ref-logps-{cache_key(args, ref_name, ds, split, accelerator)}.safetensors")
+                ref_cache[split] = reference_logps(scorer, loaders, len(ds), accelerator, path, log)
+    del scorer  # training holds only the policy
+
+    def reference(batch, split):
+        c = ref_cache[split]
+        return (c["chosen"][batch["row"].cpu()].to(accelerator.device, torch.float32),
+                c["rejected"][batch["row"].cpu()].to(accelerator.device, torch.float32))
+
     @torch.no_grad()
     def evaluate() -> dict:
         """Means over every held-out pair: per-pair metrics go through gather_for_metrics, which drops
@@ -687,11 +696,11 @@ if __name__ == "__main__":
         parts = []
         for batch in eval_loader:
             ref_c, ref_r = reference(batch, "eval")
-            parts.append(accelerator.gather_for_metrics(pair_metrics(model, batch, ref_c, ref_r, args)[1]))
+            with accelerator.autocast():
+                parts.append(accelerator.gather_for_metrics(pair_metrics(model, batch, ref_c, ref_r, args)[1]))
         model.train()
         out = {f"eval/{k}": torch.cat([p[k] for p in parts]).double().mean().item() for k in parts[0]}
-        w = torch.cat([p["weight/mean"] for p in parts])  # already gathered from every process
-        return {**out, "eval/weight/min": w.min().item(), "eval/weight/max": w.max().item()}
+        return {**out, **weight_extremes(torch.cat([p["weight"] for p in parts]), accelerator, "eval")}
 
     global_step = 0
     if args.resume:
@@ -734,7 +743,8 @@ if __name__ == "__main__":
         for batch in loader:
             with accelerator.accumulate(model):
                 ref_c, ref_r = reference(batch, "train")
-                loss, m = pair_metrics(model, batch, ref_c, ref_r, args)
+                with accelerator.autocast():
+                    loss, m = pair_metrics(model, batch, ref_c, ref_r, args)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -744,7 +754,7 @@ if __name__ == "__main__":
                 optimizer.step()
                 optimizer.zero_grad()
             running = {k: running.get(k, 0) + v.double().sum() for k, v in {**m, "pairs": torch.ones_like(m["loss"])}.items()}
-            weights.append(m["weight/mean"])  # for the weight's min and max over the logging window
+            weights.append(m["weight"])  # for the weight's min and max over the logging window
             n_tokens += sum(p["input_ids"].numel() for p in batch["parts"])
             if not accelerator.sync_gradients:
                 continue
@@ -759,8 +769,7 @@ if __name__ == "__main__":
                 out.update({"train/lr": scheduler.get_last_lr()[0], "train/epoch": global_step / steps_per_epoch,
                             "perf/tokens_per_s": tokens.item() / (time.time() - t0),
                             "perf/pairs_per_s": r["pairs"].item() / (time.time() - t0)})
-                bar.set_postfix(loss=f"{out['train/loss']:.4f}", acc=f"{out['train/rewards/accuracies']:.2f}",
-                                w=f"{out['train/weight/mean']:.3f}")
+                bar.set_postfix(loss=f"{out['train/loss']:.4f}", acc=f"{out['train/rewards/accuracies']:.2f}")
                 log_metrics(out, global_step)
                 running, n_tokens, t0, weights = {}, 0, time.time(), []
             if eval_loader is not None and args.eval_steps and global_step % args.eval_steps == 0 and global_step != total_steps:
