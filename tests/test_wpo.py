@@ -4,6 +4,7 @@ setting. (The hybrid pair builder and its tests live in hybrid_pairs.py / tests/
 import dataclasses
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -328,6 +329,27 @@ def test_step_0_rewards_are_exactly_zero_in_bf16_and_fp32(tiny, small_sft, tmp_p
     # bf16 really ran: the log-probs themselves differ from fp32's
     assert step0["bf16"]["eval/logps/chosen"] != step0["no"]["eval/logps/chosen"]
     assert step0["bf16"]["eval/logps/chosen"] == pytest.approx(step0["no"]["eval/logps/chosen"], rel=1e-2)
+
+
+def test_dropout_is_off_so_the_first_training_step_has_zero_rewards(tiny, small_sft, tmp_path):
+    """The first micro-batch is the one the pre-pass scored: with dropout off (the default) the policy's log-probs
+    equal the reference's bit for bit, in training mode too; with --no_disable_dropout they do not."""
+    model_dir = tmp_path / "with_dropout"
+    shutil.copytree(small_sft, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.5}))
+    first = {}
+    for flag in ("--disable_dropout", "--no_disable_dropout"):
+        out = tmp_path / flag
+        run_script("wpo.py", "--preset", "tiny", "--model_name_or_path", str(model_dir), "--dataset_name",
+                   str(tiny / "ultrafeedback"), "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"),
+                   "--max_steps", "1", "--logging_steps", "1", "--eval_split", "None", "--max_train_samples", "64", flag)
+        first[flag] = next(r for r in metrics(out) if r["step"] == 1 and "train/loss" in r)
+    m = first["--disable_dropout"]
+    for k in ("train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins", "train/rewards/accuracies"):
+        assert m[k] == 0.0, (k, m[k])
+    assert m["train/loss"] == pytest.approx(math.log(2) * m["train/weight"], rel=1e-6)
+    assert abs(first["--no_disable_dropout"]["train/rewards/margins"]) > 1e-4
 
 
 def test_help_documents_every_flag():
