@@ -224,7 +224,12 @@ def script_flags(script: str) -> set[str]:
         return FLAGS[script]
     out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, **ENV, "COLUMNS": "200"})
-    FLAGS[script] = {w.strip(",│") for w in out.stdout.split() if w.startswith("--")}
+    names = set()
+    for line in out.stdout.splitlines():  # option lines of tyro's help box: "│ --name, --no_name   help text"
+        head = line.strip("│ ").split("  ")[0]
+        if head.startswith("--"):
+            names |= {w.split()[0] for w in head.split(", ")}
+    FLAGS[script] = names
     return FLAGS[script]
 
 
@@ -242,22 +247,24 @@ def plan(args: Args, size: Size, models: str, files: dict, rundir: str, bf16: bo
         return ["--output_dir", os.path.join(rundir, n.replace("/", "--"))]
 
     def ours(n, script, overrides=None, base=None):
-        extra = []
-        for k, v in (overrides or {}).items():
-            if isinstance(v, bool):
-                extra.append(f"--{k}" if v else f"--no_{k}")
-            else:
-                extra += [f"--{k}", v]
-        needed = {a for a in extra if isinstance(a, str) and a.startswith("--")} - {"--gradient_checkpointing", "--no_gradient_checkpointing"}
-        if needed and not needed <= script_flags(script):
-            return  # the script has no such flag (any more); checkpointing flags are fixed by SPEC 6
+        """overrides: one dict of Args fields, or a list of alternatives (the first whose flags the script has)."""
+        for o in (overrides if isinstance(overrides, list) else [overrides or {}]):
+            extra = []
+            for k, v in o.items():
+                extra += ([f"--{k}" if v else f"--no_{k}"] if isinstance(v, bool) else [f"--{k}", v])
+            needed = {a for a in extra if isinstance(a, str) and a.startswith("--")} - {"--gradient_checkpointing",
+                                                                                         "--no_gradient_checkpointing"}
+            if not needed or needed <= script_flags(script):
+                break
+        else:
+            return  # the script has none of these flags (any more); checkpointing flags are fixed by SPEC 6
         data = files["chat"] if script == "sft.py" else files["pairs"]
         model = (["--strong", strong, "--weak_ref", weak_ref, "--weak_aligned", weak_aligned] if script == "wspo.py"
                  else ["--model_name_or_path", strong])
         prompt = [] if script == "sft.py" else ["--max_prompt_length", s.max_length // 2, "--cache_dir", os.path.join(rundir, "cache")]
         argv = [sys.executable, script, "--dataset_name", data, *model, *ours_common, *prompt, *out(n), *extra]
-        runs.append(Run(name_of(n), [str(a) for a in argv], "ours", (overrides or {}).get("gradient_checkpointing"),
-                        overrides or {}, name_of(base) if base else None, " ".join(str(a) for a in extra) or "(defaults)"))
+        runs.append(Run(name_of(n), [str(a) for a in argv], "ours", o.get("gradient_checkpointing"), o,
+                        name_of(base) if base else None, " ".join(str(a) for a in extra) or "(defaults)"))
 
     def theirs(n, what, gc=True, extra=()):
         data = files["chat"] if what == "trl_sft" else files["pairs"]
@@ -288,10 +295,13 @@ def plan(args: Args, size: Size, models: str, files: dict, rundir: str, bf16: bo
     theirs("wspo/official", "official_wspo")
     if not args.gpu:
         ours("wspo/ours-gc", "wspo.py", gc_on, "wspo/ours")
-    if args.gpu:  # dpo.py's layouts, for choosing the per-device defaults
-        for n, o in (("dpo/ours-groups1", {"length_groups": 1}), ("dpo/ours-groups4", {"length_groups": 4}),
-                     ("dpo/ours-padding-free", {"padding_free": True}), ("dpo/ours-groups1-gc", {"length_groups": 1, **gc_on}),
-                     ("dpo/ours-padding-free-gc", {"padding_free": True, **gc_on}), ("sft/ours-packing", {"packing": True}),
+    if args.gpu:  # dpo.py's layouts (as its flags spell them now), for choosing the per-device defaults
+        groups = lambda g: [{"layout": "padded", "length_groups": g}, {"padding_free": False, "length_groups": g}]
+        free = [{"layout": "padding_free"}, {"padding_free": True}]
+        for n, o in (("dpo/ours-groups1", groups(1)), ("dpo/ours-groups4", groups(4)), ("dpo/ours-padding-free", free),
+                     ("dpo/ours-groups1-gc", [{**x, **gc_on} for x in groups(1)]),
+                     ("dpo/ours-groups4-gc", [{**x, **gc_on} for x in groups(4)]),
+                     ("dpo/ours-padding-free-gc", [{**x, **gc_on} for x in free]), ("sft/ours-packing", {"packing": True}),
                      ("wpo/ours-nogc", gc_off), ("wpo/ours-gc", gc_on), ("wspo/ours-gc", gc_on), ("sft/ours-gc", gc_on),
                      ("dpo/ours-lora", {"use_lora": True})):
             ours(n, n.split("/")[0] + ".py", o, n.split("/")[0] + "/ours")
@@ -504,7 +514,8 @@ def ratio_rows(res: dict, size: str, gpu: bool) -> list[dict]:
         a, b = resolve(res, size, ours), resolve(res, size, theirs)
         key = {"examples": "examples_s", "tokens": "tokens_s", "memory": "peak_gb", "step": "examples_s"}[q]
         if not a or not b or not a.get(key) or not b.get(key):
-            rows.append({"what": what, "ratio": None, "target": target, "ok": None})
+            if target is not None:
+                rows.append({"what": what, "ratio": None, "target": target, "ok": None})
             continue
         ratio = b[key] / a[key] if q == "step" else a[key] / b[key]
         ok = None if target is None else (ratio >= target[1] if target[0] == ">=" else ratio <= target[1])
@@ -524,7 +535,7 @@ def fmt(x, f="{:.2f}", none="-"):
 
 def report(args: Args, sizes: list[Size], res: dict, info: dict, command: str) -> str:
     m, gpu = info["machine"], args.gpu
-    device = m["gpu"] or f"{m['cpu']}, {m['cores']} cores, OMP_NUM_THREADS={m['threads']}"
+    device = f"GPU {m['gpu']}" if m["gpu"] else f"CPU only ({m['cores']} cores, OMP_NUM_THREADS={m['threads']})"
     peak = info.get("peak_flops")
     peak_what = (f"{peak / 1e12:.0f} TFLOP/s bf16 dense peak of this GPU" if gpu and peak else
                  f"{peak / 1e9:.0f} GFLOP/s, the fp32 matmul rate measured on this machine at the start" if peak else "unknown peak")

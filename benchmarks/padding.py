@@ -1,29 +1,47 @@
-"""Share of padded positions in dpo.py's / wpo.py's forwards, by --length_groups, on bench.py's data.
+"""Share of padded positions when a batch of pairs goes through the model in --length_groups padded forwards.
 
-Counts what dpo.collate actually builds (positions in the parts' input_ids vs real tokens) over many batches
-of the benchmark's length distribution (8 pairs; prompts 16..128, responses 32..384 tokens, uniform):
+The layout rule of dpo.py / wpo.py's padded layout, restated here (the benchmarks import nothing from the scripts):
+the 2 x B sequences of B pairs (prompt + chosen, prompt + rejected), sorted by length, are cut into G consecutive
+groups (group j = sorted[j*n//G : (j+1)*n//G]), each right-padded to its own longest sequence; G = 1 is one padded
+forward, and the padding-free layout (one packed row) has no padding. Lengths are drawn as benchmarks/bench.py
+draws them (uniform prompt and response lengths, chosen and rejected independent), for its CPU and GPU sizes:
 
-    python benchmarks/padding.py             # 2000 batches
+    python benchmarks/padding.py             # 2000 batches per size
 """
 
-import os
 import random
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench  # noqa: E402  (also puts the repository root on the path)
-import dpo  # noqa: E402
+SIZES = {  # (batch pairs, prompt tokens, response tokens): bench.py's SIZES["cpu"] and SIZES["qwen2-0.5b"]
+    "cpu (prompts 16..128, responses 32..384)": (8, (16, 128), (32, 384)),
+    "gpu (prompts 64..512, responses 64..768)": (8, (64, 512), (64, 768)),
+}
 
-N_BATCHES = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
-size = bench.FULL
-pairs = bench.make_pairs(N_BATCHES * size.batch_size, size, random.Random(0)).to_list()
-print(f"{N_BATCHES} batches of {size.batch_size} pairs (= {2 * size.batch_size} sequences)\n")
-print("| --length_groups | positions forwarded | real tokens | padding share |")
-print("| --- | --- | --- | --- |")
-for groups in (1, 2, 4, 8):
-    positions = real = 0
-    for i in range(0, len(pairs), size.batch_size):
-        batch = dpo.collate(pairs[i : i + size.batch_size], bench.PAD, False, groups)
-        positions += sum(p["input_ids"].numel() for p in batch["parts"])
-        real += sum(int(p["attention_mask"].sum()) for p in batch["parts"])
-    print(f"| {groups} | {positions} | {real} | {1 - real / positions:.1%} |")
+
+def padded_positions(lengths: list[int], groups: int) -> int:
+    order = sorted(lengths) if groups > 1 else lengths
+    n, g = len(order), min(groups, len(order))
+    return sum(max(part) * len(part) for part in (order[j * n // g : (j + 1) * n // g] for j in range(g)))
+
+
+def main(n_batches: int):
+    for name, (b, prompt, response) in SIZES.items():
+        rng = random.Random(0)
+        positions, real = {g: 0 for g in (1, 2, 4, 8)}, 0
+        for _ in range(n_batches):
+            lengths = []
+            for _ in range(b):
+                p = rng.randint(*prompt)
+                lengths += [p + rng.randint(*response), p + rng.randint(*response)]
+            real += sum(lengths)
+            for g in positions:
+                positions[g] += padded_positions(lengths, g)
+        print(f"\n{name}: {n_batches} batches of {b} pairs (= {2 * b} sequences)\n")
+        print("| --length_groups | positions forwarded | real tokens | padding share |")
+        print("| --- | --- | --- | --- |")
+        for g, pos in positions.items():
+            print(f"| {g} | {pos} | {real} | {1 - real / pos:.1%} |")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2000)

@@ -114,7 +114,8 @@ def training_args(cls, a, **extra):
     kw = dict(output_dir=a.output_dir, per_device_train_batch_size=a.per_device_train_batch_size, gradient_accumulation_steps=1,
               max_steps=a.max_steps, learning_rate=a.learning_rate, max_length=a.max_length, bf16=a.bf16, fp16=False,
               gradient_checkpointing=a.gradient_checkpointing, logging_steps=a.logging_steps, report_to="none",
-              save_strategy="no", disable_tqdm=True, seed=a.seed, model_init_kwargs={"dtype": "float32"}, **extra)
+              save_strategy="no", disable_tqdm=True, seed=a.seed, model_init_kwargs={"dtype": "float32"},
+              use_cpu=not torch.cuda.is_available(), **extra)
     if "train_sampling_strategy" in names:
         kw["train_sampling_strategy"] = "sequential"
     return cls(**kw)
@@ -276,8 +277,8 @@ def main():
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--logging_steps", type=int, default=1)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                    help="on by default, as in TRL and LLaMA-Factory")
+    ap.add_argument("--gradient_checkpointing", action="store_true", default=True, help="on by default, as in TRL and LLaMA-Factory")
+    ap.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false")
     ap.add_argument("--use_weighting", action="store_true", help="trl_dpo: WPO's weighting (DPOConfig.use_weighting)")
     ap.add_argument("--packing", action="store_true", help="trl_sft: TRL's packing")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (accelerate mixed_precision=bf16)")
