@@ -437,7 +437,10 @@ if __name__ == "__main__":
         settings = {k: getattr(args, k) for k in SETTINGS} | {"model_name_or_path": name, "model_id": model_id}
         records = {}
         if args.resume and os.path.exists(path):
-            saved = json.load(open(path + ".args.json")) if os.path.exists(path + ".args.json") else {}
+            if not os.path.exists(path + ".args.json"):
+                fail(f"--resume: {path} has no {os.path.basename(path)}.args.json (the settings it was written with), so "
+                     "its answers cannot be checked; pass --overwrite_output_dir to start it afresh, or another --output_dir")
+            saved = json.load(open(path + ".args.json"))
             changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
             if changed:
                 fail(f"--resume: {path} was written with other settings ({'; '.join(changed)}); pass the same settings, "
@@ -450,6 +453,8 @@ if __name__ == "__main__":
             f"{len(todo)} to answer")
         if accelerator.is_main_process:
             os.makedirs(args.output_dir, exist_ok=True)
+            if not records and os.path.exists(path):  # --overwrite_output_dir: no old answer outlives its settings
+                os.remove(path)
             with open(path + ".args.json", "w") as f:
                 json.dump(settings, f, indent=2)
 
