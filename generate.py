@@ -184,8 +184,8 @@ def validate(args: Args) -> None:
     if not args.model_name_or_path:
         fail("pass --model_name_or_path with one or more model folders or hub ids")
     if len(args.model_id) != len(args.model_name_or_path):
-        fail(f"--model_id names {len(args.model_id)} models but --model_name_or_path gives {len(args.model_name_or_path)}; "
-             "pass one id per model")
+        fail(f"--model_id names {len(args.model_id)} models but --model_name_or_path gives "
+             f"{len(args.model_name_or_path)}; pass one id per model")
     if len(set(args.model_id)) != len(args.model_id):
         fail(f"two models would write the same answer file (model ids {list(args.model_id)}); pass distinct --model_id")
     for name in ("batch_size", "max_new_tokens", "max_prompts"):
@@ -289,7 +289,8 @@ def normalize(rows: list[dict], benchmark: str, source: str) -> list[dict]:
             qid = row.get("question_id")
         else:  # FastChat's question.jsonl (question_id, turns) or HuggingFaceH4/mt_bench_prompts (prompt_id, prompt)
             turns, qid = row.get("turns", row.get("prompt")), row.get("question_id", row.get("prompt_id"))
-        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns) or qid is None:
+        usable = isinstance(turns, list) and turns and all(isinstance(t, str) and t.strip() for t in turns)
+        if not usable or qid is None:
             need = {"alpaca_eval": '"instruction" (a string)',
                     "arena_hard": '"question_id" and "turns" (a list of {"content": string})',
                     "mt_bench": '"question_id" and "turns" (a list of strings), or "prompt_id" and "prompt"'}[benchmark]
@@ -389,7 +390,8 @@ def answer_prompts(model, tokenizer, prompts: list[dict], temperature: float, ar
     for t in range(max(len(p["turns"]) for p in prompts)):
         active = [i for i, p in enumerate(prompts) if t < len(p["turns"])]
         convs = [history[i] + [{"role": "user", "content": prompts[i]["turns"][t]}] for i in active]
-        for i, conv, (text, n_tokens, cut) in zip(active, convs, generate_batch(model, tokenizer, convs, temperature, args)):
+        results = generate_batch(model, tokenizer, convs, temperature, args)
+        for i, conv, (text, n_tokens, cut) in zip(active, convs, results):
             history[i] = conv + [{"role": "assistant", "content": text}]
             answers[i]["turns"].append(text)
             answers[i]["token_lens"].append(n_tokens)
@@ -401,7 +403,8 @@ def answer_prompts(model, tokenizer, prompts: list[dict], temperature: float, ar
 
 def load_model(name: str, args: Args, device):
     """The model and its tokenizer by folder or hub id; a bad name is a user error naming it."""
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    auto = "bfloat16" if torch.cuda.is_available() else "float32"
+    dtype = getattr(torch, auto if args.dtype == "auto" else args.dtype)
     tok_name = args.tokenizer_name or name
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_name, trust_remote_code=args.trust_remote_code)
@@ -438,13 +441,14 @@ if __name__ == "__main__":
         records = {}
         if args.resume and os.path.exists(path):
             if not os.path.exists(path + ".args.json"):
-                fail(f"--resume: {path} has no {os.path.basename(path)}.args.json (the settings it was written with), so "
-                     "its answers cannot be checked; pass --overwrite_output_dir to start it afresh, or another --output_dir")
+                fail(f"--resume: {path} has no {os.path.basename(path)}.args.json (the settings it was written "
+                     "with), so its answers cannot be checked; pass --overwrite_output_dir to start it afresh, or "
+                     "another --output_dir")
             saved = json.load(open(path + ".args.json"))
             changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
             if changed:
-                fail(f"--resume: {path} was written with other settings ({'; '.join(changed)}); pass the same settings, "
-                     "--overwrite_output_dir to start it afresh, or another --output_dir")
+                fail(f"--resume: {path} was written with other settings ({'; '.join(changed)}); pass the same "
+                     "settings, --overwrite_output_dir to start it afresh, or another --output_dir")
             records = read_answers(path, prompts, args)
         model, tokenizer, dtype = load_model(name, args, accelerator.device)
         set_seed(args.seed, device_specific=True)

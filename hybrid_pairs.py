@@ -94,7 +94,7 @@ class Args:
 
     # data
     dataset_name: str = "HuggingFaceH4/ultrafeedback_binarized"
-    """prompts (and existing pairs): hub id, local dataset folder, save_to_disk folder or a .json/.jsonl/.parquet file"""
+    """prompts (and existing pairs): hub id, local dataset folder, save_to_disk folder or .json/.jsonl/.parquet file"""
     dataset_config: str | None = None
     """dataset config (subset) name"""
     train_split: str = "train_prefs"
@@ -169,7 +169,7 @@ def validate(args: Args) -> None:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name} must be at least 1 (got {getattr(args, name)}); leave it out to use the whole split")
     if not args.temperature > 0:
-        fail(f"--temperature must be above 0 (got {args.temperature}): greedy decoding would make every sample the same")
+        fail(f"--temperature must be above 0 (got {args.temperature}): greedy decoding makes every sample the same")
     if not 0 < args.top_p <= 1:
         fail(f"--top_p must be in (0, 1] (got {args.top_p})")
     if args.max_prompt_length >= args.max_length:
@@ -177,15 +177,16 @@ def validate(args: Args) -> None:
     if args.num_samples < 2 and not args.include_existing:
         fail("a pair needs at least two candidates: pass --num_samples 2 or more, or keep --include_existing")
     if args.eval_split is not None and args.eval_split == args.train_split:
-        fail(f"--train_split and --eval_split are both {args.train_split!r}; pass another --eval_split or --eval_split None")
+        fail(f"--train_split and --eval_split are both {args.train_split!r}; pass another --eval_split or "
+             "--eval_split None")
     if os.path.isfile(args.dataset_name) and args.eval_split is not None:
         fail(f"--dataset_name {args.dataset_name} is a single file: it holds one split, read as --train_split; "
              "pass --eval_split None (or give a dataset folder with both splits)")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         fail(f"output_dir {args.output_dir} is a file; pass another --output_dir")
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite_output_dir:
-        fail(f"output_dir {args.output_dir} already holds files (a dataset, args.json, ...); pass --overwrite_output_dir "
-             "to replace them, or another --output_dir")
+        fail(f"output_dir {args.output_dir} already holds files (a dataset, args.json, ...); pass "
+             "--overwrite_output_dir to replace them, or another --output_dir")
     if os.path.abspath(args.output_dir) == os.path.abspath(args.dataset_name):
         fail(f"--output_dir {args.output_dir} is the input --dataset_name; pass another --output_dir")
 
@@ -247,12 +248,14 @@ def load_split(args: Args, split: str):
         if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
             saved = load_from_disk(name)
             if split not in saved:
-                fail(f"dataset {name} has no split {split!r} (splits: {sorted(saved)}); pass --train_split / --eval_split")
+                fail(f"dataset {name} has no split {split!r} (splits: {sorted(saved)}); pass --train_split / "
+                     "--eval_split")
             return saved[split]
         return load_dataset(name, args.dataset_config, split=split)
     except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
         where = "no such local folder or file, and not a hub dataset" + (" in the local cache" if hub_offline() else "")
-        fail(f"could not load split {split!r} of dataset '{name}': {where} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        fail(f"could not load split {split!r} of dataset '{name}': {where} ({type(e).__name__}: "
+             f"{str(e).splitlines()[0][:200]})")
 
 
 def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
@@ -409,7 +412,8 @@ if __name__ == "__main__":
     accelerator = Accelerator()
     log = lambda msg: accelerator.print(f"[{args.exp_name}] {msg}")
     set_seed(args.seed, device_specific=True)
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    auto = "bfloat16" if torch.cuda.is_available() else "float32"
+    dtype = getattr(torch, auto if args.dtype == "auto" else args.dtype)
 
     splits = {}
     for split, limit in ((args.train_split, args.max_train_samples), (args.eval_split, args.max_eval_samples)):

@@ -53,8 +53,9 @@ def without_tstamp(rows):
 def greedy_alone(model, tok, conv, max_new_tokens=24):
     """The reference: one conversation, no padding, plain greedy model.generate."""
     ids = torch.tensor([gen.chat_ids(tok, conv, add_generation_prompt=True)])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
     out = out[: out.index(tok.eos_token_id)] if tok.eos_token_id in out else out
     return tok.decode(out, skip_special_tokens=True).strip(), len(out)
 
@@ -79,8 +80,8 @@ def test_answer_files_schema_order_and_greedy_answers(prompts, chat_model, small
     # batched, left-padded, length-sorted answers are exactly the one-prompt-at-a-time greedy answers
     assert [r["output"] for r in rows] == [greedy_alone(model, tok, [{"role": "user", "content": s["instruction"]}])[0]
                                            for s in src]
-    assert "0 of 40 answer turns generated now stopped at --max_new_tokens 24" in p.stdout  # every answer ended its turn
-    assert len({r["output"] for r in rows}) >= 5  # the answers differ from prompt to prompt: the equality means something
+    assert "0 of 40 answer turns generated now stopped at --max_new_tokens 24" in p.stdout  # each ended its turn
+    assert len({r["output"] for r in rows}) >= 5  # answers differ from prompt to prompt: the equality means something
 
     # arena_hard: one JSONL line per question, Arena-Hard-Auto's model_answer schema, token_len = the answer's tokens
     generate("arena_hard", prompts, [chat_model], tmp_path, "--model_id", "tiny-sft")
@@ -107,7 +108,8 @@ def test_answer_files_schema_order_and_greedy_answers(prompts, chat_model, small
         conv += [{"role": "assistant", "content": first}, {"role": "user", "content": s["turns"][1]}]
         assert second == greedy_alone(model, tok, conv)[0]
     saved = json.load(open(out / "tiny-sft.jsonl.args.json"))
-    assert saved["temperature"] == 0.0 and saved["max_new_tokens"] == 24 and saved["model_name_or_path"] == str(chat_model)
+    assert saved["temperature"] == 0.0 and saved["max_new_tokens"] == 24
+    assert saved["model_name_or_path"] == str(chat_model) and saved["model_id"] == "tiny-sft"
 
 
 def test_batched_generation_equals_one_at_a_time(prompts, chat_model):
@@ -121,7 +123,8 @@ def test_batched_generation_equals_one_at_a_time(prompts, chat_model):
     assert max(widths) - min(widths) >= 5
     alone = [greedy_alone(model, tok, c) for c in convs]
     for size in (40, 7):
-        batched = [a for i in range(0, len(convs), size) for a in gen.generate_batch(model, tok, convs[i : i + size], 0.0, args)]
+        batched = [a for i in range(0, len(convs), size)
+                   for a in gen.generate_batch(model, tok, convs[i : i + size], 0.0, args)]
         assert [(text, n) for text, n, _ in batched] == alone
         assert not any(cut for _, _, cut in batched)
 
@@ -130,9 +133,10 @@ def test_two_processes_equal_one(prompts, chat_model, tmp_path):
     """torchrun, 2 CPU processes (gloo): rounds of 2 x 3 prompts, the last one uneven; same file as one process."""
     generate("mt_bench", prompts, [chat_model], tmp_path / "one", "--batch_size", "3")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29551", "generate.py",
-           "--preset", "tiny", "--benchmark", "mt_bench", "--prompts", str(prompts), "--model_name_or_path", str(chat_model),
-           "--output_dir", str(tmp_path / "two"), "--temperature", "0", "--batch_size", "3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29551",
+           "generate.py", "--preset", "tiny", "--benchmark", "mt_bench", "--prompts", str(prompts),
+           "--model_name_or_path", str(chat_model), "--output_dir", str(tmp_path / "two"), "--temperature", "0",
+           "--batch_size", "3"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "2 process(es), batch 3 per process" in p.stdout and p.stdout.count("wrote 16 answers") == 1  # rank 0 logs
@@ -212,7 +216,8 @@ def test_bad_prompts_and_models_exit_2(prompts, chat_model, tmp_path):
         ("mt_bench", ["--prompts", str(bad_line)], f"{bad_line}, line 2: not valid JSON"),
         ("arena_hard", ["--prompts", str(wrong_schema)], f"{wrong_schema}: prompt 1 (1-based, in file order) lacks "
                                                          '"question_id" and "turns" (a list of {"content": string})'),
-        ("alpaca_eval", ["--prompts", str(tmp_path / "none.json")], f"could not load the prompts '{tmp_path / 'none.json'}'"),
+        ("alpaca_eval", ["--prompts", str(tmp_path / "none.json")],
+         f"could not load the prompts '{tmp_path / 'none.json'}'"),
         ("alpaca_eval", ["--model_name_or_path", str(tmp_path / "no_model")],
          f"could not load model '{tmp_path / 'no_model'}': no such local folder"),
     ]
@@ -225,11 +230,12 @@ def test_bad_prompts_and_models_exit_2(prompts, chat_model, tmp_path):
 def test_no_network_fails_fast_with_the_fix(prompts, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # a closed loopback port: refused at once
-    p = subprocess.run([sys.executable, "generate.py", "--benchmark", "mt_bench", "--model_name_or_path", "some-org/some-model",
-                        "--output_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    cmd = [sys.executable, "generate.py", "--benchmark", "mt_bench", "--model_name_or_path", "some-org/some-model",
+           "--output_dir", str(tmp_path / "out")]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 2 and not (tmp_path / "out").exists()
-    assert ("error: no network: cannot reach the Hugging Face Hub for 'some-org/some-model'. Set HF_HUB_OFFLINE=1 to use "
-            "the local cache, or pass a local path.") in p.stderr
+    assert ("error: no network: cannot reach the Hugging Face Hub for 'some-org/some-model'. Set HF_HUB_OFFLINE=1 "
+            "to use the local cache, or pass a local path.") in p.stderr
 
 
 def test_tiny_prompt_files_are_deterministic(tmp_path):
@@ -238,7 +244,8 @@ def test_tiny_prompt_files_are_deterministic(tmp_path):
     a, b = write_prompts(tmp_path / "a"), write_prompts(tmp_path / "b")
     for f in ("alpaca_eval.json", "arena_hard.jsonl", "mt_bench.jsonl"):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
-    assert (write_prompts(tmp_path / "c", seed=1) / "mt_bench.jsonl").read_bytes() != (a / "mt_bench.jsonl").read_bytes()
+    other = write_prompts(tmp_path / "c", seed=1)
+    assert (other / "mt_bench.jsonl").read_bytes() != (a / "mt_bench.jsonl").read_bytes()
 
 
 def test_help_documents_every_flag():

@@ -27,8 +27,8 @@ hybrid = load_script("hybrid_pairs")
     ([0.9, 0.1, 0.9, 0.5], [10, 4, 6, 2], (2, 1)),               # chosen tie: the shortest of the best
     ([0.9, 0.1, 0.9, 0.5], [6, 4, 6, 2], (0, 1)),                # chosen tie, same length: the earliest
     ([0.9, 0.1, 0.5, 0.1, 0.1], [10, 3, 1, 9, 14], (0, 3)),      # rejected tie: closest length to the chosen
-    ([0.9, 0.1, 0.1, 0.5], [10, 12, 8, 1], (0, 1)),              # rejected tie, equal distance (longer first): earliest
-    ([0.9, 0.1, 0.1, 0.5], [10, 8, 12, 1], (0, 1)),              # rejected tie, equal distance (shorter first): earliest
+    ([0.9, 0.1, 0.1, 0.5], [10, 12, 8, 1], (0, 1)),              # rejected tie, equal distance (longer first)
+    ([0.9, 0.1, 0.1, 0.5], [10, 8, 12, 1], (0, 1)),              # rejected tie, equal distance (shorter first)
     ([0.1, 0.9, 0.1, 0.9], [5, 12, 11, 4], (3, 0)),              # both tie: rejected measured against the shortest best
     ([0.2, 0.2, 0.9, 0.2], [7, 7, 1, 7], (2, 0)),                # rejected tie, every length equal: earliest
 ])
@@ -60,8 +60,9 @@ def reward_model(small_sft, tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(small_sft)
     path = tmp_path_factory.mktemp("rm")
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=256, num_labels=1, pad_token_id=tok.pad_token_id)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, num_labels=1,
+                      pad_token_id=tok.pad_token_id)
     Qwen2ForSequenceClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -69,13 +70,15 @@ def reward_model(small_sft, tmp_path_factory):
 
 def build_args(tiny, small_sft, reward_model, out, *extra):
     return ["hybrid_pairs.py", "--preset", "tiny", "--model_name_or_path", str(small_sft), "--dataset_name",
-            str(tiny / "ultrafeedback"), "--reward_model_name_or_path", str(reward_model), "--output_dir", str(out), *extra]
+            str(tiny / "ultrafeedback"), "--reward_model_name_or_path", str(reward_model), "--output_dir", str(out),
+            *extra]
 
 
 def test_hybrid_pairs_follow_the_reward_model_and_train(tiny, small_sft, reward_model, tmp_path):
     built = tmp_path / "hybrid"
     p = run_script(*build_args(tiny, small_sft, reward_model, built, "--num_samples", "3", "--temperature", "1.0",
-                               "--top_p", "0.9", "--batch_size", "16", "--max_train_samples", "48", "--max_eval_samples", "16"))
+                               "--top_p", "0.9", "--batch_size", "16", "--max_train_samples", "48",
+                               "--max_eval_samples", "16"))
     assert "train_prefs: 48 pairs from 48 prompts (3 samples each + the existing responses)" in p.stdout
     assert "test_prefs: 16 pairs from 16 prompts" in p.stdout
     assert sorted(os.listdir(built)) == ["args.json", "dataset_dict.json", "test_prefs", "train_prefs"]
@@ -98,7 +101,8 @@ def test_hybrid_pairs_follow_the_reward_model_and_train(tiny, small_sft, reward_
         assert row["chosen"][:-1] == prompt == row["rejected"][:-1] and row["messages"] == row["chosen"]
         cands = row["candidates"]
         # the existing responses come first, then up to 3 non-empty samples from the policy
-        assert cands[:2] == [src[k]["chosen"][-1]["content"], src[k]["rejected"][-1]["content"]] and 3 <= len(cands) <= 5
+        assert cands[:2] == [src[k]["chosen"][-1]["content"], src[k]["rejected"][-1]["content"]]
+        assert 3 <= len(cands) <= 5
         sampled_new += sum(c not in cands[:2] for c in cands[2:])
         # every score is the reward model's, scoring the conversation alone (no padding)
         with torch.no_grad():
@@ -165,7 +169,8 @@ def test_user_errors_exit_2_and_write_nothing(tiny, small_sft, reward_model, tmp
         (["--output_dir", str(taken)], f"output_dir {taken} already holds files"),
         (["--dataset_name", str(bad_jsonl)], f"--dataset_name {bad_jsonl} is a single file: it holds one split"),
         (["--dataset_name", str(bad_jsonl), "--eval_split", "None"], f"{bad_jsonl}, line 2: not valid JSON"),
-        (["--prompt_column", "question", "--chosen_column", "a", "--rejected_column", "b"], f"the train_prefs split of {tiny / 'ultrafeedback'} has neither a 'question' column"),
+        (["--prompt_column", "question", "--chosen_column", "a", "--rejected_column", "b"],
+         f"the train_prefs split of {tiny / 'ultrafeedback'} has neither a 'question' column"),
         (["--model_name_or_path", str(tmp_path / "no_model")],
          f"could not load the policy's tokenizer '{tmp_path / 'no_model'}': no such local folder"),
         (["--reward_model_name_or_path", str(tmp_path / "no_rm")],
@@ -184,12 +189,13 @@ def test_user_errors_exit_2_and_write_nothing(tiny, small_sft, reward_model, tmp
 def test_no_network_fails_fast_with_the_fix(tiny, reward_model, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # a closed loopback port: refused at once
-    p = subprocess.run([sys.executable, "hybrid_pairs.py", "--preset", "tiny", "--model_name_or_path", "some-org/some-model",
-                        "--dataset_name", str(tiny / "ultrafeedback"), "--reward_model_name_or_path", str(reward_model),
-                        "--output_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    cmd = [sys.executable, "hybrid_pairs.py", "--preset", "tiny", "--model_name_or_path", "some-org/some-model",
+           "--dataset_name", str(tiny / "ultrafeedback"), "--reward_model_name_or_path", str(reward_model),
+           "--output_dir", str(tmp_path / "out")]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 2 and not (tmp_path / "out").exists()
-    assert ("error: no network: cannot reach the Hugging Face Hub for 'some-org/some-model'. Set HF_HUB_OFFLINE=1 to use "
-            "the local cache, or pass a local path.") in p.stderr
+    assert ("error: no network: cannot reach the Hugging Face Hub for 'some-org/some-model'. Set HF_HUB_OFFLINE=1 "
+            "to use the local cache, or pass a local path.") in p.stderr
 
 
 def test_help_documents_every_flag():

@@ -63,9 +63,11 @@ def write_prompts(out_dir, seed: int = 0, n_alpaca: int = 40, n_arena: int = 24,
     folder = Path(out_dir) / "prompts"
     folder.mkdir(parents=True, exist_ok=True)
     rng = lambda name: random.Random(f"{seed}-prompts-{name}")  # one independent stream per file
-    (folder / "alpaca_eval.json").write_text(json.dumps(make_alpaca_eval(rng("alpaca_eval"), n_alpaca), indent=2) + "\n")
-    (folder / "arena_hard.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_arena_hard(rng("arena_hard"), n_arena)))
-    (folder / "mt_bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_mt_bench(rng("mt_bench"), n_mt)))
+    jsonl = lambda rows: "".join(json.dumps(r) + "\n" for r in rows)
+    alpaca = make_alpaca_eval(rng("alpaca_eval"), n_alpaca)
+    (folder / "alpaca_eval.json").write_text(json.dumps(alpaca, indent=2) + "\n")
+    (folder / "arena_hard.jsonl").write_text(jsonl(make_arena_hard(rng("arena_hard"), n_arena)))
+    (folder / "mt_bench.jsonl").write_text(jsonl(make_mt_bench(rng("mt_bench"), n_mt)))
     return folder
 
 
