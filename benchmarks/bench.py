@@ -181,17 +181,18 @@ def build_models(size: Size, tok, folder: str, seed: int) -> dict:
     return params
 
 
-def write_data(size: Size, tok, words: list[str], folder: str, seed: int) -> dict:
+def write_data(size: Size, tok, words: list[str], folder: str, seed: int, pair_factor: int = 1) -> dict:
     """pairs.jsonl (HuggingFaceH4/ultrafeedback_binarized schema) and chat.jsonl (HuggingFaceH4/ultrachat_200k
     schema). A text is 'a' then one-token words, so its length in tokens is exact: prompt lengths (chat template
     included, through the assistant header) and response lengths (through the end-of-turn token) are uniform in
     the size's ranges, chosen and rejected independent. SFT conversations are the pairs' prompts and chosen responses,
-    three times as many as a run needs padded (TRL's packing puts about two in a bin)."""
+    three times as many as a run needs padded (TRL's packing puts about two in a bin). pair_factor: more pairs, for
+    the larger-batch variants."""
     rng = random.Random(seed)
     text = lambda n: " ".join(["a"] + rng.choices(words, k=n - 1))
     header = len(tok.apply_chat_template([{"role": "user", "content": "a"}], add_generation_prompt=True, tokenize=True,
                                          return_dict=True)["input_ids"]) - 1
-    n_pairs = size.batch_size * (size.steps + 1)
+    n_pairs = size.batch_size * (size.steps + 1) * pair_factor
     pairs, chats = [], []
     for i in range(3 * n_pairs):
         prompt = text(rng.randint(*size.prompt_len) - header)
@@ -262,7 +263,12 @@ def plan(args: Args, size: Size, models: str, files: dict, rundir: str, bf16: bo
         model = (["--strong", strong, "--weak_ref", weak_ref, "--weak_aligned", weak_aligned] if script == "wspo.py"
                  else ["--model_name_or_path", strong])
         prompt = [] if script == "sft.py" else ["--max_prompt_length", s.max_length // 2, "--cache_dir", os.path.join(rundir, "cache")]
-        argv = [sys.executable, script, "--dataset_name", data, *model, *ours_common, *prompt, *out(n), *extra]
+        base_argv = [*model, *ours_common, *prompt]
+        for k in o:  # a variant's value replaces the common one
+            if f"--{k}" in base_argv:
+                i = base_argv.index(f"--{k}")
+                del base_argv[i : i + 2]
+        argv = [sys.executable, script, "--dataset_name", data, *base_argv, *out(n), *extra]
         runs.append(Run(name_of(n), [str(a) for a in argv], "ours", o.get("gradient_checkpointing"), o,
                         name_of(base) if base else None, " ".join(str(a) for a in extra) or "(defaults)"))
 
@@ -303,7 +309,8 @@ def plan(args: Args, size: Size, models: str, files: dict, rundir: str, bf16: bo
                      ("dpo/ours-groups4-gc", [{**x, **gc_on} for x in groups(4)]),
                      ("dpo/ours-padding-free-gc", [{**x, **gc_on} for x in free]), ("sft/ours-packing", {"packing": True}),
                      ("wpo/ours-nogc", gc_off), ("wpo/ours-gc", gc_on), ("wspo/ours-gc", gc_on), ("sft/ours-gc", gc_on),
-                     ("dpo/ours-lora", {"use_lora": True})):
+                     ("dpo/ours-lora", {"use_lora": True}), ("dpo/ours-batch16", {"per_device_train_batch_size": 16}),
+                     ("sft/ours-batch24", {"per_device_train_batch_size": 24})):  # >= 16k tokens a step (MFU target)
             ours(n, n.split("/")[0] + ".py", o, n.split("/")[0] + "/ours")
     if args.only:
         runs = [r for r in runs if r.name.split(":", 1)[1].startswith(tuple(args.only))]
@@ -445,6 +452,17 @@ def machine() -> dict:
             "threads": os.environ.get("OMP_NUM_THREADS", "unset")}
 
 
+def code_version() -> str:
+    """The commit the scripts come from, and whether they differ from it (a snapshot without .git: $BENCH_COMMIT)."""
+    git = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True)
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode != 0:
+        return os.environ.get("BENCH_COMMIT", "unknown (no git)")
+    dirty = git("status", "--porcelain", "--", "sft.py", "dpo.py", "wpo.py", "wspo.py", "benchmarks").stdout.split("\n")
+    changed = [line[3:] for line in dirty if line.strip()]
+    return head.stdout.strip() + (f" with uncommitted changes in {', '.join(changed)}" if changed else "")
+
+
 def others() -> str:
     """uptime and the busiest processes that are not this benchmark (the machine may be shared)."""
     up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -546,7 +564,7 @@ def report(args: Args, sizes: list[Size], res: dict, info: dict, command: str) -
            if args.quick else []),
          *(["**Dry run (--tiny)**: the GPU plan at a tiny size; the figures say nothing about speed.", ""] if args.tiny else []),
          "## Machine and setting", "",
-         f"- Device: **{device}**; {m['cpu']}, {m['cores']} cores, {m['mem_gb']:.0f} GiB RAM.",
+         f"- Device: **{device}**; {m['cpu']}, {m['cores']} cores, {m['mem_gb']:.0f} GiB RAM. Code: commit {info['code']}.",
          f"- Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}, datasets {m['datasets']}, "
          f"accelerate {m['accelerate']}, peft {m['peft']}, tyro {m['tyro']}.",
          "- Each configuration is one command line in its own process (table: its flags), one at a time; ours are the "
@@ -638,7 +656,8 @@ def main():
     os.makedirs(os.path.join(args.workdir, "logs"))
     start = time.time()
     bf16 = args.gpu
-    info = {"start": start, "machine": machine(), "others_before": others(), "bf16": bf16, "params": {}, "files": {}}
+    info = {"start": start, "machine": machine(), "others_before": others(), "bf16": bf16, "params": {}, "files": {},
+            "code": code_version()}
     print(f"[bench] {command}\n[bench] device: {info['machine']['gpu'] or info['machine']['cpu']}\n[bench] load: "
           f"{info['others_before'].splitlines()[0]}", flush=True)
     if args.gpu and not info["machine"]["gpu"] and not args.tiny:
@@ -653,7 +672,8 @@ def main():
         t = time.time()
         folder = os.path.join(args.workdir, size.name)
         tok, words = build_tokenizer(size.vocab)
-        info["files"][size.name] = ", ".join(os.path.basename(f) for f in write_data(size, tok, words, folder, args.seed).values())
+        info["files"][size.name] = ", ".join(os.path.basename(f) for f in write_data(size, tok, words, folder, args.seed,
+                                                                                          2 if args.gpu else 1).values())
         files = {k: os.path.join(folder, f"{k}.jsonl") for k in ("pairs", "chat")}
         info["params"][size.name] = build_models(size, tok, os.path.join(folder, "models"), args.seed)
         print(f"[bench] {size.name}: models and data in {time.time() - t:.0f} s "
