@@ -43,6 +43,7 @@ from itertools import islice
 from typing import Literal, NoReturn
 from urllib.parse import urlparse
 
+import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -313,8 +314,8 @@ def locate_file_error(path: str) -> str:
         first = first or (number, types)
         for key, kind in types.items():
             if first[1].get(key, kind) != kind:
-                return (f"{path}, line {number}: column {key!r} holds a {kind} here but a {first[1][key]} on line "
-                        f"{first[0]}; every row needs the same value types")
+                return (f"{path}, line {number}: column {key!r} holds type {kind} here but type {first[1][key]} on "
+                        f"line {first[0]}; every row needs the same value types")
     return ""
 
 
@@ -379,18 +380,31 @@ def tokenize_conversation(tokenizer, messages, max_length: int) -> dict:
     return {"input_ids": ids, "labels": labels, "skip": "truncated" if truncated else ""}
 
 
-def prepare_dataset(ds, tokenizer, args: Args, what: str, source: str, log) -> tuple[object, dict]:
+def check_column(ds, column: str, name: str) -> None:
+    """The conversation column exists and holds lists, else an error naming the file's line (or the row) and the fix.
+    Checked before any split or shuffle, so line numbers are the file's."""
+    if column not in ds.column_names:
+        if name.endswith(".jsonl") and (where := locate_file_error(name)):
+            fail(where)
+        fail(f"{name} has no column {column!r} (columns: {ds.column_names}); pass --messages_column with the column "
+             "that holds the list of {role, content} messages")
+    if isinstance(ds.features[column], (datasets.List, datasets.LargeList)):
+        return
+    row = next((i for i, v in enumerate(ds[column]) if v is not None and not isinstance(v, list)), None)
+    if row is not None:
+        where = f"row {row + 1}"
+        if name.endswith(".jsonl"):  # the (row + 1)-th non-blank line
+            where = f"line {[i for i, line in enumerate(open(name), 1) if line.strip()][row]}"
+        fail(f"{name}, {where}: column {column!r} holds type {type(ds[row][column]).__name__}, not a list of "
+             "{role, content} messages; fix the data or pass --messages_column")
+
+
+def prepare_dataset(ds, tokenizer, args: Args, what: str, log) -> tuple[object, dict]:
     """Tokenize, mask, and drop what cannot be trained on; every drop and cut is counted in the log and metrics."""
     column = args.messages_column
-    if column not in ds.column_names:
-        fail(f"the {what} data ({source}) have no column {column!r} (columns: {ds.column_names}); pass "
-             "--messages_column with the column that holds the list of {role, content} messages")
-    if not isinstance(ds[0][column], list):
-        fail(f"the {what} data ({source}), row 1 (line 1 of a .jsonl): column {column!r} holds a "
-             f"{type(ds[0][column]).__name__}, not a list of {{role, content}} messages; pass --messages_column")
     ds = ds.map(lambda ex: tokenize_conversation(tokenizer, ex[column], args.max_length),
                 remove_columns=ds.column_names, desc=f"tokenizing {what}")
-    reasons = {r: int(n) for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}
+    reasons = {str(r): int(n) for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}
     kept = ds.filter(lambda ex: ex["skip"] in ("", "truncated")).remove_columns("skip")
     log(f"{what}: {len(kept)} of {len(ds)} conversations kept; "
         + (", ".join(f"{n} {r}" for r, n in reasons.items()) or "none skipped or cut"))
@@ -404,6 +418,7 @@ def prepare_dataset(ds, tokenizer, args: Args, what: str, source: str, log) -> t
 def load_data(args: Args, tokenizer, log) -> tuple[object, object, dict]:
     """Training and eval conversations, tokenized; the log says where the eval data come from."""
     train, evals = load_split(args.dataset_name, args.dataset_config, args.train_split), None
+    check_column(train, args.messages_column, args.dataset_name)
     if args.eval_fraction is not None:
         parts = train.train_test_split(test_size=args.eval_fraction, seed=args.seed)
         train, evals = parts["train"], parts["test"]
@@ -411,17 +426,17 @@ def load_data(args: Args, tokenizer, log) -> tuple[object, object, dict]:
     elif args.eval_dataset_name is not None:
         config = args.dataset_config if args.eval_dataset_name == args.dataset_name else None
         evals = load_split(args.eval_dataset_name, config, args.eval_split or "rows")
+        check_column(evals, args.messages_column, args.eval_dataset_name)
         source = f"{args.eval_dataset_name}" + ("" if os.path.isfile(args.eval_dataset_name) else f"[{args.eval_split}]")
     elif args.eval_split:
         evals = load_split(args.dataset_name, args.dataset_config, args.eval_split)
+        check_column(evals, args.messages_column, args.dataset_name)
         source = f"{args.dataset_name}[{args.eval_split}]"
     log(f"eval data: {source}" if evals is not None else "eval data: none (--eval_split None)")
     stats, out = {}, []
-    for ds, limit, what, where in ((train, args.max_train_samples, "train", args.dataset_name),
-                                   (evals, args.max_eval_samples, "eval", evals is not None and source)):
+    for ds, limit, what in ((train, args.max_train_samples, "train"), (evals, args.max_eval_samples, "eval")):
         if ds is not None:
-            ds, counts = prepare_dataset(ds.select(range(min(limit or len(ds), len(ds)))), tokenizer, args, what,
-                                         where, log)
+            ds, counts = prepare_dataset(ds.select(range(min(limit or len(ds), len(ds)))), tokenizer, args, what, log)
             stats.update(counts)
         out.append(ds)
     return out[0], out[1], stats
@@ -568,7 +583,7 @@ def load_model(args: Args, tokenizer):
             model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype,
                                                          attn_implementation=args.attn_implementation,
                                                          trust_remote_code=args.trust_remote_code)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             load_failed("model", args.model_name_or_path, e, args)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

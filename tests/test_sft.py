@@ -1,20 +1,22 @@
-"""sft.py: assistant-only mask, packing, end to end on the tiny setting, resume, bad input, logging."""
+"""sft.py: assistant-only mask, packing, end to end on the tiny setting, resume, the loss normaliser, precision,
+bad input and misuse, logging."""
 
 import dataclasses
 import json
+import math
 import shutil
+import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from conftest import SMALL, load_script, run_script
 from tiny import lang
 
 sft = load_script("sft")
-
 
 
 def tiny_args(tiny, out, *extra):
@@ -24,6 +26,10 @@ def tiny_args(tiny, out, *extra):
 
 def metrics(out):
     return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+def train_losses(out):
+    return [r["train/loss"] for r in metrics(out) if "train/loss" in r]
 
 
 def test_assistant_only_mask_token_by_token(tiny):
@@ -81,7 +87,7 @@ def test_packed_logits_and_loss_equal_padded(tiny):
         lk = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
         want = torch.cat([lp[i, : len(r["input_ids"])] for i, r in enumerate(rows)])
         torch.testing.assert_close(lk, want, atol=1e-5, rtol=1e-5)
-        (s1, n1), (s2, n2) = sft.sft_loss_sum(model, padded), sft.sft_loss_sum(model, packed)
+        (s1, n1), (s2, n2) = sft.assistant_nll_sum(model, padded), sft.assistant_nll_sum(model, packed)
     assert n1 == n2 == sum(sum(x != -100 for x in r["labels"]) for r in rows)
     torch.testing.assert_close(s1, s2, atol=1e-4, rtol=1e-6)
     # and the packed row really separates conversations: attending across them would change the logits
@@ -97,6 +103,11 @@ def test_sft_end_to_end_learns_saves_and_generates(tiny, tmp_path):
     evals = [r["eval/loss"] for r in m if "eval/loss" in r]
     assert len(evals) == 2 and evals[0] > 5.0 and evals[1] < 2.0  # from chance (ln 488 ~ 6.2) to < 2 nats
     assert all(r["perf/tokens_per_s"] > 0 for r in m if "perf/tokens_per_s" in r)
+    perf = [r for r in m if "perf/peak_memory_gb" in r]  # once, at the end: steady state = steps 4..60
+    assert len(perf) == 1 and perf[0]["step"] == 60 and perf[0]["perf/steady_steps"] == 57
+    assert 0.05 < perf[0]["perf/peak_memory_gb"] < 50 and perf[0]["perf/steady_tokens_per_s"] > 0
+    assert perf[0]["perf/steady_examples_per_s"] * perf[0]["perf/steady_s"] == pytest.approx(57 * 32)
+    assert m[0]["data/train_conversations"] == 2000 and m[0]["data/eval_conversations"] == 200
     for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "args.json"):
         assert (out / f).exists(), f
     tok = AutoTokenizer.from_pretrained(out)
@@ -126,6 +137,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path):
     (cut / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-4", cut / "checkpoints" / "step-4")
     (cut / "checkpoints" / "tmp-step-8").mkdir()  # a half-written checkpoint must be ignored
+    saved = json.loads((full / "args.json").read_text())
+    (cut / "args.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "completed_steps"}))
     run_script(*tiny_args(tiny, cut, *common, "--resume"))
     a, b = load_file(full / "model.safetensors"), load_file(cut / "model.safetensors")
     for k in a:
@@ -166,9 +179,9 @@ def test_missing_column_fails_before_training_with_a_fix(tiny, tmp_path):
     data = write_jsonl(tmp_path / "wrong.jsonl", [{"conversation": [{"role": "user", "content": "hi"}]}] * 4)
     p = run_script(*tiny_args(tiny, tmp_path / "o", "--dataset_name", str(data), "--train_split", "train",
                               "--eval_split", "None"), check=False)
-    assert p.returncode != 0
+    assert p.returncode == 2
     assert "no column 'messages'" in p.stderr and "--messages_column" in p.stderr and "Traceback" not in p.stderr
-    assert not (tmp_path / "o" / "model.safetensors").exists()
+    assert not (tmp_path / "o").exists()
 
 
 def test_unreachable_hub_model_fails_fast_pointing_offline(tmp_path):
@@ -202,29 +215,34 @@ def test_same_seed_same_loss_curve_bit_for_bit(tiny, tmp_path):
               "--max_train_samples", "256", "--per_device_train_batch_size", "8")
     run_script(*tiny_args(tiny, tmp_path / "a", *common))
     run_script(*tiny_args(tiny, tmp_path / "b", *common))
-    la = [r["train/loss"] for r in metrics(tmp_path / "a")]
-    lb = [r["train/loss"] for r in metrics(tmp_path / "b")]
+    la, lb = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
     assert len(la) == 6 and la == lb  # exact equality, not a tolerance
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+NAN_RUN = ("--config_overrides", SMALL, "--learning_rate", "1e30", "--warmup_ratio", "0", "--max_steps", "6",
+           "--eval_split", "None", "--max_train_samples", "256", "--per_device_train_batch_size", "8")
+
+
+def non_finite_step(p) -> int:
+    msg = [line for line in p.stderr.splitlines() if "non-finite loss or gradient at step" in line]
+    assert len(msg) == 1 and "no update was applied" in msg[0]
+    return int(msg[0].split("at step ")[1].split(":")[0])
+
+
 def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tiny, tmp_path):
     out = tmp_path / "nan"
-    p = run_script(*tiny_args(tiny, out, "--config_overrides", SMALL, "--learning_rate", "1e30", "--warmup_ratio", "0",
-                              "--max_steps", "6", "--save_steps", "1", "--eval_split", "None", "--max_train_samples", "256",
-                              "--per_device_train_batch_size", "8"), check=False)
-    assert p.returncode != 0 and "Traceback" not in p.stderr
-    msg = [line for line in p.stderr.splitlines() if "non-finite loss or gradient at step" in line]
-    assert msg and "no update was applied" in msg[0]
-    bad_step = int(msg[0].split("at step ")[1].split()[0])
+    p = run_script(*tiny_args(tiny, out, *NAN_RUN, "--save_steps", "1"), check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    bad_step = non_finite_step(p)
     assert bad_step >= 2
     kept = sorted(d.name for d in (out / "checkpoints").iterdir())
     assert kept[-1] == f"step-{bad_step - 1}" and not any(d.startswith("tmp-") for d in kept)
     assert not (out / "model.safetensors").exists()
 
 
-def test_template_that_rewrites_earlier_turns_is_a_clear_error(tiny):
+def test_template_that_rewrites_earlier_turns_is_a_clear_error(tiny, capsys):
     tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
     # like "thinking" templates: earlier assistant turns are rendered differently from the last one
     tok.chat_template = ("{%- for m in messages %}<|im_start|>{{ m['role'] }}\n"
@@ -232,5 +250,250 @@ def test_template_that_rewrites_earlier_turns_is_a_clear_error(tiny):
                          "<|im_end|>\n{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
     msgs = [{"role": "user", "content": "copy one"}, {"role": "assistant", "content": "sure one done"},
             {"role": "user", "content": "copy two"}, {"role": "assistant", "content": "sure two done"}]
-    with pytest.raises(SystemExit, match="does not render conversations incrementally"):
+    with pytest.raises(SystemExit) as e:
         sft.tokenize_conversation(tok, msgs, 512)
+    assert e.value.code == 2 and "does not render conversations incrementally" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss normaliser, precision, the non-finite flag (issue 14, 19)
+# ---------------------------------------------------------------------------------------------
+SPLIT = ("--config_overrides", SMALL, "--max_steps", "4", "--logging_steps", "1", "--eval_split", "None",
+         "--max_train_samples", "256")
+
+
+def test_token_mean_over_the_step_does_not_depend_on_the_split(tiny, tmp_path):
+    """8 x 1 and 4 x 2 give the same loss curve and weights (the normaliser counts the whole step's assistant
+    tokens); the logged step-1 loss is the token mean over the step's 8 conversations, computed here independently."""
+    run_script(*tiny_args(tiny, tmp_path / "8x1", *SPLIT, "--per_device_train_batch_size", "8",
+                          "--gradient_accumulation_steps", "1"))
+    run_script(*tiny_args(tiny, tmp_path / "4x2", *SPLIT, "--per_device_train_batch_size", "4",
+                          "--gradient_accumulation_steps", "2"))
+    la, lb = train_losses(tmp_path / "8x1"), train_losses(tmp_path / "4x2")
+    assert len(la) == 4 and max(abs(a - b) for a, b in zip(la, lb)) < 1e-5
+    a, b = load_file(tmp_path / "8x1" / "model.safetensors"), load_file(tmp_path / "4x2" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # step 1 by hand: the same data order and initial weights as the script
+    args = sft.Args(**{**vars(sft.PRESETS["tiny"]), "dataset_name": str(tiny / "ultrachat"), "eval_split": None,
+                       "tokenizer_name": str(tiny / "tokenizer"), "config_overrides": SMALL, "max_train_samples": 256})
+    tok = sft.load_tokenizer(args)
+    train_ds = sft.load_data(args, tok, lambda msg: None)[0]
+    order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed))[:8].tolist()
+    rows = [train_ds[i] for i in order]
+    set_seed(args.seed)
+    model = sft.load_model(args, tok)
+    with torch.no_grad():
+        parts = [sft.assistant_nll_sum(model, sft.collate(rows[i : i + 4], tok.pad_token_id, False)) for i in (0, 4)]
+    (s1, n1), (s2, n2) = parts
+    assert n1 != n2  # the two micro-batches hold different numbers of assistant tokens
+    token_mean, mean_of_means = ((s1 + s2) / (n1 + n2)).item(), ((s1 / n1 + s2 / n2) / 2).item()
+    assert abs(token_mean - mean_of_means) > 5e-4  # so the data tell the two normalisers apart
+    assert la[0] == pytest.approx(token_mean, abs=1e-5) and lb[0] == pytest.approx(token_mean, abs=1e-5)
+
+
+def test_bf16_autocast_run_is_finite_and_close_to_fp32(tiny, tmp_path):
+    """ACCELERATE_MIXED_PRECISION=bf16 on the CPU: the forwards really run in bf16 (the losses differ from fp32),
+    stay finite and within 0.03 nats of fp32; the eval forward too."""
+    common = (*SPLIT, "--per_device_train_batch_size", "8", "--eval_split", "test_sft", "--max_eval_samples", "32")
+    run_script(*tiny_args(tiny, tmp_path / "fp32", *common), env={"ACCELERATE_MIXED_PRECISION": "no"})
+    run_script(*tiny_args(tiny, tmp_path / "bf16", *common), env={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    for key in ("train/loss", "eval/loss"):
+        fp32, bf16 = ([r[key] for r in metrics(tmp_path / p) if key in r] for p in ("fp32", "bf16"))
+        assert len(fp32) == len(bf16) >= 2 and all(math.isfinite(x) for x in bf16)
+        assert 0 < max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.03, (key, fp32, bf16)
+
+
+def test_fused_adamw_skips_the_update_while_found_inf_is_set():
+    """The mechanism sft.py uses to skip a non-finite step without a host sync: weights, moments and step count
+    stay as they were."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    opt.found_inf = torch.zeros(())
+    p.grad = torch.ones(3)
+    opt.step()
+    before = (p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["step"].clone())
+    assert not torch.equal(before[0], torch.ones(3))
+    opt.found_inf.fill_(1)
+    p.grad = torch.full((3,), float("nan"))
+    opt.step()
+    assert all(torch.equal(x, y) for x, y in zip(before, (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["step"])))
+
+
+def test_non_finite_step_found_at_the_window_end_stops_with_the_same_step(tiny, tmp_path):
+    """Without checkpoints the flag is read once per logging window: the run still names the first bad step, exits 1
+    with the clear message, and saves no model."""
+    p = run_script(*tiny_args(tiny, tmp_path / "nan", *NAN_RUN, "--logging_steps", "6"), check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert non_finite_step(p) == 2  # the same step as with a checkpoint (and a check) after every step
+    assert not (tmp_path / "nan" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# no silent failure (issue 15)
+# ---------------------------------------------------------------------------------------------
+def parse(monkeypatch, *argv):
+    monkeypatch.setattr(sys, "argv", ["sft.py", *argv])
+    return sft.parse_args()
+
+
+def parse_error(monkeypatch, capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        parse(monkeypatch, *argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1  # one line
+    return err
+
+
+def test_presets_are_flags_and_an_explicit_model_path_wins(monkeypatch, capsys, tmp_path):
+    out = ("--output_dir", str(tmp_path / "o"))
+    spaced, equals = parse(monkeypatch, "--preset", "tiny", *out), parse(monkeypatch, "--preset=tiny", *out)
+    assert spaced == equals and equals.learning_rate == 3e-3 and equals.model_type == "qwen2"
+    assert equals.model_name_or_path is None
+    assert parse(monkeypatch, *out).learning_rate == 2e-6  # no preset: the paper's defaults
+    assert parse(monkeypatch, "--preset=tiny", "--learning_rate", "1e-4", *out).learning_rate == 1e-4
+    path = parse(monkeypatch, "--preset", "tiny", "--model_name_or_path", "runs/x", *out)
+    assert (path.model_name_or_path, path.model_type, path.config_overrides) == ("runs/x", None, None)
+    assert path.max_length == 128  # the rest of the preset stays
+    err = parse_error(monkeypatch, capsys, "--preset", "tiny", "--model_name_or_path", "runs/x", "--model_type",
+                      "qwen2", *out)
+    assert "pass one or the other" in err
+    with pytest.raises(SystemExit) as e:
+        parse(monkeypatch, "--preset=huge", *out)
+    assert e.value.code == 2 and "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--per_device_train_batch_size", "-1"), "--per_device_train_batch_size must be positive (got -1)"),
+    (("--per_device_train_batch_size", "0"), "--per_device_train_batch_size must be positive (got 0)"),
+    (("--gradient_accumulation_steps", "0"), "--gradient_accumulation_steps must be positive (got 0)"),
+    (("--max_steps", "0"), "--max_steps must be positive (got 0)"),
+    (("--max_length", "-5"), "--max_length must be positive (got -5)"),
+    (("--save_total_limit", "0"), "--save_total_limit must be positive (got 0)"),
+    (("--learning_rate", "-1e-5"), "--learning_rate must be non-negative (got -1e-05)"),
+    (("--warmup_ratio", "1.5"), "--warmup_ratio must be in [0, 1] (got 1.5)"),
+    (("--eval_fraction", "1.0"), "--eval_fraction must be in (0, 1) (got 1.0)"),
+    (("--max_grad_norm", "0"), "--max_grad_norm must be positive (got 0.0)"),
+    (("--resume", "--overwrite_output_dir"), "pass one of them"),
+    (("--resume_allow_changes", "learning_rate"), "--resume_allow_changes only applies with --resume"),
+    (("--resume", "--resume_allow_changes", "lr"), "no such argument ['lr']"),
+    (("--model_name_or_path", "x", "--config_overrides", "hidden_size=8"), "pass one or the other"),
+])
+def test_bad_arguments_fail_in_one_line_before_anything(monkeypatch, capsys, tmp_path, flags, message):
+    err = parse_error(monkeypatch, capsys, "--preset", "tiny", "--output_dir", str(tmp_path / "o"), *flags)
+    assert message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_argument_exits_2_writing_nothing(tiny, tmp_path):
+    p = run_script(*tiny_args(tiny, tmp_path / "o", "--per_device_train_batch_size", "-1"), check=False)
+    assert p.returncode == 2 and p.stderr.strip() == "error: --per_device_train_batch_size must be positive (got -1)"
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_folder_is_protected_and_overwrite_starts_afresh(tiny, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    common = ("--config_overrides", SMALL, "--max_steps", "2", "--eval_split", "None", "--max_train_samples", "64",
+              "--per_device_train_batch_size", "8", "--logging_steps", "1")
+    run_script(*tiny_args(tiny, out, *common, "--save_steps", "1"))
+    before = (out / "metrics.jsonl").read_text()
+    p = run_script(*tiny_args(tiny, out, *common), check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert f"output_dir {out} already holds files" in p.stderr and "--overwrite_output_dir" in p.stderr
+    assert (out / "metrics.jsonl").read_text() == before  # nothing lost
+    assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    run_script(*tiny_args(tiny, out, *common, "--overwrite_output_dir", "--learning_rate", "1e-3"))
+    rows = metrics(out)
+    assert len({r["run_id"] for r in rows}) == 1 and rows[0]["run_id"] not in before  # only the new run's rows
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+    assert not (out / "checkpoints").exists()  # the old run's checkpoints are gone
+    assert json.loads((out / "args.json").read_text())["learning_rate"] == 1e-3
+
+
+def test_resume_refuses_changes_and_a_finished_run_does_nothing(tiny, tmp_path):
+    out = tmp_path / "o"
+    common = ("--config_overrides", SMALL, "--max_steps", "3", "--eval_split", "None", "--max_train_samples", "64",
+              "--per_device_train_batch_size", "8", "--logging_steps", "1", "--save_steps", "3")
+    run_script(*tiny_args(tiny, out, *common))
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["completed_steps"] == 3 and saved["run_id"].startswith("sft__1__")
+    before = (out / "metrics.jsonl").read_text()
+    p = run_script(*tiny_args(tiny, out, *common, "--resume", "--learning_rate", "1e-3", "--max_steps", "5"),
+                   check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "learning_rate: 0.003 -> 0.001" in p.stderr and "max_steps: 3 -> 5" in p.stderr
+    assert "--resume_allow_changes" in p.stderr
+    p = run_script(*tiny_args(tiny, out, *common, "--resume", "--logging_steps", "2"))  # a safe change
+    assert f"run in {out} already finished (step 3); nothing to do" in p.stdout
+    assert (out / "metrics.jsonl").read_text() == before
+    # a run killed after its last checkpoint, before the final save: resuming runs no step past max_steps
+    saved.pop("completed_steps")
+    (out / "args.json").write_text(json.dumps(saved))
+    (out / "model.safetensors").unlink()
+    run_script(*tiny_args(tiny, out, *common, "--resume"))
+    rows = metrics(out)
+    assert max(r["step"] for r in rows) == 3 and (out / "model.safetensors").exists()
+    assert len({r["run_id"] for r in rows}) == 2  # the resumed rows are told apart
+    # allowed changes: extend the run by two steps
+    run_script(*tiny_args(tiny, out, *common, "--resume", "--max_steps", "5", "--resume_allow_changes", "max_steps"))
+    assert [r["step"] for r in metrics(out) if "train/loss" in r] == [1, 2, 3, 4, 5]
+
+
+def test_single_file_needs_an_explicit_eval_source(tiny, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"copy {w}"}, {"role": "assistant", "content": f"ok {w} done"}]}
+            for w in ["one", "two", "three", "four"] * 10]
+    data = write_jsonl(tmp_path / "chats.jsonl", rows)
+    base = ("--dataset_name", str(data), "--train_split", "train", "--config_overrides", SMALL,
+            "--per_device_train_batch_size", "4", "--max_steps", "1")
+    p = run_script(*tiny_args(tiny, tmp_path / "o", *base), check=False)
+    assert p.returncode == 2 and "is a single file" in p.stderr
+    for fix in ("--eval_dataset_name FILE", "--eval_fraction 0.05", "--eval_split None"):
+        assert fix in p.stderr
+    p = run_script(*tiny_args(tiny, tmp_path / "o", *base, "--eval_dataset_name", str(data)), check=False)
+    assert p.returncode == 2 and "the eval data are the training data" in p.stderr
+    assert not (tmp_path / "o").exists()
+    p = run_script(*tiny_args(tiny, tmp_path / "o", *base, "--eval_fraction", "0.25"))
+    assert f"eval data: 0.25 of {data} held out with seed 1" in p.stdout
+    assert "train: 30 of 30 conversations kept" in p.stdout and "eval: 10 of 10 conversations kept" in p.stdout
+    other = write_jsonl(tmp_path / "held_out.jsonl", rows[:6])
+    p = run_script(*tiny_args(tiny, tmp_path / "o2", *base, "--eval_dataset_name", str(other)))
+    assert f"eval data: {other}" in p.stdout and "eval: 6 of 6 conversations kept" in p.stdout
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"messages": []}\n{"messages": []}\n{"messages": [}\n', "bad.jsonl, line 3: not valid JSON"),
+    ("", "bad.jsonl is empty: it holds no rows"),
+    ("\n\n", "bad.jsonl is empty: it holds no rows"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": "hi"}\n',
+     "bad.jsonl, line 2: column 'messages' holds type str, not a list of {role, content} messages"),
+    ('{"messages": "hi"}\n\n{"messages": "ho"}\n', "bad.jsonl, line 1: column 'messages' holds type str, not a list"),
+    ('\n{"messages": [{"role": "user", "content": "hi"}]}\n\n{"messages": 3}\n', "bad.jsonl, line 4: column 'messages' "
+     "holds type int here but type list on line 2"),
+    ('[1, 2]\n', "bad.jsonl, line 1: a JSON object per line is expected, got list"),
+])
+def test_data_errors_name_the_file_and_line(tiny, tmp_path, capsys, content, message):
+    (tmp_path / "bad.jsonl").write_text(content)
+    args = sft.Args(**{**vars(sft.PRESETS["tiny"]), "dataset_name": str(tmp_path / "bad.jsonl"), "eval_split": None})
+    with pytest.raises(SystemExit) as e:
+        sft.load_data(args, AutoTokenizer.from_pretrained(tiny / "tokenizer"), print)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_bad_model_path_names_the_model_with_a_fitting_hint(tiny, tmp_path):
+    p = run_script(*tiny_args(tiny, tmp_path / "o", "--model_name_or_path", "runs/x"), check=False)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(errors) == 1
+    assert errors[0].startswith("error: could not load model 'runs/x': no such local folder and not a hub id")
+    assert "tokenizer" not in errors[0] and "pass --preset tiny" not in errors[0]  # --preset tiny was passed
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_network_is_reported_in_seconds(tmp_path):
+    t = time.time()
+    p = run_script("sft.py", "--output_dir", str(tmp_path / "o"), check=False,
+                   env={"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert p.returncode == 2 and time.time() - t < 60  # was 54 s of retries before any error
+    assert p.stderr.strip() == ("error: no network: cannot reach the Hugging Face Hub for 'Qwen/Qwen2-7B'. Set "
+                                "HF_HUB_OFFLINE=1 to use the local cache, or pass a local path.")
+    assert not (tmp_path / "o").exists()
