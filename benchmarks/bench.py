@@ -33,6 +33,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import string
 import subprocess
 import sys
@@ -356,6 +357,19 @@ def read_metrics(path: str, steps: int) -> dict:
     return out
 
 
+CURRENT: list = []  # the process group of the run in progress
+
+
+def stop_on_sigterm(signum, frame):
+    """An outer timeout: kill the run in progress (its own process group) and leave through the normal exit."""
+    for pgid in CURRENT:
+        try:
+            os.killpg(pgid, 9)
+        except ProcessLookupError:
+            pass
+    raise SystemExit(f"[bench] stopped by signal {signum}")
+
+
 def execute(run: Run, env: dict, timeout: float, logdir: str) -> dict:
     log_path = os.path.join(logdir, run.name.replace("/", "--").replace(":", "--") + ".log")
     out_dir = run.argv[run.argv.index("--output_dir") + 1]
@@ -373,6 +387,7 @@ def execute(run: Run, env: dict, timeout: float, logdir: str) -> dict:
         log.write(" ".join(run.argv) + "\n\n")
         log.flush()
         proc = subprocess.Popen(run.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        CURRENT[:] = [proc.pid]
         watcher = threading.Thread(target=poll, daemon=True) if shutil.which("nvidia-smi") else None
         if watcher:
             watcher.start()
@@ -388,6 +403,7 @@ def execute(run: Run, env: dict, timeout: float, logdir: str) -> dict:
             else:
                 time.sleep(0.2)
         stop.set()
+        CURRENT.clear()
     res = {"name": run.name, "rc": status, "wall_s": time.time() - t0, "timed_out": timed_out, "log": log_path,
            "child_maxrss_gb": rusage.ru_maxrss * 1024 / 1e9, "smi_peak_gb": peak_smi[0]}
     res.update(read_metrics(os.path.join(out_dir, "metrics.jsonl"), int(run.argv[run.argv.index("--max_steps") + 1])))
@@ -666,7 +682,10 @@ def main():
         info["probe_before"] = run_probe()
     info["peak_flops"] = gpu_peak_flops(info["machine"]["gpu"]) if info["machine"]["gpu"] else (
         info["probe_before"]["matmul_gflops"] * 1e9 if "probe_before" in info else None)
-    env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    # bf16 autocast through accelerate for the scripts (theirs.py gets --bf16); fp32: "no", whatever the shell says
+    env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+           "ACCELERATE_MIXED_PRECISION": "bf16" if bf16 else "no"}
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     res, durations = {}, []
     for size in sizes:
         t = time.time()
