@@ -36,8 +36,9 @@ Prompt sets (--prompts; default: the published set on the hub):
   FastChat's data/mt_bench/question.jsonl (question_id, category, turns); or a folder holding a file named
   alpaca_eval.json / arena_hard.jsonl / mt_bench.jsonl (what `python -m tiny.prompts` writes).
 
-Sampling defaults. Neither paper's text fixes decoding settings beyond using each benchmark's standard
-protocol, so the defaults are those protocols' own answer generators (override with the flags):
+Sampling defaults: each benchmark's own answer generator, the protocol its leaderboard is produced under; where
+a paper's table was made with other decoding settings, pass them (--temperature, --top_p, --max_new_tokens).
+WSPO's own Anthropic-HH comparison, for one, samples at T = 0.25, 0.7 and 1.0 (--temperature). Defaults:
   alpaca_eval  temperature 0.7, top-p 1.0, 2048 new tokens (AlpacaEval's configs for open chat models)
   arena_hard   greedy (temperature 0), 4096 new tokens (Arena-Hard-Auto gen_answer_config.yaml)
   mt_bench     FastChat gen_model_answer: temperature by category (writing, roleplay 0.7; stem, humanities

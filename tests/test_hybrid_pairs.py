@@ -176,6 +176,13 @@ def test_user_errors_exit_2_and_write_nothing(tiny, small_sft, reward_model, tmp
         (["--reward_model_name_or_path", str(tmp_path / "no_rm")],
          f"could not load the reward model's tokenizer '{tmp_path / 'no_rm'}': no such local folder"),
     ]
+    flat_rm = tmp_path / "flat_rm"  # a reward model that scores every response 0: every prompt's candidates tie
+    rm = Qwen2ForSequenceClassification.from_pretrained(reward_model)
+    torch.nn.init.zeros_(rm.score.weight)
+    rm.save_pretrained(flat_rm)
+    AutoTokenizer.from_pretrained(reward_model).save_pretrained(flat_rm)
+    cases.append((["--reward_model_name_or_path", str(flat_rm)], "no pair could be built for the train_prefs split: "
+                  "every prompt's candidates score the same"))
     for extra, message in cases:
         out = [] if "--output_dir" in extra else ["--output_dir", str(tmp_path / "out")]
         p = run_script(*build_args(tiny, small_sft, reward_model, tmp_path / "out", *out, "--max_train_samples", "4",
