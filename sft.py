@@ -260,6 +260,8 @@ def validate(args: Args) -> None:
         fail(f"--dataset_name {args.dataset_name} is a single file, so it has no eval split {args.eval_split!r}: "
              f"pass --eval_dataset_name FILE (held-out data), --eval_fraction 0.05 (hold out 5% of the training "
              f"rows) or --eval_split None (no eval)")
+    if args.eval_dataset_name is not None and not (args.eval_split or os.path.isfile(args.eval_dataset_name)):
+        fail(f"--eval_dataset_name {args.eval_dataset_name} is not a file: name its split with --eval_split")
     if args.eval_dataset_name is not None:
         same = os.path.realpath(args.eval_dataset_name) == os.path.realpath(args.dataset_name)
         if same and (os.path.isfile(args.dataset_name) or args.eval_split in (None, args.train_split)):
@@ -319,27 +321,40 @@ def locate_file_error(path: str) -> str:
     return ""
 
 
-def load_split(name: str, config: str | None, split: str):
-    """Hub id, local dataset folder (README YAML / data files), save_to_disk folder, or one file (read whole)."""
+def load_split(name: str, config: str | None, split: str, column: str):
+    """Hub id, local dataset folder (README YAML / data files), save_to_disk folder, or one file (read whole); the
+    conversation column is checked here, before any split or shuffle, so that an error names the file's line."""
     if os.path.isfile(name):
-        kind = DATA_FILE_TYPES.get(os.path.splitext(name)[1])
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(name)[1])
         if kind is None:
             fail(f"cannot read dataset file {name}: use .json, .jsonl, .parquet or .csv")
         try:
             ds = load_dataset(kind, data_files={"rows": name}, split="rows")
-        except Exception as e:  # datasets reports bad rows as a long traceback: find the line ourselves
-            where = locate_file_error(name) if kind == "json" else ""
-            fail(where or f"cannot read {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        except Exception as e:  # datasets reports a bad row as a long traceback: find its line ourselves
+            fail((kind == "json" and locate_file_error(name)) or f"cannot read {name}: {(str(e).splitlines() or [e])[0]}")
         if len(ds) == 0:
             fail(f"{name} is empty: it holds no rows")
-        return ds
-    if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
-        return load_from_disk(name)[split]
-    try:
-        return load_dataset(name, config, split=split)
-    except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
-        fail(f"could not load split {split!r} of dataset {name!r}: {e}\nWith no network, use a local copy "
-             "(python -m tiny --out data/tiny writes the offline tiny setting; then --preset tiny).")
+    elif os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
+        ds = load_from_disk(name)[split]
+    else:
+        try:
+            ds = load_dataset(name, config, split=split)
+        except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
+            fail(f"could not load split {split!r} of dataset {name!r}: {e}\nWith no network, use a local copy "
+                 "(python -m tiny --out data/tiny writes the offline tiny setting; then --preset tiny).")
+    if column not in ds.column_names:
+        fail((name.endswith(".jsonl") and locate_file_error(name)) or f"{name} has no column {column!r} (columns: "
+             f"{ds.column_names}); pass --messages_column with the column that holds the list of {{role, content}} "
+             "messages")
+    if not isinstance(ds.features[column], (datasets.List, datasets.LargeList)):  # mixed or other types: find the row
+        row = next((i for i, v in enumerate(ds[column]) if v is not None and not isinstance(v, list)), None)
+        if row is not None:
+            where = f"row {row + 1}"
+            if name.endswith(".jsonl"):  # the (row + 1)-th non-blank line
+                where = f"line {[i for i, line in enumerate(open(name), 1) if line.strip()][row]}"
+            fail(f"{name}, {where}: column {column!r} holds type {type(ds[row][column]).__name__}, not a list of "
+                 "{role, content} messages; fix the data or pass --messages_column")
+    return ds
 
 
 def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
@@ -380,25 +395,6 @@ def tokenize_conversation(tokenizer, messages, max_length: int) -> dict:
     return {"input_ids": ids, "labels": labels, "skip": "truncated" if truncated else ""}
 
 
-def check_column(ds, column: str, name: str) -> None:
-    """The conversation column exists and holds lists, else an error naming the file's line (or the row) and the fix.
-    Checked before any split or shuffle, so line numbers are the file's."""
-    if column not in ds.column_names:
-        if name.endswith(".jsonl") and (where := locate_file_error(name)):
-            fail(where)
-        fail(f"{name} has no column {column!r} (columns: {ds.column_names}); pass --messages_column with the column "
-             "that holds the list of {role, content} messages")
-    if isinstance(ds.features[column], (datasets.List, datasets.LargeList)):
-        return
-    row = next((i for i, v in enumerate(ds[column]) if v is not None and not isinstance(v, list)), None)
-    if row is not None:
-        where = f"row {row + 1}"
-        if name.endswith(".jsonl"):  # the (row + 1)-th non-blank line
-            where = f"line {[i for i, line in enumerate(open(name), 1) if line.strip()][row]}"
-        fail(f"{name}, {where}: column {column!r} holds type {type(ds[row][column]).__name__}, not a list of "
-             "{role, content} messages; fix the data or pass --messages_column")
-
-
 def prepare_dataset(ds, tokenizer, args: Args, what: str, log) -> tuple[object, dict]:
     """Tokenize, mask, and drop what cannot be trained on; every drop and cut is counted in the log and metrics."""
     column = args.messages_column
@@ -417,22 +413,17 @@ def prepare_dataset(ds, tokenizer, args: Args, what: str, log) -> tuple[object, 
 
 def load_data(args: Args, tokenizer, log) -> tuple[object, object, dict]:
     """Training and eval conversations, tokenized; the log says where the eval data come from."""
-    train, evals = load_split(args.dataset_name, args.dataset_config, args.train_split), None
-    check_column(train, args.messages_column, args.dataset_name)
+    column, evals, source = args.messages_column, None, "none (--eval_split None)"
+    train = load_split(args.dataset_name, args.dataset_config, args.train_split, column)
     if args.eval_fraction is not None:
         parts = train.train_test_split(test_size=args.eval_fraction, seed=args.seed)
         train, evals = parts["train"], parts["test"]
         source = f"{args.eval_fraction:g} of {args.dataset_name} held out with seed {args.seed}"
-    elif args.eval_dataset_name is not None:
-        config = args.dataset_config if args.eval_dataset_name == args.dataset_name else None
-        evals = load_split(args.eval_dataset_name, config, args.eval_split or "rows")
-        check_column(evals, args.messages_column, args.eval_dataset_name)
-        source = f"{args.eval_dataset_name}" + ("" if os.path.isfile(args.eval_dataset_name) else f"[{args.eval_split}]")
-    elif args.eval_split:
-        evals = load_split(args.dataset_name, args.dataset_config, args.eval_split)
-        check_column(evals, args.messages_column, args.dataset_name)
-        source = f"{args.dataset_name}[{args.eval_split}]"
-    log(f"eval data: {source}" if evals is not None else "eval data: none (--eval_split None)")
+    elif args.eval_dataset_name or args.eval_split:
+        name = args.eval_dataset_name or args.dataset_name
+        evals = load_split(name, args.dataset_config if name == args.dataset_name else None, args.eval_split, column)
+        source = name if os.path.isfile(name) else f"{name}[{args.eval_split}]"
+    log(f"eval data: {source}")
     stats, out = {}, []
     for ds, limit, what in ((train, args.max_train_samples, "train"), (evals, args.max_eval_samples, "eval")):
         if ds is not None:
