@@ -371,9 +371,9 @@ def generate_batch(model, tokenizer, convs: list[list[dict]], temperature: float
     eos = model.generation_config.eos_token_id
     eos = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])})
     # greedy at temperature 0 (FastChat: below 1e-4); sampling overrides the model's own generation_config
-    sampling = dict(do_sample=True, temperature=temperature, top_p=args.top_p) if temperature >= 1e-4 else \
+    sampling = dict(do_sample=True, temperature=temperature, top_p=args.top_p, top_k=0) if temperature >= 1e-4 else \
         dict(do_sample=False, temperature=None, top_p=None)
-    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, top_k=0,
+    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **sampling)
     answers = []
     for row in out[:, width:].tolist():

@@ -37,8 +37,8 @@ Offline tiny setting (CPU; RM_FOLDER = any AutoModelForSequenceClassification fo
     python wpo.py --preset tiny --model_name_or_path runs/tiny/sft-weak --dataset_name data/tiny/hybrid \
         --output_dir runs/tiny/wpo-hb
 
-Defaults: 5 samples per prompt at temperature 0.8, top-p 0.95, up to 1024 new tokens, plus the existing
-pair (WPO-HB); prompt / total lengths 1800 / 2048 tokens as wpo.py's Llama-3 setting; bf16 weights on a GPU.
+Defaults: 5 samples per prompt at temperature 0.8, top-p 0.95 (top-k off), up to 1024 new tokens, plus the
+existing pair (WPO-HB); prompt / total lengths 1800 / 2048 tokens as wpo.py's Llama-3 setting; bf16 weights on a GPU.
 """
 
 import json
@@ -338,7 +338,7 @@ def sample_responses(model, tokenizer, prompts: list[list[dict]], args: Args) ->
                                 for p in prompts], tokenizer.pad_token_id, model.device)
     eos = model.generation_config.eos_token_id
     out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
-                         top_p=args.top_p, top_k=None, max_new_tokens=args.max_new_tokens,
+                         top_p=args.top_p, top_k=0, max_new_tokens=args.max_new_tokens,  # top-k off (transformers: 50)
                          num_return_sequences=args.num_samples, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id if eos is None else eos)
     texts = [t.strip() for t in tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)]
