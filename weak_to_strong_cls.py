@@ -15,32 +15,53 @@ weak_to_strong/{datasets,model,train,loss}.py). For each seed, one run does:
 
 Every model is a causal LM whose hidden state at the last real token feeds a zero-initialised
 2-class linear head without bias. Stages are cached under --output_dir (keyed by their settings)
-and skipped on rerun unless --force_retrain.
+and skipped on rerun unless --force_retrain; a folder holding other files is refused (--overwrite_output_dir).
 
-Offline (tiny setting, CPU, about 1 min a seed): sentiment with negations (tiny/cls.py); the weak model is
-a 1-layer Qwen2 (hidden 8: a bag of words, blind to negation), the strong one a 2-layer Qwen2 (hidden 32),
-both built from configs. Measured over 3 seeds: weak 0.78 +- 0.01, strong ceiling 0.98 +- 0.02, weak-to-
-strong 0.78-0.79 for every loss (PGR -0.03 to 0.02): students trained from scratch hold no latent
-knowledge to elicit, so they copy their teacher (agreement 0.90-0.94).
-    python -m tiny --out data/tiny --no_images
-    OMP_NUM_THREADS=1 python weak_to_strong_cls.py --preset tiny   # one thread: tiny matrices on a busy CPU
-    python weak_to_strong_cls.py --preset tiny --n_seeds 3         # seed 0 comes from the cache
+Losses (loss.py), with soft labels y and predictions p: xent = CE(p, y); product = CE(p, norm(p^beta y^alpha));
+logconf = CE(p, (1 - c) y + c h), h = p hardened at the quantile of p(0) that gives h the weak labels' class
+balance, c ramping to 0.5 over the first 10% of training. Every loss is a mean over the examples of the whole
+optimizer step (micro batches hold equal numbers of examples), and logconf's quantile is taken over that whole
+batch too (all micro batches, all processes), so any split of a batch gives the same step.
 
-Published setting (e.g. gpt2 -> gpt2-xl on sciq, 3 seeds; any GPU count):
+Sweep (the paper's figure 3; openai/weak-to-strong sweep.py): --sweep_models A B C ... trains every weak <= strong
+pair, one weak model and one ceiling per size and seed, and plots test accuracy against the strong model with one
+line per weak model, the ceiling, and PGR per pair (sweep.json, sweep.png).
+
+Offline setting (tiny/cls.py): sentiment of a review of sentiment words, filler words and negations ("not" flips
+the next word); label = sign of the flipped sum. A strong model must see negation, a 1-layer bag of words cannot.
+The students are *pretrained*, as in the paper: a stage 0 pre-trains each model built from a config with
+next-token prediction on an unlabeled corpus (python -m tiny.cls) of terse reviews, each followed by a verdict word
+whose wording follows its sentiment ("gladly" ... "ugh"). Predicting the verdict needs the concept, so the strong LM
+learns it, yet no label is ever given, no classification text ends with a verdict, and no test text is in the
+corpus. Pre-training is cached (output_dir/pretrain) and shared by the seeds, like a hub checkpoint. Models:
+tiny-s (1 layer, hidden 8, 300 steps: a bag of words), tiny-m (2 layers, hidden 16, 1000 steps), tiny-l (2 layers,
+hidden 32, 2000 steps); the preset trains tiny-s -> tiny-l at lr 3e-3 / 1e-4, 2 epochs, batch 32.
+    python -m tiny --out data/tiny --no_images && python -m tiny.cls --out data/tiny
+    OMP_NUM_THREADS=1 python weak_to_strong_cls.py --preset tiny --n_seeds 5   # one thread: tiny matrices
+    OMP_NUM_THREADS=1 python weak_to_strong_cls.py --preset tiny --sweep_models tiny-s tiny-m tiny-l --n_seeds 3
+
+Published setting (gpt2 family on sciq, 3 seeds; any GPU count; --ds_name amazon_polarity, boolq, cosmos_qa,
+anthropic_hh likewise):
     accelerate launch weak_to_strong_cls.py --ds_name sciq --weak_model_name_or_path gpt2 \\
         --strong_model_name_or_path gpt2-xl --losses xent logconf --n_seeds 3
+    accelerate launch weak_to_strong_cls.py --ds_name sciq --sweep_models gpt2 gpt2-medium gpt2-large gpt2-xl \\
+        --losses xent logconf --n_seeds 3 --output_dir output/sweep_sciq
 """
 
-import dataclasses
+import argparse
+import contextlib
+import csv
 import hashlib
+import inspect
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import matplotlib
 
@@ -52,7 +73,7 @@ import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from datasets import Dataset, load_dataset, load_from_disk
+from datasets import Dataset, load_dataset, load_dataset_builder, load_from_disk
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -73,6 +94,8 @@ class Args:
     """stages (models, weak labels, predictions), results.json and results.png go here"""
     force_retrain: bool = False
     """retrain every stage even when its results are cached in output_dir"""
+    overwrite_output_dir: bool = False
+    """write into an output_dir that holds other files than this script's stages and results"""
     save_models: bool = True
     """save each trained model (safetensors) in its stage folder"""
     track: bool = False
@@ -111,6 +134,25 @@ class Args:
     """allow models and tokenizers that ship their own code (e.g. Qwen/Qwen-7B)"""
     linear_probe: bool = False
     """freeze the LM body and train only the linear head"""
+    sweep_models: tuple[str, ...] = ()
+    """sweep: train every weak <= strong pair of these models, listed from small to large (hub ids / local paths,
+    or the offline sizes tiny-s, tiny-m, tiny-l); replaces the --weak_* / --strong_* models"""
+    sweep_pretrain_steps: tuple[int, ...] = ()
+    """sweep: pre-training steps of each offline size, in --sweep_models order (default: each size's own)"""
+
+    # pre-training of models built from scratch (the offline stand-in for pretrained hub checkpoints)
+    pretrain_corpus: str | None = None
+    """unlabeled corpus (local folder or file with a `text` column) for next-token pre-training; None: no pre-training"""
+    weak_pretrain_steps: int = 0
+    """pre-training steps of the weak model built from scratch (0: none)"""
+    strong_pretrain_steps: int = 0
+    """pre-training steps of the strong model built from scratch (0: none)"""
+    pretrain_lr: float = 3e-3
+    """pre-training peak lr (linear warm-up over 5% of the steps, then cosine to 0)"""
+    pretrain_batch_size: int = 64
+    """pre-training documents per optimizer step"""
+    pretrain_seed: int = 0
+    """seed of pre-training (one pretrained model serves every seed, like a hub checkpoint)"""
 
     # optimization (openai/weak-to-strong defaults)
     batch_size: int = 32
@@ -149,27 +191,41 @@ class Args:
     """name of the wandb run"""
 
 
-TINY_PRESET = dict(  # the offline setting written by `python -m tiny --out data/tiny --no_images`
-    ds_name="data/tiny/cls",
-    n_docs=8000,
-    n_test_docs=400,
-    max_ctx=64,
-    tokenizer_name="data/tiny/tokenizer",
-    weak_model_name_or_path=None,
-    weak_model_type="qwen2",
-    weak_config_overrides="hidden_size=8,intermediate_size=16,num_hidden_layers=1,num_attention_heads=1,"
-    "num_key_value_heads=1,max_position_embeddings=64",
-    strong_model_name_or_path=None,
-    strong_model_type="qwen2",
-    strong_config_overrides="hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4,"
-    "num_key_value_heads=4,max_position_embeddings=64",
-    weak_lr=3e-3,
-    strong_lr=1e-3,
-    gt_epochs=8,  # the 2-layer student needs ~1000 steps to learn negation from scratch
-    eval_batch_size=128,
-    losses=("xent", "logconf", "product"),
-    output_dir="output/weak_to_strong_cls_tiny",
-)
+# the offline model sizes: qwen2 configs, pre-training steps on --pretrain_corpus, fine-tuning lr
+TINY_SIZES = {
+    "tiny-s": ("hidden_size=8,intermediate_size=16,num_hidden_layers=1,num_attention_heads=1,num_key_value_heads=1,"
+               "max_position_embeddings=64", 300, 3e-3),
+    "tiny-m": ("hidden_size=16,intermediate_size=32,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=2,"
+               "max_position_embeddings=64", 1000, 3e-4),
+    "tiny-l": ("hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=4,"
+               "max_position_embeddings=64", 2000, 1e-4),
+}
+PRESETS = {
+    "paper": Args(),
+    "tiny": Args(  # the offline setting: `python -m tiny --out data/tiny --no_images && python -m tiny.cls`
+        preset="tiny",
+        ds_name="data/tiny/cls",
+        n_docs=8000,
+        n_test_docs=400,
+        max_ctx=64,
+        tokenizer_name="data/tiny/tokenizer",
+        weak_model_name_or_path=None,
+        weak_model_type="qwen2",
+        weak_config_overrides=TINY_SIZES["tiny-s"][0],
+        strong_model_name_or_path=None,
+        strong_model_type="qwen2",
+        strong_config_overrides=TINY_SIZES["tiny-l"][0],
+        pretrain_corpus="data/tiny/cls_corpus",
+        weak_pretrain_steps=TINY_SIZES["tiny-s"][1],
+        strong_pretrain_steps=TINY_SIZES["tiny-l"][1],
+        weak_lr=TINY_SIZES["tiny-s"][2],
+        strong_lr=TINY_SIZES["tiny-l"][2],
+        gt_epochs=2,
+        eval_batch_size=128,
+        losses=("xent", "logconf", "product"),
+        output_dir="output/weak_to_strong_cls_tiny",
+    ),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,48 +272,126 @@ HUB_DATASETS = {  # name: (hub id, split used as test, formatter)
 HUB_DATASETS["Anthropic/hh-rlhf"] = HUB_DATASETS["anthropic_hh"]
 
 
+class DataError(ValueError):
+    """Bad data, or an argument found wrong only once data or models are known: reported as one clear message with exit code 2, no traceback."""
+
+
+def read_local_split_files(path: str) -> dict[str, list[str]]:
+    """The data files of a local dataset per split: a single file is the `train` split; a folder resolves like
+    `datasets.load_dataset(folder)` (its README's configs, or train/test file names)."""
+    if os.path.isfile(path):
+        return {"train": [path]}
+    try:
+        files = load_dataset_builder(path).config.data_files
+    except Exception as e:  # an empty folder, unknown file types
+        raise DataError(f"{path}: no data files found ({type(e).__name__}: {e}); put train/test .jsonl files in it") from e
+    return {str(split): [str(f) for f in fs] for split, fs in files.items()}
+
+
+def read_rows(file: str) -> list[tuple[dict, int]]:
+    """The rows of one .jsonl/.json/.csv/.parquet file with their line number in the file (1-based; a csv's header
+    is line 1, a parquet's rows count from 1), in file order."""
+    ext = file.rsplit(".", 1)[-1].lower()
+    if ext in ("jsonl", "json"):
+        text = Path(file).read_text()
+        if ext == "json" and text.lstrip().startswith("["):  # a JSON array: one object per element
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{file} line {e.lineno}: not valid JSON ({e.msg}); fix or remove that line") from None
+            rows = list(zip(items, range(1, len(items) + 1)))
+        else:
+            rows = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append((json.loads(line), n))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{file} line {n}: not valid JSON ({e.msg}): {line[:80]!r}; fix or remove "
+                                        "that line") from None
+    elif ext == "csv":
+        with open(file, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [(row, reader.line_num) for row in reader]
+    elif ext == "parquet":
+        table = load_dataset("parquet", data_files=file, split="train")
+        rows = list(zip(table, range(1, len(table) + 1)))
+    else:
+        raise DataError(f"{file}: unknown file type; use .jsonl, .json, .csv or .parquet files")
+    if not rows:
+        raise DataError(f"{file} is empty: it holds no rows; write the examples one JSON object per line")
+    for row, n in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{file} line {n}: a {type(row).__name__}, not an object with `text` and `label` fields")
+    return rows
+
+
+def load_local_rows(path: str, columns: tuple[str, ...]) -> dict[str, list[dict]]:
+    """Rows of a local dataset per split, each with the given columns plus `where` ("file line N"), in file order."""
+    out = {}
+    for split, files in read_local_split_files(path).items():
+        out[split] = []
+        for file in files:
+            for row, n in read_rows(file):
+                missing = [c for c in columns if c not in row]
+                if missing:
+                    raise DataError(f"{file} line {n}: no {' / '.join(f'`{c}`' for c in missing)} field (it has "
+                                    f"{sorted(row)}); --ds_name needs `text` and 0/1 `label` columns: rename them")
+                out[split].append({**{c: row[c] for c in columns}, "where": f"{file} line {n}"})
+    return out
+
+
+def load_text_corpus(path: str) -> list[str]:
+    """The documents (`text` column) of a local pre-training corpus, every split."""
+    rows = [r for split_rows in load_local_rows(path, ("text",)).values() for r in split_rows]
+    for r in rows:
+        if not isinstance(r["text"], str) or not r["text"].strip():
+            raise DataError(f"{r['where']}: empty text in the pre-training corpus; drop or fill the empty rows")
+    return [r["text"] for r in rows]
+
+
+def check_row(row: dict, where: str) -> None:
+    """A binary classification example: non-empty text and a 0/1 label (int, bool or a float 0.0 / 1.0)."""
+    if isinstance(row["label"], str) or row["label"] not in (0, 1):
+        raise DataError(f"{where}: label {row['label']!r} is not 0 or 1; this is binary classification, map your "
+                        "classes to the integers 0 and 1 first")
+    if not isinstance(row["text"], str) or not row["text"].strip():
+        raise DataError(f"{where}: empty text; drop or fill the empty rows first")
+
+
 def load_cls_dataset(ds_name: str, n_docs: int, n_test_docs: int, seed: int) -> dict[str, Dataset]:
     """Train and test splits with columns text, label (0/1), idx: the first n docs of each split,
-    formatted with a seeded rng, then shuffled (the official order)."""
+    formatted with a seeded rng, then shuffled (the official order). Bad local rows are named by file and line."""
     if ds_name in HUB_DATASETS:
         hub_id, test_split, fmt = HUB_DATASETS[ds_name]
         try:
             raw = {"train": load_dataset(hub_id, split="train"), "test": load_dataset(hub_id, split=test_split)}
         except Exception as e:  # offline, gated, renamed...: say which dataset and what to do instead
-            raise ValueError(f"could not load {hub_id} from the hub ({type(e).__name__}: {e}); offline, pass a local "
-                             "dataset with --ds_name, or write the tiny setting (python -m tiny --out data/tiny "
-                             "--no_images) and use --preset tiny") from e
+            raise DataError(f"could not load {hub_id} from the hub ({type(e).__name__}: {e}); offline, pass a local "
+                            "dataset with --ds_name, or write the tiny setting (python -m tiny --out data/tiny "
+                            "--no_images) and use --preset tiny") from None
+        raw = {split: [{**fmt(ex, rng), "where": f"{hub_id} {split} row {i}"}
+                       for i, ex in enumerate(raw[split].select(range(min(n, len(raw[split])))))]
+               for split, n, rng in (("train", n_docs, random.Random(seed)), ("test", n_test_docs, random.Random(seed)))}
     elif os.path.exists(ds_name):
-        fmt = format_local
-        if os.path.isdir(ds_name):
-            raw = load_dataset(ds_name)
-        else:
-            ext = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}.get(ds_name.rsplit(".", 1)[-1])
-            if ext is None:
-                raise ValueError(f"--ds_name {ds_name}: unknown file type; use a .jsonl, .json, .csv or .parquet file")
-            raw = load_dataset(ext, data_files=ds_name)
-        columns = raw["train"].column_names if "train" in raw else []
-        if "text" not in columns or "label" not in columns:
-            raise ValueError(f"--ds_name {ds_name} needs a `train` split with `text` and 0/1 `label` columns; "
-                             f"it has splits {list(raw)} and columns {columns}. Rename them first.")
+        raw = load_local_rows(ds_name, ("text", "label"))
+        if "train" not in raw:
+            raise DataError(f"--ds_name {ds_name} has splits {sorted(raw)} but no `train` split; name a file train.jsonl")
         if "test" not in raw:  # a single file: the same n_test_docs rows are the test set for every seed
             if len(raw["train"]) < 2 * n_test_docs:
-                raise ValueError(f"--ds_name {ds_name} has {len(raw['train'])} rows and no test split: too few to "
-                                 f"hold out --n_test_docs {n_test_docs} and train on at least as many; lower --n_test_docs")
-            raw = raw["train"].train_test_split(test_size=n_test_docs, seed=0)
+                raise DataError(f"--ds_name {ds_name} has {len(raw['train'])} rows and no test split: too few to "
+                                f"hold out --n_test_docs {n_test_docs} and train on at least as many; lower --n_test_docs")
+            held_out = set(random.Random(0).sample(range(len(raw["train"])), n_test_docs))
+            raw = {"train": [r for i, r in enumerate(raw["train"]) if i not in held_out],
+                   "test": [r for i, r in enumerate(raw["train"]) if i in held_out]}
+        raw = {split: rows[:n] for split, rows, n in (("train", raw["train"], n_docs), ("test", raw["test"], n_test_docs))}
     else:
-        raise ValueError(f"--ds_name {ds_name} is neither one of {sorted(HUB_DATASETS)} nor a local path (for the "
-                         "offline setting run `python -m tiny --out data/tiny --no_images` first)")
+        raise DataError(f"--ds_name {ds_name} is neither one of {sorted(HUB_DATASETS)} nor a local path (for the "
+                        "offline setting run `python -m tiny --out data/tiny --no_images` first)")
     out = {}
-    for split, n in (("train", n_docs), ("test", n_test_docs)):
-        rng = random.Random(seed)
-        rows = [fmt(ex, rng) for ex in raw[split].select(range(min(n, len(raw[split]))))]
-        for i, row in enumerate(rows):
-            if row["label"] not in (0, 1):  # 0/1 as int, bool or float
-                raise ValueError(f"{ds_name} {split} row {i}: label {row['label']!r} is not 0 or 1; "
-                                 "this is binary classification, map your classes to the integers 0 and 1 first")
-            if not isinstance(row["text"], str) or not row["text"].strip():
-                raise ValueError(f"{ds_name} {split} row {i}: empty text; drop or fill the empty rows first")
+    for split, rows in raw.items():
+        for row in rows:  # checked in file order, before any shuffling
+            check_row(row, row["where"])
         columns = {"text": [r["text"] for r in rows], "label": [int(r["label"]) for r in rows]}
         out[split] = Dataset.from_dict({**columns, "idx": list(range(len(rows)))}).shuffle(seed=seed)
     return out
@@ -323,9 +457,9 @@ class CausalLMWithHead(torch.nn.Module):
         return self.score(last.to(self.score.weight.dtype))
 
 
-def build_model(spec: dict, args: Args) -> tuple:
-    """Tokenizer and CausalLMWithHead from a hub id / local path, or from scratch (run_clm.py's
-    --model_type + --config_overrides)."""
+def build_lm(spec: dict, args: Args) -> tuple:
+    """Tokenizer and causal LM from a hub id / local path, or from scratch (run_clm.py's --model_type +
+    --config_overrides)."""
     remote = args.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"] or spec["name_or_path"], trust_remote_code=remote)
     if tokenizer.pad_token is None:  # GPT-2 has none; which id pads does not matter, the mask marks padding
@@ -341,7 +475,90 @@ def build_model(spec: dict, args: Args) -> tuple:
             overrides |= {k: getattr(parsed, k) for k in keys}
         config = AutoConfig.for_model(spec["model_type"], **overrides)
         lm = AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
-    return tokenizer, CausalLMWithHead(lm.base_model, args.linear_probe)  # the LM head is dropped
+    return tokenizer, lm
+
+
+def build_model(spec: dict, args: Args) -> tuple:
+    """Tokenizer and CausalLMWithHead: the LM's body with a fresh head (the LM head is dropped)."""
+    tokenizer, lm = build_lm(spec, args)
+    return tokenizer, CausalLMWithHead(lm.base_model, args.linear_probe)
+
+
+def collate_lm(pad_id: int, rows: list[list[int]]) -> dict:
+    """Right-padded token ids; labels are the ids with padding set to -100."""
+    length = max(len(x) for x in rows)
+    ids = torch.tensor([x + [pad_id] * (length - len(x)) for x in rows])
+    mask = torch.tensor([[1] * len(x) + [0] * (length - len(x)) for x in rows])
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up then cosine to 0 (the usual LM pre-training schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def pretrain_lm(spec: dict, steps: int, args: Args, accelerator) -> str:
+    """Unsupervised pre-training of a model built from a config: next-token prediction on --pretrain_corpus (the
+    offline stand-in for a pretrained hub checkpoint). Cached under output_dir/pretrain/ keyed by its settings
+    and the corpus' text; returns the model folder."""
+    corpus = load_text_corpus(args.pretrain_corpus)
+    digest = hashlib.sha256("\n".join(corpus).encode()).hexdigest()[:16]
+    key = json.dumps({"model": spec, "corpus": digest, "steps": steps, "lr": args.pretrain_lr,
+                      "batch_size": args.pretrain_batch_size, "max_ctx": args.max_ctx, "seed": args.pretrain_seed},
+                     sort_keys=True)
+    out = Path(args.output_dir) / "pretrain" / f"lm_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    if (out / "results.json").exists() and not args.force_retrain:
+        accelerator.print(f"pretrain: cached in {out}, skipped (--force_retrain to retrain)")
+        return str(out)
+    set_seed(args.pretrain_seed, device_specific=True)
+    tokenizer, lm = build_lm(spec, args)
+    ids = [x for x in tokenizer(corpus)["input_ids"] if 1 < len(x) < args.max_ctx]
+    g = torch.Generator().manual_seed(args.pretrain_seed)
+    n_epochs = -(-steps * args.pretrain_batch_size // len(ids))
+    order = torch.cat([torch.randperm(len(ids), generator=g) for _ in range(n_epochs)])[: steps * args.pretrain_batch_size]
+    micro = args.pretrain_batch_size // (args.gradient_accumulation_steps * accelerator.num_processes)
+    rows = [ids[i] for i in order]
+    # ALGO LOGIC: token mean over the whole optimizer step: every micro batch divides by the step's token count
+    step_tokens = [sum(len(x) - 1 for x in rows[s: s + args.pretrain_batch_size])
+                   for s in range(0, len(rows), args.pretrain_batch_size)]
+    loader = DataLoader(rows, micro, collate_fn=partial(collate_lm, tokenizer.pad_token_id))
+    optimizer = torch.optim.Adam(lm.parameters(), lr=args.pretrain_lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_cosine, warmup=steps // 20, total=steps))
+    lm, optimizer, loader = accelerator.prepare(lm, optimizer, loader)
+    lm.train()
+    start, step, loss_sum = time.time(), 0, 0.0
+    scale = args.gradient_accumulation_steps * accelerator.num_processes  # undoes accelerate's and DDP's means
+    bar = tqdm(total=steps, desc="pretrain", disable=not accelerator.is_main_process)
+    for batch in loader:
+        with accelerator.accumulate(lm):
+            logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            token_losses = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                                           ignore_index=-100, reduction="sum")
+            loss = token_losses * scale / step_tokens[step]
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        loss_sum += token_losses.detach()
+        if accelerator.sync_gradients:
+            loss_step = accelerator.gather(loss_sum).sum().item() / step_tokens[step]
+            scheduler.step()
+            step, loss_sum = step + 1, 0.0
+            bar.update()
+            bar.set_postfix(loss=f"{loss_step:.3f}")
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(lm).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        results = {"final_loss": loss_step, "steps": steps, "n_docs": len(ids), "train_time_s": time.time() - start}
+        (out / "settings.json").write_text(key)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    accelerator.print(f"pretrain: {steps} steps, final loss {loss_step:.4f} ({time.time() - start:.0f}s) -> {out}")
+    return str(out)
 
 
 PUBLISHED_LR = {"gpt2": 5e-5, "gpt2-medium": 5e-5}  # train_weak_to_strong.py MODEL_CONFIGS; larger models: 1e-5
@@ -349,9 +566,9 @@ PUBLISHED_LR = {"gpt2": 5e-5, "gpt2-medium": 5e-5}  # train_weak_to_strong.py MO
 
 def published_lr(flag: str, name_or_path: str | None, batch_size: int) -> float:
     if name_or_path is None:
-        raise ValueError(f"a model built from scratch has no published learning rate: set --{flag}")
+        raise DataError(f"a model built from scratch has no published learning rate: set --{flag}")
     if batch_size != 32:
-        raise ValueError(f"the published learning rates were tuned at --batch_size 32, not {batch_size}: set --{flag}")
+        raise DataError(f"the published learning rates were tuned at --batch_size 32, not {batch_size}: set --{flag}")
     return PUBLISHED_LR.get(name_or_path.rstrip("/").split("/")[-1], 1e-5)
 
 
@@ -371,30 +588,36 @@ def product_loss(logits, labels, step_frac, alpha: float = 1.0, beta: float = 1.
     return F.cross_entropy(logits, target)
 
 
-def logconf_loss(logits, labels, step_frac, aux_coef: float = 0.5, warmup_frac: float = 0.1) -> torch.Tensor:
-    """Auxiliary confidence loss (loss.py: logconf_loss_fn): target = (1 - c) * weak + c * hardened
-    strong prediction."""
+def harden(probs0: torch.Tensor, labels1: torch.Tensor) -> torch.Tensor:
+    """Hardened strong predictions [n, 2]: class 0 where p(0) reaches the batch quantile at the weak labels' mean
+    of class 1, so that they take the weak labels' class balance (loss.py: logconf_loss_fn)."""
+    threshold = torch.quantile(probs0.float(), labels1.float().mean())
+    return torch.stack([probs0 >= threshold, probs0 < threshold], dim=1).float()
+
+
+def logconf_loss(logits, labels, step_frac, aux_coef: float = 0.5, warmup_frac: float = 0.1,
+                 hardened: torch.Tensor | None = None) -> torch.Tensor:
+    """Auxiliary confidence loss (loss.py: logconf_loss_fn): target = (1 - c) * weak + c * hardened strong
+    prediction. `hardened`: this micro batch's rows of the whole optimizer-step batch's (default: this batch's)."""
     logits, labels = logits.float(), labels.float()
     # c = aux_coef * step_frac during warm-up, aux_coef after (the official ramp, not step_frac / warmup_frac)
     coef = aux_coef * (1.0 if step_frac > warmup_frac else step_frac)
-    preds = torch.softmax(logits, dim=-1)
-    # harden at the batch quantile of p(0) that gives the strong predictions the weak labels' class balance
-    threshold = torch.quantile(preds[:, 0], labels.mean(dim=0)[1])
-    strong_preds = torch.stack([preds[:, 0] >= threshold, preds[:, 0] < threshold], dim=1).float()
-    target = labels * (1 - coef) + strong_preds.detach() * coef
+    if hardened is None:
+        hardened = harden(torch.softmax(logits, dim=-1)[:, 0], labels[:, 1])
+    target = labels * (1 - coef) + hardened.detach() * coef
     return F.cross_entropy(logits, target)
 
 
 # --------------------------------------------------------------------------------------------
 # training and evaluation (official weak_to_strong/train.py, with accelerate)
 def train(model, rows, tokenizer, loss_fn, lr, epochs, seed, args, accelerator, log_prefix, tracker):
-    """Adam without weight decay, cosine to 0 without warm-up, dropout off; the losses see one
-    micro batch (logconf's quantile too: it is the official full-batch quantile when the micro batch
-    is the whole batch, as by default on one device)."""
+    """Adam without weight decay, cosine to 0 without warm-up, dropout off. Every loss is a mean over the
+    examples of the whole optimizer step (micro batches are equal in size); logconf's threshold is taken over
+    that whole batch too (a no-grad pass over its micro batches, gathered from every process)."""
     n_steps = len(rows) * epochs // args.batch_size  # official: a stream of epochs x rows cut into full batches
     if n_steps == 0:
-        raise ValueError(f"{log_prefix}: {len(rows)} training examples x {epochs} epochs make no full batch of "
-                         f"{args.batch_size}; raise --n_docs or lower --batch_size")
+        raise DataError(f"{log_prefix}: {len(rows)} training examples x {epochs} epochs make no full batch of "
+                        f"{args.batch_size}; raise --n_docs or lower --batch_size")
     g = torch.Generator().manual_seed(seed)  # the same order on every process
     order = torch.cat([torch.randperm(len(rows), generator=g) for _ in range(epochs)])[: n_steps * args.batch_size]
     # TRY NOT TO MODIFY: batch_size = micro_batch_size x gradient_accumulation_steps x num_processes; every
@@ -404,27 +627,46 @@ def train(model, rows, tokenizer, loss_fn, lr, epochs, seed, args, accelerator, 
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n_steps)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     model.eval()  # dropout off during training, as the official default (train_with_dropout=False)
-    step, loss_sum, acc_sum = 0, 0.0, 0.0
+    # logconf (a loss taking hardened predictions) gets the whole batch's when a step has several micro batches
+    whole_batch_hardening = "hardened" in inspect.signature(loss_fn).parameters and args.micro_batch_size < args.batch_size
+    step, loss_sum, acc_sum, micro_batches = 0, 0.0, 0.0, []
     bar = tqdm(total=n_steps, desc=log_prefix, disable=not accelerator.is_main_process)
-    for batch in loader:
-        with accelerator.accumulate(model):
-            logits = model(batch["input_ids"], batch["attention_mask"])
-            loss = loss_fn(logits, batch["soft_label"], step_frac=step / n_steps)
-            accelerator.backward(loss)  # divided by gradient_accumulation_steps inside
-            optimizer.step()  # only acts on the last micro batch of a step
-            optimizer.zero_grad()
-        loss_sum += loss.detach() / args.gradient_accumulation_steps
-        acc = (logits.argmax(-1) == batch["soft_label"].argmax(-1)).float().mean()
-        acc_sum += acc / args.gradient_accumulation_steps
-        if accelerator.sync_gradients:  # one optimizer step done
-            loss_step, acc_step = accelerator.gather(loss_sum).mean().item(), accelerator.gather(acc_sum).mean().item()
-            if tracker is not None:
-                tracker.log({f"{log_prefix}/train/loss": loss_step, f"{log_prefix}/train/acc": acc_step,
-                             f"{log_prefix}/train/lr": scheduler.get_last_lr()[0]})
-            scheduler.step()
-            step, loss_sum, acc_sum = step + 1, 0.0, 0.0
-            bar.update()
-            bar.set_postfix(loss=f"{loss_step:.3f}", acc=f"{acc_step:.2f}")
+    for micro_batch in loader:
+        micro_batches.append(micro_batch)
+        if len(micro_batches) < args.gradient_accumulation_steps:
+            continue
+        hardened = [None] * len(micro_batches)
+        if whole_batch_hardening:  # ALGO LOGIC: logconf's quantile over the whole optimizer-step batch
+            with torch.no_grad():
+                probs0 = torch.cat([torch.softmax(model(b["input_ids"], b["attention_mask"]).float(), -1)[:, 0]
+                                    for b in micro_batches])
+            labels1 = torch.cat([b["soft_label"][:, 1] for b in micro_batches])
+            mine = harden(accelerator.gather(probs0), accelerator.gather(labels1)).chunk(accelerator.num_processes)
+            hardened = mine[accelerator.process_index].chunk(len(micro_batches))  # gather: rank 0's rows first
+        # TRY NOT TO MODIFY: accumulation by hand (accelerate's accumulate() would sync at every micro batch of the
+        # last step, as the step's micro batches are read ahead); gradients all-reduced on the last micro batch only
+        for k, (batch, batch_hardened) in enumerate(zip(micro_batches, hardened)):
+            loss_kwargs = {} if batch_hardened is None else {"hardened": batch_hardened}
+            with accelerator.no_sync(model) if k < len(micro_batches) - 1 else contextlib.nullcontext():
+                logits = model(batch["input_ids"], batch["attention_mask"])
+                # ALGO LOGIC: the weak-to-strong loss (xent / logconf / product) on this micro batch
+                loss = loss_fn(logits, batch["soft_label"], step_frac=step / n_steps, **loss_kwargs)
+                accelerator.backward(loss)  # divided by gradient_accumulation_steps inside
+            loss_sum += loss.detach() / args.gradient_accumulation_steps
+            acc = (logits.argmax(-1) == batch["soft_label"].argmax(-1)).float().mean()
+            acc_sum += acc / args.gradient_accumulation_steps
+        optimizer.step()
+        optimizer.zero_grad()
+        micro_batches = []
+        # TRY NOT TO MODIFY: one optimizer step done: log, schedule
+        loss_step, acc_step = accelerator.gather(loss_sum).mean().item(), accelerator.gather(acc_sum).mean().item()
+        if tracker is not None:
+            tracker.log({f"{log_prefix}/train/loss": loss_step, f"{log_prefix}/train/acc": acc_step,
+                         f"{log_prefix}/train/lr": scheduler.get_last_lr()[0]})
+        scheduler.step()
+        step, loss_sum, acc_sum = step + 1, 0.0, 0.0
+        bar.update()
+        bar.set_postfix(loss=f"{loss_step:.3f}", acc=f"{acc_step:.2f}")
     bar.close()
     return model
 
@@ -518,100 +760,268 @@ def plot(summary: dict, losses: tuple, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-if __name__ == "__main__":
-    args = tyro.cli(Args, use_underscores=True)
-    if args.preset == "tiny":  # parse again on top of the tiny defaults: flags given on the command line win
-        args = tyro.cli(Args, use_underscores=True, default=dataclasses.replace(Args(), **TINY_PRESET))
-    for side in ("weak", "strong"):
-        path, model_type = getattr(args, f"{side}_model_name_or_path"), getattr(args, f"{side}_model_type")
-        if (path is None) == (model_type is None):
-            raise ValueError(f"give exactly one of --{side}_model_name_or_path (pretrained) and --{side}_model_type "
-                             f"(from scratch); to build from scratch pass --{side}_model_name_or_path None")
-        if model_type is not None and args.tokenizer_name is None:
-            raise ValueError(f"--{side}_model_type builds a model from scratch: give a tokenizer with --tokenizer_name")
-        if path is not None and getattr(args, f"{side}_config_overrides"):
-            raise ValueError(f"--{side}_config_overrides only applies to a model built from scratch "
-                             f"(--{side}_model_type)")
+def sweep_plot(sweep: dict, models: list[str], losses: tuple, path: Path, title: str) -> None:
+    """The paper's figure (Burns et al. 2023, fig. 3): test accuracy against strong-model size, one line per weak
+    model, the strong ceiling in black; below, PGR per pair. x: the models in the order given (small to large)."""
+    mean, std = sweep["mean"], sweep["std"]
+    fig, axes = plt.subplots(2, len(losses), figsize=(4.5 * len(losses), 7), squeeze=False, sharex=True)
+    xs = np.arange(len(models))
+    colors = plt.cm.viridis(np.linspace(0, 0.85, len(models)))
+    ceiling = [mean[f"{m}->{m}"]["strong_acc"] for m in models]
+    ceiling_std = [std[f"{m}->{m}"]["strong_acc"] for m in models]
+    for col, loss in enumerate(losses):
+        ax, ax_pgr = axes[0, col], axes[1, col]
+        ax.errorbar(xs, ceiling, yerr=ceiling_std, color="black", marker="o", lw=2, capsize=3, label="strong ceiling")
+        for i, weak in enumerate(models):
+            js = range(i, len(models))
+            acc = [mean[f"{weak}->{models[j]}"]["weak_acc"] if j == i else mean[f"{weak}->{models[j]}"][f"transfer_acc_{loss}"]
+                   for j in js]
+            err = [std[f"{weak}->{models[j]}"]["weak_acc"] if j == i else std[f"{weak}->{models[j]}"][f"transfer_acc_{loss}"]
+                   for j in js]
+            ax.errorbar(list(js), acc, yerr=err, color=colors[i], marker="s", capsize=3, label=f"weak {weak}")
+            pgr_js = [j for j in js if j > i and mean[f"{weak}->{models[j]}"].get(f"pgr_{loss}") is not None]
+            if pgr_js:
+                ax_pgr.errorbar(pgr_js, [mean[f"{weak}->{models[j]}"][f"pgr_{loss}"] for j in pgr_js],
+                                yerr=[std[f"{weak}->{models[j]}"][f"pgr_{loss}"] for j in pgr_js], color=colors[i],
+                                marker="s", capsize=3, label=f"weak {weak}")
+        ax.set_title(f"{title}\nloss {loss}")
+        ax.set_ylabel("test accuracy")
+        ax.legend(fontsize=8)
+        ax_pgr.axhline(0, color="gray", lw=0.8)
+        ax_pgr.set_ylabel("performance gap recovered")
+        ax_pgr.set_xticks(xs, models)
+        ax_pgr.set_xlabel("strong model")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
-    # filled in at runtime
-    if args.weak_lr is None:
-        args.weak_lr = published_lr("weak_lr", args.weak_model_name_or_path, args.batch_size)
-    if args.strong_lr is None:
-        args.strong_lr = published_lr("strong_lr", args.strong_model_name_or_path, args.batch_size)
-    args.transfer_lr = args.strong_lr if args.transfer_lr is None else args.transfer_lr
-    args.transfer_epochs = args.gt_epochs if args.transfer_epochs is None else args.transfer_epochs
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
-    args.micro_batch_size, rest = divmod(args.batch_size, args.gradient_accumulation_steps * accelerator.num_processes)
-    if rest or args.micro_batch_size == 0:
-        raise ValueError(f"--batch_size {args.batch_size} must be a multiple of --gradient_accumulation_steps "
-                         f"{args.gradient_accumulation_steps} x {accelerator.num_processes} processes")
-    args.run_name = f"{args.exp_name}__{Path(args.ds_name).name}__{args.seed}__{int(time.time())}"
-    weak_spec, strong_spec = ({"name_or_path": getattr(args, f"{side}_model_name_or_path"),
-                               "model_type": getattr(args, f"{side}_model_type"),
-                               "config_overrides": getattr(args, f"{side}_config_overrides"),
-                               "tokenizer": args.tokenizer_name} for side in ("weak", "strong"))
-    loss_fns = {
-        "xent": xent_loss,
-        "logconf": partial(logconf_loss, aux_coef=args.logconf_aux_coef, warmup_frac=args.logconf_warmup_frac),
-        "product": partial(product_loss, alpha=args.product_alpha, beta=args.product_beta),
-    }
-    loss_settings = {"xent": {},  # part of each student's cache key
-                     "logconf": {"aux_coef": args.logconf_aux_coef, "warmup_frac": args.logconf_warmup_frac},
-                     "product": {"alpha": args.product_alpha, "beta": args.product_beta}}
-    tracker = None
-    if args.track and accelerator.is_main_process:
-        import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name, config=vars(args),
-                   save_code=True)
-        tracker = wandb
+def fail(message: str) -> NoReturn:
+    """A user error: one message saying what is wrong and how to fix it, exit code 2, nothing written."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
-    per_seed = {}
-    for seed in range(args.seed, args.seed + args.n_seeds):
-        ds = load_cls_dataset(args.ds_name, args.n_docs, args.n_test_docs, seed)
-        half1, half2 = split_halves(ds["train"], seed, args.batch_size)
-        accelerator.print(f"[seed {seed}] train halves {len(half1)} / {len(half2)}, test {len(ds['test'])}; "
-                          f"batch {args.batch_size} = {args.micro_batch_size} x {args.gradient_accumulation_steps} "
-                          f"accumulated x {accelerator.num_processes} processes")
-        data_keys = ("ds_name", "n_docs", "n_test_docs", "max_ctx", "batch_size", "linear_probe")
-        cache_key = {**{k: getattr(args, k) for k in data_keys}, "seed": seed}
-        stage = partial(run_stage, test_ds=ds["test"], seed=seed, args=args, accelerator=accelerator, tracker=tracker,
-                        cache_key=cache_key)
-        # ALGO LOGIC: 1-2. weak model trained on half 1 with ground truth; its soft labels on half 2
-        weak = stage("weak", weak_spec, half1, "xent", xent_loss, args.weak_lr, args.gt_epochs, label_ds=half2)
-        weak_labels = load_from_disk(str(Path(weak["dir"]) / "weak_labels"))
-        # ALGO LOGIC: 3. strong ceiling trained on half 2 with ground truth
-        strong = stage("strong_ceiling", strong_spec, half2, "xent", xent_loss, args.strong_lr, args.gt_epochs)
-        res = {"weak_acc": weak["test_acc"], "strong_acc": strong["test_acc"], "weak_label_acc": weak["weak_label_acc"]}
-        # ALGO LOGIC: 4. strong student trained on half 2 with the weak soft labels, once per loss
-        for loss in args.losses:
-            w2s = stage(f"w2s_{loss}", {**strong_spec, "teacher": weak["dir"], **loss_settings[loss]}, weak_labels, loss,
-                        loss_fns[loss], args.transfer_lr, args.transfer_epochs)
-            res[f"transfer_acc_{loss}"] = w2s["test_acc"]
-            # ALGO LOGIC: performance gap recovered (Burns et al. 2023, section 3)
-            gap = strong["test_acc"] - weak["test_acc"]
-            res[f"pgr_{loss}"] = (w2s["test_acc"] - weak["test_acc"]) / gap if gap != 0 else None
-            res[f"agreement_{loss}"] = agreement(w2s["dir"], weak["dir"])  # student vs teacher, test set
-        per_seed[seed] = res
 
+def parse_args() -> Args:
+    """`--preset NAME` (or `--preset=NAME`) picks the defaults; every flag given overrides them."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS))
+    preset = pre.parse_known_args()[0].preset
+    default = PRESETS[preset] if preset else Args()
+    args = tyro.cli(Args, default=default, use_underscores=True)
+    for side in ("weak", "strong"):  # a model given on the command line wins over the preset's other kind of model
+        path_flag, type_flag = f"{side}_model_name_or_path", f"{side}_model_type"
+        path, model_type = getattr(args, path_flag), getattr(args, type_flag)
+        if path is not None and model_type is not None:
+            if model_type == getattr(default, type_flag) and path != getattr(default, path_flag):
+                setattr(args, type_flag, None)  # an explicit path: not the preset's model built from a config
+                setattr(args, f"{side}_config_overrides", None)
+            elif path == getattr(default, path_flag) and model_type != getattr(default, type_flag):
+                setattr(args, path_flag, None)  # an explicit model type: not the preset's pretrained model
+    validate(args)
+    return args
+
+
+def validate(args: Args) -> None:
+    """Every argument error, before anything is loaded or written."""
+    positive = ["n_seeds", "n_docs", "n_test_docs", "max_ctx", "batch_size", "gradient_accumulation_steps",
+                "eval_batch_size", "gt_epochs", "transfer_epochs", "pretrain_batch_size"]
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            fail(f"--{name} {value}: must be a positive integer")
+    for name in ("weak_lr", "strong_lr", "transfer_lr", "pretrain_lr", "logconf_warmup_frac", "product_alpha",
+                 "product_beta", "weak_pretrain_steps", "strong_pretrain_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            fail(f"--{name} {value}: must not be negative")
+    if not 0 <= args.logconf_aux_coef <= 1:
+        fail(f"--logconf_aux_coef {args.logconf_aux_coef}: a mixing weight, must lie in [0, 1]")
+    if args.batch_size % args.gradient_accumulation_steps:
+        fail(f"--batch_size {args.batch_size} must be a multiple of --gradient_accumulation_steps "
+             f"{args.gradient_accumulation_steps}")
+    if not args.losses:
+        fail("--losses is empty: name at least one of xent, logconf, product")
+    if args.sweep_models:
+        if len(args.sweep_models) < 2 or len(set(args.sweep_models)) != len(args.sweep_models):
+            fail(f"--sweep_models {' '.join(args.sweep_models)}: give at least two different models, small to large")
+        if args.sweep_pretrain_steps and len(args.sweep_pretrain_steps) != len(args.sweep_models):
+            fail(f"--sweep_pretrain_steps gives {len(args.sweep_pretrain_steps)} numbers for {len(args.sweep_models)} "
+                 "--sweep_models: give one per model")
+        for name in args.sweep_models:
+            if name.startswith("tiny-") and name not in TINY_SIZES:
+                fail(f"--sweep_models: unknown offline size {name!r}; the sizes are {', '.join(TINY_SIZES)}")
+            if name in TINY_SIZES and args.tokenizer_name is None:
+                fail(f"--sweep_models {name} is built from scratch: give a tokenizer with --tokenizer_name")
+    else:
+        for side in ("weak", "strong"):
+            path, model_type = getattr(args, f"{side}_model_name_or_path"), getattr(args, f"{side}_model_type")
+            if (path is None) == (model_type is None):
+                fail(f"give exactly one of --{side}_model_name_or_path (pretrained) and --{side}_model_type "
+                     f"(from scratch); to build from scratch pass --{side}_model_name_or_path None")
+            if model_type is not None and args.tokenizer_name is None:
+                fail(f"--{side}_model_type builds a model from scratch: give a tokenizer with --tokenizer_name")
+            if path is not None and getattr(args, f"{side}_config_overrides"):
+                fail(f"--{side}_config_overrides only applies to a model built from scratch (--{side}_model_type)")
+            if model_type is not None and getattr(args, f"{side}_pretrain_steps") and args.pretrain_corpus is None:
+                fail(f"--{side}_pretrain_steps needs a corpus: give --pretrain_corpus (python -m tiny.cls writes one)")
+            if path is None and getattr(args, f"{side}_lr") is None:
+                fail(f"a model built from scratch has no published learning rate: set --{side}_lr")
+    if args.pretrain_corpus is not None and not os.path.exists(args.pretrain_corpus):
+        fail(f"--pretrain_corpus {args.pretrain_corpus}: no such file or folder; write the tiny one with "
+             "`python -m tiny.cls --out data/tiny` (after `python -m tiny --out data/tiny --no_images`)")
+    out = Path(args.output_dir)
+    if out.is_file():
+        fail(f"--output_dir {out} is a file; pass a folder")
+    ours = {"results.json", "results.png", "sweep.json", "sweep.png", "pretrain"}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith("seed_")) \
+        if out.is_dir() else []
+    if foreign and not args.overwrite_output_dir:
+        fail(f"output_dir {out} already holds files this script did not write ({', '.join(foreign[:5])}); pass "
+             "--overwrite_output_dir to write into it anyway, or another --output_dir (a folder of this script's "
+             "stages is reused as a cache: a stage with the same settings is skipped, others are added)")
+
+
+def model_entry(name: str, args: Args) -> tuple[dict, int, float | None]:
+    """A sweep model: (spec, pre-training steps, fine-tuning lr) of an offline size or a hub id / path."""
+    if name in TINY_SIZES:
+        overrides, steps, lr = TINY_SIZES[name]
+        spec = {"name_or_path": None, "model_type": "qwen2", "config_overrides": overrides, "tokenizer": args.tokenizer_name}
+        return spec, steps if args.pretrain_corpus else 0, lr
+    return {"name_or_path": name, "model_type": None, "config_overrides": None, "tokenizer": args.tokenizer_name}, 0, None
+
+
+def summarize(per_seed: dict) -> dict:
     keys = list(next(iter(per_seed.values())))
     values = {k: [r[k] for r in per_seed.values() if r[k] is not None] for k in keys}
-    summary = {"mean": {k: float(np.mean(v)) if v else None for k, v in values.items()},
-               "std": {k: float(np.std(v)) if v else None for k, v in values.items()},
-               "n_seeds": args.n_seeds, "per_seed": per_seed, "args": vars(args)}
+    return {"mean": {k: float(np.mean(v)) if v else None for k, v in values.items()},
+            "std": {k: float(np.std(v)) if v else None for k, v in values.items()}}
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    try:  # data errors: one clear message, exit code 2 (nothing of a failed stage is written)
+        # filled in at runtime
+        if not args.sweep_models:
+            if args.weak_lr is None:
+                args.weak_lr = published_lr("weak_lr", args.weak_model_name_or_path, args.batch_size)
+            if args.strong_lr is None:
+                args.strong_lr = published_lr("strong_lr", args.strong_model_name_or_path, args.batch_size)
+        args.transfer_epochs = args.gt_epochs if args.transfer_epochs is None else args.transfer_epochs
+        accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+        args.micro_batch_size, rest = divmod(args.batch_size, args.gradient_accumulation_steps * accelerator.num_processes)
+        if rest or args.micro_batch_size == 0:
+            fail(f"--batch_size {args.batch_size} must be a multiple of --gradient_accumulation_steps "
+                 f"{args.gradient_accumulation_steps} x {accelerator.num_processes} processes")
+        args.run_name = f"{args.exp_name}__{Path(args.ds_name).name}__{args.seed}__{int(time.time())}"
+        loss_fns = {
+            "xent": xent_loss,
+            "logconf": partial(logconf_loss, aux_coef=args.logconf_aux_coef, warmup_frac=args.logconf_warmup_frac),
+            "product": partial(product_loss, alpha=args.product_alpha, beta=args.product_beta),
+        }
+        loss_settings = {"xent": {},  # part of each student's cache key
+                         "logconf": {"aux_coef": args.logconf_aux_coef, "warmup_frac": args.logconf_warmup_frac},
+                         "product": {"alpha": args.product_alpha, "beta": args.product_beta}}
+        # the models: (name, spec, fine-tuning lr); pairs of indices (weak, strong)
+        if args.sweep_models:
+            models = [(name, *model_entry(name, args)) for name in args.sweep_models]
+            if args.sweep_pretrain_steps:
+                models = [(name, spec, steps, lr) for (name, spec, _, lr), steps in zip(models, args.sweep_pretrain_steps)]
+            pairs = [(i, j) for i in range(len(models)) for j in range(i, len(models))]
+        else:
+            models = [(side, {"name_or_path": getattr(args, f"{side}_model_name_or_path"),
+                              "model_type": getattr(args, f"{side}_model_type"),
+                              "config_overrides": getattr(args, f"{side}_config_overrides"),
+                              "tokenizer": args.tokenizer_name},
+                       getattr(args, f"{side}_pretrain_steps") if args.pretrain_corpus else 0, getattr(args, f"{side}_lr"))
+                      for side in ("weak", "strong")]
+            pairs = [(0, 1)]
+        lrs = [lr if lr is not None else published_lr("sweep_models", spec["name_or_path"], args.batch_size)
+               for _, spec, _, lr in models]
+        tracker = None
+        if args.track and accelerator.is_main_process:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name,
+                       config=vars(args), save_code=True)
+            tracker = wandb
+
+        # ALGO LOGIC: 0. (offline only) unsupervised next-token pre-training of the models built from scratch
+        specs = []
+        for name, spec, steps, _ in models:
+            if spec["name_or_path"] is None and steps > 0:
+                spec = {"name_or_path": pretrain_lm(spec, steps, args, accelerator), "model_type": None,
+                        "config_overrides": None, "tokenizer": args.tokenizer_name}
+            specs.append(spec)
+
+        per_seed = {}
+        for seed in range(args.seed, args.seed + args.n_seeds):
+            ds = load_cls_dataset(args.ds_name, args.n_docs, args.n_test_docs, seed)
+            half1, half2 = split_halves(ds["train"], seed, args.batch_size)
+            accelerator.print(f"[seed {seed}] train halves {len(half1)} / {len(half2)}, test {len(ds['test'])}; "
+                              f"batch {args.batch_size} = {args.micro_batch_size} x {args.gradient_accumulation_steps} "
+                              f"accumulated x {accelerator.num_processes} processes")
+            data_keys = ("ds_name", "n_docs", "n_test_docs", "max_ctx", "batch_size", "linear_probe")
+            cache_key = {**{k: getattr(args, k) for k in data_keys}, "seed": seed}
+            stage = partial(run_stage, test_ds=ds["test"], seed=seed, args=args, accelerator=accelerator,
+                            tracker=tracker, cache_key=cache_key)
+            weak, strong, results = {}, {}, {}
+            for i, j in pairs:
+                if i not in weak:  # ALGO LOGIC: 1-2. weak model on half 1 with ground truth; its soft labels on half 2
+                    weak[i] = stage("weak", specs[i], half1, "xent", xent_loss, lrs[i], args.gt_epochs, label_ds=half2)
+                if j not in strong:  # ALGO LOGIC: 3. strong ceiling on half 2 with ground truth
+                    strong[j] = stage("strong_ceiling", specs[j], half2, "xent", xent_loss, lrs[j], args.gt_epochs)
+                weak_labels = load_from_disk(str(Path(weak[i]["dir"]) / "weak_labels"))
+                res = {"weak_acc": weak[i]["test_acc"], "strong_acc": strong[j]["test_acc"],
+                       "weak_label_acc": weak[i]["weak_label_acc"]}
+                for loss in args.losses:  # ALGO LOGIC: 4. strong student on half 2 with the weak soft labels, per loss
+                    transfer_lr = lrs[j] if args.transfer_lr is None else args.transfer_lr
+                    w2s = stage(f"w2s_{loss}", {**specs[j], "teacher": weak[i]["dir"], **loss_settings[loss]},
+                                weak_labels, loss, loss_fns[loss], transfer_lr, args.transfer_epochs)
+                    res[f"transfer_acc_{loss}"] = w2s["test_acc"]
+                    # ALGO LOGIC: performance gap recovered (Burns et al. 2023, section 3)
+                    gap = strong[j]["test_acc"] - weak[i]["test_acc"]
+                    res[f"pgr_{loss}"] = (w2s["test_acc"] - weak[i]["test_acc"]) / gap if i != j and gap != 0 else None
+                    res[f"agreement_{loss}"] = agreement(w2s["dir"], weak[i]["dir"])  # student vs teacher, test set
+                results[f"{models[i][0]}->{models[j][0]}"] = res
+            per_seed[seed] = results if args.sweep_models else results["weak->strong"]
+    except DataError as e:
+        fail(str(e))
+
+    out = Path(args.output_dir)
+    if args.sweep_models:
+        names = [name for name, *_ in models]
+        by_pair = {pair: summarize({s: r[pair] for s, r in per_seed.items()}) for pair in per_seed[args.seed]}
+        summary = {"mean": {p: v["mean"] for p, v in by_pair.items()}, "std": {p: v["std"] for p, v in by_pair.items()},
+                   "models": names, "n_seeds": args.n_seeds, "per_seed": per_seed, "args": vars(args)}
+        files = (out / "sweep.json", out / "sweep.png")
+    else:
+        summary = {**summarize(per_seed), "n_seeds": args.n_seeds, "per_seed": per_seed, "args": vars(args)}
+        files = (out / "results.json", out / "results.png")
     if accelerator.is_main_process:
-        out = Path(args.output_dir)
-        (out / "results.json").write_text(json.dumps(summary, indent=2))
-        weak_name = args.weak_model_name_or_path or f"{args.weak_model_type} (scratch)"
-        strong_name = args.strong_model_name_or_path or f"{args.strong_model_type} (scratch)"
-        title = f"{Path(args.ds_name).name}: {weak_name} -> {strong_name}, {args.n_seeds} seed(s)"
-        plot(summary, args.losses, out / "results.png", title)
-        print(f"\n{'metric':<24}{'mean':>8}{'std':>8}")
-        for k in keys:
-            if summary["mean"][k] is not None:
-                print(f"{k:<24}{summary['mean'][k]:>8.4f}{summary['std'][k]:>8.4f}")
-        print(f"wrote {out / 'results.json'} and {out / 'results.png'}")
+        files[0].write_text(json.dumps(summary, indent=2))
+        title = f"{Path(args.ds_name).name}, {args.n_seeds} seed(s)"
+        if args.sweep_models:
+            sweep_plot(summary, names, args.losses, files[1], title)
+            print(f"\n{'weak -> strong':<24}{'weak':>7}{'strong':>8}" + "".join(f"{'w2s ' + l:>13}{'PGR':>7}" for l in args.losses))
+            for pair, m in summary["mean"].items():
+                row = f"{pair:<24}{m['weak_acc']:>7.3f}{m['strong_acc']:>8.3f}"
+                for loss in args.losses:
+                    pgr = m[f"pgr_{loss}"]
+                    row += f"{m[f'transfer_acc_{loss}']:>13.3f}" + (f"{pgr:>7.2f}" if pgr is not None else f"{'-':>7}")
+                print(row)
+        else:
+            weak_name = args.weak_model_name_or_path or f"{args.weak_model_type} (scratch)"
+            strong_name = args.strong_model_name_or_path or f"{args.strong_model_type} (scratch)"
+            plot(summary, args.losses, files[1], f"{Path(args.ds_name).name}: {weak_name} -> {strong_name}, "
+                 f"{args.n_seeds} seed(s)")
+            print(f"\n{'metric':<24}{'mean':>8}{'std':>8}")
+            for k, v in summary["mean"].items():
+                if v is not None:
+                    print(f"{k:<24}{v:>8.4f}{summary['std'][k]:>8.4f}")
+        print(f"wrote {files[0]} and {files[1]}")
         if tracker is not None:
-            tracker.summary.update({f"eval/{k}": v for k, v in summary["mean"].items() if v is not None})
-            tracker.log({"eval/results": tracker.Image(str(out / "results.png"))})
+            flat = summary["mean"] if not args.sweep_models else {f"{p}/{k}": v for p, m in summary["mean"].items()
+                                                                 for k, v in m.items()}
+            tracker.summary.update({f"eval/{k}": v for k, v in flat.items() if v is not None})
+            tracker.log({"eval/results": tracker.Image(str(files[1]))})
             tracker.finish()

@@ -1,6 +1,7 @@
 """weak_to_strong_cls.py: the three losses against REFERENCE.md, last-token pooling, bad input,
-gradient accumulation and distributed equivalence, seeds aggregation, and the offline pipeline end to
-end (weak < strong ceiling, PGR, JSON and PNG, cache reuse)."""
+gradient accumulation and distributed equivalence (logconf's whole-batch threshold included), seeds
+aggregation, the offline pipeline end to end (weak < strong ceiling, PGR, JSON and PNG, cache reuse), the
+unlabeled pre-training corpus and stage (cached, reused), and the size sweep end to end."""
 
 import json
 import re
@@ -22,8 +23,9 @@ QWEN_SMALL = "hidden_size=16,intermediate_size=32,num_hidden_layers=2,num_attent
 
 
 def cli(tiny: Path, out: Path, *extra: str) -> list[str]:
+    """The tiny preset on the test's data, models trained from scratch unless `extra` names a --pretrain_corpus."""
     return ["weak_to_strong_cls.py", "--preset", "tiny", "--ds_name", str(tiny / "cls"), "--tokenizer_name",
-            str(tiny / "tokenizer"), "--output_dir", str(out), *extra]
+            str(tiny / "tokenizer"), "--output_dir", str(out), "--pretrain_corpus", "None", *extra]
 
 
 def scratch_spec(tiny: Path, model_type: str = "qwen2", overrides: str = QWEN_SMALL) -> dict:
@@ -320,3 +322,200 @@ def test_cli_says_what_is_wrong(tiny, tmp_path):
     write_jsonl(data / "test.jsonl", good_rows(10))
     p = run_script(*cli(tiny, tmp_path / "out", "--ds_name", str(data)), check=False, env=SINGLE_THREAD)
     assert p.returncode != 0 and "too few to split 50/50" in p.stderr and "raise --n_docs" in p.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# logconf's threshold over the whole optimizer-step batch (issue 14 item 5)
+def train_logconf(tiny, accumulation: int, batch_size: int = 32) -> tuple[dict, list[float]]:
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = w2s.Accelerator(gradient_accumulation_steps=accumulation)
+    args = w2s.Args(batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                    micro_batch_size=batch_size // accumulation)
+    torch.manual_seed(0)
+    tokenizer, model = w2s.build_model(scratch_spec(tiny), args)
+    ds = w2s.load_cls_dataset(str(tiny / "cls"), 400, 8, seed=0)["train"]
+    # distinct texts: equal texts tie at the quantile, where float noise of another padding length decides the side
+    ds = ds.select([i for i, t in enumerate(ds["text"]) if ds["text"].index(t) == i][:128])
+    p1 = torch.rand(len(ds), generator=torch.Generator().manual_seed(1))  # soft weak labels, not a round balance
+    ds = ds.add_column("soft_label", torch.stack([1 - p1, p1], 1).tolist())
+    rows, _ = w2s.tokenize(ds, tokenizer, 64)
+    losses = []
+
+    def logging_loss(logits, labels, step_frac, hardened=None):  # logconf, each micro batch's loss recorded
+        loss = w2s.logconf_loss(logits, labels, step_frac, warmup_frac=0.0, hardened=hardened)
+        losses.append(loss.item())
+        return loss
+
+    model = w2s.train(model, rows, tokenizer, logging_loss, 1e-2, 1, 0, args, accelerator, "test", None)
+    after = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+    accelerator.free_memory()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return after, losses
+
+
+def test_logconf_threshold_over_the_whole_batch(tiny):
+    """32 x 1 and 16 x 2 accumulated: the same step losses and weights (within 1e-5), since the hardening
+    threshold is the quantile over all 32 examples, not over each micro batch of 16 (2 processes: below)."""
+    full, full_losses = train_logconf(tiny, 1)
+    split, split_losses = train_logconf(tiny, 2)
+    assert len(full_losses) == 4 and len(split_losses) == 8  # 128 rows / 32 = 4 steps
+    step_losses = [np.mean(split_losses[i: i + 2]) for i in range(0, 8, 2)]
+    np.testing.assert_allclose(step_losses, full_losses, atol=1e-5)
+    for k, v in full.items():
+        torch.testing.assert_close(split[k], v, atol=1e-5, rtol=1e-4)
+    # the per-micro-batch quantile (the earlier code) gives another loss on the same logits and labels
+    g = torch.Generator().manual_seed(0)
+    logits, p1 = torch.randn(32, 2, generator=g), torch.rand(32, generator=g)
+    labels = torch.stack([1 - p1, p1], 1)
+    whole = w2s.logconf_loss(logits, labels, 1.0)
+    hardened = w2s.harden(torch.softmax(logits, -1)[:, 0], labels[:, 1])
+    halves_whole = [w2s.logconf_loss(logits[s], labels[s], 1.0, hardened=hardened[s]) for s in (slice(0, 16), slice(16, 32))]
+    halves_own = [w2s.logconf_loss(logits[s], labels[s], 1.0) for s in (slice(0, 16), slice(16, 32))]
+    assert (halves_whole[0] + halves_whole[1]).item() / 2 == pytest.approx(whole.item(), abs=1e-6)
+    assert abs((halves_own[0] + halves_own[1]).item() / 2 - whole.item()) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# pre-training: the unlabeled corpus, the cached stage, and the size sweep (issue 17)
+@pytest.fixture(scope="session")
+def corpus(tiny) -> Path:
+    """The unlabeled pre-training corpus next to the test's tiny setting (python -m tiny.cls)."""
+    run_script("-m", "tiny.cls", "--out", str(tiny), "--n_docs", "20000")
+    return tiny / "cls_corpus"
+
+
+def read_jsonl_folder(folder: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted(folder.glob("*.jsonl")) for line in f.read_text().splitlines()]
+
+
+def test_corpus_has_the_concept_but_no_label_and_no_test_text(tiny, corpus):
+    from tiny import cls
+
+    docs = read_jsonl_folder(corpus)
+    assert len(docs) == 20000 and all(set(d) == {"text"} for d in docs)  # no label column
+    test_texts = {json.loads(line)["text"] for f in (tiny / "cls").glob("test-*.jsonl") for line in f.read_text().splitlines()}
+    assert len(test_texts) > 150
+    reviews = [cls.review_of(d["text"]) for d in docs]
+    assert not test_texts & set(reviews) and not test_texts & {d["text"] for d in docs}
+    # the verdict word follows the review's sentiment, negations included; no classification word is a verdict
+    verdicts = {w for ws in cls.VERDICTS.values() for w in ws}
+    assert not verdicts & set(cls.words())
+    for doc, review in zip(docs, reviews):
+        assert doc["text"].split()[-1] in cls.VERDICTS[cls.label_of(review)]
+    assert 0.4 < np.mean([cls.label_of(r) for r in reviews]) < 0.6
+    assert sum(cls.NEGATOR in r.split() for r in reviews) > 5000  # negations are common
+
+
+def test_pretraining_is_cached_and_reused(tiny, corpus, tmp_path, capsys):
+    args = w2s.Args(pretrain_corpus=str(corpus), max_ctx=64, output_dir=str(tmp_path), pretrain_batch_size=16)
+    spec = scratch_spec(tiny, overrides=w2s.TINY_SIZES["tiny-s"][0])
+    AcceleratorState._reset_state(True)
+    accelerator = w2s.Accelerator()
+    first = Path(w2s.pretrain_lm(spec, 30, args, accelerator))
+    results = json.loads((first / "results.json").read_text())
+    assert first.parent == tmp_path / "pretrain" and results["steps"] == 30 and results["n_docs"] == 20000
+    assert results["final_loss"] < 3.0  # next-token loss fell from ln(vocab) ~ 6.2
+    weights = first / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    assert w2s.pretrain_lm(spec, 30, args, accelerator) == str(first)  # the same settings: reused
+    assert f"pretrain: cached in {first}, skipped" in capsys.readouterr().out and weights.stat().st_mtime_ns == mtime
+    other = Path(w2s.pretrain_lm(spec, 31, args, accelerator))  # other settings: another stage
+    assert other != first and weights.stat().st_mtime_ns == mtime
+    # the pretrained LM loads as a model path: its body, with a fresh zero head, is what fine-tuning starts from
+    _, model = w2s.build_model({"name_or_path": str(first), "model_type": None, "config_overrides": None,
+                                "tokenizer": None}, w2s.Args())
+    body = load_file(weights)
+    torch.testing.assert_close(model.body.embed_tokens.weight, body["model.embed_tokens.weight"])
+    assert torch.count_nonzero(model.score.weight) == 0
+    AcceleratorState._reset_state(True)
+
+
+def test_sweep_end_to_end_and_cached(tiny, corpus, tmp_path):
+    out = tmp_path / "sweep"
+    args = cli(tiny, out, "--pretrain_corpus", str(corpus), "--sweep_models", "tiny-s", "tiny-m",
+               "--sweep_pretrain_steps", "20", "20", "--n_docs", "512", "--n_test_docs", "100", "--gt_epochs", "2",
+               "--losses", "xent", "logconf", "--no_save_models")
+    first = run_script(*args, env=SINGLE_THREAD)
+    sweep = json.loads((out / "sweep.json").read_text())
+    pairs = ["tiny-s->tiny-s", "tiny-s->tiny-m", "tiny-m->tiny-m"]
+    assert sweep["models"] == ["tiny-s", "tiny-m"] and list(sweep["per_seed"]["0"]) == pairs
+    r = sweep["per_seed"]["0"]
+    assert r["tiny-s->tiny-m"]["weak_acc"] == r["tiny-s->tiny-s"]["weak_acc"]  # one weak model per size
+    assert r["tiny-s->tiny-m"]["strong_acc"] == r["tiny-m->tiny-m"]["strong_acc"]  # one ceiling per size
+    for loss in ("xent", "logconf"):
+        assert r["tiny-s->tiny-m"][f"pgr_{loss}"] == pytest.approx(pgr(r["tiny-s->tiny-m"][f"transfer_acc_{loss}"],
+                                                                       r["tiny-s->tiny-m"]))
+        assert r["tiny-s->tiny-s"][f"pgr_{loss}"] is None and r["tiny-m->tiny-m"][f"pgr_{loss}"] is None
+        assert sweep["mean"]["tiny-s->tiny-m"][f"transfer_acc_{loss}"] == r["tiny-s->tiny-m"][f"transfer_acc_{loss}"]
+    assert len(list((out / "pretrain").glob("lm_*/model.safetensors"))) == 2
+    assert "tiny-s->tiny-m" in first.stdout and "wrote" in first.stdout
+    png = (out / "sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    second = run_script(*args, env=SINGLE_THREAD)  # 2 pre-trainings + 2 weak + 2 ceilings + 3 pairs x 2 losses
+    assert len(re.findall(r"cached in .*, skipped", second.stdout)) == 12
+    assert json.loads((out / "sweep.json").read_text())["per_seed"] == sweep["per_seed"]
+
+
+# ------------------------------------------------------------------------------------------------
+# arguments, output folder and data files: one message, exit code 2, nothing written (issue 15)
+@pytest.mark.parametrize("extra, message", [
+    (["--batch_size", "0"], "--batch_size 0: must be a positive integer"),
+    (["--gt_epochs", "-1"], "--gt_epochs -1: must be a positive integer"),
+    (["--strong_lr", "-0.1"], "--strong_lr -0.1: must not be negative"),
+    (["--logconf_aux_coef", "1.5"], "--logconf_aux_coef 1.5: a mixing weight, must lie in [0, 1]"),
+    (["--batch_size", "32", "--gradient_accumulation_steps", "3"], "--batch_size 32 must be a multiple of --gradient_accumulation_steps 3"),
+    (["--sweep_models", "tiny-s", "tiny-xl"], "unknown offline size 'tiny-xl'"),
+    (["--sweep_models", "tiny-s"], "give at least two different models"),
+    (["--pretrain_corpus", "nowhere/corpus"], "--pretrain_corpus nowhere/corpus: no such file or folder"),
+    (["--weak_model_type", "None"], "give exactly one of --weak_model_name_or_path"),
+])
+def test_bad_arguments_exit_2_before_anything(tiny, tmp_path, extra, message):
+    out = tmp_path / "out"
+    p = run_script(*cli(tiny, out, *extra), check=False, env=SINGLE_THREAD)
+    assert p.returncode == 2 and f"error: {message}" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not out.exists()
+
+
+def test_foreign_output_dir_is_refused(tiny, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"weights")
+    p = run_script(*cli(tiny, out), check=False, env=SINGLE_THREAD)
+    assert p.returncode == 2 and "already holds files this script did not write (model.safetensors)" in p.stderr
+    assert "--overwrite_output_dir" in p.stderr and sorted(x.name for x in out.iterdir()) == ["model.safetensors"]
+
+
+def test_preset_with_equals_and_flags_override(monkeypatch):
+    parsed = {}
+    for argv in (["--preset", "tiny"], ["--preset=tiny"]):
+        monkeypatch.setattr("sys.argv", ["weak_to_strong_cls.py", *argv, "--pretrain_corpus", "None"])
+        parsed[argv[-1]] = w2s.parse_args()
+    assert parsed["tiny"] == parsed["--preset=tiny"] and parsed["tiny"].ds_name == "data/tiny/cls"
+    # an explicit model path wins over the preset's model built from a config
+    monkeypatch.setattr("sys.argv", ["weak_to_strong_cls.py", "--preset", "tiny", "--pretrain_corpus", "None",
+                                     "--strong_model_name_or_path", "runs/some-lm"])
+    args = w2s.parse_args()
+    assert args.strong_model_name_or_path == "runs/some-lm" and args.strong_model_type is None
+    assert args.strong_config_overrides is None and args.weak_model_type == "qwen2"
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"text": "good", "label": 1}', '{"text": "bad", "label": 0', '{"text": "ok", "label": 1}'],
+     "data.jsonl line 2: not valid JSON"),
+    ([], "data.jsonl is empty: it holds no rows"),
+    (['{"text": "good", "label": 1}'] * 30 + ['{"text": "good", "label": 2}'], "data.jsonl line 31: label 2 is not 0 or 1"),
+    (['{"text": "good", "label": 1}'] * 3 + ['{"sentence": "good", "label": 1}'], "data.jsonl line 4: no `text` field"),
+    (['{"text": "good", "label": 1}', '[1, 2]'], "data.jsonl line 2: a list, not an object"),
+])
+def test_data_errors_name_file_and_line(tiny, tmp_path, lines, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(w2s.DataError, match=re.escape(message)):
+        w2s.load_cls_dataset(str(path), 1000, 1, seed=0)
+    if message.endswith("not 0 or 1"):  # the command line: the same message, exit code 2, no traceback, no output
+        p = run_script(*cli(tiny, tmp_path / "out", "--ds_name", str(path), "--n_test_docs", "1"), check=False,
+                       env=SINGLE_THREAD)
+        assert p.returncode == 2 and f"error: {path} line 31: label 2" in p.stderr and "Traceback" not in p.stderr
+        assert not (tmp_path / "out").exists()
