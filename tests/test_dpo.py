@@ -3,13 +3,17 @@ and end to end on the tiny setting."""
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from conftest import load_script, run_script
+from conftest import ROOT, load_script, run_script
 
 dpo = load_script("dpo")
 
@@ -56,7 +60,7 @@ def test_token_logps_equal_log_softmax_and_gradients_match(dtype):
     targets = torch.randint(0, 50, (37,))
     targets[:5] = logits[:5].argmax(-1)  # some rows where the target carries most of the mass
     upstream = torch.randn(37)  # as from the loss: a different gradient per token
-    got = dpo.token_logps(logits, targets, chunk=8)
+    got = dpo.TokenLogps.apply(logits, targets)
     want = torch.log_softmax(logits.double(), -1).gather(-1, targets[:, None])[:, 0]
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
@@ -81,7 +85,7 @@ def test_token_logps_bf16_gradient_keeps_its_precision_on_confident_tokens():
     logits[torch.arange(n), targets] = torch.linspace(4, 16, n).to(torch.bfloat16)  # p of the target from ~0.05 to ~1
     upstream = torch.rand(n) + 0.5
     x = logits.clone().requires_grad_(True)
-    (got,) = torch.autograd.grad((dpo.token_logps(x, targets, chunk=64) * upstream).sum(), x)
+    (got,) = torch.autograd.grad((dpo.TokenLogps.apply(x, targets) * upstream).sum(), x)
     y = logits.float().requires_grad_(True)
     (want,) = torch.autograd.grad((torch.log_softmax(y, -1).gather(-1, targets[:, None])[:, 0] * upstream).sum(), y)
     p = torch.softmax(logits.float(), -1)[torch.arange(n), targets]
@@ -95,6 +99,25 @@ def test_token_logps_bf16_gradient_keeps_its_precision_on_confident_tokens():
     old = old.to(torch.bfloat16).scatter_add(-1, targets[:, None], upstream[:, None].to(torch.bfloat16))
     old_rel = (old[rows, targets[confident]].float() - want[rows, targets[confident]]).abs() / want[rows, targets[confident]].abs()
     assert old_rel.median() > 0.05  # the old formula: the error this test guards against
+
+
+@pytest.mark.parametrize("chunk_elements", [50 * 7, 50 * 1000])  # 7 rows per chunk (6 chunks), or one chunk
+def test_chunked_lm_head_equals_log_softmax_of_full_logits_values_and_gradients(chunk_elements):
+    """token_logps applies the LM head chunk by chunk and recomputes each chunk's logits in backward: the log-probs
+    and the gradients (hidden states and head weight) equal autograd through log_softmax of the full logits."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).double()
+    hidden = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (40,))
+    upstream = torch.randn(40, dtype=torch.float64)
+    got = dpo.token_logps(head, hidden, targets, chunk_elements=chunk_elements)
+    want = torch.log_softmax(head(hidden).float(), -1).gather(-1, targets[:, None])[:, 0]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)  # the same fp32 log-softmax, row by row
+    g_got = torch.autograd.grad((got.double() * upstream).sum(), [hidden, head.weight])
+    g_want = torch.autograd.grad((want.double() * upstream).sum(), [hidden, head.weight])
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        assert b.abs().max() > 1e-2
 
 
 def pair_batch(tiny, model_dir, padding_free, length_groups=1):
@@ -139,24 +162,51 @@ def test_padding_free_and_length_groups_equal_padded(tiny, small_sft):
 
 def test_tokenize_pair_truncation_and_skips(tiny):
     tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
-    args = dataclasses.replace(dpo.PRESETS["tiny"], max_length=12, max_prompt_length=8)
+    args = dataclasses.replace(dpo.PRESETS["tiny"], max_length=30, max_prompt_length=19)
     msg = lambda p, r: [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
     ex = {"prompt": "copy one two", "chosen": msg("copy one two", "sure one two " + "done " * 10),
           "rejected": msg("copy one two", "meh one two now go away")}
     out = dpo.tokenize_pair(tok, ex, args)
-    assert len(out["prompt_ids"]) == 8  # cut from the left
-    assert out["prompt_ids"] == dpo.chat_ids(tok, ex["chosen"][:1], add_generation_prompt=True)[-8:]
-    assert len(out["prompt_ids"]) + len(out["chosen_ids"]) == 12 and out["chosen_ids"][-1] == tok.eos_token_id
-    assert out["skip"] == "truncated"
+    # 21 prompt tokens (the template's default system message, then the user turn) > 19: the user text loses its
+    # start; the role headers and the generation prompt stay whole
+    assert len(dpo.chat_ids(tok, ex["chosen"][:1], add_generation_prompt=True)) == 21
+    assert out["prompt_ids"] == dpo.chat_ids(tok, [{"role": "user", "content": " two"}], add_generation_prompt=True)
+    assert len(out["prompt_ids"]) == 19 and out["prompt_cut"]
+    assert len(out["prompt_ids"]) + len(out["chosen_ids"]) == 30 and out["chosen_ids"][-1] == tok.eos_token_id
+    assert out["skip"] == "" and out["responses_cut"] == 1  # the rejected response fits
     plain = dpo.tokenize_pair(tok, {"prompt": "copy one", "chosen": "ok one done", "rejected": "meh one done"},
                               dataclasses.replace(args, max_length=64, max_prompt_length=32))
     assert tok.decode(plain["chosen_ids"]) == "ok one done<|im_end|>" and plain["skip"] == ""
+    assert not plain["prompt_cut"] and plain["responses_cut"] == 0
     same = dpo.tokenize_pair(tok, {"prompt": "p", "chosen": "ok one", "rejected": "ok one"}, args)
     assert same["skip"] == "chosen identical to rejected"
     empty = dpo.tokenize_pair(tok, {"prompt": "p", "chosen": " ", "rejected": "ok one"}, args)
     assert empty["skip"] == "empty chosen or rejected"
-    tight = dpo.tokenize_pair(tok, ex, dataclasses.replace(args, max_length=9, max_prompt_length=8))
+    tight = dpo.tokenize_pair(tok, ex, dataclasses.replace(args, max_length=20, max_prompt_length=19))
     assert tight["skip"] == "prompt leaves no room for a response"
+    system_only = dpo.tokenize_pair(tok, ex, dataclasses.replace(args, max_prompt_length=17))  # an empty user text: 18
+    assert system_only["skip"] == "prompt too long to cut (system message)"
+
+
+def test_prompt_truncation_drops_earlier_turns_first_and_never_cuts_a_role_header(tiny):
+    """system (13 tokens) + user (8) + assistant (8) + user (10) + generation prompt (3) = 42 tokens."""
+    tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
+    system, user1 = {"role": "system", "content": "be brief"}, {"role": "user", "content": "copy one two"}
+    asst1, user2 = {"role": "assistant", "content": "ok one two"}, {"role": "user", "content": "copy three four five six"}
+    prompt = [system, user1, asst1, user2]
+    answer = lambda text: prompt + [{"role": "assistant", "content": text}]
+    ex = {"prompt": "x", "chosen": answer("ok three"), "rejected": answer("meh three")}
+    cut = lambda n: dpo.tokenize_pair(tok, ex, dataclasses.replace(dpo.PRESETS["tiny"], max_length=64, max_prompt_length=n))
+    assert len(dpo.chat_ids(tok, prompt, add_generation_prompt=True)) == 42 and not cut(42)["prompt_cut"]
+    # 26: the first user / assistant turns go whole; the system message stays
+    assert cut(26)["prompt_ids"] == dpo.chat_ids(tok, [system, user2], add_generation_prompt=True) and cut(26)["prompt_cut"]
+    # 24: then the oldest remaining user text loses its first words, after its header
+    out = cut(24)
+    assert len(out["prompt_ids"]) <= 24 and out["prompt_cut"]
+    assert tok.decode(out["prompt_ids"]) == ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n four five six"
+                                             "<|im_end|>\n<|im_start|>assistant\n")
+    # 15: the system message alone leaves no room for a user turn: a counted skip
+    assert cut(15)["skip"] == "prompt too long to cut (system message)"
 
 
 def test_end_to_end_learns_and_reuses_the_cache(tiny, small_sft, tmp_path):
@@ -187,7 +237,8 @@ def test_step0_rewards_are_exactly_zero_and_the_cache_equals_a_live_reference(ti
     run_script(*dpo_args(tiny, small_sft, out, cache, "--max_steps", "1", "--logging_steps", "1", "--max_eval_samples",
                          "64", "--max_train_samples", "128"), env={"ACCELERATE_MIXED_PRECISION": precision})
     m = metrics(out)
-    for row, split in ((m[0], "eval"), (m[1], "train")):  # eval at step 0; the first step runs the initial policy
+    assert m[0]["data/eval_pairs"] == 64 and m[0]["data/train_pairs"] == 128  # the data counts come first
+    for row, split in ((m[1], "eval"), (m[2], "train")):  # eval at step 0; the first step runs the initial policy
         assert row["step"] == (0 if split == "eval" else 1)
         for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
             assert row[f"{split}/{k}"] == 0.0, (split, k, row)
@@ -195,8 +246,9 @@ def test_step0_rewards_are_exactly_zero_and_the_cache_equals_a_live_reference(ti
     # the live cross-check: the eval cache against the initial policy run on the eval batches, in fp32
     if precision == "no":
         tok = AutoTokenizer.from_pretrained(small_sft)
-        args = dataclasses.replace(dpo.PRESETS["tiny"], dataset_name=str(tiny / "ultrafeedback"), max_eval_samples=64)
-        ds = dpo.prepare_split(args, tok, "eval", lambda _: None)
+        args = dataclasses.replace(dpo.PRESETS["tiny"], dataset_name=str(tiny / "ultrafeedback"), max_eval_samples=64,
+                                   max_train_samples=8)
+        ds = dpo.load_data(args, tok, lambda _: None)[1]
         model = AutoModelForCausalLM.from_pretrained(small_sft).eval()
         loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_eval_batch_size,
                                              collate_fn=lambda r: dpo.collate(r, tok.pad_token_id, False, args.length_groups))
@@ -220,7 +272,7 @@ def test_dropout_is_off_in_the_policy_lora_included(tiny, small_sft, tmp_path):
               "--use_lora", "--lora_dropout", "0.5")
     run_script(*dpo_args(tiny, model, tmp_path / "off", tmp_path / "c", *common))
     run_script(*dpo_args(tiny, model, tmp_path / "on", tmp_path / "c", *common, "--no_disable_dropout"))
-    off, on = metrics(tmp_path / "off")[0], metrics(tmp_path / "on")[0]
+    off, on = (next(r for r in metrics(tmp_path / name) if "train/loss" in r) for name in ("off", "on"))
     assert off["train/rewards/margins"] == 0.0 and off["train/rewards/chosen"] == 0.0
     assert abs(on["train/rewards/chosen"]) > 1e-4
 
@@ -230,13 +282,107 @@ def test_missing_column_is_a_clear_error(tiny, small_sft, tmp_path):
     data.write_text(json.dumps({"prompt": "copy one", "good": "ok one", "rejected": "meh one"}) + "\n")
     p = run_script(*dpo_args(tiny, small_sft, tmp_path / "o", tmp_path / "c", "--dataset_name", str(data),
                              "--train_split", "train", "--eval_split", "None"), check=False)
-    assert p.returncode != 0 and "no column ['chosen']" in p.stderr and "--chosen_column" in p.stderr
-    assert "Traceback" not in p.stderr
+    assert p.returncode == 2 and "no column ['chosen']" in p.stderr and "--chosen_column" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "o").exists()
 
 
-def test_length_groups_below_one_is_a_clear_error(tiny, small_sft, tmp_path):
-    p = run_script(*dpo_args(tiny, small_sft, tmp_path / "o", tmp_path / "c", "--length_groups", "0"), check=False)
-    assert p.returncode != 0 and "--length_groups must be at least 1 (got 0)" in p.stderr and "Traceback" not in p.stderr
+def parse_error(monkeypatch, capsys, *argv) -> str:
+    """dpo.parse_args on argv (validation included): must exit with code 2; returns the message."""
+    monkeypatch.setattr("sys.argv", ["dpo.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        dpo.parse_args()
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--per_device_train_batch_size", "-1"], "--per_device_train_batch_size must be at least 1 (got -1)"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1 (got 0)"),
+    (["--length_groups", "0"], "--length_groups must be at least 1 (got 0)"),
+    (["--max_steps", "0"], "--max_steps must be at least 1 (got 0)"),
+    (["--learning_rate", "-1e-5"], "--learning_rate must be non-negative (got -1e-05)"),
+    (["--beta", "0"], "--beta must be positive (got 0.0)"),
+    (["--warmup_ratio", "1.5"], "--warmup_ratio must be in [0, 1] (got 1.5)"),
+    (["--label_smoothing", "0.5"], "--label_smoothing must be in [0, 0.5) (got 0.5)"),
+    (["--label_smoothing", "0.1", "--loss_type", "ipo"], "--label_smoothing applies to --loss_type sigmoid only"),
+    (["--max_prompt_length", "128", "--max_length", "128"], "--max_prompt_length (128) must be below --max_length (128)"),
+    (["--eval_fraction", "1.0"], "--eval_fraction must be in (0, 1) (got 1.0)"),
+    (["--resume", "--overwrite_output_dir"], "--resume continues the run in output_dir, --overwrite_output_dir"),
+    (["--resume_allow_changes", "learning_rate"], "--resume_allow_changes only applies with --resume"),
+    (["--resume", "--resume_allow_changes", "lr"], "--resume_allow_changes: no such argument ['lr']"),
+])
+def test_bad_arguments_fail_before_anything_is_loaded(monkeypatch, capsys, tmp_path, argv, message):
+    err = parse_error(monkeypatch, capsys, "--preset", "tiny", "--output_dir", str(tmp_path / "o"), *argv)
+    assert message in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_preset_with_equals_sign_and_explicit_flags_override(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["dpo.py", "--preset=tiny", "--model_name_or_path", "my/model", "--beta", "0.3"])
+    args = dpo.parse_args()
+    assert args.preset == "tiny" and args.max_length == 128 and args.model_name_or_path == "my/model" and args.beta == 0.3
+
+
+def test_single_file_eval_data_are_never_the_training_file(monkeypatch, capsys, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "copy one", "chosen": "ok one", "rejected": "meh one"}) + "\n")
+    common = ("--preset", "tiny", "--output_dir", str(tmp_path / "o"), "--dataset_name", str(data))
+    err = parse_error(monkeypatch, capsys, *common)
+    assert f"--dataset_name {data} is a single file, so it has no eval split 'test_prefs'" in err
+    assert "--eval_dataset_name FILE" in err and "--eval_fraction 0.05" in err and "--eval_split None" in err
+    err = parse_error(monkeypatch, capsys, *common, "--eval_dataset_name", str(data))
+    assert f"the eval data are the training data ({data}" in err
+    err = parse_error(monkeypatch, capsys, *common, "--eval_dataset_name", str(data), "--eval_fraction", "0.1")
+    assert "pass one of them" in err
+
+
+def test_eval_fraction_holds_out_seeded_training_pairs(tiny, small_sft, tmp_path):
+    rows = [{"prompt": f"copy {w}", "chosen": f"ok {w} done", "rejected": f"meh {w} no"} for w in
+            ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = run_script(*dpo_args(tiny, small_sft, tmp_path / "o", tmp_path / "c", "--dataset_name", str(data),
+                             "--eval_fraction", "0.2", "--per_device_train_batch_size", "4", "--max_steps", "1"))
+    assert f"eval data: 0.2 of {data} held out with seed 1" in p.stdout
+    assert "train: 8 of 8 pairs kept" in p.stdout and "eval: 2 of 2 pairs kept" in p.stdout
+    assert metrics(tmp_path / "o")[0]["data/eval_pairs"] == 2
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n',
+     "pairs.jsonl, line 2: not valid JSON"),
+    ("", "pairs.jsonl is empty: it holds no rows"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n["a", "b", "c"]\n',
+     "pairs.jsonl, line 3: a JSON object per line is expected, got list"),
+])
+def test_bad_data_files_name_the_file_and_line(capsys, tmp_path, content, message):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        dpo.load_split(str(data), None, "train")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_model_path_names_the_model(tiny, tmp_path):
+    p = run_script("dpo.py", "--preset", "tiny", "--model_name_or_path", str(tmp_path / "no_such_model"),
+                   "--dataset_name", str(tiny / "ultrafeedback"), "--output_dir", str(tmp_path / "o"), check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert f"could not load model '{tmp_path / 'no_such_model'}': no such local folder and not a hub id" in p.stderr
+    assert "tokenizer" not in p.stderr and not (tmp_path / "o").exists()
+
+
+def test_no_network_is_reported_at_once(tiny, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "dpo.py", "--preset", "tiny", "--model_name_or_path", "some-org/some-model",
+                        "--dataset_name", str(tiny / "ultrafeedback"), "--output_dir", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True, env={**env, "HF_ENDPOINT": "http://127.0.0.1:9"})
+    # seconds (mostly the imports, longer on a loaded machine), not the minute of hub retries it took before
+    assert p.returncode == 2 and time.time() - t0 < 45 and "retry" not in p.stderr.lower()
+    assert ("no network: cannot reach the Hugging Face Hub for 'some-org/some-model'. Set HF_HUB_OFFLINE=1 to use the "
+            "local cache, or pass a local path.") in p.stderr
     assert not (tmp_path / "o").exists()
 
 
@@ -245,14 +391,18 @@ def test_bad_pairs_are_counted(tiny, small_sft, tmp_path):
     rows += [rows[0], rows[1]]  # exact duplicates
     rows += [{"prompt": "copy one", "chosen": "", "rejected": "meh one"},
              {"prompt": "copy one", "chosen": "ok one", "rejected": "ok one"},
-             {"prompt": "copy " + " ".join(["one"] * 200), "chosen": "ok one", "rejected": "meh one"}]
+             {"prompt": "copy " + " ".join(["one"] * 200), "chosen": "ok one", "rejected": "meh one"},
+             {"prompt": "copy " + " ".join(["two"] * 200), "chosen": "ok two " + "done " * 90, "rejected": "meh two"}]
     data = tmp_path / "mixed.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     p = run_script(*dpo_args(tiny, small_sft, tmp_path / "o", tmp_path / "c", "--dataset_name", str(data),
                              "--train_split", "train", "--eval_split", "None", "--per_device_train_batch_size", "2",
-                             "--max_prompt_length", "300", "--max_length", "128", "--max_steps", "1"))
-    assert ("train: 4 of 9 pairs kept; 1 chosen identical to rejected, 2 duplicate pair, 1 empty chosen or rejected, "
-            "1 prompt leaves no room for a response") in p.stdout
+                             "--max_prompt_length", "100", "--max_length", "128", "--max_steps", "1"))
+    assert ("train: 6 of 10 pairs kept; 2 prompts cut (earlier turns dropped or oldest user text shortened), "
+            "1 responses cut; 1 chosen identical to rejected, 2 duplicate pair, 1 empty chosen or rejected") in p.stdout
+    m = metrics(tmp_path / "o")[0]
+    assert (m["data/train_pairs"], m["data/train_dropped"], m["data/train_prompts_cut"], m["data/train_responses_cut"]) \
+        == (6, 4, 2, 1)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny, small_sft, tmp_path):
@@ -272,6 +422,19 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, small_sft, tmp_path):
     la = {r["step"]: r["train/loss"] for r in metrics(full) if "train/loss" in r}
     lb = {r["step"]: r["train/loss"] for r in metrics(cut) if "train/loss" in r}
     assert sorted(lb) == [5, 6, 7, 8] and all(abs(la[s] - lb[s]) < 1e-6 for s in lb)
+    assert len({r["run_id"] for r in metrics(full)}) == 1 and {r["run_id"] for r in metrics(cut)}.isdisjoint(
+        r["run_id"] for r in metrics(full))
+    # the output folder is protected: a second run is refused, a finished run is not rerun, changes are refused
+    before = (full / "metrics.jsonl").read_text()
+    p = run_script(*dpo_args(tiny, small_sft, full, tmp_path / "c", *common), check=False)
+    assert p.returncode == 2 and f"output_dir {full} already holds files" in p.stderr and "--overwrite_output_dir" in p.stderr
+    p = run_script(*dpo_args(tiny, small_sft, full, tmp_path / "c", *common, "--resume"))
+    assert f"run in {full} already finished (step 8); nothing to do" in p.stdout
+    p = run_script(*dpo_args(tiny, small_sft, full, tmp_path / "c", *common, "--resume", "--learning_rate", "1e-3"),
+                   check=False)
+    assert p.returncode == 2 and "learning_rate: 0.0001 -> 0.001" in p.stderr and "--resume_allow_changes" in p.stderr
+    assert (full / "metrics.jsonl").read_text() == before and sorted(os.listdir(full / "checkpoints")) == ["step-4", "step-8"]
+    assert json.loads((full / "args.json").read_text())["completed_steps"] == 8
 
 
 def test_lora_trains_and_saves_a_merged_plain_model(tiny, small_sft, tmp_path):
@@ -306,7 +469,7 @@ def test_same_seed_same_loss_curve_bit_for_bit(tiny, small_sft, tmp_path):
               "--per_device_train_batch_size", "8")
     for name in ("a", "b"):
         run_script(*dpo_args(tiny, small_sft, tmp_path / name, tmp_path / "c", *common))
-    la, lb = ([r["train/loss"] for r in metrics(tmp_path / n)] for n in ("a", "b"))
+    la, lb = ([r["train/loss"] for r in metrics(tmp_path / n) if "train/loss" in r] for n in ("a", "b"))
     assert len(la) == 4 and la == lb
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

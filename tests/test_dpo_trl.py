@@ -5,13 +5,13 @@ TRL's side is its own code path: a DPOTrainer(policy, ref_model, DPOConfig(...))
 pairs, its own tokenized dataset (`trainer.train_dataset`) or dpo.py's ids, batched by its own data collator, and
 `trainer.compute_loss` (DPOTrainer._compute_loss: fused LM head log-probs, the loss, and the `rewards/*` and
 `logps/*` metrics it logs, read back from `trainer._metrics`). dpo.py's side is `collate` + `sequence_logps` (the
-reference) + `pair_metrics` (the policy, the loss and the metrics), its training code path with a live reference.
+reference) + `sequence_logps` and `compute_loss` (the policy, the loss and the metrics), its training code path.
 Policy and reference are random tiny Qwen2 models seeded differently, so rewards are non-zero and of both signs.
 Compared, pair by pair (batches of one) and on the padded batch of 8: the loss, rewards/chosen, rewards/rejected,
 rewards/accuracies, rewards/margins, logps/chosen, logps/rejected, and on the batch the gradient of the loss.
 
 Tolerance: |dpo.py - TRL| <= 1e-5 + 1e-6 |TRL|. The models run in fp64, but both sides take the log-softmax in
-fp32 by design (dpo.py's `_chunk_logps`, TRL's chunked log-prob kernel), and summed log-probs of ~100 nats carry
+fp32 by design (dpo.py's `TokenLogps`, TRL's chunked log-prob kernel), and summed log-probs of ~100 nats carry
 ~1e-5 of fp32 rounding (measured: <= 1.6e-5 on logps of ~99, <= 1.8e-5 on an ipo loss of ~39, <= 8e-6 on rewards).
 
 Differences between TRL 1.16 and dpo.py / REFERENCE.md (DPO section), and what is asserted instead:
@@ -102,12 +102,13 @@ def trl_side(trainer, rows, swap=False):
 
 
 def dpo_side(policy, ref, rows, args, pad_id):
-    """dpo.py's batch loss (with graph) and batch-mean metrics: collate, reference log-probs, pair_metrics."""
-    batch = dpo.collate([{**r, "row": i} for i, r in enumerate(rows)], pad_id, False, args.length_groups)  # the default: up to 4 forwards
+    """dpo.py's batch loss (with graph) and batch-mean metrics: collate, reference log-probs, compute_loss."""
+    batch = dpo.collate([{**r, "row": i} for i, r in enumerate(rows)], pad_id, False, args.length_groups)  # the CPU default: up to 4 forwards
     n = len(rows)
     with torch.no_grad():
         ref_logps, _ = dpo.sequence_logps(ref, batch)
-    loss, m = dpo.pair_metrics(policy, batch, ref_logps[:n], ref_logps[n:], args)
+    policy_logps, lengths = dpo.sequence_logps(policy, batch)
+    loss, m = dpo.compute_loss(policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:], lengths[:n], lengths[n:], args)
     return loss, {k: v.double().sum().item() / n for k, v in m.items() if k != "pairs"}  # per-pair or summed values
 
 
@@ -200,7 +201,7 @@ def test_loss_rewards_and_gradients_match_trl(setting, tmp_path, case, source):
 
 def test_ipo_rewards_match_trl(setting, tmp_path):
     """Under ipo, TRL's rewards are beta (logp_pi - logp_ref) with summed log-probs (as for every loss type, and as
-    REFERENCE.md defines them); dpo.py's pair_metrics currently reports them with length-averaged log-probs."""
+    REFERENCE.md defines them); dpo.py's compute_loss once reported them with length-averaged log-probs."""
     tok = setting[0]
     trainer, policy, ref, args = make(setting, tmp_path, *CASES["ipo"])
     rows = setting[3]
