@@ -1,45 +1,44 @@
-"""Weighted Preference Optimization (WPO): DPO with each pair weighted by its probability under the
-current policy.
+"""Weighted Preference Optimization (WPO): DPO with each pair weighted by its probability under the policy.
 
-Zhou et al., "WPO: Enhancing RLHF with Weighted Preference Optimization" (2024); official code
-github.com/wzhouad/WPO (`scripts/run_wpo.py`, class WPOTrainer). Off-policy pairs are reweighted to
-look on-policy: a pair the policy would likely have sampled counts fully, an unlikely one less.
-On-policy (hybrid, WPO-HB) pairs are built by hybrid_pairs.py; wpo.py trains on the dataset it writes.
+Zhou et al., "WPO: Enhancing RLHF with Weighted Preference Optimization" (2024); official code github.com/wzhouad/WPO
+(`scripts/run_wpo.py`, class WPOTrainer). Off-policy pairs are reweighted to look on-policy: a pair the policy would
+likely have sampled counts fully, an unlikely one less. On-policy (hybrid, WPO-HB) pairs are built by
+hybrid_pairs.py (the policy's samples scored by a reward model); wpo.py trains on the dataset it writes.
 
     logp(y)  = sum over response tokens of log pi(y_t | x, y_<t)          (prompt and padding masked)
     h        = (logp_pi(y_w) - logp_ref(y_w)) - (logp_pi(y_l) - logp_ref(y_l))
-    sigmoid  : -logsigmoid(beta h) (1 - eps) - logsigmoid(-beta h) eps     (eps = label smoothing)
-    ipo      : (h - 1 / (2 beta))^2, with length-averaged log-probs        (Azar et al. 2023)
+    sigmoid  : -logsigmoid(beta h) (1 - eps) - logsigmoid(-beta h) eps     (DPO eq. 7; eps = label smoothing, cDPO)
+    ipo      : (h - 1 / (2 beta))^2, with length-averaged log-probs        (Azar et al. 2023, eq. 17)
     hinge    : relu(1 - beta h)                                            (SLiC, Zhao et al. 2023)
     rewards  : beta (logp_pi - logp_ref) for y_w and y_l; accuracy = reward_w > reward_l
     a(y)     = mean over response tokens of [logp(y_t) - log sum_v p_v(t)^2]   (official "sampled alignment")
     w        = min(1, exp(a(y_w) + a(y_l))), detached, from the policy's own forward pass
-    loss     = w * (the DPO loss above); logged: the weight's mean, min and max
+    loss     = w * (the DPO loss above); logged: weight (the mean over pairs), weight_min, weight_max
     --no_clamp_weight: TRL's `use_weighting` form (no min with 1); --no_weight_sum_sq: a(y) = the plain
     length-normalised log-prob (no sum of squares term)
 
-What makes it lean: the reference model's log-probs never change, so by default they are computed
-in one pass before training and cached on disk (keyed by a hash of the model, data and tokenization
-settings; a rerun reuses them), and training holds only the policy. Chosen and rejected go through
-one loss; sorted by length, they go through the model in `--length_groups` forwards, each padded
-only to its own longest sequence (8 pairs with prompts of 16..128 and responses of 32..384 tokens,
-uniform: 38% of the positions are padding in one forward, 11% in four; benchmarks/padding.py).
-Logits exist only at response positions (no batch x length x vocab tensor), and the fp32
-log-softmax is taken chunk by chunk; its gradient, onehot - softmax, is written chunk by chunk into
-one buffer (TokenLogps). `--padding_free` packs each batch into one row. With LoRA the reference
-is the base model (adapters disabled). The weight needs log sum_v p_v^2 = log sum_v e_v^2 -
-2 log sum_v e_v with e = exp(z - max z) for logits z, from the exponentials the log-normaliser takes
-anyway, in fp32: no probability tensor either. Everything else is dpo.py: `diff dpo.py wpo.py` shows WPO.
+The reference never changes, so its log-probs are computed in one pass before training (on the policy's initial
+weights; with LoRA the base model, adapters off) and cached on disk; training holds only the policy. Each pair is
+scored in the micro-batch it is trained (epoch 0) or evaluated in, under the same `accelerator.autocast()`, so at
+step 0 the policy's log-probs equal the reference's bit for bit (rewards exactly 0, in bf16 too).
+Loss normaliser: the mean over the optimizer step's pairs. Each micro-batch's loss is its per-pair mean and
+accelerate averages micro-batches and processes; that equals the mean over all pairs because every micro-batch
+holds the same number of pairs (only whole global batches are trained on).
+Dropout is off in the policy (`--disable_dropout`, LoRA dropout included), as in TRL's DPOTrainer.
 
-Loss normaliser: the mean over the optimizer step's pairs. Each micro-batch's loss is its per-pair mean, and
-accelerate averages micro-batches and processes; this equals the mean over all pairs because every micro-batch
-holds the same number of pairs (only whole global batches are trained on). Dropout is off in the policy
-(`--disable_dropout`, LoRA dropout included), as in TRL's DPOTrainer: at step 0 the policy is the reference.
+Defaults: the official Llama-3-8B-Instruct setting (beta 0.01, lr 1e-6, 2 epochs, max length 2048 / prompt 1800,
+8 GPUs x batch 2 x accumulation 8 = 128 pairs, cosine, warm-up 0.1, gradient checkpointing on).
+`--layout auto` forwards each micro-batch padding-free (one packed row) on a GPU, where one large forward is the
+fastest, and in `--length_groups` length-sorted padded forwards on a CPU, where less padding wins (benchmarks/).
+Logits exist for one chunk of response positions at a time (recomputed in backward), never for the whole batch.
 
-Paper-scale (GPU, hub; the official Llama-3-8B-Instruct setting: beta 0.01, lr 1e-6, 2 epochs, max
-length 2048 / prompt 1800, 8 GPUs x batch 2 x accumulation 8, gradient checkpointing, UltraFeedback binarized):
+The weight needs log sum_v p_v^2 = log sum_v e_v^2 - 2 log sum_v e_v with e = exp(z - max z) for logits z: it is
+taken in fp32 from the exponentials the log-normaliser takes anyway, chunk by chunk, without a gradient and without
+a probability tensor. Everything else is dpo.py: `diff dpo.py wpo.py` shows what WPO changes.
+
+Paper scale (GPU, hub):
     accelerate launch --config_file configs/zero3.yaml wpo.py --output_dir runs/llama3-8b-instruct-wpo
-    # WPO-HB: on-policy pairs from hybrid_pairs.py (the policy's samples scored by ArmoRM), then WPO on them:
+    # WPO-HB: pairs built by hybrid_pairs.py from the policy's samples, scored by ArmoRM, then WPO on them:
     accelerate launch --config_file configs/zero3.yaml wpo.py --dataset_name data/llama3-hybrid \
         --output_dir runs/llama3-8b-instruct-wpo-hb
 Offline tiny setting (CPU):
@@ -47,25 +46,30 @@ Offline tiny setting (CPU):
     python wpo.py --preset tiny --model_name_or_path runs/tiny/sft-weak --output_dir runs/tiny/wpo-weak
 """
 
+import argparse
 import hashlib
 import json
 import math
 import os
+import resource
 import shutil
+import socket
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Literal
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, fields
+from typing import Literal, NoReturn
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import gather_object, send_to_device, set_seed
+from accelerate.utils import gather_object, set_seed
 from datasets import load_dataset, load_from_disk
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
@@ -107,7 +111,9 @@ class Args:
     attn_implementation: str = "sdpa"
     """attention kernel: sdpa, eager, flash_attention_2"""
     gradient_checkpointing: bool = True
-    """recompute activations in backward to save memory (on in the official config)"""
+    """recompute activations in backward to save memory"""
+    disable_dropout: bool = True
+    """set every dropout probability to 0 in the policy (LoRA dropout included), as TRL's DPOTrainer does"""
 
     # LoRA
     use_lora: bool = False
@@ -117,19 +123,23 @@ class Args:
     lora_alpha: int = 32
     """LoRA scaling alpha"""
     lora_dropout: float = 0.05
-    """LoRA dropout"""
+    """LoRA dropout (0 while --disable_dropout is on)"""
     lora_target_modules: str = "all-linear"
     """modules that get adapters: "all-linear" or a comma-separated list of names"""
 
     # data
     dataset_name: str = "HuggingFaceH4/ultrafeedback_binarized"
-    """hub id, local dataset folder, a save_to_disk folder, or a .json/.jsonl/.parquet file"""
+    """hub id, local dataset folder, a save_to_disk folder, or a .json/.jsonl/.parquet/.csv file"""
     dataset_config: str | None = None
     """dataset config (subset) name"""
     train_split: str = "train_prefs"
     """split to train on"""
     eval_split: str | None = "test_prefs"
     """held-out split for eval metrics (None: no eval)"""
+    eval_dataset_name: str | None = None
+    """eval data from another hub id / folder / file (its split: --eval_split, or the whole file)"""
+    eval_fraction: float | None = None
+    """hold out this fraction of the training pairs for eval (seeded by --seed)"""
     prompt_column: str = "prompt"
     """prompt column: a string (used when chosen/rejected are strings) or a message list"""
     chosen_column: str = "chosen"
@@ -137,17 +147,18 @@ class Args:
     rejected_column: str = "rejected"
     """rejected response: a message list ending in the assistant turn, or a string"""
     max_length: int = 2048
-    """prompt + response tokens; longer responses are cut (end-of-turn kept) (paper: 2048 Llama-3, 1024 Mistral)"""
+    """prompt + response tokens; longer responses are cut (end-of-turn kept)"""
     max_prompt_length: int = 1800
-    """prompt tokens; longer prompts keep their last tokens (paper: 1800 Llama-3, 512 Mistral)"""
+    """prompt tokens; longer prompts lose whole earlier turns first, then the start of the oldest user text"""
     max_train_samples: int | None = None
     """use only the first N training pairs"""
     max_eval_samples: int | None = 1000
     """use only the first N eval pairs"""
-    padding_free: bool = False
-    """pack each micro-batch into one row without padding (sequences cannot attend to each other)"""
+    layout: Literal["auto", "padded", "padding_free"] = "auto"
+    """forward layout of a micro-batch: padding_free (one packed row), padded (--length_groups forwards);
+    auto: padding_free on a GPU, padded on a CPU"""
     length_groups: int = 4
-    """padded batches: forward the sequences sorted by length in this many groups, each padded only to its own
+    """padded layout: forward the sequences sorted by length in this many groups, each padded only to its own
     longest sequence (less padding, same loss); 1 = one padded forward"""
 
     # algorithm
@@ -161,12 +172,8 @@ class Args:
     """clamp the pair weight at 1 (official code); --no_clamp_weight: TRL's `use_weighting` form"""
     weight_sum_sq: bool = True
     """subtract log sum_v p_v^2 per token (official "sampled alignment"); off: plain length-normalised log-probs"""
-    disable_dropout: bool = True
-    """set every dropout probability to 0 in the policy (LoRA dropout included), as TRL's DPOTrainer does"""
     cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "w2s_alignment")
     """where the precomputed reference log-probs are cached"""
-    prepass_batch_size: int = 16
-    """pairs per forward in the reference pre-pass"""
 
     # optimization
     learning_rate: float = 1e-6
@@ -176,7 +183,7 @@ class Args:
     max_steps: int | None = None
     """stop after this many optimizer steps (overrides the epochs)"""
     per_device_train_batch_size: int = 2
-    """pairs per micro-batch per process (paper: 2 x 8 accumulation x 8 GPUs = 128)"""
+    """pairs per micro-batch per process"""
     gradient_accumulation_steps: int = 8
     """micro-batches per optimizer step"""
     per_device_eval_batch_size: int = 8
@@ -201,6 +208,11 @@ class Args:
     """keep only the newest N checkpoints"""
     resume: bool = False
     """resume from the newest checkpoint in output_dir/checkpoints"""
+    resume_allow_changes: tuple[str, ...] = ()
+    """with --resume: argument names allowed to differ from the saved args.json"""
+    overwrite_output_dir: bool = False
+    """replace what an earlier run wrote in output_dir: its checkpoints/ are deleted and metrics.jsonl starts afresh;
+    other files are kept"""
 
     # filled in at runtime
     world_size: int = 1
@@ -213,44 +225,157 @@ PRESETS = {
     "tiny": Args(
         preset="tiny", output_dir="runs/tiny/wpo", model_name_or_path="runs/tiny/sft-weak",
         dataset_name="data/tiny/ultrafeedback", max_length=128, max_prompt_length=64, learning_rate=1e-4,
-        num_train_epochs=1, per_device_train_batch_size=32, gradient_accumulation_steps=1, per_device_eval_batch_size=64,
-        max_eval_samples=400, logging_steps=20, prepass_batch_size=64, cache_dir="runs/tiny/cache",
+        num_train_epochs=1, per_device_train_batch_size=32, gradient_accumulation_steps=1,
+        per_device_eval_batch_size=64, max_eval_samples=400, logging_steps=20, cache_dir="runs/tiny/cache",
         beta=0.1, gradient_checkpointing=False,  # as dpo.py: wpo.py's paper defaults differ
     ),
 }
+# arguments that change neither the training math nor the data order: --resume accepts new values for these
+RESUME_SAFE = {"exp_name", "output_dir", "preset", "track", "wandb_project_name", "wandb_entity", "push_to_hub",
+               "hub_model_id", "trust_remote_code", "gradient_checkpointing", "attn_implementation", "layout",
+               "length_groups", "eval_split", "eval_dataset_name", "max_eval_samples", "per_device_eval_batch_size",
+               "cache_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume",
+               "resume_allow_changes", "overwrite_output_dir", "world_size"}
+DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def fail(message: str) -> NoReturn:
+    """A user error: one message saying what is wrong and how to fix it, exit code 2, nothing written."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def parse_args() -> Args:
-    """`--preset NAME` picks the defaults; every other flag overrides them."""
-    argv = sys.argv[1:]
-    preset = argv[argv.index("--preset") + 1] if "--preset" in argv[:-1] else None
-    if preset is not None and preset not in PRESETS:
-        raise SystemExit(f"unknown --preset {preset!r}; choose from {sorted(PRESETS)}")
-    args = tyro.cli(Args, default=PRESETS.get(preset, Args()), use_underscores=True)
-    if args.length_groups < 1:
-        raise SystemExit(f"--length_groups must be at least 1 (got {args.length_groups}); 1 means one padded forward per micro-batch")
+    """`--preset NAME` (or `--preset=NAME`) picks the defaults; every flag given overrides them."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS))
+    preset = pre.parse_known_args()[0].preset
+    args = tyro.cli(Args, default=PRESETS[preset] if preset else Args(), use_underscores=True)
+    validate(args)
     return args
+
+
+def validate(args: Args) -> None:
+    """Every argument checked before anything is loaded or written."""
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
+                 "num_train_epochs", "max_steps", "max_length", "max_prompt_length", "max_train_samples",
+                 "max_eval_samples", "length_groups", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+                 "lora_r", "lora_alpha"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            fail(f"--{name} must be at least 1 (got {value})")
+    for name in ("learning_rate", "weight_decay"):
+        if getattr(args, name) < 0:
+            fail(f"--{name} must be non-negative (got {getattr(args, name)})")
+    for name in ("beta", "max_grad_norm"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be positive (got {getattr(args, name)})")
+    for name, ok, interval in (("warmup_ratio", 0 <= args.warmup_ratio <= 1, "[0, 1]"),
+                               ("lora_dropout", 0 <= args.lora_dropout < 1, "[0, 1)"),
+                               ("label_smoothing", 0 <= args.label_smoothing < 0.5, "[0, 0.5)")):
+        if not ok:
+            fail(f"--{name} must be in {interval} (got {getattr(args, name)})")
+    if args.label_smoothing > 0 and args.loss_type != "sigmoid":
+        fail(f"--label_smoothing applies to --loss_type sigmoid only (got --loss_type {args.loss_type})")
+    if args.max_prompt_length >= args.max_length:
+        fail(f"--max_prompt_length ({args.max_prompt_length}) must be below --max_length ({args.max_length}), "
+             "or no response token fits")
+    if args.eval_fraction is not None and not 0 < args.eval_fraction < 1:
+        fail(f"--eval_fraction must be in (0, 1) (got {args.eval_fraction})")
+    if args.resume and args.overwrite_output_dir:
+        fail("--resume continues the run in output_dir, --overwrite_output_dir replaces it: pass one of them")
+    if args.resume_allow_changes and not args.resume:
+        fail("--resume_allow_changes only applies with --resume")
+    unknown = sorted(set(args.resume_allow_changes) - {f.name for f in fields(Args)})
+    if unknown:
+        fail(f"--resume_allow_changes: no such argument {unknown}; name Args fields, e.g. learning_rate")
+    if args.eval_fraction is not None and args.eval_dataset_name is not None:
+        fail("--eval_fraction holds out training data, --eval_dataset_name names other data: pass one of them")
+    if (args.eval_split and args.eval_fraction is None and args.eval_dataset_name is None
+            and os.path.isfile(args.dataset_name)):
+        fail(f"--dataset_name {args.dataset_name} is a single file, so it has no eval split {args.eval_split!r}: "
+             f"pass --eval_dataset_name FILE (held-out data), --eval_fraction 0.05 (hold out 5% of the training "
+             f"pairs) or --eval_split None (no eval)")
+    if args.eval_dataset_name is not None:
+        same = os.path.realpath(args.eval_dataset_name) == os.path.realpath(args.dataset_name)
+        if same and (os.path.isfile(args.dataset_name) or args.eval_split in (None, args.train_split)):
+            fail(f"the eval data are the training data ({args.eval_dataset_name}, split "
+                 f"{args.eval_split or args.train_split}): pass held-out data or --eval_fraction")
+    out = args.output_dir
+    if os.path.isdir(out) and os.listdir(out) and not (args.resume or args.overwrite_output_dir):
+        fail(f"output_dir {out} already holds files (a model, metrics.jsonl, ...); pass --overwrite_output_dir to "
+             "replace them, --resume to continue that run, or another --output_dir")
+
+
+def compare_with_saved_run(args: Args) -> int | None:
+    """--resume: refuse changes to the math or data order; return the saved run's completed steps if it finished."""
+    path = os.path.join(args.output_dir, "args.json")
+    if not os.path.exists(path):
+        return None
+    saved = json.load(open(path))
+    changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in vars(args).items()
+               if k in saved and k not in RESUME_SAFE and saved[k] != (list(v) if isinstance(v, tuple) else v)]
+    refused = [c for c in changed if c.split(":")[0] not in args.resume_allow_changes]
+    if refused:
+        fail(f"--resume with arguments that differ from the run in {args.output_dir}: {'; '.join(refused)}. Pass the "
+             f"saved values, name them in --resume_allow_changes, or use another --output_dir")
+    return None if changed else saved.get("completed_steps")
 
 
 # ---------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------
+def locate_file_error(path: str) -> str:
+    """The first bad line of a .json/.jsonl file (1-based, in file order), or what else is wrong with the file."""
+    lines = open(path, encoding="utf-8", errors="replace").read().splitlines()
+    if not any(line.strip() for line in lines):
+        return f"{path} is empty: it holds no rows"
+    if path.endswith(".json") and lines[0].lstrip().startswith("["):
+        try:
+            json.load(open(path))
+        except json.JSONDecodeError as e:
+            return f"{path}, line {e.lineno}: not valid JSON ({e.msg}); fix that line"
+        return f"{path}: rows with differing columns or value types; every row needs the same columns and types"
+    first = None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"{path}, line {number}: not valid JSON ({e.msg}); fix or remove that line"
+        if not isinstance(row, dict):
+            return f"{path}, line {number}: a JSON object per line is expected, got {type(row).__name__}"
+        types = {k: type(v).__name__ for k, v in row.items() if v is not None}
+        first = first or (number, types)
+        for key, kind in types.items():
+            if first[1].get(key, kind) != kind:
+                return (f"{path}, line {number}: column {key!r} holds a {kind} here but a {first[1][key]} on line "
+                        f"{first[0]}; every row needs the same value types")
+    return ""
+
+
 def load_split(name: str, config: str | None, split: str):
-    """Hub id, local dataset folder (README YAML / data files), save_to_disk folder, or one file."""
+    """Hub id, local dataset folder (README YAML / data files), save_to_disk folder, or one file (read whole)."""
     if os.path.isfile(name):
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(name)[1])
+        kind = DATA_FILE_TYPES.get(os.path.splitext(name)[1])
         if kind is None:
-            raise SystemExit(f"cannot read dataset file {name!r}: use .json, .jsonl, .parquet or .csv")
-        return load_dataset(kind, data_files={split: name}, split=split)
+            fail(f"cannot read dataset file {name}: use .json, .jsonl, .parquet or .csv")
+        try:
+            ds = load_dataset(kind, data_files={"rows": name}, split="rows")
+        except Exception as e:  # datasets reports bad rows as a long traceback: find the line ourselves
+            where = locate_file_error(name) if kind == "json" else ""
+            fail(where or f"cannot read {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        if len(ds) == 0:
+            fail(f"{name} is empty: it holds no rows")
+        return ds
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
         return load_from_disk(name)[split]
     try:
         return load_dataset(name, config, split=split)
     except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
-        raise SystemExit(
-            f"could not load split {split!r} of dataset {name!r}: {e}\nWith no network, use a local copy "
-            "(python -m tiny --out data/tiny writes the offline tiny setting; then --preset tiny)."
-        ) from e
+        fail(f"could not load split {split!r} of dataset {name!r}: {e}\nWith no network, use a local copy "
+             "(python -m tiny --out data/tiny writes the offline tiny setting; then --preset tiny).")
 
 
 def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
@@ -260,26 +385,47 @@ def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[i
 
 def split_pair(ex: dict, args: Args) -> tuple[list[dict], str, str]:
     """(prompt messages, chosen text, rejected text) from message lists or plain strings."""
-    c, r = ex[args.chosen_column], ex[args.rejected_column]
-    if isinstance(c, list) and isinstance(r, list):
-        if not c or not r or c[-1].get("role") != "assistant" or r[-1].get("role") != "assistant":
+    chosen, rejected = ex[args.chosen_column], ex[args.rejected_column]
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        if not chosen or not rejected or chosen[-1].get("role") != "assistant" or rejected[-1].get("role") != "assistant":
             raise ValueError("chosen/rejected must end with an assistant message")
-        if c[:-1] != r[:-1]:
+        if chosen[:-1] != rejected[:-1]:
             raise ValueError("chosen and rejected have different prompts")
-        prompt = c[:-1] or [{"role": "user", "content": ex[args.prompt_column]}]
-        return prompt, c[-1]["content"], r[-1]["content"]
-    p = ex[args.prompt_column]
-    prompt = p if isinstance(p, list) else [{"role": "user", "content": p}]
-    return prompt, c, r
+        prompt = chosen[:-1] or [{"role": "user", "content": ex[args.prompt_column]}]
+        return prompt, chosen[-1]["content"], rejected[-1]["content"]
+    prompt = ex[args.prompt_column]
+    return (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]), chosen, rejected
+
+
+def fit_prompt(tokenizer, prompt: list[dict], max_tokens: int) -> tuple[list[int], bool] | None:
+    """The prompt's ids (generation prompt included) within max_tokens, and whether it was cut: whole earlier turns
+    are dropped first (a system message is kept), then the oldest user text loses its start, never the role
+    header the template writes around it. None if even an empty user text does not fit."""
+    ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
+    if len(ids) <= max_tokens:
+        return ids, False
+    system, turns = (prompt[:1], prompt[1:]) if prompt[0].get("role") == "system" else ([], prompt)
+    while len(turns) > 1 and (len(chat_ids(tokenizer, system + turns, True)) > max_tokens or turns[0]["role"] != "user"):
+        turns = turns[1:]
+    ids = chat_ids(tokenizer, system + turns, add_generation_prompt=True)
+    if len(ids) <= max_tokens:
+        return ids, True
+    text = tokenizer(turns[0]["content"], add_special_tokens=False)["input_ids"]
+    fits = lambda keep: chat_ids(tokenizer, system + [{**turns[0], "content": tokenizer.decode(text[len(text) - keep:])}]
+                                 + turns[1:], add_generation_prompt=True)
+    low, high = 0, len(text)  # the most user-text tokens (from the end) that fit: binary search
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if len(fits(mid)) <= max_tokens else (low, mid - 1)
+    ids = fits(low)
+    return (ids, True) if len(ids) <= max_tokens else None
 
 
 def tokenize_pair(tokenizer, ex: dict, args: Args) -> dict:
-    """Prompt ids (chat template + generation prompt) and the two response ids, or a skip reason.
-
-    # ALGO LOGIC: the response tokens are what the template appends to the prompt's tokens, through
-    # the end-of-turn token; the prompt's tokens must be a prefix of prompt+response's tokens.
-    """
-    empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    """Prompt ids (chat template + generation prompt), the two response ids, whether the prompt / each response was
+    cut, and a skip reason ("" = keep). The response tokens are what the template appends to the prompt's tokens,
+    through the end-of-turn token; the prompt's tokens must be a prefix of prompt+response's tokens."""
+    empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "prompt_cut": False, "responses_cut": 0}
     try:
         prompt, chosen, rejected = split_pair(ex, args)
     except (ValueError, KeyError, AttributeError, TypeError) as e:
@@ -288,37 +434,38 @@ def tokenize_pair(tokenizer, ex: dict, args: Args) -> dict:
         return {**empty, "skip": "empty chosen or rejected"}
     if chosen == rejected:
         return {**empty, "skip": "chosen identical to rejected"}
-    prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
+    full_prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
     responses = []
     for text in (chosen, rejected):
         full = chat_ids(tokenizer, prompt + [{"role": "assistant", "content": text}])
-        if full[: len(prompt_ids)] != prompt_ids:
-            raise SystemExit(
-                f"the chat template's prompt tokens are not a prefix of prompt+response tokens for {prompt!r}; "
-                "the response cannot be located. Use a template whose generation prompt ends the prompt exactly."
-            )
-        resp = full[len(prompt_ids):]
+        if full[: len(full_prompt_ids)] != full_prompt_ids:
+            fail(f"the chat template's prompt tokens are not a prefix of prompt+response tokens for {prompt!r}; the "
+                 "response cannot be located. Use a template whose generation prompt ends the prompt exactly.")
+        response = full[len(full_prompt_ids):]
         eot = tokenizer.eos_token_id
-        resp = resp[: len(resp) - resp[::-1].index(eot)] if eot in resp else resp + [eot]
-        responses.append(resp)
-    prompt_ids = prompt_ids[-args.max_prompt_length:]  # ALGO LOGIC: the prompt is cut from the left
+        responses.append(response[: len(response) - response[::-1].index(eot)] if eot in response else response + [eot])
+    fitted = fit_prompt(tokenizer, prompt, args.max_prompt_length)
+    if fitted is None:
+        return {**empty, "skip": "prompt too long to cut (system message)"}
+    prompt_ids, prompt_cut = fitted
     room = args.max_length - len(prompt_ids)
     if room < 2:
         return {**empty, "skip": "prompt leaves no room for a response"}
-    skip = "truncated" if max(map(len, responses)) > room else ""
-    responses = [r if len(r) <= room else r[: room - 1] + [tokenizer.eos_token_id] for r in responses]
-    return {"prompt_ids": prompt_ids, "chosen_ids": responses[0], "rejected_ids": responses[1], "skip": skip}
+    cut = [len(r) > room for r in responses]
+    responses = [r[: room - 1] + [tokenizer.eos_token_id] if c else r for r, c in zip(responses, cut)]
+    return {"prompt_ids": prompt_ids, "chosen_ids": responses[0], "rejected_ids": responses[1],
+            "prompt_cut": prompt_cut, "responses_cut": sum(cut), "skip": ""}
 
 
-def prepare_dataset(ds, tokenizer, args: Args, what: str, log):
-    """Tokenize and drop the pairs that cannot be trained on; every drop is counted in the log."""
+def prepare_dataset(ds, tokenizer, args: Args, what: str, source: str, log) -> tuple[object, dict]:
+    """Tokenize and drop the pairs that cannot be trained on; every drop and cut is counted in the log and metrics."""
     missing = [c for c in (args.chosen_column, args.rejected_column) if c not in ds.column_names]
     if missing:
-        raise SystemExit(f"the {what} split has no column {missing} (columns: {ds.column_names}); pass "
-                         "--chosen_column / --rejected_column / --prompt_column naming your columns")
+        fail(f"the {what} data ({source}) have no column {missing} (columns: {ds.column_names}); pass "
+             "--chosen_column / --rejected_column / --prompt_column naming your columns")
     ds = ds.map(lambda ex: tokenize_pair(tokenizer, ex, args), remove_columns=ds.column_names, desc=f"tokenizing {what}")
     reasons = {r: n for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}
-    kept = ds.filter(lambda ex: ex["skip"] in ("", "truncated")).remove_columns("skip")
+    kept = ds.filter(lambda ex: ex["skip"] == "")
     seen = set()  # an exact duplicate (same prompt, chosen and rejected tokens) would count twice in the loss
 
     def first_time(ex) -> bool:
@@ -331,20 +478,43 @@ def prepare_dataset(ds, tokenizer, args: Args, what: str, log):
     kept = kept.filter(first_time, load_from_cache_file=False)
     if n_usable > len(kept):
         reasons["duplicate pair"] = n_usable - len(kept)
-    log(f"{what}: {len(kept)} of {len(ds)} pairs kept; " + (", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "none skipped or cut"))
+    stats = {f"data/{what}_pairs": len(kept), f"data/{what}_dropped": len(ds) - len(kept),
+             f"data/{what}_prompts_cut": int(sum(kept["prompt_cut"])),
+             f"data/{what}_responses_cut": int(sum(kept["responses_cut"]))}
+    cuts = (f"{stats[f'data/{what}_prompts_cut']} prompts cut (earlier turns dropped or oldest user text shortened), "
+            f"{stats[f'data/{what}_responses_cut']} responses cut")
+    log(f"{what}: {len(kept)} of {len(ds)} pairs kept; {cuts}; "
+        + (", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "none skipped"))
     if len(kept) == 0:
-        raise SystemExit(f"no usable pair in the {what} split ({reasons}); check the column flags and the data")
-    return kept.add_column("row", list(range(len(kept))))
+        fail(f"no usable pair in the {what} data ({source}: {reasons}); check the column flags and the data")
+    kept = kept.remove_columns(["skip", "prompt_cut", "responses_cut"])
+    return kept.add_column("row", list(range(len(kept)))), stats
 
 
-def prepare_split(args: Args, tokenizer, what: str, log):
-    """The train or eval pairs: loaded, cut to --max_{what}_samples, tokenized, filtered."""
-    split = args.train_split if what == "train" else args.eval_split
-    ds = load_split(args.dataset_name, args.dataset_config, split)
-    limit = args.max_train_samples if what == "train" else args.max_eval_samples
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    return prepare_dataset(ds, tokenizer, args, what, log)
+def load_data(args: Args, tokenizer, log) -> tuple[object, object, dict]:
+    """Training and eval pairs, tokenized; the log says where the eval pairs come from."""
+    train, evals = load_split(args.dataset_name, args.dataset_config, args.train_split), None
+    if args.eval_fraction is not None:
+        parts = train.train_test_split(test_size=args.eval_fraction, seed=args.seed)
+        train, evals = parts["train"], parts["test"]
+        source = f"{args.eval_fraction:g} of {args.dataset_name} held out with seed {args.seed}"
+    elif args.eval_dataset_name is not None:
+        config = args.dataset_config if args.eval_dataset_name == args.dataset_name else None
+        evals = load_split(args.eval_dataset_name, config, args.eval_split or "rows")
+        source = args.eval_dataset_name + ("" if os.path.isfile(args.eval_dataset_name) else f"[{args.eval_split}]")
+    elif args.eval_split:
+        evals = load_split(args.dataset_name, args.dataset_config, args.eval_split)
+        source = f"{args.dataset_name}[{args.eval_split}]"
+    log(f"eval data: {source}" if evals is not None else "eval data: none (--eval_split None)")
+    stats, out = {}, []
+    for ds, limit, what, where in ((train, args.max_train_samples, "train", args.dataset_name),
+                                   (evals, args.max_eval_samples, "eval", evals is not None and source)):
+        if ds is not None:
+            ds, counts = prepare_dataset(ds.select(range(min(limit or len(ds), len(ds)))), tokenizer, args, what,
+                                         where, log)
+            stats.update(counts)
+        out.append(ds)
+    return out[0], out[1], stats
 
 
 def collate(rows: list[dict], pad_id: int, padding_free: bool, length_groups: int = 1) -> dict:
@@ -358,21 +528,21 @@ def collate(rows: list[dict], pad_id: int, padding_free: bool, length_groups: in
     seqs, masks = [], []
     for key in ("chosen_ids", "rejected_ids"):
         for r in rows:
-            ids = r["prompt_ids"] + r[key]
-            seqs.append(torch.tensor(ids))
+            seqs.append(torch.tensor(r["prompt_ids"] + r[key]))
             masks.append(torch.tensor([False] * (len(r["prompt_ids"]) - 1) + [True] * len(r[key]) + [False]))
     targets = [torch.cat([s[1:], s.new_zeros(1)]) for s in seqs]
     seq_id = [torch.full_like(s, i) for i, s in enumerate(seqs)]
-    out = {"row": torch.tensor([r["row"] for r in rows]), "n_seqs": len(seqs)}
+    out = {"row": torch.tensor([r["row"] for r in rows]), "n_seqs": len(seqs), "n_tokens": sum(map(len, seqs))}
     if padding_free:
-        return {**out, "parts": [{"input_ids": torch.cat(seqs)[None], "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None],
-                                  "targets": torch.cat(targets)[None], "loss_mask": torch.cat(masks)[None], "seq_id": torch.cat(seq_id)[None]}]}
-    g = min(length_groups, len(seqs))
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i])) if g > 1 else range(len(seqs))
+        part = {"input_ids": seqs, "position_ids": [torch.arange(len(s)) for s in seqs], "targets": targets,
+                "loss_mask": masks, "seq_id": seq_id}
+        return {**out, "parts": [{k: torch.cat(v)[None] for k, v in part.items()}]}
+    n_groups = min(length_groups, len(seqs))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i])) if n_groups > 1 else range(len(seqs))
     parts = []
-    for group in (order[j * len(order) // g : (j + 1) * len(order) // g] for j in range(g)):
-        n = max(len(seqs[i]) for i in group)
-        pad = lambda xs, v: torch.stack([F.pad(xs[i], (0, n - len(xs[i])), value=v) for i in group])
+    for group in (order[j * len(order) // n_groups : (j + 1) * len(order) // n_groups] for j in range(n_groups)):
+        width = max(len(seqs[i]) for i in group)
+        pad = lambda xs, v: torch.stack([F.pad(xs[i], (0, width - len(xs[i])), value=v) for i in group])
         parts.append({"input_ids": pad(seqs, pad_id), "attention_mask": pad([torch.ones_like(s) for s in seqs], 0),
                       "targets": pad(targets, 0), "loss_mask": pad(masks, False), "seq_id": pad(seq_id, 0)})
     return {**out, "parts": parts}
@@ -382,95 +552,95 @@ def collate(rows: list[dict], pad_id: int, padding_free: bool, length_groups: in
 # log-probs and loss
 # ---------------------------------------------------------------------------------------------
 class TokenLogps(torch.autograd.Function):
-    """log softmax(z)[target] and log sum_v softmax(z)_v^2 (no gradient) for rows of logits z, in fp32,
-    `chunk` rows at a time.
-
-    Autograd through log_softmax would keep an fp32 copy and a softmax of every row, and allocate several
-    logits-sized temporaries in backward. Here forward saves only the logits it was given and one
-    log-normaliser per row, and backward writes d logp / dz = onehot(target) - softmax(z), times the
-    incoming gradient, chunk by chunk into one logits-sized buffer."""
+    """log softmax(z)[target] for rows of logits z, in fp32. Forward saves the logits and one log-normaliser per row;
+    backward builds d logp / dz = (onehot(target) - softmax(z)) * grad in fp32 and casts it once to the logits'
+    dtype (no fp32 copy of the logits kept, and bf16 logits keep the gradient's precision)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        log_z, log_sum_sq = [], []
-        for i in range(0, len(logits), chunk):
-            z = logits[i : i + chunk].float()
-            m = z.max(-1, keepdim=True).values
-            e = (z - m).exp_()
-            s = e.sum(-1)
-            log_z.append(m[:, 0] + s.log())
-            # ALGO LOGIC: log sum_v p_v^2 = log sum_v e_v^2 - 2 log sum_v e_v, e = exp(z - max z): WPO's per-token
-            # normaliser from the same fp32 exponentials, no probabilities materialised (TRL chunked_logprob.py:
-            # log(sq_sum_exp) - 2 log(sum_exp)); it only feeds the weight, so it carries no gradient
-            log_sum_sq.append(e.square_().sum(-1).log() - 2 * s.log())
-        log_z, log_sum_sq = torch.cat(log_z), torch.cat(log_sum_sq)
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = logits.float()
+        m = z.max(-1, keepdim=True).values
+        e = (z - m).exp_()
+        s = e.sum(-1)
+        log_z = m[:, 0] + s.log()
+        # ALGO LOGIC: log sum_v p_v^2 = log sum_v e_v^2 - 2 log sum_v e_v, e = exp(z - max z): WPO's per-token term
+        # from the same fp32 exponentials, no probabilities materialised (TRL: log(sq_sum_exp) - 2 log(sum_exp));
+        # it only feeds the weight, so it carries no gradient
+        log_sum_sq = e.square_().sum(-1).log() - 2 * s.log()
         ctx.save_for_backward(logits, targets, log_z)
-        ctx.chunk = chunk
         ctx.mark_non_differentiable(log_sum_sq)
         return logits.gather(-1, targets[:, None])[:, 0].float() - log_z, log_sum_sq
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _):
         logits, targets, log_z = ctx.saved_tensors
-        out = torch.empty_like(logits)
-        for i in range(0, len(logits), ctx.chunk):
-            rows = slice(i, i + ctx.chunk)
-            # (onehot - softmax) * grad built in fp32, cast once: bf16 logits keep the gradient's precision
-            d = (logits[rows].float() - log_z[rows, None]).exp_().mul_(-grad[rows, None])
-            out[rows] = d.scatter_add_(-1, targets[rows, None], grad[rows, None])
-        return out, None, None
+        d_logits = (logits.float() - log_z[:, None]).exp_().mul_(-grad[:, None])  # -softmax * grad
+        return d_logits.scatter_add_(-1, targets[:, None], grad[:, None]).to(logits.dtype), None  # + onehot * grad
 
 
-def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    return TokenLogps.apply(logits, targets, chunk)
+def token_logps(lm_head, hidden: torch.Tensor, targets: torch.Tensor, chunk_elements: int = 2**27
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(target) at each response position from the final hidden states: the LM head and the log-softmax run on
+    chunks of rows (about chunk_elements logits each), and each chunk's logits are recomputed in backward
+    (activation checkpointing), so the logits of one chunk exist at a time, never the batch's."""
+    head = lambda h, t: TokenLogps.apply(lm_head(h), t)
+    chunk = max(1, chunk_elements // lm_head.weight.shape[0])
+    run = (lambda h, t: checkpoint(head, h, t, use_reentrant=False)) if torch.is_grad_enabled() else head
+    chunks = [run(hidden[i : i + chunk], targets[i : i + chunk]) for i in range(0, len(hidden), chunk)]
+    return torch.cat([logps for logps, _ in chunks]), torch.cat([log_sum_sq for _, log_sum_sq in chunks])
+
+
+def per_sequence_sum(values: torch.Tensor, seq_id: torch.Tensor, n_seqs: int) -> torch.Tensor:
+    return torch.zeros(n_seqs, device=values.device, dtype=values.dtype).index_add(0, seq_id, values)
 
 
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed response log-probs of every sequence in the batch, response lengths, and summed
-    log sum_v p_v^2 over the response positions (no gradient); one forward per part.
-
-    # ALGO LOGIC: logits_to_keep = loss_mask, so the lm_head runs only where a response token is predicted.
-    """
-    lp, sq, seq = [], [], []
+    """Summed response log-probs of every sequence in the batch, the response lengths and
+    the summed log sum_v p_v^2; one forward per part.
+    The model returns its final hidden states (no logits: logits_to_keep selects no position); the LM head module
+    (DDP / FSDP2 / peft wrapping aside, the model's own) is applied to the response positions only."""
+    lm_head = getattr(model, "module", model).get_output_embeddings()
+    logps, log_sum_sq, seq_id = [], [], []
     for part in batch["parts"]:
         mask = part["loss_mask"]
-        logits = model(input_ids=part["input_ids"], attention_mask=part.get("attention_mask"),
-                       position_ids=part.get("position_ids"), logits_to_keep=mask, use_cache=False).logits
-        lp_part, sq_part = token_logps(logits, part["targets"][mask])
-        lp.append(lp_part)
-        sq.append(sq_part)
-        seq.append(part["seq_id"][mask])
-    lp, sq, seq = torch.cat(lp), torch.cat(sq), torch.cat(seq)
-    sums = torch.zeros(batch["n_seqs"], device=lp.device, dtype=lp.dtype).index_add(0, seq, lp)
-    lengths = torch.zeros(batch["n_seqs"], device=lp.device, dtype=lp.dtype).index_add(0, seq, torch.ones_like(lp))
-    sq_sums = torch.zeros(batch["n_seqs"], device=lp.device, dtype=lp.dtype).index_add(0, seq, sq)
-    return sums, lengths, sq_sums
+        out = model(input_ids=part["input_ids"], attention_mask=part.get("attention_mask"),
+                    position_ids=part.get("position_ids"), logits_to_keep=torch.zeros_like(mask),
+                    output_hidden_states=True, use_cache=False)
+        part_logps, part_log_sum_sq = token_logps(lm_head, out.hidden_states[-1][mask], part["targets"][mask])
+        logps.append(part_logps)
+        log_sum_sq.append(part_log_sum_sq)
+        seq_id.append(part["seq_id"][mask])
+    logps, log_sum_sq, seq_id = torch.cat(logps), torch.cat(log_sum_sq), torch.cat(seq_id)
+    return (per_sequence_sum(logps, seq_id, batch["n_seqs"]), per_sequence_sum(torch.ones_like(logps), seq_id, batch["n_seqs"]),
+            per_sequence_sum(log_sum_sq, seq_id, batch["n_seqs"]))
 
 
-def wpo_weight(logps: torch.Tensor, lengths: torch.Tensor, sq_sums: torch.Tensor, clamp: bool = True,
+def wpo_weight(logps: torch.Tensor, lengths: torch.Tensor, log_sum_sq: torch.Tensor, clamp: bool = True,
                sum_sq: bool = True) -> torch.Tensor:
-    """Pair weights from the policy's summed response log-probs (chosen rows first, then rejected)."""
+    """Pair weights from the policy's summed response log-probs (chosen rows first, then rejected), detached."""
     # ALGO LOGIC: official WPOTrainer.get_batch_logps (scripts/run_wpo.py): per response, the mean over its
     # tokens of logp(y_t) - log sum_v p_v(t)^2; weight = clamp(exp(mean_w + mean_l), max=1), detached.
     # TRL DPOTrainer (use_weighting): the same product of exp(mean) factors, without the clamp.
     n = len(logps) // 2
-    mean = ((logps - sq_sums) if sum_sq else logps).detach() / lengths
-    w = torch.exp(mean[:n] + mean[n:])
-    return w.clamp(max=1) if clamp else w
+    mean = ((logps - log_sum_sq) if sum_sq else logps).detach() / lengths
+    weight = torch.exp(mean[:n] + mean[n:])
+    return weight.clamp(max=1) if clamp else weight
 
 
-def weight_extremes(w: torch.Tensor, accelerator, prefix: str) -> dict:
-    """The min and max of the pair weights w over all processes."""
-    lo = accelerator.gather(w.min().double()[None]).min()
-    hi = accelerator.gather(w.max().double()[None]).max()
+def weight_extremes(weight: torch.Tensor, accelerator, prefix: str) -> dict:
+    """The min and max of the pair weights over all processes."""
+    lo = accelerator.gather(weight.min()[None]).min()
+    hi = accelerator.gather(weight.max()[None]).max()
     return {f"{prefix}/weight_min": lo.item(), f"{prefix}/weight_max": hi.item()}
 
 
-def dpo_loss(pc, pr, rc, rr, beta: float, loss_type: str, label_smoothing: float = 0.0):
-    """Per-pair loss and implicit rewards from policy (p) and reference (r) log-probs of chosen (c)
-    and rejected (r) responses (already length-averaged for ipo)."""
-    # ALGO LOGIC: h = (logp_pi(yw) - logp_ref(yw)) - (logp_pi(yl) - logp_ref(yl))   (DPO eq. 7)
-    h = (pc - rc) - (pr - rr)
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
+             loss_type: str, label_smoothing: float = 0.0, chosen_lengths=1.0, rejected_lengths=1.0):
+    """Per-pair losses and the implicit rewards beta (logp_pi - logp_ref) of the chosen and rejected responses.
+    ipo takes length-averaged log-probs (the log-ratios divided by the lengths); the rewards stay on sums."""
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    h = chosen_logratios / chosen_lengths - rejected_logratios / rejected_lengths  # DPO eq. 7 (ipo: averaged)
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
     elif loss_type == "ipo":
@@ -479,26 +649,24 @@ def dpo_loss(pc, pr, rc, rr, beta: float, loss_type: str, label_smoothing: float
         losses = torch.relu(1 - beta * h)  # SLiC-HF
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
-    return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-def pair_metrics(model, batch, ref_c, ref_r, args: Args) -> tuple[torch.Tensor, dict]:
-    """Mean weighted loss over the batch's pairs, and the TRL-named metrics per pair (for exact gathering)."""
-    logps, lengths, sq_sums = sequence_logps(model, batch)
-    n = len(batch["row"])
-    # ALGO LOGIC: the weight comes from this same forward of the policy, detached
-    w = wpo_weight(logps, lengths, sq_sums, args.clamp_weight, args.weight_sum_sq)
-    pc, pr = logps[:n], logps[n:]
-    # IPO's loss takes length-averaged log-probs; the implicit rewards stay on summed log-probs (as TRL logs them)
-    nc, nr = (lengths[:n], lengths[n:]) if args.loss_type == "ipo" else (1.0, 1.0)
-    losses, _, _ = dpo_loss(pc / nc, pr / nr, ref_c / nc, ref_r / nr, args.beta, args.loss_type, args.label_smoothing)
+def compute_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                 chosen_lengths, rejected_lengths, weight: torch.Tensor, args: Args) -> tuple[torch.Tensor, dict]:
+    """The mean weighted DPO loss over the pairs, and the per-pair metrics TRL logs (per pair, for exact gathering)."""
+    lengths = (chosen_lengths, rejected_lengths) if args.loss_type == "ipo" else (1.0, 1.0)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, args.beta, args.loss_type,
+        args.label_smoothing, *lengths)
     # ALGO LOGIC: L = -E[w * logsigmoid(beta h)]; the official dpo_loss scales both label-smoothing terms by w
-    losses = w * losses
-    rw_c, rw_r = args.beta * (pc - ref_c).detach(), args.beta * (pr - ref_r).detach()
-    m = {"loss": losses.detach(), "rewards/chosen": rw_c, "rewards/rejected": rw_r,
-         "rewards/accuracies": (rw_c > rw_r).float(), "rewards/margins": rw_c - rw_r,
-         "logps/chosen": logps[:n].detach(), "logps/rejected": logps[n:].detach(), "weight": w}
-    return losses.mean(), m
+    losses = weight * losses
+    metrics = {"loss": losses.detach(), "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+               "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+               "rewards/margins": chosen_rewards - rejected_rewards,
+               "logps/chosen": policy_chosen_logps.detach(), "logps/rejected": policy_rejected_logps.detach(),
+               "weight": weight}
+    return losses.mean(), metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,26 +677,22 @@ def model_fingerprint(name: str) -> str:
     if not os.path.isdir(name):
         return name
     files = sorted(f for f in os.listdir(name) if f.endswith((".safetensors", ".json")))
-    return name + "|" + "|".join(f"{f}:{os.path.getsize(os.path.join(name, f))}:{os.path.getmtime(os.path.join(name, f))}" for f in files)
-
-
-def data_fingerprint(ds, columns) -> str:
-    """A hash of the token ids themselves: the cache follows the data and tokenization, nothing else."""
-    h = hashlib.sha256()
-    for col in columns:
-        for ids in ds[col]:
-            h.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
-    return h.hexdigest()
+    return name + "|" + "|".join(f"{f}:{os.path.getsize(os.path.join(name, f))}:"
+                                 f"{os.path.getmtime(os.path.join(name, f))}" for f in files)
 
 
 def cache_key(args: Args, ref_name: str, ds, split: str, accelerator) -> str:
     """The reference model, the token ids, the precision and the micro-batches the pre-pass forms (a sequence's
     log-prob depends, in its last bits, on the sequences padded or packed with it)."""
+    ids = hashlib.sha256()
+    for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        for row in ds[column]:
+            ids.update(np.asarray(row, dtype=np.int64).tobytes() + b"|")
     layout = ((args.seed, args.per_device_train_batch_size, args.global_batch_size) if split == "train"
               else (args.per_device_eval_batch_size,))
-    parts = [model_fingerprint(ref_name), data_fingerprint(ds, ("prompt_ids", "chosen_ids", "rejected_ids")),
-             str(args.use_lora), args.dtype, str(accelerator.mixed_precision), args.attn_implementation,
-             str((split, *layout, args.length_groups, args.padding_free))]
+    parts = [model_fingerprint(ref_name), ids.hexdigest(), str(args.use_lora), args.dtype,
+             str(accelerator.mixed_precision), args.attn_implementation,
+             str((split, *layout, args.layout, args.length_groups))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
@@ -554,7 +718,7 @@ def reference_logps(ref_model, loaders, n_rows: int, accelerator, path: str, log
     out = {"chosen": torch.tensor([first[i][0] for i in range(n_rows)], dtype=torch.float64),
            "rejected": torch.tensor([first[i][1] for i in range(n_rows)], dtype=torch.float64)}
     if accelerator.is_main_process:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         save_file(out, path + ".tmp")
         os.replace(path + ".tmp", path)
         log(f"reference log-probs: computed {n_rows} pairs, cached in {path}")
@@ -565,15 +729,42 @@ def reference_logps(ref_model, loaders, n_rows: int, accelerator, path: str, log
 # ---------------------------------------------------------------------------------------------
 # model
 # ---------------------------------------------------------------------------------------------
+def check_network(args: Args) -> None:
+    """With HF_HUB_OFFLINE unset and some name not a local path: one 3-second connection to the hub, so that no
+    network is reported at once instead of after a minute of retries."""
+    from huggingface_hub import constants
+
+    remote = [n for n in (args.model_name_or_path, args.ref_model_name_or_path, args.tokenizer_name,
+                          args.dataset_name, args.eval_dataset_name) if n and not os.path.exists(n)]
+    if not remote or constants.HF_HUB_OFFLINE:
+        return
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError:
+        fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
+             "local cache, or pass a local path.")
+
+
+def load_failed(what: str, name: str, error: Exception) -> NoReturn:
+    """Name what failed to load and why, with a hint that fits what was passed."""
+    if os.path.isdir(name):
+        fail(f"could not load {what} {name!r} from that folder: {str(error).splitlines()[0]}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    fail(f"could not load {what} {name!r}: no such local folder and not a hub id"
+         + (" in the local cache (HF_HUB_OFFLINE is set)" if offline else "")
+         + ". Pass a folder written by sft.py (the offline tiny setting: python -m tiny --out data/tiny, then "
+         "python sft.py --preset tiny).")
+
+
 def load_tokenizer(args: Args):
     name = args.tokenizer_name or args.model_name_or_path
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"could not load the tokenizer {name!r} from the hub or a local path: {e}\nWith no network, "
-                         "build the offline tiny setting (python -m tiny --out data/tiny) and pass --preset tiny.") from e
+    except (OSError, ValueError) as e:  # without --tokenizer_name the tokenizer comes from the model's folder
+        load_failed("tokenizer" if args.tokenizer_name else "model", name, e)
     if tok.chat_template is None:
-        raise SystemExit(f"tokenizer {name!r} has no chat template; use an instruct tokenizer or set one")
+        fail(f"tokenizer {name!r} has no chat template; use an instruct tokenizer or set one")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -581,41 +772,38 @@ def load_tokenizer(args: Args):
 
 def load_model(name: str, args: Args):
     try:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code,
+        return AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, args.dtype),
+                                                    trust_remote_code=args.trust_remote_code,
                                                     attn_implementation=args.attn_implementation)
-    except OSError as e:
-        raise SystemExit(f"could not load the model {name!r} from the hub or a local path: {e}\nWith no network, train "
-                         "one offline first (python -m tiny --out data/tiny; python sft.py --preset tiny) and pass its folder.") from e
+    except (OSError, ValueError) as e:
+        load_failed("model", name, e)
+
+
+def checkpoint_step(name: str) -> int | None:
+    """`step-12` -> 12; anything else (e.g. a half-written `tmp-step-15`) -> None."""
+    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
 
 
 def newest_checkpoint(output_dir: str) -> str | None:
     """Only fully written checkpoints count: they are renamed into place after saving."""
     root = os.path.join(output_dir, "checkpoints")
-    steps = [int(d.split("-")[1]) for d in os.listdir(root) if d.startswith("step-")] if os.path.isdir(root) else []
+    steps = [s for s in map(checkpoint_step, os.listdir(root) if os.path.isdir(root) else []) if s is not None]
     return os.path.join(root, f"step-{max(steps)}") if steps else None
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def main(args: Args):
     # TRY NOT TO MODIFY: accelerator, batch-size chain, seeding, logging
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
     args.world_size = accelerator.num_processes
     args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    if args.layout == "auto":
+        args.layout = "padding_free" if accelerator.device.type == "cuda" else "padded"
     log = lambda msg: accelerator.print(f"[{args.exp_name}] {msg}")
-    os.makedirs(args.output_dir, exist_ok=True)
-    if args.track and accelerator.is_main_process:
-        import wandb
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), dir=args.output_dir,
-                   name=f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if accelerator.is_main_process else None
-
-    def log_metrics(metrics: dict, step: int):
-        if accelerator.is_main_process:
-            metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
-            metrics_file.flush()
-            if args.track:
-                wandb.log(metrics, step=step)
-
+    if args.resume and (done := compare_with_saved_run(args)) is not None:
+        log(f"run in {args.output_dir} already finished (step {done}); nothing to do")
+        return
+    run_id = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    check_network(args)
     set_seed(args.seed, device_specific=True)
     tokenizer = load_tokenizer(args)
     model = load_model(args.model_name_or_path, args)
@@ -623,9 +811,11 @@ if __name__ == "__main__":
         model.gradient_checkpointing_enable()
     if args.use_lora:
         from peft import LoraConfig, get_peft_model
-        targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
+
+        targets = args.lora_target_modules
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+                                                 task_type="CAUSAL_LM",
+                                                 target_modules=targets if targets == "all-linear" else targets.split(",")))
     if args.disable_dropout:  # dropout would make the policy's log-probs differ from the reference's at step 0
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -633,86 +823,130 @@ if __name__ == "__main__":
             if isinstance(getattr(module, "attention_dropout", None), float):
                 module.attention_dropout = 0.0
     log(f"policy: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; global batch "
-        f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation x {args.world_size} processes "
-        f"= {args.global_batch_size} pairs")
+        f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation x {args.world_size} "
+        f"processes = {args.global_batch_size} pairs; layout {args.layout}")
 
-    with accelerator.main_process_first():
-        train_ds = prepare_split(args, tokenizer, "train", log)
-        eval_ds = prepare_split(args, tokenizer, "eval", log) if args.eval_split else None
-    collate_fn = lambda rows: collate(rows, tokenizer.pad_token_id, args.padding_free, args.length_groups)
-
-    rows_per_epoch = len(train_ds) // args.global_batch_size * args.global_batch_size
+    with accelerator.main_process_first():  # tokenized once: the other processes reuse the datasets cache
+        train_ds, eval_ds, data_stats = load_data(args, tokenizer, log)
+    collate_fn = lambda rows: collate(rows, tokenizer.pad_token_id, args.layout == "padding_free", args.length_groups)
+    rows_per_epoch = len(train_ds) // args.global_batch_size * args.global_batch_size  # whole global batches only
     steps_per_epoch = rows_per_epoch // args.global_batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train_ds)} training pairs are fewer than one global batch ({args.global_batch_size})")
+        fail(f"{len(train_ds)} training pairs are fewer than one global batch ({args.global_batch_size}): lower "
+             "--per_device_train_batch_size or --gradient_accumulation_steps")
     total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
 
-    def epoch_loader(epoch: int, rows=None):
-        # the data order depends on (seed, epoch) only, so a resumed run sees the same batches
-        order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed + epoch))
-        subset = train_ds.select(order[:rows_per_epoch].tolist() if rows is None else rows)
-        return accelerator.prepare(DataLoader(subset, batch_size=args.per_device_train_batch_size, collate_fn=collate_fn))
+    def epoch_order(epoch: int) -> list[int]:  # depends on (seed, epoch) only: a resumed run sees the same batches
+        return torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+
+    def loader_of(ds, rows: list[int], batch_size: int):
+        return accelerator.prepare(DataLoader(ds.select(rows), batch_size=batch_size, collate_fn=collate_fn))
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay, fused=True)  # one kernel for all tensors (TRL's default)
+                                  weight_decay=args.weight_decay, fused=True)  # one kernel for all tensors (as TRL)
     # stepped by hand once per optimizer step (accelerate would step it once per process)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
+                              num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
-    eval_loader = None
-    if eval_ds is not None:
-        eval_loader = accelerator.prepare(DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn))
+    eval_loader = None if eval_ds is None else loader_of(eval_ds, list(range(len(eval_ds))), args.per_device_eval_batch_size)
 
-    # ALGO LOGIC: the reference log-probs of every pair, once, before training, cached on disk. The reference
-    # defaults to the policy's initial weights, so the pre-pass runs the policy itself (LoRA: adapters off).
-    # Each pair is scored in the micro-batch it is trained (epoch 0) or evaluated in, under the same autocast:
-    # at step 0 the policy's log-probs equal the reference's bit for bit, so every reward is exactly 0.
+    # ALGO LOGIC: the reference log-probs logp_ref(y_w), logp_ref(y_l) of every pair, once, before training
     ref_name = args.ref_model_name_or_path or args.model_name_or_path
-    scorer = model
-    if args.ref_model_name_or_path is not None:
-        scorer = load_model(ref_name, args).to(accelerator.device)
-        scorer.requires_grad_(False)
-    order0 = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    scorer = model if args.ref_model_name_or_path is None else load_model(ref_name, args).to(accelerator.device)
+    order = epoch_order(0)
+    train_batches = lambda: [loader_of(train_ds, rows, args.per_device_train_batch_size)  # epoch 0, then the rest
+                             for rows in (order[:rows_per_epoch], order[rows_per_epoch:]) if rows]
     ref_cache = {}
     with accelerator.unwrap_model(model).disable_adapter() if args.use_lora and scorer is model else nullcontext():
-        for split, ds, loaders in (("train", train_ds, lambda: [epoch_loader(0), epoch_loader(0, order0[rows_per_epoch:])]),
-                                   ("eval", eval_ds, lambda: [eval_loader])):
+        for split, ds, loaders in (("train", train_ds, train_batches), ("eval", eval_ds, lambda: [eval_loader])):
             if ds is not None:
-                path = os.path.join(args.cache_dir, f"ref-logps-{cache_key(args, ref_name, ds, split, accelerator)}.safetensors")
-                ref_cache[split] = reference_logps(scorer, loaders, len(ds), accelerator, path, log)
+                path = os.path.join(args.cache_dir, f"ref-logps-{cache_key(args, ref_name, ds, split, accelerator)}"
+                                    ".safetensors")
+                cache = reference_logps(scorer, loaders, len(ds), accelerator, path, log)
+                ref_cache[split] = {k: v.to(accelerator.device, torch.float32) for k, v in cache.items()}
     del scorer  # training holds only the policy
 
-    def reference(batch, split):
-        c = ref_cache[split]
-        return (c["chosen"][batch["row"].cpu()].to(accelerator.device, torch.float32),
-                c["rejected"][batch["row"].cpu()].to(accelerator.device, torch.float32))
+    global_step = 0
+    ckpt = newest_checkpoint(args.output_dir) if args.resume else None
+    if ckpt is not None:
+        accelerator.load_state(ckpt)
+        global_step = checkpoint_step(os.path.basename(ckpt))
+        for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
+            scheduler.step()
+        log(f"resumed from {ckpt} (step {global_step})")
+    elif args.resume:
+        log("--resume: no checkpoint found, starting from scratch")
+
+    # TRY NOT TO MODIFY: the output folder is written from here on (nothing before: a failed start leaves nothing)
+    metrics_file = None
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump({**vars(args), "run_id": run_id}, f, indent=2)
+        metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a" if args.resume else "w")
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_id, config=vars(args),
+                       dir=args.output_dir)
+
+    def log_metrics(metrics: dict, step: int):
+        if accelerator.is_main_process:
+            metrics_file.write(json.dumps({"step": step, "run_id": run_id, **metrics}) + "\n")
+            metrics_file.flush()
+            if args.track:
+                wandb.log(metrics, step=step)
+
+    def policy_pass(batch: dict, split: str) -> tuple[torch.Tensor, dict]:
+        # ALGO LOGIC: logp_pi of both responses in one pass, the cached logp_ref, the DPO loss (eq. 7)
+        with accelerator.autocast():
+            policy_logps, lengths, log_sum_sq = sequence_logps(model, batch)
+        n = len(batch["row"])
+        # ALGO LOGIC: the pair weight comes from this same forward of the policy, detached
+        weight = wpo_weight(policy_logps, lengths, log_sum_sq, args.clamp_weight, args.weight_sum_sq)
+        return compute_loss(policy_logps[:n], policy_logps[n:], ref_cache[split]["chosen"][batch["row"]],
+                            ref_cache[split]["rejected"][batch["row"]], lengths[:n], lengths[n:], weight, args)
+
+    def device_sync():
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    clock = {"window": time.time(), "steady": None}  # start times; eval and checkpoint time is moved out of both
+
+    @contextmanager
+    def paused():
+        device_sync()
+        start = time.time()
+        yield
+        device_sync()
+        for k in clock:
+            clock[k] = clock[k] and clock[k] + time.time() - start
 
     @torch.no_grad()
-    def evaluate() -> dict:
-        """Means over every held-out pair: per-pair metrics go through gather_for_metrics, which drops
-        the duplicates accelerate adds to even out the last batch across processes."""
-        model.eval()
-        parts = []
-        for batch in eval_loader:
-            ref_c, ref_r = reference(batch, "eval")
-            with accelerator.autocast():
-                parts.append(accelerator.gather_for_metrics(pair_metrics(model, batch, ref_c, ref_r, args)[1]))
-        model.train()
-        out = {f"eval/{k}": torch.cat([p[k] for p in parts]).double().mean().item() for k in parts[0]}
-        return {**out, **weight_extremes(torch.cat([p["weight"] for p in parts]), accelerator, "eval")}
+    def evaluate_and_log(step: int):
+        """Means over every held-out pair: per-pair metrics go through gather_for_metrics, which drops the
+        duplicates accelerate adds to even out the last batch across processes."""
+        with paused():
+            model.eval()
+            parts = [accelerator.gather_for_metrics(policy_pass(batch, "eval")[1]) for batch in eval_loader]
+            model.train()
+        metrics = {f"eval/{k}": torch.cat([p[k] for p in parts]).double().mean().item() for k in parts[0]}
+        metrics.update(weight_extremes(torch.cat([p["weight"] for p in parts]), accelerator, "eval"))
+        log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        log_metrics(metrics, step)
 
-    global_step = 0
-    if args.resume:
-        ckpt = newest_checkpoint(args.output_dir)
-        if ckpt is None:
-            log("--resume: no checkpoint found, starting from scratch")
-        else:
-            accelerator.load_state(ckpt)
-            global_step = int(ckpt.rsplit("-", 1)[1])
-            for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
-                scheduler.step()
-            log(f"resumed from {ckpt} (step {global_step})")
+    first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    skip_update = torch.zeros((), device=accelerator.device)  # fused AdamW skips its update while this is 1 (adam.py)
+    optimizer.optimizer.found_inf = skip_update
+
+    def stop_if_non_finite():
+        # one host read per logging window, checkpoint and final save, not one per step
+        bad = int(accelerator.reduce(first_bad_step, reduction="max"))
+        if bad:
+            raise SystemExit(f"non-finite loss or gradient at step {bad}: no update was applied from that step on; "
+                             f"the last good checkpoint is in {args.output_dir}/checkpoints")
 
     def save_checkpoint(step: int):
         # written to a temporary folder, then renamed: a crash mid-save never leaves a checkpoint resume would pick
@@ -722,70 +956,90 @@ if __name__ == "__main__":
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             os.replace(tmp, final)
-            for old in sorted((d for d in os.listdir(root) if d.startswith("step-")), key=lambda d: int(d[5:]))[: -args.save_total_limit]:
-                shutil.rmtree(os.path.join(root, old))
+            steps = sorted(s for s in map(checkpoint_step, os.listdir(root)) if s is not None)
+            for old in steps[: -args.save_total_limit]:
+                shutil.rmtree(os.path.join(root, f"step-{old}"))
         accelerator.wait_for_everyone()
 
-    if eval_loader is not None and global_step == 0:
-        m = evaluate()
-        log("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
-        log_metrics(m, 0)
+    if global_step == 0:
+        log_metrics(data_stats, 0)
+        if eval_loader is not None:
+            evaluate_and_log(0)
 
-    # TRY NOT TO MODIFY: the training loop
     model.train()
     bar = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="wpo")
-    running, n_tokens, t0, weights = {}, 0, time.time(), []
-    for epoch in range(global_step // steps_per_epoch, num_epochs):
-        loader = epoch_loader(epoch)
-        skip = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
-        if skip > 0:
-            loader = accelerator.skip_first_batches(loader, skip)
+    first_step, warmup = global_step, min(3, total_steps // 2)  # the first steps of this run are not steady state
+    window, window_pairs, window_tokens, steady_tokens = {}, 0, 0, 0
+    weights = []  # the logging window's per-pair weights, for their min and max
+    while global_step < total_steps:
+        epoch, steps_done = divmod(global_step, steps_per_epoch)
+        loader = loader_of(train_ds, epoch_order(epoch)[:rows_per_epoch], args.per_device_train_batch_size)
+        if steps_done:
+            loader = accelerator.skip_first_batches(loader, steps_done * args.gradient_accumulation_steps)
         for batch in loader:
+            if clock["steady"] is None and global_step - first_step == warmup:
+                device_sync()
+                clock["steady"] = time.time()
             with accelerator.accumulate(model):
-                ref_c, ref_r = reference(batch, "train")
-                with accelerator.autocast():
-                    loss, m = pair_metrics(model, batch, ref_c, ref_r, args)
+                # ALGO LOGIC: L = mean over pairs of -w logsigmoid(beta h) (WPO; DPO eq. 7; ipo / hinge: header)
+                loss, metrics = policy_pass(batch, "train")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
+                    # TRY NOT TO MODIFY: clip, skip the update from the first non-finite step on (no host sync)
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    if not (torch.isfinite(loss.detach()) and torch.isfinite(grad_norm)):  # checked before the update
-                        raise SystemExit(f"non-finite loss or gradient at step {global_step + 1} (epoch {epoch}, rows {batch['row'].tolist()}); no update "
-                                         f"was applied; the last good checkpoint is in {args.output_dir}/checkpoints")
+                    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
+                    bad = (first_bad_step == 0) & ~(torch.isfinite(grad_norm) & torch.isfinite(loss.detach()))
+                    first_bad_step.copy_(torch.where(bad, global_step + 1, first_bad_step))
+                    skip_update.fill_(0).add_((first_bad_step > 0).float())
                 optimizer.step()
                 optimizer.zero_grad()
-            running = {k: running.get(k, 0) + v.double().sum() for k, v in {**m, "pairs": torch.ones_like(m["loss"])}.items()}
-            weights.append(m["weight"])  # for the weight's min and max over the logging window
-            n_tokens += sum(p["input_ids"].numel() for p in batch["parts"])
+            # TRY NOT TO MODIFY: schedule, logging, eval, checkpoints, throughput
+            window = {k: window.get(k, 0) + v.double().sum() for k, v in metrics.items()}
+            weights.append(metrics["weight"])
+            window_pairs, window_tokens = window_pairs + len(batch["row"]), window_tokens + batch["n_tokens"]
+            steady_tokens += batch["n_tokens"] if clock["steady"] is not None else 0
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             global_step += 1
             bar.update(1)
             if global_step % args.logging_steps == 0 or global_step == total_steps:
-                r = {k: accelerator.reduce(v, reduction="sum") for k, v in running.items()}
-                tokens = accelerator.reduce(torch.tensor(float(n_tokens), device=accelerator.device), reduction="sum")
-                out = {f"train/{k}": (v / r["pairs"]).item() for k, v in r.items() if k != "pairs"}
+                stop_if_non_finite()
+                sums = accelerator.reduce(torch.stack(list(window.values())), reduction="sum").tolist()
+                counts = accelerator.reduce(torch.tensor([window_pairs, window_tokens], dtype=torch.float64,
+                                                         device=accelerator.device), reduction="sum").tolist()
+                seconds = time.time() - clock["window"]
+                out = {f"train/{k}": v / counts[0] for k, v in zip(window, sums)}
                 out.update(weight_extremes(torch.cat(weights), accelerator, "train"))
+                weights.clear()
                 out.update({"train/lr": scheduler.get_last_lr()[0], "train/epoch": global_step / steps_per_epoch,
-                            "perf/tokens_per_s": tokens.item() / (time.time() - t0),
-                            "perf/pairs_per_s": r["pairs"].item() / (time.time() - t0)})
+                            "perf/tokens_per_s": counts[1] / seconds, "perf/pairs_per_s": counts[0] / seconds})
                 bar.set_postfix(loss=f"{out['train/loss']:.4f}", acc=f"{out['train/rewards/accuracies']:.2f}")
                 log_metrics(out, global_step)
-                running, n_tokens, t0, weights = {}, 0, time.time(), []
-            if eval_loader is not None and args.eval_steps and global_step % args.eval_steps == 0 and global_step != total_steps:
-                log_metrics(evaluate(), global_step)
+                window, window_pairs, window_tokens, clock["window"] = {}, 0, 0, time.time()
+            if eval_loader is not None and args.eval_steps and global_step % args.eval_steps == 0 \
+                    and global_step != total_steps:
+                evaluate_and_log(global_step)
             if args.save_steps and global_step % args.save_steps == 0:
-                save_checkpoint(global_step)
+                with paused():
+                    stop_if_non_finite()
+                    save_checkpoint(global_step)
             if global_step >= total_steps:
                 break
-        if global_step >= total_steps:
-            break
     bar.close()
-
+    device_sync()
+    perf = {"perf/peak_memory_gb": (torch.cuda.max_memory_allocated() if accelerator.device.type == "cuda"
+                                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9}
+    if clock["steady"] is not None:  # steady state: the steps after the first `warmup` of this run
+        steady_s, steady_steps = time.time() - clock["steady"], global_step - first_step - warmup
+        tokens = accelerator.reduce(torch.tensor(float(steady_tokens), device=accelerator.device), reduction="sum")
+        perf.update({"perf/steady_tokens_per_s": tokens.item() / steady_s,
+                     "perf/steady_examples_per_s": steady_steps * args.global_batch_size / steady_s,
+                     "perf/steady_steps": steady_steps, "perf/steady_s": steady_s})
+    log_metrics(perf, global_step)
+    stop_if_non_finite()
     if eval_loader is not None:
-        m = evaluate()
-        log(f"step {global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
-        log_metrics(m, global_step)
+        evaluate_and_log(global_step)
 
     # TRY NOT TO MODIFY: save a plain transformers model (LoRA merged) + tokenizer, safetensors
     accelerator.wait_for_everyone()
@@ -797,7 +1051,7 @@ if __name__ == "__main__":
         unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(args.output_dir)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+            json.dump({**vars(args), "run_id": run_id, "completed_steps": global_step}, f, indent=2)
         log(f"saved the model to {args.output_dir}")
         if args.push_to_hub:
             unwrapped.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
@@ -806,3 +1060,7 @@ if __name__ == "__main__":
     if args.track and accelerator.is_main_process:
         wandb.finish()
     accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())

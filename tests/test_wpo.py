@@ -46,14 +46,26 @@ def official_get_batch_logps(logits, labels, label_pad_token_id=-100):
     return logps, weight.detach()
 
 
+def identity_head(vocab, dtype=torch.float32):
+    """An LM head that returns its input: hidden states = logits."""
+    head = torch.nn.Linear(vocab, vocab, bias=False, dtype=dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(vocab, dtype=dtype))
+    return head
+
+
 class FixedLogits:
-    """Stands in for a causal LM: returns given logits at the kept positions, as logits_to_keep=mask does."""
+    """Stands in for a causal LM whose final hidden states are the given logits and whose LM head is the identity,
+    so that wpo.py's LM head on the response positions yields exactly those logits."""
 
     def __init__(self, logits):
-        self.logits = logits
+        self.logits, self.head = logits, identity_head(logits.shape[-1], logits.dtype)
 
-    def __call__(self, input_ids, attention_mask, position_ids, logits_to_keep, use_cache):
-        return SimpleNamespace(logits=self.logits[logits_to_keep])
+    def get_output_embeddings(self):
+        return self.head
+
+    def __call__(self, **inputs):
+        return SimpleNamespace(hidden_states=(self.logits,))
 
 
 def fixed_batch(n_pairs=4, length=9, vocab=13, seed=0):
@@ -93,8 +105,9 @@ def test_weight_equals_the_official_formula_on_fixed_logits():
     torch.testing.assert_close(wpo.wpo_weight(logps, lengths, sq_sums, sum_sq=False), plain, atol=1e-7, rtol=1e-6)
     # chunking (as on long batches) changes nothing
     (part,) = batch["parts"]
-    lp, sq = wpo.token_logps(logits[part["loss_mask"]], part["targets"][part["loss_mask"]], chunk=5)
-    lp1, sq1 = wpo.token_logps(logits[part["loss_mask"]], part["targets"][part["loss_mask"]])
+    hidden, targets, head = logits[part["loss_mask"]], part["targets"][part["loss_mask"]], identity_head(13)
+    lp, sq = wpo.token_logps(head, hidden, targets, chunk_elements=5 * 13)
+    lp1, sq1 = wpo.token_logps(head, hidden, targets)
     torch.testing.assert_close(lp, lp1, atol=0, rtol=0)
     torch.testing.assert_close(sq, sq1, atol=0, rtol=0)
 
@@ -160,12 +173,18 @@ def test_weight_equals_trls_use_weighting_weight_below_one(tiny):
     assert (ours[~below] == 1).all()
 
 
+def chunked_token_logps(logits, targets, rows_per_chunk=2048):
+    """wpo.token_logps on given logits (the LM head is the identity), `rows_per_chunk` rows per chunk."""
+    vocab = logits.shape[-1]
+    return wpo.token_logps(identity_head(vocab, logits.dtype), logits, targets, chunk_elements=rows_per_chunk * vocab)
+
+
 def test_token_logps_and_sum_sq_equal_softmax_formulas_with_gradients():
     torch.manual_seed(0)
     logits = (4 * torch.randn(29, 40)).requires_grad_(True)
     targets = torch.randint(0, 40, (29,))
     upstream = torch.randn(29)
-    lp, sq = wpo.token_logps(logits, targets, chunk=7)
+    lp, sq = chunked_token_logps(logits, targets, 7)
     p = torch.softmax(logits.double(), -1)
     want_lp = p.log().gather(-1, targets[:, None])[:, 0]
     torch.testing.assert_close(lp.double(), want_lp, atol=1e-5, rtol=0)
@@ -187,7 +206,7 @@ def peaked_logits(rows=64, vocab=300, seed=0):
 
 def test_log_sum_sq_is_fp32_and_exact_for_bf16_logits():
     logits, targets = peaked_logits()
-    lp, sq = wpo.token_logps(logits, targets, chunk=7)
+    lp, sq = chunked_token_logps(logits, targets, 7)
     assert lp.dtype == sq.dtype == torch.float32
     # the reference: an fp32 (here fp64) softmax of the same bf16 logits
     p = torch.softmax(logits.double(), -1)
@@ -198,7 +217,7 @@ def test_log_sum_sq_is_fp32_and_exact_for_bf16_logits():
     assert (bf16_sq - p.square().sum(-1).log()).abs().max() > 1e-3
     # one pass: every chunk size gives the same bits
     for chunk in (1, 5, 64, 2048):
-        lp_c, sq_c = wpo.token_logps(logits, targets, chunk=chunk)
+        lp_c, sq_c = chunked_token_logps(logits, targets, chunk)
         assert torch.equal(lp_c, lp) and torch.equal(sq_c, sq)
 
 
@@ -215,7 +234,7 @@ def test_token_logps_gradient_keeps_fp32_precision_in_bf16():
     logits, targets = peaked_logits()
     logits.requires_grad_(True)
     upstream = torch.randn(len(targets), generator=torch.Generator().manual_seed(1))
-    lp, _ = wpo.token_logps(logits, targets, chunk=7)
+    lp, _ = chunked_token_logps(logits, targets, 7)
     (got,) = torch.autograd.grad((lp * upstream).sum(), logits)
     assert got.dtype == torch.bfloat16
     # plain autograd through an fp32 log_softmax of the same bf16 logits
@@ -238,7 +257,7 @@ def test_token_logps_fp32_values_and_gradient_bit_for_bit():
     logits = (3 * torch.randn(37, 50)).requires_grad_(True)
     targets = torch.randint(0, 50, (37,))
     upstream = torch.randn(37)
-    lp, _ = wpo.token_logps(logits, targets, chunk=8)
+    lp, _ = chunked_token_logps(logits, targets, 8)
     z = logits.detach()
     assert torch.equal(lp, z.gather(-1, targets[:, None])[:, 0] - z.logsumexp(-1))
     (got,) = torch.autograd.grad((lp * upstream).sum(), logits)
@@ -251,7 +270,7 @@ def test_the_weight_carries_no_gradient(tiny):
     logits, _, batch = fixed_batch()
     logits.requires_grad_(True)
     (part,) = batch["parts"]
-    lp, sq = wpo.token_logps(logits[part["loss_mask"]], part["targets"][part["loss_mask"]])
+    lp, sq = chunked_token_logps(logits[part["loss_mask"]], part["targets"][part["loss_mask"]])
     assert lp.requires_grad and not sq.requires_grad
 
     # the loss's gradient is the DPO gradient scaled by a constant weight: nothing flows through the weight
@@ -261,10 +280,10 @@ def test_the_weight_carries_no_gradient(tiny):
     assert len(batch["parts"]) == 3
     args = dataclasses.replace(wpo.Args(), beta=0.5)
     ref_c, ref_r = torch.tensor([-20.0, -15, -30, -12]), torch.tensor([-18.0, -25, -14, -16])
-    loss, m = wpo.pair_metrics(model, batch, ref_c, ref_r, args)
-    got = torch.autograd.grad(loss, list(model.parameters()))
     logps, lengths, sq_sums = wpo.sequence_logps(model, batch)
-    w = wpo.wpo_weight(logps, lengths, sq_sums)
+    w = wpo.wpo_weight(logps, lengths, sq_sums)  # as the training loop calls them
+    loss, m = wpo.compute_loss(logps[:4], logps[4:], ref_c, ref_r, lengths[:4], lengths[4:], w, args)
+    got = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
     assert not w.requires_grad and w.grad_fn is None
     assert ((w > 0) & (w <= 1)).all() and (w < 1).any()
     losses, _, _ = wpo.dpo_loss(logps[:4], logps[4:], ref_c, ref_r, args.beta, "sigmoid")
