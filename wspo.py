@@ -507,10 +507,11 @@ def prepare_split(raw, max_samples: int | None, tokenizer, args: Args, what: str
                  desc=f"tokenizing {what}")
     skips = {r: n for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}
     kept = ds.filter(lambda ex: ex["skip"] == "")
+    prompts_cut, responses_cut = sum(kept["prompt_cut"]), sum(kept["response_cut"])
     counts = {f"data/{what}_examples": len(kept), f"data/{what}_dropped": len(ds) - len(kept),
-              f"data/{what}_prompts_cut": sum(kept["prompt_cut"]), f"data/{what}_responses_cut": sum(kept["response_cut"])}
-    log(f"{what}: {len(kept)} of {len(ds)} examples kept; {counts[f'data/{what}_prompts_cut']} prompts cut, "
-        f"{counts[f'data/{what}_responses_cut']} responses cut" + "".join(f", {n} {r}" for r, n in skips.items()))
+              f"data/{what}_prompts_cut": prompts_cut, f"data/{what}_responses_cut": responses_cut}
+    log(f"{what}: {len(kept)} of {len(ds)} examples kept; {prompts_cut} prompts cut, {responses_cut} responses cut"
+        + "".join(f", {n} {r}" for r, n in skips.items()))
     if len(kept) == 0:
         fail(f"no usable example in the {what} data ({source}; {skips}); check --response_column and the data")
     kept = kept.remove_columns(["skip", "prompt_cut", "response_cut"])
@@ -553,7 +554,7 @@ def cached_tokens(cache: dict, rows: list[int], key_index: int = 0) -> torch.Ten
     return torch.cat([cache["values"][offsets[k]: offsets[k + 1]] for k in sequences])
 
 
-def collate(rows: list[dict], pad_id: int, padding_free: bool, keys=("chosen_ids",), cache: dict | None = None) -> dict:
+def collate(rows: list[dict], pad_id: int, padding_free: bool, keys=("chosen_ids",), cache: dict | None = None):
     """One sequence per (key, row), keys outer: with keys=(chosen, rejected), sequence i and i+len(rows) pair up.
     `targets[t]` is the next token, `loss_mask[t]` marks positions that predict a response token. The response
     tokens' sequence ids, counts and cached values are built here, on the host, so the step never waits on the
@@ -572,7 +573,7 @@ def collate(rows: list[dict], pad_id: int, padding_free: bool, keys=("chosen_ids
            "response_targets": torch.cat([t[m] for t, m in zip(targets, masks)])}
     if cache is not None:  # the pre-pass's strong-reference log-probs (every response) and weak log-ratio (chosen)
         out["ref_logps"] = torch.cat([cached_tokens(cache["ref"], row_ids, k) for k in range(len(keys))])
-        out["weak_logratio"] = (cached_tokens(cache["weak_aligned"], row_ids) - cached_tokens(cache["weak_ref"], row_ids))
+        out["weak_logratio"] = cached_tokens(cache["weak_aligned"], row_ids) - cached_tokens(cache["weak_ref"], row_ids)
     if padding_free:
         return {**out, "input_ids": torch.cat(seqs)[None], "loss_mask": torch.cat(masks)[None],
                 "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None]}
@@ -621,8 +622,7 @@ def compute_loss(policy_logps: torch.Tensor, batch: dict, beta: float, gamma: fl
         d = beta * per_sequence_sum(strong_logratio, seq_id, n) - gamma * per_sequence_sum(weak_logratio, seq_id, n)
         losses, abs_d = d**2, d.detach().abs()
     chosen_rewards = beta * per_sequence_sum(strong_logratio.detach(), seq_id, n)  # the strong implicit reward
-    metrics = {"loss": losses.detach(), "abs_d": abs_d, "rewards/chosen": chosen_rewards,
-               "logratio_corr": pearson(strong_logratio.detach(), weak_logratio) * torch.ones_like(abs_d)}
+    metrics = {"loss": losses.detach(), "abs_d": abs_d, "rewards/chosen": chosen_rewards}
     if batch["n_seqs"] > n:  # rejected responses (eval): the strong implicit reward's held-out accuracy
         rejected_logratio = (policy_logps[n_chosen:] - batch["ref_logps"][n_chosen:]).detach()
         rejected_rewards = beta * per_sequence_sum(rejected_logratio, batch["response_seq"][n_chosen:] - n, n)
@@ -789,7 +789,9 @@ if __name__ == "__main__":
         fail(f"{len(train_ds)} training examples are fewer than one global batch ({args.global_batch_size}); lower "
              "--per_device_train_batch_size or --gradient_accumulation_steps, or add data")
     total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
-    epoch_order = lambda epoch: torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed + epoch))
+    # the data order depends on (seed, epoch) only, so a resumed run sees the same batches
+    seeded = lambda epoch: torch.Generator().manual_seed(args.seed + epoch)
+    epoch_order = lambda epoch: torch.randperm(len(train_ds), generator=seeded(epoch))
 
     # ALGO LOGIC: the pre-pass (REFERENCE.md, WSPO: the weak log-ratio and the strong reference never change). The
     # strong reference runs in the run's own batches (epoch 0's micro-batches, the eval batches): bit-equal to the
@@ -842,7 +844,7 @@ if __name__ == "__main__":
     nonfinite = torch.zeros((), device=accelerator.device)
     first_nonfinite_step = torch.full((), -1, device=accelerator.device)
     optimizer.optimizer.found_inf = nonfinite
-    eval_loader = make_loader("eval", list(range(len(eval_ds))), args.per_device_eval_batch_size) if eval_ds is not None else None
+    eval_loader = None if eval_ds is None else make_loader("eval", range(len(eval_ds)), args.per_device_eval_batch_size)
 
     global_step = 0
     ckpt = newest_checkpoint(args.output_dir) if args.resume else None
@@ -941,7 +943,7 @@ if __name__ == "__main__":
                     policy_logps = token_logps(model, batch)  # log pi(y_t) at every chosen response token
                 # ALGO LOGIC: the WSPO loss (REFERENCE.md, WSPO; official trainer, token level):
                 # d_t = beta (log pi - log pi_sref) - gamma (log pi_wal - log pi_wref), loss = mean_y sum_t d_t^2 / |y|
-                losses, m = compute_loss(policy_logps, batch, args.beta, args.weak_coef, args.loss_level)
+                losses, metrics = compute_loss(policy_logps, batch, args.beta, args.weak_coef, args.loss_level)
                 loss = losses.mean()
                 # TRY NOT TO MODIFY: backward, clipping, the non-finite flag, the update
                 accelerator.backward(loss)
@@ -953,7 +955,11 @@ if __name__ == "__main__":
                 nonfinite.copy_(torch.maximum(nonfinite, bad.float()))
                 optimizer.step()
                 optimizer.zero_grad()
-            running = {k: running.get(k, 0) + v.double().sum() for k, v in {**m, "examples": torch.ones_like(m["loss"])}.items()}
+            # the batch's correlation of strong and weak per-token log-ratios (training batches hold chosen only)
+            corr = pearson((policy_logps - batch["ref_logps"]).detach(), batch["weak_logratio"])
+            ones = torch.ones_like(losses.detach())
+            metrics.update(logratio_corr=corr * ones, examples=ones)
+            running = {k: running.get(k, 0) + v.double().sum() for k, v in metrics.items()}
             window_tokens += batch["n_tokens"]
             if global_step - start_step >= warmup_steps:
                 steady["tokens"] += batch["n_tokens"]
@@ -968,9 +974,9 @@ if __name__ == "__main__":
                 steady["start"] = time.time()
             if global_step % args.logging_steps == 0 or global_step == total_steps:
                 check_finite()
-                r = {k: accelerator.reduce(v, reduction="sum") for k, v in running.items()}
+                sums = {k: accelerator.reduce(v, reduction="sum") for k, v in running.items()}
                 tokens = accelerator.reduce(torch.tensor(float(window_tokens), device=accelerator.device), "sum")
-                out = {f"train/{k}": (v / r["examples"]).item() for k, v in r.items() if k != "examples"}
+                out = {f"train/{k}": (v / sums["examples"]).item() for k, v in sums.items() if k != "examples"}
                 out.update({"train/lr": scheduler.get_last_lr()[0], "train/epoch": global_step / steps_per_epoch,
                             "perf/tokens_per_s": tokens.item() / (time.time() - window_start)})
                 bar.set_postfix(loss=f"{out['train/loss']:.4f}")
