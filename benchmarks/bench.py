@@ -306,12 +306,13 @@ def plan(args: Args, size: Size, models: str, files: dict, rundir: str, bf16: bo
         groups = lambda g: [{"layout": "padded", "length_groups": g}, {"padding_free": False, "length_groups": g}]
         free = [{"layout": "padding_free"}, {"padding_free": True}]
         for n, o in (("dpo/ours-groups1", groups(1)), ("dpo/ours-groups4", groups(4)), ("dpo/ours-padding-free", free),
+                     ("dpo/ours-batch16", {"per_device_train_batch_size": 16}),  # >= 16k tokens a step (MFU target)
+                     ("sft/ours-batch24", {"per_device_train_batch_size": 24}),
                      ("dpo/ours-groups1-gc", [{**x, **gc_on} for x in groups(1)]),
                      ("dpo/ours-groups4-gc", [{**x, **gc_on} for x in groups(4)]),
                      ("dpo/ours-padding-free-gc", [{**x, **gc_on} for x in free]), ("sft/ours-packing", {"packing": True}),
                      ("wpo/ours-nogc", gc_off), ("wpo/ours-gc", gc_on), ("wspo/ours-gc", gc_on), ("sft/ours-gc", gc_on),
-                     ("dpo/ours-lora", {"use_lora": True}), ("dpo/ours-batch16", {"per_device_train_batch_size": 16}),
-                     ("sft/ours-batch24", {"per_device_train_batch_size": 24})):  # >= 16k tokens a step (MFU target)
+                     ("dpo/ours-lora", {"use_lora": True})):
             ours(n, n.split("/")[0] + ".py", o, n.split("/")[0] + "/ours")
     if args.only:
         runs = [r for r in runs if r.name.split(":", 1)[1].startswith(tuple(args.only))]
