@@ -622,6 +622,7 @@ def compute_loss(policy_logps: torch.Tensor, batch: dict, beta: float, gamma: fl
         d = beta * per_sequence_sum(strong_logratio, seq_id, n) - gamma * per_sequence_sum(weak_logratio, seq_id, n)
         losses, abs_d = d**2, d.detach().abs()
     chosen_rewards = beta * per_sequence_sum(strong_logratio.detach(), seq_id, n)  # the strong implicit reward
+    # abs_d: how far each response is from the weak target, |d| (token level: the mean of |d_t| over the response)
     metrics = {"loss": losses.detach(), "abs_d": abs_d, "rewards/chosen": chosen_rewards}
     if batch["n_seqs"] > n:  # rejected responses (eval): the strong implicit reward's held-out accuracy
         rejected_logratio = (policy_logps[n_chosen:] - batch["ref_logps"][n_chosen:]).detach()
@@ -898,9 +899,9 @@ if __name__ == "__main__":
             parts.append(accelerator.gather_for_metrics(compute_loss(policy_logps, batch, args.beta, args.weak_coef,
                                                                      args.loss_level)[1]))
         model.train()
-        m = {f"eval/{k}": torch.cat([p[k] for p in parts]).double().mean().item() for k in parts[0]}
-        log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
-        log_metrics({**m, **(extra or {})}, step)
+        means = {f"eval/{k}": torch.cat([p[k] for p in parts]).double().mean().item() for k in parts[0]}
+        log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+        log_metrics({**means, **(extra or {})}, step)
         sync()
         return time.time() - start
 
@@ -935,8 +936,8 @@ if __name__ == "__main__":
     epoch = global_step // steps_per_epoch
     while global_step < total_steps:
         loader = make_loader("train", epoch_order(epoch)[:rows_per_epoch].tolist(), args.per_device_train_batch_size)
-        skip = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
-        loader = accelerator.skip_first_batches(loader, skip) if skip > 0 else loader
+        batches_done = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps  # when resumed
+        loader = accelerator.skip_first_batches(loader, batches_done) if batches_done > 0 else loader
         for batch in loader:
             with accelerator.accumulate(model):
                 with accelerator.autocast():
