@@ -99,7 +99,7 @@ class Size:
 
 SIZES = {
     "cpu": Size("cpu", vocab=32000, hidden=512, layers=4, heads=8, kv_heads=2, intermediate=1536, weak_layers=2,
-                prompt_len=(16, 128), response_len=(32, 384), max_length=512, steps=5, tie_embeddings=False),
+                prompt_len=(24, 128), response_len=(32, 383), max_length=512, steps=5, tie_embeddings=False),
     "quick": Size("quick", vocab=4096, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=192, weak_layers=1,
                   prompt_len=(24, 48), response_len=(8, 96), max_length=160, batch_size=4, steps=2),
     # Qwen/Qwen2-0.5B and Qwen/Qwen2-1.5B config.json (hidden, layers, heads, KV heads, intermediate, vocab, tied)

@@ -13,7 +13,7 @@ import random
 import sys
 
 SIZES = {  # (batch pairs, prompt tokens, response tokens): bench.py's SIZES["cpu"] and SIZES["qwen2-0.5b"]
-    "cpu (prompts 16..128, responses 32..384)": (8, (16, 128), (32, 384)),
+    "cpu (prompts 24..128, responses 32..383)": (8, (24, 128), (32, 383)),
     "gpu (prompts 64..512, responses 64..768)": (8, (64, 512), (64, 768)),
 }
 
