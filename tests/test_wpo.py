@@ -327,6 +327,15 @@ def test_wpo_end_to_end_trains_with_weights_in_range(tiny, sft_model, tmp_path):
     assert evals[1]["eval/rewards/margins"] > 0
     for f in ("model.safetensors", "config.json", "tokenizer.json", "args.json"):
         assert (out / f).exists(), f
+    # the output folder is protected, and resuming the finished run trains nothing (dpo.py's start-up, derived)
+    rows = (out / "metrics.jsonl").read_text()
+    p = run_script(*wpo_args(tiny, sft_model, out, "--max_steps", "40", "--logging_steps", "5", "--max_eval_samples",
+                             "200"), check=False)
+    assert p.returncode == 2 and f"output_dir {out} already holds files" in p.stderr and "--overwrite_output_dir" in p.stderr
+    p = run_script(*wpo_args(tiny, sft_model, out, "--max_steps", "40", "--logging_steps", "5", "--max_eval_samples",
+                             "200", "--resume"), check=False)
+    assert p.returncode == 0 and f"run in {out} already finished (step 40); nothing to do" in p.stdout
+    assert (out / "metrics.jsonl").read_text() == rows and len({r["run_id"] for r in m}) == 1
 
 
 def test_step_0_rewards_are_exactly_zero_in_bf16_and_fp32(tiny, small_sft, tmp_path):
@@ -369,6 +378,49 @@ def test_dropout_is_off_so_the_first_training_step_has_zero_rewards(tiny, small_
         assert m[k] == 0.0, (k, m[k])
     assert m["train/loss"] == pytest.approx(math.log(2) * m["train/weight"], rel=1e-6)
     assert abs(first["--no_disable_dropout"]["train/rewards/margins"]) > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments
+# ---------------------------------------------------------------------------------------------
+def parse(monkeypatch, *argv):
+    monkeypatch.setattr("sys.argv", ["wpo.py", *argv])
+    return wpo.parse_args()
+
+
+def test_defaults_are_the_official_llama3_setting(monkeypatch, tmp_path):
+    args = parse(monkeypatch, "--output_dir", str(tmp_path / "o"))
+    assert (args.beta, args.learning_rate, args.num_train_epochs) == (0.01, 1e-6, 2)
+    assert (args.max_length, args.max_prompt_length) == (2048, 1800)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 8)  # x 8 GPUs = 128 pairs
+    assert (args.lr_scheduler_type, args.warmup_ratio, args.loss_type) == ("cosine", 0.1, "sigmoid")
+    assert args.gradient_checkpointing and args.clamp_weight and args.weight_sum_sq and args.disable_dropout
+    assert args.model_name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct"
+
+
+def test_tiny_preset_with_equals_sign_and_explicit_flags_override(monkeypatch, tmp_path):
+    args = parse(monkeypatch, "--preset=tiny", "--output_dir", str(tmp_path / "o"))
+    assert (args.preset, args.max_length, args.beta, args.gradient_checkpointing) == ("tiny", 128, 0.1, False)
+    assert args.output_dir == str(tmp_path / "o") and args.clamp_weight
+    args = parse(monkeypatch, "--preset", "tiny", "--output_dir", str(tmp_path / "o"), "--beta", "0.3",
+                 "--gradient_checkpointing", "--no_clamp_weight", "--model_name_or_path", "my/model")
+    assert (args.beta, args.gradient_checkpointing, args.clamp_weight) == (0.3, True, False)
+    assert args.model_name_or_path == "my/model" and args.max_length == 128
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--per_device_train_batch_size", "-1"], "--per_device_train_batch_size must be at least 1 (got -1)"),
+    (["--beta", "0"], "--beta must be positive (got 0.0)"),
+    (["--learning_rate", "-1e-6"], "--learning_rate must be non-negative (got -1e-06)"),
+    (["--max_prompt_length", "128"], "--max_prompt_length (128) must be below --max_length (128)"),
+    (["--resume", "--overwrite_output_dir"], "--resume continues the run in output_dir, --overwrite_output_dir"),
+])
+def test_bad_arguments_fail_before_anything_is_loaded(monkeypatch, capsys, tmp_path, argv, message):
+    with pytest.raises(SystemExit) as e:
+        parse(monkeypatch, "--preset", "tiny", "--output_dir", str(tmp_path / "o"), *argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_help_documents_every_flag():
