@@ -221,6 +221,18 @@ def test_bad_prompts_and_models_exit_2(prompts, chat_model, tmp_path):
         ("alpaca_eval", ["--model_name_or_path", str(tmp_path / "no_model")],
          f"could not load model '{tmp_path / 'no_model'}': no such local folder"),
     ]
+    duplicate = tmp_path / "mt.jsonl"
+    duplicate.write_text("".join(json.dumps({"question_id": 81, "category": "math", "turns": [t]}) + "\n"
+                                 for t in ("sort one two", "copy three")))
+    no_template = tmp_path / "no_template"
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    tok.chat_template = None
+    tok.save_pretrained(no_template)
+    cases += [
+        ("mt_bench", ["--prompts", str(duplicate)], f"{duplicate}: two prompts share one question_id"),
+        ("alpaca_eval", ["--tokenizer_name", str(no_template)],
+         f"the tokenizer of '{no_template}' has no chat template"),
+    ]
     for benchmark, extra, message in cases:
         p = generate(benchmark, prompts, [chat_model], tmp_path / "out", *extra, check=False)
         assert p.returncode == 2 and f"error: {message}" in p.stderr and "Traceback" not in p.stderr, (extra, p.stderr)
