@@ -13,9 +13,8 @@ hybrid_pairs.py (the policy's samples scored by a reward model); wpo.py trains o
     rewards  : beta (logp_pi - logp_ref) for y_w and y_l; accuracy = reward_w > reward_l
     a(y)     = mean over response tokens of [logp(y_t) - log sum_v p_v(t)^2]   (official "sampled alignment")
     w        = min(1, exp(a(y_w) + a(y_l))), detached, from the policy's own forward pass
-    loss     = w * (the DPO loss above); logged: weight (the mean over pairs), weight_min, weight_max
-    --no_clamp_weight: TRL's `use_weighting` form (no min with 1); --no_weight_sum_sq: a(y) = the plain
-    length-normalised log-prob (no sum of squares term)
+    loss     = mean over pairs of w * (the DPO loss above), not divided by sum w (as the official code and TRL)
+    --no_clamp_weight: TRL's `use_weighting` (no min with 1); --no_weight_sum_sq: a(y) = mean of logp(y_t)
 
 The reference never changes, so its log-probs are computed in one pass before training (on the policy's initial
 weights; with LoRA the base model, adapters off) and cached on disk; training holds only the policy. Each pair is
@@ -32,9 +31,9 @@ Defaults: the official Llama-3-8B-Instruct setting (beta 0.01, lr 1e-6, 2 epochs
 fastest, and in `--length_groups` length-sorted padded forwards on a CPU, where less padding wins (benchmarks/).
 Logits exist for one chunk of response positions at a time (recomputed in backward), never for the whole batch.
 
-The weight needs log sum_v p_v^2 = log sum_v e_v^2 - 2 log sum_v e_v with e = exp(z - max z) for logits z: it is
-taken in fp32 from the exponentials the log-normaliser takes anyway, chunk by chunk, without a gradient and without
-a probability tensor. Everything else is dpo.py: `diff dpo.py wpo.py` shows what WPO changes.
+log sum_v p_v^2 = log sum_v e_v^2 - 2 log sum_v e_v (e = exp(z - max z), logits z) is taken in fp32 from the
+exponentials the log-normaliser takes anyway, chunk by chunk: no gradient, no probability tensor. Logged: weight (the
+mean over pairs), weight_min, weight_max. Everything else is dpo.py: `diff dpo.py wpo.py` shows what WPO changes.
 
 Paper scale (GPU, hub):
     accelerate launch --config_file configs/zero3.yaml wpo.py --output_dir runs/llama3-8b-instruct-wpo
