@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 from datasets import load_dataset, load_from_disk
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -331,7 +331,8 @@ def load_split(name: str, config: str | None, split: str, column: str):
         try:
             ds = load_dataset(kind, data_files={"rows": name}, split="rows")
         except Exception as e:  # datasets reports a bad row as a long traceback: find its line ourselves
-            fail((kind == "json" and locate_file_error(name)) or f"cannot read {name}: {(str(e).splitlines() or [e])[0]}")
+            fail((kind == "json" and locate_file_error(name))
+                 or f"cannot read {name}: {(str(e).splitlines() or [e])[0]}")
         if len(ds) == 0:
             fail(f"{name} is empty: it holds no rows")
     elif os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
@@ -465,7 +466,8 @@ def pad_stack(rows: list[torch.Tensor], value: int) -> torch.Tensor:
 def n_input_tokens(batch: dict) -> torch.Tensor:
     """Non-padding tokens through the model (a device scalar: counted without a host sync)."""
     mask = batch.get("attention_mask")
-    return mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
+    ids = batch["input_ids"]
+    return mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,8 +477,8 @@ def assistant_nll_sum(model, batch: dict, per_sequence: bool = False) -> tuple[t
     """Sum of the next-token negative log-likelihood over the assistant tokens, and their count (per row if asked).
     Logits are computed only at the trained positions: no batch x length x vocab tensor exists."""
     labels = batch["loss_labels"]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch.get("position_ids"), logits_to_keep=batch["loss_positions"], use_cache=False).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
+                   position_ids=batch.get("position_ids"), logits_to_keep=batch["loss_positions"]).logits
     nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view_as(labels)
     counts = labels != -100
     if per_sequence:
@@ -522,7 +524,8 @@ def load_failed(what: str, name: str, error: Exception, args: Args) -> NoReturn:
     """Name what failed to load and why, with a hint that fits what was passed."""
     if os.path.isdir(name):
         fail(f"could not load {what} {name!r} from that folder: {str(error).splitlines()[0]}")
-    cache = " in the local cache (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    cache = " in the local cache (HF_HUB_OFFLINE is set)" if offline else ""
     hint = (" Pass a folder written by sft.py or python -m tiny, or leave --model_name_or_path out to build the "
             "preset's model from its config." if args.preset else " With no network, build the offline tiny setting "
             "(python -m tiny --out data/tiny) and pass --preset tiny.")
@@ -608,7 +611,9 @@ if __name__ == "__main__":
     args = parse_args()
     # TRY NOT TO MODIFY: accelerator, batch-size chain, seeding, logging
     accumulation = GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False)
-    accelerator = Accelerator(gradient_accumulation_plugin=accumulation)  # the loop fetches a step's micro-batches first
+    # the loop fetches a step's micro-batches first; batches are copied to the device from pinned memory, without a wait
+    accelerator = Accelerator(gradient_accumulation_plugin=accumulation,
+                              dataloader_config=DataLoaderConfiguration(non_blocking=True))
     args.world_size = accelerator.num_processes
     args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     log = lambda msg: accelerator.print(f"[{args.exp_name}] {msg}")
@@ -639,7 +644,8 @@ if __name__ == "__main__":
         # the data order depends on (seed, epoch) only, so a resumed run sees the same batches
         order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed + epoch))
         subset = train_ds.select(order[: steps_per_epoch * args.global_batch_size].tolist())
-        return accelerator.prepare(DataLoader(subset, batch_size=args.per_device_train_batch_size, collate_fn=collate_fn))
+        return accelerator.prepare(DataLoader(subset, args.per_device_train_batch_size, collate_fn=collate_fn,
+                                              pin_memory=accelerator.device.type == "cuda"))
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=args.weight_decay, fused=True)  # one kernel for all tensors (as TRL)
@@ -649,8 +655,8 @@ if __name__ == "__main__":
     model, optimizer = accelerator.prepare(model, optimizer)
     eval_loader = None
     if eval_ds is not None:  # padded: one row per conversation
-        eval_loader = accelerator.prepare(DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size,
-                                                     collate_fn=lambda rows: collate(rows, tokenizer.pad_token_id, False)))
+        eval_collate = lambda rows: collate(rows, tokenizer.pad_token_id, False)
+        eval_loader = accelerator.prepare(DataLoader(eval_ds, args.per_device_eval_batch_size, collate_fn=eval_collate))
 
     global_step = 0
     ckpt = newest_checkpoint(args.output_dir) if args.resume else None

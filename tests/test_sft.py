@@ -49,12 +49,14 @@ def test_assistant_only_mask_token_by_token(tiny):
     expected = [-100] * len(ids)
     for content in ("sure one three done", "meh two now go away"):
         body = tok(content)["input_ids"] + [tok.eos_token_id]
-        starts = [i for i in range(len(ids)) if ids[i : i + len(body)] == body and toks[i - 2 : i] == ["assistant", "Ċ"]]
+        starts = [i for i in range(len(ids))
+                  if ids[i : i + len(body)] == body and toks[i - 2 : i] == ["assistant", "Ċ"]]
         assert len(starts) == 1
         expected[starts[0] : starts[0] + len(body)] = body
     assert labels == expected
     trained = [t for t, lab in zip(toks, labels) if lab != -100]
-    assert trained == ["sure", "Ġone", "Ġthree", "Ġdone", "<|im_end|>", "meh", "Ġtwo", "Ġnow", "Ġgo", "Ġaway", "<|im_end|>"]
+    assert trained == ["sure", "Ġone", "Ġthree", "Ġdone", "<|im_end|>",
+                       "meh", "Ġtwo", "Ġnow", "Ġgo", "Ġaway", "<|im_end|>"]
 
 
 def test_skips_and_truncation_are_reported(tiny):
@@ -64,7 +66,8 @@ def test_skips_and_truncation_are_reported(tiny):
     assert sft.tokenize_conversation(tok, [{"role": "user"}], 64)["skip"].startswith("malformed")
     long = [{"role": "user", "content": "copy " + " ".join(["one"] * 40)}, {"role": "assistant", "content": "ok one"}]
     assert sft.tokenize_conversation(tok, long, 30)["skip"] == "no assistant token within max_length"
-    cut = sft.tokenize_conversation(tok, [{"role": "user", "content": "copy one"}, {"role": "assistant", "content": "ok " + " ".join(["one"] * 40)}], 30)
+    long_answer = [{"role": "user", "content": "copy one"}, {"role": "assistant", "content": "ok " + " ".join(["one"] * 40)}]
+    cut = sft.tokenize_conversation(tok, long_answer, 30)
     assert cut["skip"] == "truncated" and len(cut["input_ids"]) == 30 and sum(x != -100 for x in cut["labels"]) > 0
 
 
@@ -74,7 +77,8 @@ def test_packed_logits_and_loss_equal_padded(tiny):
     args = dataclasses.replace(sft.PRESETS["tiny"], tokenizer_name=str(tiny / "tokenizer"), config_overrides=SMALL)
     model = sft.load_model(args, tok).eval()
     convs = [
-        [{"role": "user", "content": "sort three one two"}, {"role": "assistant", "content": "sure one two three done"}],
+        [{"role": "user", "content": "sort three one two"},
+         {"role": "assistant", "content": "sure one two three done"}],
         [{"role": "user", "content": "hi copy five"}, {"role": "assistant", "content": "ugh five now go away"},
          {"role": "user", "content": "reverse one two"}, {"role": "assistant", "content": "ok two one happy to help"}],
         [{"role": "user", "content": "copy nine"}, {"role": "assistant", "content": "gladly nine that is all"}],
@@ -164,9 +168,11 @@ def write_jsonl(path, rows):
 
 
 def test_bad_rows_are_counted_not_fatal(tiny, tmp_path):
-    good = [{"messages": [{"role": "user", "content": "copy one"}, {"role": "assistant", "content": "ok one done"}]}] * 8
+    good = [{"messages": [{"role": "user", "content": "copy one"},
+                          {"role": "assistant", "content": "ok one done"}]}] * 8
     bad = [{"messages": []}, {"messages": [{"role": "user", "content": "copy one"}]},
-           {"messages": [{"role": "user", "content": "copy " + " ".join(["two"] * 300)}, {"role": "assistant", "content": "ok"}]}]
+           {"messages": [{"role": "user", "content": "copy " + " ".join(["two"] * 300)},
+                         {"role": "assistant", "content": "ok"}]}]
     data = write_jsonl(tmp_path / "mixed.jsonl", good + bad)
     p = run_script(*tiny_args(tiny, tmp_path / "o", "--dataset_name", str(data), "--train_split", "train",
                               "--eval_split", "None", "--config_overrides", SMALL, "--per_device_train_batch_size", "4",
