@@ -195,7 +195,6 @@ RESUME_SAFE = {"exp_name", "output_dir", "preset", "track", "wandb_project_name"
                "hub_model_id", "trust_remote_code", "gradient_checkpointing", "eval_split", "eval_dataset_name",
                "max_eval_samples", "per_device_eval_batch_size", "logging_steps", "eval_steps", "save_steps",
                "save_total_limit", "resume", "resume_allow_changes", "overwrite_output_dir"}
-DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 def fail(message: str) -> NoReturn:
