@@ -358,6 +358,46 @@ def read_metrics(path: str, steps: int) -> dict:
     return out
 
 
+class CpuWindow:
+    """The process CPU time (all its threads) spent in the steady-state window, seen from outside: from the moment
+    metrics.jsonl gets its first row at step >= W (the row written after step W) to its first row at step >= the
+    last step. On a shared machine, examples per CPU second is the cross-check of examples per wall second."""
+
+    def __init__(self, path: str, pid: int, warmup: int, steps: int):
+        self.path, self.pid, self.warmup, self.steps = path, pid, warmup, steps
+        self.pos, self.start, self.end = 0, None, None
+
+    def _cpu(self) -> float | None:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def poll(self):
+        if self.end is not None or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            f.seek(self.pos)
+            text = f.read()
+        lines = text.split("\n")
+        self.pos += len(text) - len(lines[-1])  # keep a partly written last line for the next poll
+        for line in lines[:-1]:
+            try:
+                step = json.loads(line).get("step", -1)
+            except json.JSONDecodeError:
+                continue
+            if self.start is None and step >= self.warmup:
+                self.start = self._cpu()
+            if self.start is not None and step >= self.steps:
+                self.end = self._cpu()
+                break
+
+    def cpu_s(self) -> float | None:
+        return None if self.start is None or self.end is None else self.end - self.start
+
+
 CURRENT: list = []  # the process group of the run in progress
 
 
@@ -393,7 +433,10 @@ def execute(run: Run, env: dict, timeout: float, logdir: str) -> dict:
         if watcher:
             watcher.start()
         status, rusage, timed_out = None, None, False
+        steps = int(run.argv[run.argv.index("--max_steps") + 1])
+        window = CpuWindow(os.path.join(out_dir, "metrics.jsonl"), proc.pid, min(3, steps // 2), steps)
         while status is None:
+            window.poll()
             pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 status, rusage = os.waitstatus_to_exitcode(st), ru
@@ -402,12 +445,15 @@ def execute(run: Run, env: dict, timeout: float, logdir: str) -> dict:
                 timed_out = True
                 os.killpg(proc.pid, 9)
             else:
-                time.sleep(0.2)
+                time.sleep(0.1)
         stop.set()
         CURRENT.clear()
     res = {"name": run.name, "rc": status, "wall_s": time.time() - t0, "timed_out": timed_out, "log": log_path,
-           "child_maxrss_gb": rusage.ru_maxrss * 1024 / 1e9, "smi_peak_gb": peak_smi[0]}
-    res.update(read_metrics(os.path.join(out_dir, "metrics.jsonl"), int(run.argv[run.argv.index("--max_steps") + 1])))
+           "child_maxrss_gb": rusage.ru_maxrss * 1024 / 1e9, "smi_peak_gb": peak_smi[0], "window_cpu_s": window.cpu_s()}
+    res.update(read_metrics(os.path.join(out_dir, "metrics.jsonl"), steps))
+    if res["window_cpu_s"] and res.get("steady_s") and res.get("examples_s"):  # per CPU second over the same window
+        res["examples_cpu_s"] = res["examples_s"] * res["steady_s"] / res["window_cpu_s"]
+        res["tokens_cpu_s"] = res["tokens_s"] * res["steady_s"] / res["window_cpu_s"]
     if res.get("peak_gb") is None and not gpu_name() and res.get("tokens_s"):  # not logged (yet): the process's peak RSS
         res.update(peak_gb=res["child_maxrss_gb"], fallback=True)
     args_json = os.path.join(out_dir, "args.json")
@@ -553,8 +599,13 @@ def ratio_rows(res: dict, size: str, gpu: bool) -> list[dict]:
                 rows.append({"what": what, "ratio": None, "target": target, "ok": None})
             continue
         ratio = b[key] / a[key] if q == "step" else a[key] / b[key]
-        ok = None if target is None else (ratio >= target[1] if target[0] == ">=" else ratio <= target[1])
-        rows.append({"what": what, "ratio": ratio, "target": target, "ok": ok, "ours": a[key], "theirs": b[key]})
+        check = lambda r: None if target is None or r is None else (r >= target[1] if target[0] == ">=" else r <= target[1])
+        ck = {"examples": "examples_cpu_s", "tokens": "tokens_cpu_s", "step": "examples_cpu_s"}.get(q)
+        cpu = None
+        if ck and a.get(ck) and b.get(ck):
+            cpu = b[ck] / a[ck] if q == "step" else a[ck] / b[ck]
+        rows.append({"what": what, "ratio": ratio, "target": target, "ok": check(ratio), "ours": a[key], "theirs": b[key],
+                     "cpu_ratio": cpu, "cpu_ok": check(cpu)})
     return rows
 
 
@@ -606,8 +657,8 @@ def report(args: Args, sizes: list[Size], res: dict, info: dict, command: str) -
               f"{size.batch_size} pairs / conversations, accumulation 1, {size.steps} steps, prompts of {size.prompt_len[0]}.."
               f"{size.prompt_len[1]} and responses of {size.response_len[0]}..{size.response_len[1]} tokens (uniform), max "
               f"length {size.max_length}; data: {info['files'][size.name]}.", "",
-              "| run | flags | GC | examples/s | tokens/s | MFU | peak GB | nvidia-smi GB | steady steps / s | process s | first loss | status |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| run | flags | GC | examples/s | tokens/s | MFU | peak GB | nvidia-smi GB | steady steps / s | CPU s in window | process s | first loss | status |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in res.items():
             if not name.startswith(size.name + ":"):
                 continue
@@ -620,14 +671,23 @@ def report(args: Args, sizes: list[Size], res: dict, info: dict, command: str) -
             L.append(f"| {name.split(':', 1)[1]} | {r.get('flags', '')} | {'-' if gc is None else 'on' if gc else 'off'} | "
                      f"{fmt(r.get('examples_s'))} | {fmt(r.get('tokens_s'), '{:.0f}')} | {fmt(mfu(r, p['strong'], peak), '{:.1%}')} | "
                      f"{fmt(r.get('peak_gb'))} | {fmt(r.get('smi_peak_gb'))} | "
-                     f"{fmt(r.get('steady_steps'), '{:.0f}')} / {fmt(r.get('steady_s'), '{:.1f}')} | {fmt(r.get('wall_s'), '{:.0f}')} | "
+                     f"{fmt(r.get('steady_steps'), '{:.0f}')} / {fmt(r.get('steady_s'), '{:.1f}')} | {fmt(r.get('window_cpu_s'), '{:.1f}')} | "
+                     f"{fmt(r.get('wall_s'), '{:.0f}')} | "
                      f"{fmt(r.get('first_loss'), '{:.4f}')} | {status} |")
-        L += ["", "| comparison (ours / theirs) | ours | theirs | ratio | target | verdict |", "|---|---|---|---|---|---|"]
+        cpu_col = not gpu
+        L += ["", "| comparison (ours / theirs) | ours | theirs | ratio | target | verdict |" + (" CPU-time ratio | verdict |" if cpu_col else ""),
+              "|---|---|---|---|---|---|" + ("---|---|" if cpu_col else "")]
+        verdict = lambda ok, r: "not measured" if r is None else "" if ok is None else ("met" if ok else "**missed**")
         for row in ratio_rows(res, size.name, gpu):
             t = row["target"]
-            verdict = "" if row["ok"] is None else ("met" if row["ok"] else "**missed**")
             L.append(f"| {row['what']} | {fmt(row.get('ours'))} | {fmt(row.get('theirs'))} | {fmt(row['ratio'], '{:.2f}x')} | "
-                     f"{'-' if t is None else f'{t[0]} {t[1]}x'} | {verdict if row['ratio'] is not None else 'not measured'} |")
+                     f"{'-' if t is None else f'{t[0]} {t[1]}x'} | {verdict(row['ok'], row['ratio'])} |"
+                     + (f" {fmt(row.get('cpu_ratio'), '{:.2f}x')} | {verdict(row.get('cpu_ok'), row.get('cpu_ratio')) if row.get('cpu_ratio') else ''} |"
+                        if cpu_col else ""))
+        if cpu_col:
+            L += ["", "CPU-time ratio: the same ratio with each run's process CPU seconds (all threads) in its steady-state "
+                  "window in place of wall seconds (read from /proc while the run writes its window rows): on a shared "
+                  "machine, other jobs stretch wall time unevenly between runs, CPU time much less."]
         L.append("")
     L += ["Load on the machine (other jobs running when the load average exceeds the benchmark's own):", "", "```",
           "before: " + info["others_before"], "after:  " + info.get("others_after", "(unfinished)"), "```", ""]
@@ -731,7 +791,8 @@ def main():
             if row["ratio"] is not None:
                 t = row["target"]
                 print(f"  {size.name}: {row['what']:<70} {row['ratio']:6.2f}x" + (
-                    "" if t is None else f"  target {t[0]} {t[1]}x  {'met' if row['ok'] else 'MISSED'}"))
+                    "" if t is None else f"  target {t[0]} {t[1]}x  {'met' if row['ok'] else 'MISSED'}")
+                    + ("" if row.get("cpu_ratio") is None else f"  (CPU time {row['cpu_ratio']:.2f}x)"))
     failed = [n for n, r in res.items() if r.get("rc") not in (0, None)]
     if failed:
         print(f"[bench] failed runs: {', '.join(failed)} (logs in {args.workdir}/logs)")
