@@ -218,6 +218,20 @@ def write_data(size: Size, tok, words: list[str], folder: str, seed: int, pair_f
 # the plan: command lines, ordered by importance (a time budget drops the tail)
 # ---------------------------------------------------------------------------------------------
 FLAGS: dict = {}
+HELP: dict = {}
+
+
+def help_default(script: str, name: str):
+    """A field's default as the script's --help states it ("(default: False)"), or None if it cannot be read."""
+    script_flags(script)
+    lines = HELP[script].splitlines()
+    for i, line in enumerate(lines):
+        if line.strip("│ ").startswith(f"--{name}"):
+            text = " ".join(x.strip("│ ") for x in lines[i : i + 6])
+            if "(default: " in text:
+                value = text.split("(default: ", 1)[1].split(")", 1)[0]
+                return {"True": True, "False": False}.get(value, value)
+    return None
 
 
 def script_flags(script: str) -> set[str]:
@@ -226,6 +240,7 @@ def script_flags(script: str) -> set[str]:
         return FLAGS[script]
     out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, **ENV, "COLUMNS": "200"})
+    HELP[script] = out.stdout
     names = set()
     for line in out.stdout.splitlines():  # option lines of tyro's help box: "│ --name, --no_name   help text"
         head = line.strip("│ ").split("  ")[0]
@@ -282,26 +297,29 @@ def plan(args: Args, size: Size, models: str, files: dict, rundir: str, bf16: bo
         runs.append(Run(name_of(n), [str(a) for a in argv], "theirs", gc, flags=" ".join([what, *extra]) + ("" if gc else " no GC")))
 
     gc_on, gc_off = {"gradient_checkpointing": True}, {"gradient_checkpointing": False}
-    ours("dpo/ours", "dpo.py")
-    theirs("dpo/trl", "trl_dpo")
-    if args.gpu:
+    if args.gpu:  # each side's defaults first, then the same checkpointing setting on both sides
+        ours("dpo/ours", "dpo.py")
+        theirs("dpo/trl", "trl_dpo")
         theirs("dpo/trl-nogc", "trl_dpo", gc=False)
-    ours("dpo/ours-gc", "dpo.py", gc_on, "dpo/ours")
-    if args.gpu:
+        ours("dpo/ours-gc", "dpo.py", gc_on, "dpo/ours")
         ours("dpo/ours-nogc", "dpo.py", gc_off, "dpo/ours")
-    ours("wpo/ours", "wpo.py")
-    theirs("wpo/trl", "trl_dpo", extra=["--use_weighting"])
-    if not args.gpu:
-        ours("wpo/ours-gc", "wpo.py", gc_on, "wpo/ours")
-    ours("sft/ours", "sft.py")
-    theirs("sft/trl-padded", "trl_sft")
-    theirs("sft/trl-packed", "trl_sft", extra=["--packing"])
-    if not args.gpu:
-        ours("sft/ours-gc", "sft.py", gc_on, "sft/ours")
-    ours("wspo/ours", "wspo.py")
-    theirs("wspo/official", "official_wspo")
-    if not args.gpu:
-        ours("wspo/ours-gc", "wspo.py", gc_on, "wspo/ours")
+        ours("wpo/ours", "wpo.py")
+        theirs("wpo/trl", "trl_dpo", extra=["--use_weighting"])
+        ours("sft/ours", "sft.py")
+        theirs("sft/trl-padded", "trl_sft")
+        theirs("sft/trl-packed", "trl_sft", extra=["--packing"])
+        ours("wspo/ours", "wspo.py")
+        theirs("wspo/official", "official_wspo")
+    else:  # the CPU targets compare with checkpointing on both sides: those runs first, each script's defaults last
+        for sec, script, their_runs in (("dpo", "dpo.py", [("dpo/trl", "trl_dpo", [])]),
+                                        ("wpo", "wpo.py", [("wpo/trl", "trl_dpo", ["--use_weighting"])]),
+                                        ("wspo", "wspo.py", [("wspo/official", "official_wspo", [])]),
+                                        ("sft", "sft.py", [("sft/trl-padded", "trl_sft", []), ("sft/trl-packed", "trl_sft", ["--packing"])])):
+            for n, what, extra in their_runs:
+                theirs(n, what, extra=extra)
+            ours(f"{sec}/ours-gc", script, gc_on)
+        for sec in ("dpo", "wpo", "wspo", "sft"):
+            ours(f"{sec}/ours", f"{sec}.py", None, f"{sec}/ours-gc")  # = ours-gc if checkpointing is the default
     if args.gpu:  # dpo.py's layouts (as its flags spell them now), for choosing the per-device defaults
         groups = lambda g: [{"layout": "padded", "length_groups": g}, {"padding_free": False, "length_groups": g}]
         free = [{"layout": "padding_free"}, {"padding_free": True}]
@@ -761,7 +779,12 @@ def main():
         runs = plan(args, size, os.path.join(folder, "models"), files, os.path.join(folder, "runs"), bf16)
         for run in runs:
             base = res.get(run.base) if run.base else None
-            if base and base.get("args") and all(base["args"].get(k) == v for k, v in run.overrides.items()):
+            if base and not run.overrides:  # a defaults run after its variant: equal if the variant only set a default
+                script = run.argv[1]
+                same = bool(base.get("overrides")) and all(help_default(script, k) == v for k, v in base["overrides"].items())
+            else:
+                same = bool(base and base.get("args")) and all(base["args"].get(k) == v for k, v in run.overrides.items())
+            if same:
                 res[run.name] = {**base, "flags": run.flags, "same_as": run.base}
                 continue
             elapsed = time.time() - start
@@ -772,7 +795,7 @@ def main():
                 continue
             timeout = args.run_timeout_s if args.budget_s is None else max(10.0, min(args.run_timeout_s, args.budget_s - elapsed))
             r = execute(run, env, timeout, os.path.join(args.workdir, "logs"))
-            r.update(flags=run.flags, gc=run.gc)
+            r.update(flags=run.flags, gc=run.gc, overrides=run.overrides)
             res[run.name] = r
             durations.append(r["wall_s"])
             print(f"  {run.name:<36} {r['wall_s']:6.1f} s  rc {r['rc']}  examples/s {fmt(r.get('examples_s'))}  tokens/s "
