@@ -437,6 +437,23 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, small_sft, tmp_path):
     assert json.loads((full / "args.json").read_text())["completed_steps"] == 8
 
 
+def test_non_finite_step_applies_no_update_and_stops_at_the_next_window(tiny, small_sft, tmp_path):
+    """lr 1e30 makes step 3's loss non-finite (step 1 is warm-up at lr 0, step 2 blows the weights up): from step 3 on
+    no update is applied (fused AdamW's found_inf, set on the device, no host sync), the run stops at the next
+    logging window (step 4) naming step 3, with exit code 1, no final model, and the step-2 checkpoint kept."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "o"
+    p = run_script(*dpo_args(tiny, small_sft, out, tmp_path / "c", "--learning_rate", "1e30", "--max_steps", "6",
+                             "--logging_steps", "4", "--save_steps", "2", "--eval_split", "None",
+                             "--max_train_samples", "192", "--per_device_train_batch_size", "16"), check=False)
+    assert p.returncode == 1 and "non-finite loss or gradient at step 3: no update was applied from that step on" in p.stderr
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-2"] and not (out / "model.safetensors").exists()
+    weights = load_file(out / "checkpoints" / "step-2" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not any("train/loss" in r for r in metrics(out))  # the window with the bad step is never logged
+
+
 def test_lora_trains_and_saves_a_merged_plain_model(tiny, small_sft, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
