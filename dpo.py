@@ -22,7 +22,7 @@ Dropout is off in the policy (`--disable_dropout`, LoRA dropout included), as in
 
 Defaults: the WSPO repo's weak DPO (full fine-tuning, beta 0.1, lr 1e-5, 1 epoch, cosine, warm-up 0.1).
 `--layout auto` forwards each micro-batch padding-free (one packed row) on a GPU, where one large forward is the
-fastest, and in `--length_groups` length-sorted padded forwards on a CPU, where less padding wins (benchmarks/).
+fastest, and in `--length_groups` length-sorted padded forwards on a CPU, where less padding wins (docs/benchmarks.md).
 Logits exist for one chunk of response positions at a time (recomputed in backward), never for the whole batch.
 
 Paper scale (GPU, hub):
