@@ -13,7 +13,7 @@ Batching: prompts with the same temperature are sorted by prompt length (longest
 batched answer equals the prompt's answer alone (tested). Processes take contiguous shares of each round of
 batch_size x processes prompts (accelerate); the answers are gathered and written in the benchmark's order.
 Sampled answers use torch's generator seeded by (--seed, process): they are reproducible for the same seed,
-number of processes and batch size; greedy ones do not depend on either.
+number of processes, batch size and resume history; greedy ones depend on none of these.
 Resumable: after every round the whole answer file is rewritten (temporary file, then renamed); with
 --resume the prompts already answered in it are skipped, provided the generation settings saved next to it
 (FILE.args.json) are unchanged. Answers that stop at --max_new_tokens without an end-of-turn token are
