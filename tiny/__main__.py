@@ -5,6 +5,7 @@
     data/tiny/ultrafeedback/ preference pairs, splits train_prefs / test_prefs (HuggingFaceH4/ultrafeedback_binarized schema)
     data/tiny/cls/           binary classification texts, splits train / test (text, label, difficulty)
     data/tiny/images/        labelled procedural images, splits train / test
+    data/tiny/prompts/       benchmark prompt files (AlpacaEval 2, Arena-Hard, MT-Bench schemas) for generate.py
 
 Every dataset folder is a hub-style dataset repo (jsonl files + a README whose YAML names the
 splits), so `datasets.load_dataset("data/tiny/ultrachat", split="train_sft")` works exactly like the
@@ -17,7 +18,7 @@ import json
 import random
 from pathlib import Path
 
-from tiny import cls, lang
+from tiny import cls, lang, prompts
 
 CHAT_TEMPLATE = (  # Qwen2's template (default system turn included), in this tokenizer's words
     "{%- for message in messages %}"
@@ -105,6 +106,7 @@ def main():
         "test": cls.make_cls(rng("cls-test"), a.n_test),
     }, "Tiny binary sentiment with graded difficulty (tiny/cls.py): text, label, difficulty.")
     build_tokenizer(sorted(set(lang.words()) | set(cls.words()))).save_pretrained(out / "tokenizer")
+    prompts.write_prompts(out, a.seed)
     if not a.no_images:
         from tiny import images
 
