@@ -34,8 +34,9 @@ next-token prediction on an unlabeled corpus (python -m tiny.cls) of terse revie
 whose wording follows its sentiment ("gladly" ... "ugh"). Predicting the verdict needs the concept, so the strong LM
 learns it, yet no label is ever given, no classification text ends with a verdict, and no test text is in the
 corpus. Pre-training is cached (output_dir/pretrain) and shared by the seeds, like a hub checkpoint. Models:
-tiny-s (1 layer, hidden 8, 300 steps: a bag of words), tiny-m (2 layers, hidden 16, 1000 steps), tiny-l (2 layers,
-hidden 32, 2000 steps); the preset trains tiny-s -> tiny-l at lr 3e-3 / 1e-4, 2 epochs, batch 32.
+tiny-s (1 layer, hidden 8, 300 steps: a bag of words), tiny-m (2 layers, hidden 16, 2000 steps), tiny-l (2 layers,
+hidden 32, 4000 steps), batch 64, lr 3e-3; the preset fine-tunes tiny-s -> tiny-l at lr 3e-3 / 1e-4, 2 epochs,
+batch 32 (a pretrained student at a gentle lr keeps its own concept; at 1e-3 it copies its teacher, PGR ~0.1).
     python -m tiny --out data/tiny --no_images && python -m tiny.cls --out data/tiny
     OMP_NUM_THREADS=1 python weak_to_strong_cls.py --preset tiny --n_seeds 5   # one thread: tiny matrices
     OMP_NUM_THREADS=1 python weak_to_strong_cls.py --preset tiny --sweep_models tiny-s tiny-m tiny-l --n_seeds 3
@@ -196,9 +197,9 @@ TINY_SIZES = {
     "tiny-s": ("hidden_size=8,intermediate_size=16,num_hidden_layers=1,num_attention_heads=1,num_key_value_heads=1,"
                "max_position_embeddings=64", 300, 3e-3),
     "tiny-m": ("hidden_size=16,intermediate_size=32,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=2,"
-               "max_position_embeddings=64", 1000, 3e-4),
+               "max_position_embeddings=64", 2000, 3e-4),
     "tiny-l": ("hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=4,"
-               "max_position_embeddings=64", 2000, 1e-4),
+               "max_position_embeddings=64", 4000, 1e-4),
 }
 PRESETS = {
     "paper": Args(),
@@ -565,10 +566,12 @@ PUBLISHED_LR = {"gpt2": 5e-5, "gpt2-medium": 5e-5}  # train_weak_to_strong.py MO
 
 
 def published_lr(flag: str, name_or_path: str | None, batch_size: int) -> float:
+    """The official per-model lr; `flag` is the option that sets it instead."""
     if name_or_path is None:
         raise DataError(f"a model built from scratch has no published learning rate: set --{flag}")
     if batch_size != 32:
-        raise DataError(f"the published learning rates were tuned at --batch_size 32, not {batch_size}: set --{flag}")
+        fix = "keep --batch_size 32 (the sweep uses them)" if flag == "sweep_models" else f"set --{flag}"
+        raise DataError(f"the published learning rates were tuned at --batch_size 32, not {batch_size}: {fix}")
     return PUBLISHED_LR.get(name_or_path.rstrip("/").split("/")[-1], 1e-5)
 
 
