@@ -230,7 +230,6 @@ def test_step0_rewards_are_exactly_zero_and_the_cache_equals_a_live_reference(ti
     under the same autocast, so every reward is exactly 0 (bf16 autocast on the CPU too), and the cached reference
     log-probs equal the policy's own (live) log-probs on those batches bit for bit."""
     import safetensors.torch
-    from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
     out, cache = tmp_path / "o", tmp_path / "c"
