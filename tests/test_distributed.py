@@ -82,8 +82,7 @@ def test_dpo_two_processes_equal_one_and_share_the_prepass(tiny, small_sft, tmp_
     """4 pairs per micro-batch = 8 sequences in 4 length groups: four forwards before each backward, under DDP and FSDP2."""
     common = ["dpo.py", "--preset", "tiny", "--model_name_or_path", str(small_sft), "--dataset_name",
               str(tiny / "ultrafeedback"), "--max_steps", "4", "--logging_steps", "1", "--max_train_samples", "96",
-              "--max_eval_samples", "37", "--per_device_eval_batch_size", "8", "--per_device_train_batch_size", "4",
-              "--prepass_batch_size", "8"]
+              "--max_eval_samples", "37", "--per_device_eval_batch_size", "8", "--per_device_train_batch_size", "4"]
     run_script(*common, "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "one"),
                "--cache_dir", str(tmp_path / "c1"))
     p = torchrun(*common, "--gradient_accumulation_steps", "1", "--output_dir", str(tmp_path / "two"),
