@@ -28,7 +28,7 @@ Dropout is off in the policy (`--disable_dropout`, LoRA dropout included), as in
 Defaults: the official Llama-3-8B-Instruct setting (beta 0.01, lr 1e-6, 2 epochs, max length 2048 / prompt 1800,
 8 GPUs x batch 2 x accumulation 8 = 128 pairs, cosine, warm-up 0.1, gradient checkpointing on).
 `--layout auto` forwards each micro-batch padding-free (one packed row) on a GPU, where one large forward is the
-fastest, and in `--length_groups` length-sorted padded forwards on a CPU, where less padding wins (benchmarks/).
+fastest, and in `--length_groups` length-sorted padded forwards on a CPU, where less padding wins (docs/benchmarks.md).
 Logits exist for one chunk of response positions at a time (recomputed in backward), never for the whole batch.
 
 log sum_v p_v^2 = log sum_v e_v^2 - 2 log sum_v e_v (e = exp(z - max z), logits z) is taken in fp32 from the
@@ -386,7 +386,7 @@ def split_pair(ex: dict, args: Args) -> tuple[list[dict], str, str]:
     """(prompt messages, chosen text, rejected text) from message lists or plain strings."""
     chosen, rejected = ex[args.chosen_column], ex[args.rejected_column]
     if isinstance(chosen, list) and isinstance(rejected, list):
-        if not chosen or not rejected or chosen[-1].get("role") != "assistant" or rejected[-1].get("role") != "assistant":
+        if not chosen or not rejected or {chosen[-1].get("role"), rejected[-1].get("role")} != {"assistant"}:
             raise ValueError("chosen/rejected must end with an assistant message")
         if chosen[:-1] != rejected[:-1]:
             raise ValueError("chosen and rejected have different prompts")
@@ -404,14 +404,15 @@ def fit_prompt(tokenizer, prompt: list[dict], max_tokens: int) -> tuple[list[int
     if len(ids) <= max_tokens:
         return ids, False
     system, turns = (prompt[:1], prompt[1:]) if prompt[0].get("role") == "system" else ([], prompt)
-    while len(turns) > 1 and (len(chat_ids(tokenizer, system + turns, True)) > max_tokens or turns[0]["role"] != "user"):
+    too_long = lambda msgs: len(chat_ids(tokenizer, msgs, add_generation_prompt=True)) > max_tokens
+    while len(turns) > 1 and (turns[0]["role"] != "user" or too_long(system + turns)):
         turns = turns[1:]
     ids = chat_ids(tokenizer, system + turns, add_generation_prompt=True)
     if len(ids) <= max_tokens:
         return ids, True
     text = tokenizer(turns[0]["content"], add_special_tokens=False)["input_ids"]
-    fits = lambda keep: chat_ids(tokenizer, system + [{**turns[0], "content": tokenizer.decode(text[len(text) - keep:])}]
-                                 + turns[1:], add_generation_prompt=True)
+    shortened = lambda keep: [{**turns[0], "content": tokenizer.decode(text[len(text) - keep :])}]
+    fits = lambda keep: chat_ids(tokenizer, system + shortened(keep) + turns[1:], add_generation_prompt=True)
     low, high = 0, len(text)  # the most user-text tokens (from the end) that fit: binary search
     while low < high:
         mid = (low + high + 1) // 2
@@ -462,7 +463,8 @@ def prepare_dataset(ds, tokenizer, args: Args, what: str, source: str, log) -> t
     if missing:
         fail(f"the {what} data ({source}) have no column {missing} (columns: {ds.column_names}); pass "
              "--chosen_column / --rejected_column / --prompt_column naming your columns")
-    ds = ds.map(lambda ex: tokenize_pair(tokenizer, ex, args), remove_columns=ds.column_names, desc=f"tokenizing {what}")
+    ds = ds.map(lambda ex: tokenize_pair(tokenizer, ex, args), remove_columns=ds.column_names,
+                desc=f"tokenizing {what}")
     reasons = {r: n for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}
     kept = ds.filter(lambda ex: ex["skip"] == "")
     seen = set()  # an exact duplicate (same prompt, chosen and rejected tokens) would count twice in the loss
@@ -594,8 +596,8 @@ def per_sequence_sum(values: torch.Tensor, seq_id: torch.Tensor, n_seqs: int) ->
 
 
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed response log-probs of every sequence in the batch, the response lengths and
-    the summed log sum_v p_v^2; one forward per part.
+    """Summed response log-probs of every sequence in the batch, the response lengths and the summed
+    log sum_v p_v^2 (for the weight); one forward per part.
     The model returns its final hidden states (no logits: logits_to_keep selects no position); the LM head module
     (DDP / FSDP2 / peft wrapping aside, the model's own) is applied to the response positions only."""
     lm_head = getattr(model, "module", model).get_output_embeddings()
@@ -610,8 +612,9 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torc
         log_sum_sq.append(part_log_sum_sq)
         seq_id.append(part["seq_id"][mask])
     logps, log_sum_sq, seq_id = torch.cat(logps), torch.cat(log_sum_sq), torch.cat(seq_id)
-    return (per_sequence_sum(logps, seq_id, batch["n_seqs"]), per_sequence_sum(torch.ones_like(logps), seq_id, batch["n_seqs"]),
-            per_sequence_sum(log_sum_sq, seq_id, batch["n_seqs"]))
+    n = batch["n_seqs"]
+    return (per_sequence_sum(logps, seq_id, n), per_sequence_sum(torch.ones_like(logps), seq_id, n),
+            per_sequence_sum(log_sum_sq, seq_id, n))
 
 
 def wpo_weight(logps: torch.Tensor, lengths: torch.Tensor, log_sum_sq: torch.Tensor, clamp: bool = True,
@@ -812,9 +815,9 @@ def main(args: Args):
         from peft import LoraConfig, get_peft_model
 
         targets = args.lora_target_modules
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                                 task_type="CAUSAL_LM",
-                                                 target_modules=targets if targets == "all-linear" else targets.split(",")))
+        model = get_peft_model(model, LoraConfig(
+            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
+            target_modules=targets if targets == "all-linear" else targets.split(",")))
     if args.disable_dropout:  # dropout would make the policy's log-probs differ from the reference's at step 0
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -847,7 +850,9 @@ def main(args: Args):
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
                               num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
-    eval_loader = None if eval_ds is None else loader_of(eval_ds, list(range(len(eval_ds))), args.per_device_eval_batch_size)
+    eval_loader = None
+    if eval_ds is not None:
+        eval_loader = loader_of(eval_ds, list(range(len(eval_ds))), args.per_device_eval_batch_size)
 
     # ALGO LOGIC: the reference log-probs logp_ref(y_w), logp_ref(y_l) of every pair, once, before training
     ref_name = args.ref_model_name_or_path or args.model_name_or_path
