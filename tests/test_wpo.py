@@ -230,6 +230,26 @@ def test_weight_from_bf16_logits_equals_the_official_formula_in_fp32():
     torch.testing.assert_close(wpo.wpo_weight(logps, lengths, sq_sums).double(), want_w, atol=1e-6, rtol=1e-5)
 
 
+def test_weight_under_bf16_autocast_equals_the_official_formula_on_the_same_bf16_logits(tiny):
+    """A real model under bf16 autocast: the LM head gives bf16 logits, and the weight from them is the official
+    formula's taken in fp64 on those logits (the sum of squares is never rounded to bf16)."""
+    tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
+    model = tiny_lm(len(tok))
+    batch = wpo.collate(pair_rows(tok), tok.pad_token_id, padding_free=False)
+    (part,) = batch["parts"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logps, lengths, log_sum_sq = wpo.sequence_logps(model, batch)
+        logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], use_cache=False).logits
+    assert logits.dtype == torch.bfloat16 and logps.dtype == log_sum_sq.dtype == torch.float32
+    completion_mask = torch.cat([torch.zeros_like(part["loss_mask"][:, :1]), part["loss_mask"][:, :-1]], 1)
+    labels = part["input_ids"].masked_fill(~completion_mask, -100)
+    want_logps, want_w = official_get_batch_logps(logits.double(), labels)
+    torch.testing.assert_close(logps.double(), want_logps, atol=1e-4, rtol=0)
+    weight = wpo.wpo_weight(logps, lengths, log_sum_sq, clamp=False)
+    torch.testing.assert_close(weight.double().clamp(max=1), want_w, atol=1e-6, rtol=1e-5)
+    assert (want_w < 1).any()
+
+
 def test_token_logps_gradient_keeps_fp32_precision_in_bf16():
     logits, targets = peaked_logits()
     logits.requires_grad_(True)
