@@ -108,7 +108,8 @@ class Args:
 
     # data
     ds_name: str = "sciq"
-    """sciq, amazon_polarity, boolq, anthropic_hh, cosmos_qa, or a local folder/file with `text` and 0/1 `label` columns"""
+    """sciq, amazon_polarity, boolq, anthropic_hh, cosmos_qa, or a local folder / file with `text` and 0/1 `label`
+    columns"""
     n_docs: int = 10000
     """training documents taken (before the 50/50 split)"""
     n_test_docs: int = 200
@@ -143,11 +144,11 @@ class Args:
 
     # pre-training of models built from scratch (the offline stand-in for pretrained hub checkpoints)
     pretrain_corpus: str | None = None
-    """unlabeled corpus (local folder or file with a `text` column) for next-token pre-training; None: no pre-training"""
+    """unlabeled corpus (local folder or file with a `text` column) for next-token pre-training; None: none"""
     weak_pretrain_steps: int = 0
-    """pre-training steps of the weak model built from scratch (0: none)"""
+    """pre-training steps of the weak model built from scratch (0, or no --pretrain_corpus: none)"""
     strong_pretrain_steps: int = 0
-    """pre-training steps of the strong model built from scratch (0: none)"""
+    """pre-training steps of the strong model built from scratch (0, or no --pretrain_corpus: none)"""
     pretrain_lr: float = 3e-3
     """pre-training peak lr (linear warm-up over 5% of the steps, then cosine to 0)"""
     pretrain_batch_size: int = 64
@@ -274,7 +275,8 @@ HUB_DATASETS["Anthropic/hh-rlhf"] = HUB_DATASETS["anthropic_hh"]
 
 
 class DataError(ValueError):
-    """Bad data, or an argument found wrong only once data or models are known: reported as one clear message with exit code 2, no traceback."""
+    """Bad data, or an argument found wrong only once data or models are known: reported as one clear message
+    with exit code 2, no traceback."""
 
 
 def read_local_split_files(path: str) -> dict[str, list[str]]:
@@ -285,7 +287,8 @@ def read_local_split_files(path: str) -> dict[str, list[str]]:
     try:
         files = load_dataset_builder(path).config.data_files
     except Exception as e:  # an empty folder, unknown file types
-        raise DataError(f"{path}: no data files found ({type(e).__name__}: {e}); put train/test .jsonl files in it") from e
+        raise DataError(f"{path}: no data files found ({type(e).__name__}: {e}); put train/test .jsonl files in "
+                        "it") from e
     return {str(split): [str(f) for f in fs] for split, fs in files.items()}
 
 
@@ -373,19 +376,22 @@ def load_cls_dataset(ds_name: str, n_docs: int, n_test_docs: int, seed: int) -> 
                             "--no_images) and use --preset tiny") from None
         raw = {split: [{**fmt(ex, rng), "where": f"{hub_id} {split} row {i}"}
                        for i, ex in enumerate(raw[split].select(range(min(n, len(raw[split])))))]
-               for split, n, rng in (("train", n_docs, random.Random(seed)), ("test", n_test_docs, random.Random(seed)))}
+               for split, n, rng in (("train", n_docs, random.Random(seed)),
+                                     ("test", n_test_docs, random.Random(seed)))}
     elif os.path.exists(ds_name):
         raw = load_local_rows(ds_name, ("text", "label"))
         if "train" not in raw:
-            raise DataError(f"--ds_name {ds_name} has splits {sorted(raw)} but no `train` split; name a file train.jsonl")
+            raise DataError(f"--ds_name {ds_name} has splits {sorted(raw)} but no `train` split; name a file "
+                            "train.jsonl")
         if "test" not in raw:  # a single file: the same n_test_docs rows are the test set for every seed
             if len(raw["train"]) < 2 * n_test_docs:
                 raise DataError(f"--ds_name {ds_name} has {len(raw['train'])} rows and no test split: too few to "
-                                f"hold out --n_test_docs {n_test_docs} and train on at least as many; lower --n_test_docs")
+                                f"hold out --n_test_docs {n_test_docs} and train on at least as many; lower "
+                                "--n_test_docs")
             held_out = set(random.Random(0).sample(range(len(raw["train"])), n_test_docs))
             raw = {"train": [r for i, r in enumerate(raw["train"]) if i not in held_out],
                    "test": [r for i, r in enumerate(raw["train"]) if i in held_out]}
-        raw = {split: rows[:n] for split, rows, n in (("train", raw["train"], n_docs), ("test", raw["test"], n_test_docs))}
+        raw = {"train": raw["train"][:n_docs], "test": raw["test"][:n_test_docs]}
     else:
         raise DataError(f"--ds_name {ds_name} is neither one of {sorted(HUB_DATASETS)} nor a local path (for the "
                         "offline setting run `python -m tiny --out data/tiny --no_images` first)")
@@ -518,7 +524,8 @@ def pretrain_lm(spec: dict, steps: int, args: Args, accelerator) -> str:
     ids = [x for x in tokenizer(corpus)["input_ids"] if 1 < len(x) < args.max_ctx]
     g = torch.Generator().manual_seed(args.pretrain_seed)
     n_epochs = -(-steps * args.pretrain_batch_size // len(ids))
-    order = torch.cat([torch.randperm(len(ids), generator=g) for _ in range(n_epochs)])[: steps * args.pretrain_batch_size]
+    order = torch.cat([torch.randperm(len(ids), generator=g) for _ in range(n_epochs)])
+    order = order[: steps * args.pretrain_batch_size]
     micro = args.pretrain_batch_size // (args.gradient_accumulation_steps * accelerator.num_processes)
     rows = [ids[i] for i in order]
     # ALGO LOGIC: token mean over the whole optimizer step: every micro batch divides by the step's token count
@@ -631,7 +638,8 @@ def train(model, rows, tokenizer, loss_fn, lr, epochs, seed, args, accelerator, 
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     model.eval()  # dropout off during training, as the official default (train_with_dropout=False)
     # logconf (a loss taking hardened predictions) gets the whole batch's when a step has several micro batches
-    whole_batch_hardening = "hardened" in inspect.signature(loss_fn).parameters and args.micro_batch_size < args.batch_size
+    whole_batch_hardening = ("hardened" in inspect.signature(loss_fn).parameters
+                             and args.micro_batch_size < args.batch_size)
     step, loss_sum, acc_sum, micro_batches = 0, 0.0, 0.0, []
     bar = tqdm(total=n_steps, desc=log_prefix, disable=not accelerator.is_main_process)
     for micro_batch in loader:
@@ -777,10 +785,9 @@ def sweep_plot(sweep: dict, models: list[str], losses: tuple, path: Path, title:
         ax.errorbar(xs, ceiling, yerr=ceiling_std, color="black", marker="o", lw=2, capsize=3, label="strong ceiling")
         for i, weak in enumerate(models):
             js = range(i, len(models))
-            acc = [mean[f"{weak}->{models[j]}"]["weak_acc"] if j == i else mean[f"{weak}->{models[j]}"][f"transfer_acc_{loss}"]
-                   for j in js]
-            err = [std[f"{weak}->{models[j]}"]["weak_acc"] if j == i else std[f"{weak}->{models[j]}"][f"transfer_acc_{loss}"]
-                   for j in js]
+            keys = ["weak_acc" if j == i else f"transfer_acc_{loss}" for j in js]  # a line starts at the weak model
+            acc = [mean[f"{weak}->{models[j]}"][k] for j, k in zip(js, keys)]
+            err = [std[f"{weak}->{models[j]}"][k] for j, k in zip(js, keys)]
             ax.errorbar(list(js), acc, yerr=err, color=colors[i], marker="s", capsize=3, label=f"weak {weak}")
             pgr_js = [j for j in js if j > i and mean[f"{weak}->{models[j]}"].get(f"pgr_{loss}") is not None]
             if pgr_js:
@@ -865,8 +872,6 @@ def validate(args: Args) -> None:
                 fail(f"--{side}_model_type builds a model from scratch: give a tokenizer with --tokenizer_name")
             if path is not None and getattr(args, f"{side}_config_overrides"):
                 fail(f"--{side}_config_overrides only applies to a model built from scratch (--{side}_model_type)")
-            if model_type is not None and getattr(args, f"{side}_pretrain_steps") and args.pretrain_corpus is None:
-                fail(f"--{side}_pretrain_steps needs a corpus: give --pretrain_corpus (python -m tiny.cls writes one)")
             if path is None and getattr(args, f"{side}_lr") is None:
                 fail(f"a model built from scratch has no published learning rate: set --{side}_lr")
     if args.pretrain_corpus is not None and not os.path.exists(args.pretrain_corpus):
@@ -888,9 +893,11 @@ def model_entry(name: str, args: Args) -> tuple[dict, int, float | None]:
     """A sweep model: (spec, pre-training steps, fine-tuning lr) of an offline size or a hub id / path."""
     if name in TINY_SIZES:
         overrides, steps, lr = TINY_SIZES[name]
-        spec = {"name_or_path": None, "model_type": "qwen2", "config_overrides": overrides, "tokenizer": args.tokenizer_name}
+        spec = {"name_or_path": None, "model_type": "qwen2", "config_overrides": overrides,
+                "tokenizer": args.tokenizer_name}
         return spec, steps if args.pretrain_corpus else 0, lr
-    return {"name_or_path": name, "model_type": None, "config_overrides": None, "tokenizer": args.tokenizer_name}, 0, None
+    spec = {"name_or_path": name, "model_type": None, "config_overrides": None, "tokenizer": args.tokenizer_name}
+    return spec, 0, None
 
 
 def summarize(per_seed: dict) -> dict:
@@ -911,7 +918,8 @@ if __name__ == "__main__":
                 args.strong_lr = published_lr("strong_lr", args.strong_model_name_or_path, args.batch_size)
         args.transfer_epochs = args.gt_epochs if args.transfer_epochs is None else args.transfer_epochs
         accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
-        args.micro_batch_size, rest = divmod(args.batch_size, args.gradient_accumulation_steps * accelerator.num_processes)
+        n_micro = args.gradient_accumulation_steps * accelerator.num_processes
+        args.micro_batch_size, rest = divmod(args.batch_size, n_micro)
         if rest or args.micro_batch_size == 0:
             fail(f"--batch_size {args.batch_size} must be a multiple of --gradient_accumulation_steps "
                  f"{args.gradient_accumulation_steps} x {accelerator.num_processes} processes")
@@ -928,14 +936,16 @@ if __name__ == "__main__":
         if args.sweep_models:
             models = [(name, *model_entry(name, args)) for name in args.sweep_models]
             if args.sweep_pretrain_steps:
-                models = [(name, spec, steps, lr) for (name, spec, _, lr), steps in zip(models, args.sweep_pretrain_steps)]
+                models = [(name, spec, steps, lr)
+                          for (name, spec, _, lr), steps in zip(models, args.sweep_pretrain_steps)]
             pairs = [(i, j) for i in range(len(models)) for j in range(i, len(models))]
         else:
             models = [(side, {"name_or_path": getattr(args, f"{side}_model_name_or_path"),
                               "model_type": getattr(args, f"{side}_model_type"),
                               "config_overrides": getattr(args, f"{side}_config_overrides"),
                               "tokenizer": args.tokenizer_name},
-                       getattr(args, f"{side}_pretrain_steps") if args.pretrain_corpus else 0, getattr(args, f"{side}_lr"))
+                       getattr(args, f"{side}_pretrain_steps") if args.pretrain_corpus else 0,
+                       getattr(args, f"{side}_lr"))
                       for side in ("weak", "strong")]
             pairs = [(0, 1)]
         lrs = [lr if lr is not None else published_lr("sweep_models", spec["name_or_path"], args.batch_size)
@@ -1005,7 +1015,8 @@ if __name__ == "__main__":
         title = f"{Path(args.ds_name).name}, {args.n_seeds} seed(s)"
         if args.sweep_models:
             sweep_plot(summary, names, args.losses, files[1], title)
-            print(f"\n{'weak -> strong':<24}{'weak':>7}{'strong':>8}" + "".join(f"{'w2s ' + l:>13}{'PGR':>7}" for l in args.losses))
+            header = "".join(f"{'w2s ' + loss:>13}{'PGR':>7}" for loss in args.losses)
+            print(f"\n{'weak -> strong':<24}{'weak':>7}{'strong':>8}{header}")
             for pair, m in summary["mean"].items():
                 row = f"{pair:<24}{m['weak_acc']:>7.3f}{m['strong_acc']:>8.3f}"
                 for loss in args.losses:
@@ -1013,8 +1024,10 @@ if __name__ == "__main__":
                     row += f"{m[f'transfer_acc_{loss}']:>13.3f}" + (f"{pgr:>7.2f}" if pgr is not None else f"{'-':>7}")
                 print(row)
         else:
-            weak_name = args.weak_model_name_or_path or f"{args.weak_model_type} (scratch)"
-            strong_name = args.strong_model_name_or_path or f"{args.strong_model_type} (scratch)"
+            weak_name, strong_name = (getattr(args, f"{side}_model_name_or_path") or (
+                f"{getattr(args, f'{side}_model_type')} ({getattr(args, f'{side}_pretrain_steps')} pre-training steps)"
+                if args.pretrain_corpus and getattr(args, f"{side}_pretrain_steps") else
+                f"{getattr(args, f'{side}_model_type')} (scratch)") for side in ("weak", "strong"))
             plot(summary, args.losses, files[1], f"{Path(args.ds_name).name}: {weak_name} -> {strong_name}, "
                  f"{args.n_seeds} seed(s)")
             print(f"\n{'metric':<24}{'mean':>8}{'std':>8}")

@@ -204,7 +204,10 @@ def pgr(transfer_acc: float, r: dict) -> float:
 
 def test_end_to_end_weak_strong_gap_pgr_and_cache(tiny, tmp_path):
     out = tmp_path / "run"
-    args = cli(tiny, out, "--n_docs", "3000", "--n_test_docs", "200", "--gt_epochs", "16", "--losses", "xent", "logconf")
+    # from scratch (no pre-training), at the lr a model trained from scratch needs (the preset's 1e-4 is for a
+    # pretrained student)
+    args = cli(tiny, out, "--n_docs", "3000", "--n_test_docs", "200", "--gt_epochs", "16", "--losses", "xent", "logconf",
+               "--strong_lr", "1e-3")
     first = run_script(*args, env=SINGLE_THREAD)
     summary = json.loads((out / "results.json").read_text())
     r = summary["per_seed"]["0"]
@@ -373,8 +376,9 @@ def test_logconf_threshold_over_the_whole_batch(tiny):
     labels = torch.stack([1 - p1, p1], 1)
     whole = w2s.logconf_loss(logits, labels, 1.0)
     hardened = w2s.harden(torch.softmax(logits, -1)[:, 0], labels[:, 1])
-    halves_whole = [w2s.logconf_loss(logits[s], labels[s], 1.0, hardened=hardened[s]) for s in (slice(0, 16), slice(16, 32))]
-    halves_own = [w2s.logconf_loss(logits[s], labels[s], 1.0) for s in (slice(0, 16), slice(16, 32))]
+    halves = (slice(0, 16), slice(16, 32))
+    halves_whole = [w2s.logconf_loss(logits[s], labels[s], 1.0, hardened=hardened[s]) for s in halves]
+    halves_own = [w2s.logconf_loss(logits[s], labels[s], 1.0) for s in halves]
     assert (halves_whole[0] + halves_whole[1]).item() / 2 == pytest.approx(whole.item(), abs=1e-6)
     assert abs((halves_own[0] + halves_own[1]).item() / 2 - whole.item()) > 1e-3
 
@@ -397,7 +401,8 @@ def test_corpus_has_the_concept_but_no_label_and_no_test_text(tiny, corpus):
 
     docs = read_jsonl_folder(corpus)
     assert len(docs) == 20000 and all(set(d) == {"text"} for d in docs)  # no label column
-    test_texts = {json.loads(line)["text"] for f in (tiny / "cls").glob("test-*.jsonl") for line in f.read_text().splitlines()}
+    test_texts = {json.loads(line)["text"] for f in (tiny / "cls").glob("test-*.jsonl")
+                  for line in f.read_text().splitlines()}
     assert len(test_texts) > 150
     reviews = [cls.review_of(d["text"]) for d in docs]
     assert not test_texts & set(reviews) and not test_texts & {d["text"] for d in docs}
@@ -467,7 +472,8 @@ def test_sweep_end_to_end_and_cached(tiny, corpus, tmp_path):
     (["--gt_epochs", "-1"], "--gt_epochs -1: must be a positive integer"),
     (["--strong_lr", "-0.1"], "--strong_lr -0.1: must not be negative"),
     (["--logconf_aux_coef", "1.5"], "--logconf_aux_coef 1.5: a mixing weight, must lie in [0, 1]"),
-    (["--batch_size", "32", "--gradient_accumulation_steps", "3"], "--batch_size 32 must be a multiple of --gradient_accumulation_steps 3"),
+    (["--batch_size", "32", "--gradient_accumulation_steps", "3"],
+     "--batch_size 32 must be a multiple of --gradient_accumulation_steps 3"),
     (["--sweep_models", "tiny-s", "tiny-xl"], "--sweep_models: unknown offline size 'tiny-xl'; the sizes are tiny-s,"),
     (["--sweep_models", "tiny-s"], "--sweep_models tiny-s: give at least two different models, small to large"),
     (["--pretrain_corpus", "nowhere/corpus"], "--pretrain_corpus nowhere/corpus: no such file or folder"),
@@ -510,7 +516,8 @@ def test_preset_with_equals_and_flags_override(monkeypatch):
     (['{"text": "good", "label": 1}', '{"text": "bad", "label": 0', '{"text": "ok", "label": 1}'],
      "data.jsonl line 2: not valid JSON"),
     ([], "data.jsonl is empty: it holds no rows"),
-    (['{"text": "good", "label": 1}'] * 30 + ['{"text": "good", "label": 2}'], "data.jsonl line 31: label 2 is not 0 or 1"),
+    (['{"text": "good", "label": 1}'] * 30 + ['{"text": "good", "label": 2}'],
+     "data.jsonl line 31: label 2 is not 0 or 1"),
     (['{"text": "good", "label": 1}'] * 3 + ['{"sentence": "good", "label": 1}'], "data.jsonl line 4: no `text` field"),
     (['{"text": "good", "label": 1}', '[1, 2]'], "data.jsonl line 2: a list, not an object"),
 ])

@@ -5,6 +5,11 @@ it. label = 1 when the flipped polarities sum to more than zero (the count of se
 odd, so there is never a tie). Difficulty grows as the margin |sum| shrinks and as negations pile
 up: a small model gets the easy reviews, only a bigger one gets the close, negated ones. That
 capability gap is what the weak-to-strong experiments need.
+
+The unlabeled pre-training corpus (`python -m tiny.cls --out data/tiny`, after `python -m tiny`): terse reviews
+(sentiment words and negations, no filler words: random fillers drown the one informative token in noise) each
+followed by one verdict word whose wording follows the sentiment. Predicting the verdict needs the concept,
+negations included, so a strong enough LM learns it; no label is given, and no test text is in the corpus.
 """
 
 import random
