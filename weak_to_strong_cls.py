@@ -21,7 +21,9 @@ Losses (loss.py), with soft labels y and predictions p: xent = CE(p, y); product
 logconf = CE(p, (1 - c) y + c h), h = p hardened at the quantile of p(0) that gives h the weak labels' class
 balance, c ramping to 0.5 over the first 10% of training. Every loss is a mean over the examples of the whole
 optimizer step (micro batches hold equal numbers of examples), and logconf's quantile is taken over that whole
-batch too (all micro batches, all processes), so any split of a batch gives the same step.
+batch too (all micro batches, all processes), so any split of a batch gives the same step. Adam without weight
+decay, cosine to 0, no warm-up, dropout off (the official train_with_dropout=False); pre-training divides the summed
+token losses by the token count of the whole optimizer step.
 
 Sweep (the paper's figure 3; openai/weak-to-strong sweep.py): --sweep_models A B C ... trains every weak <= strong
 pair, one weak model and one ceiling per size and seed, and plots test accuracy against the strong model with one
@@ -37,6 +39,8 @@ corpus. Pre-training is cached (output_dir/pretrain) and shared by the seeds, li
 tiny-s (1 layer, hidden 8, 300 steps: a bag of words), tiny-m (2 layers, hidden 16, 2000 steps), tiny-l (2 layers,
 hidden 32, 4000 steps), batch 64, lr 3e-3; the preset fine-tunes tiny-s -> tiny-l at lr 3e-3 / 1e-4, 2 epochs,
 batch 32 (a pretrained student at a gentle lr keeps its own concept; at 1e-3 it copies its teacher, PGR ~0.1).
+Measured, 5 seeds (CPU): weak 0.736 +- 0.020, ceiling 0.957 +- 0.006, PGR xent 0.29 +- 0.09, logconf 0.38 +- 0.10,
+product 0.28 +- 0.09; agreement with the teacher xent 0.84, logconf 0.80 (docs/cls_tiny.png, docs/cls_sweep.png).
     python -m tiny --out data/tiny --no_images && python -m tiny.cls --out data/tiny
     OMP_NUM_THREADS=1 python weak_to_strong_cls.py --preset tiny --n_seeds 5   # one thread: tiny matrices
     OMP_NUM_THREADS=1 python weak_to_strong_cls.py --preset tiny --sweep_models tiny-s tiny-m tiny-l --n_seeds 3

@@ -206,8 +206,8 @@ def test_end_to_end_weak_strong_gap_pgr_and_cache(tiny, tmp_path):
     out = tmp_path / "run"
     # from scratch (no pre-training), at the lr a model trained from scratch needs (the preset's 1e-4 is for a
     # pretrained student)
-    args = cli(tiny, out, "--n_docs", "3000", "--n_test_docs", "200", "--gt_epochs", "16", "--losses", "xent", "logconf",
-               "--strong_lr", "1e-3")
+    args = cli(tiny, out, "--n_docs", "3000", "--n_test_docs", "200", "--gt_epochs", "16", "--strong_lr", "1e-3",
+               "--losses", "xent", "logconf")
     first = run_script(*args, env=SINGLE_THREAD)
     summary = json.loads((out / "results.json").read_text())
     r = summary["per_seed"]["0"]
