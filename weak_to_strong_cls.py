@@ -61,12 +61,14 @@ import inspect
 import json
 import os
 import random
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal, NoReturn
+from urllib.parse import urlparse
 
 import matplotlib
 
@@ -468,15 +470,33 @@ class CausalLMWithHead(torch.nn.Module):
         return self.score(last.to(self.score.weight.dtype))
 
 
+def load_error(what: str, name: str, error: Exception) -> DataError:
+    """Name what failed to load and why, with a hint that fits what was passed."""
+    if os.path.isdir(name):
+        return DataError(f"could not load {what} {name!r} from that folder: {str(error).splitlines()[0]}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    cache = " in the local cache (HF_HUB_OFFLINE is set)" if offline else ""
+    return DataError(f"could not load {what} {name!r}: no such local folder and not a hub id{cache}; pass a hub id "
+                     "(e.g. gpt2) or a folder holding a model")
+
+
 def build_lm(spec: dict, args: Args) -> tuple:
     """Tokenizer and causal LM from a hub id / local path, or from scratch (run_clm.py's --model_type +
     --config_overrides)."""
     remote = args.trust_remote_code
-    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"] or spec["name_or_path"], trust_remote_code=remote)
+    name = spec["tokenizer"] or spec["name_or_path"]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=remote)
+    except (OSError, ValueError) as e:
+        raise load_error("tokenizer" if spec["tokenizer"] else "model", name, e) from None
     if tokenizer.pad_token is None:  # GPT-2 has none; which id pads does not matter, the mask marks padding
         tokenizer.pad_token = tokenizer.eos_token
     if spec["name_or_path"] is not None:  # float32 weights: mixed precision comes from the accelerate config
-        lm = AutoModelForCausalLM.from_pretrained(spec["name_or_path"], dtype=torch.float32, trust_remote_code=remote)
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(spec["name_or_path"], dtype=torch.float32,
+                                                      trust_remote_code=remote)
+        except (OSError, ValueError) as e:
+            raise load_error("model", spec["name_or_path"], e) from None
     else:
         overrides = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
         if spec["config_overrides"]:  # parsed and type-checked as in run_clm.py, then passed to the constructor
@@ -893,6 +913,24 @@ def validate(args: Args) -> None:
              "stages is reused as a cache: a stage with the same settings is skipped, others are added)")
 
 
+def check_network(args: Args) -> None:
+    """With HF_HUB_OFFLINE unset and some name not a local path: one 3-second connection to the hub, so that no
+    network is reported at once instead of after a minute of retries."""
+    from huggingface_hub import constants
+
+    names = [args.ds_name if args.ds_name not in HUB_DATASETS else HUB_DATASETS[args.ds_name][0], args.tokenizer_name]
+    names += list(args.sweep_models) or [args.weak_model_name_or_path, args.strong_model_name_or_path]
+    remote = [n for n in names if n and n not in TINY_SIZES and not os.path.exists(n)]
+    if not remote or constants.HF_HUB_OFFLINE:
+        return
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError:
+        fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
+             "local cache, or pass a local path.")
+
+
 def model_entry(name: str, args: Args) -> tuple[dict, int, float | None]:
     """A sweep model: (spec, pre-training steps, fine-tuning lr) of an offline size or a hub id / path."""
     if name in TINY_SIZES:
@@ -913,6 +951,7 @@ def summarize(per_seed: dict) -> dict:
 
 if __name__ == "__main__":
     args = parse_args()
+    check_network(args)
     try:  # data errors: one clear message, exit code 2 (nothing of a failed stage is written)
         # filled in at runtime
         if not args.sweep_models:

@@ -531,3 +531,18 @@ def test_data_errors_name_file_and_line(tiny, tmp_path, lines, message):
                        env=SINGLE_THREAD)
         assert p.returncode == 2 and f"error: {path} line 31: label 2" in p.stderr and "Traceback" not in p.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_bad_model_path_and_no_network_say_what_failed(tiny, tmp_path):
+    out = tmp_path / "out"
+    p = run_script(*cli(tiny, out, "--weak_model_name_or_path", "runs/nowhere", "--n_docs", "512"), check=False,
+                   env=SINGLE_THREAD)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "error: could not load model 'runs/nowhere': no such local folder and not a hub id" in p.stderr
+    assert not out.exists()
+    # no network and HF_HUB_OFFLINE unset: said at once (a closed loopback port refuses the connection)
+    p = run_script(*cli(tiny, out, "--weak_model_name_or_path", "some-org/some-model"), check=False,
+                   env={**SINGLE_THREAD, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert p.returncode == 2 and "error: no network: cannot reach the Hugging Face Hub for 'some-org/some-model'. " \
+        "Set HF_HUB_OFFLINE=1" in p.stderr, p.stderr
+    assert not out.exists()
