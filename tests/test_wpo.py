@@ -286,6 +286,26 @@ def test_token_logps_fp32_values_and_gradient_bit_for_bit():
     assert torch.equal(got, want.scatter_add(-1, targets[:, None], upstream[:, None]))
 
 
+def test_weight_is_the_same_in_every_layout(tiny):
+    """One padded forward, length groups (the CPU default) and padding-free packing (the GPU default) give the same
+    log-probs, log sum p^2 sums and weights: the weight's terms are summed per sequence like the log-probs."""
+    tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
+    model = tiny_lm(len(tok))
+    rows = pair_rows(tok)
+    out = {}
+    for name, padding_free, groups in (("padded", False, 1), ("groups", False, 3), ("packed", True, 1)):
+        batch = wpo.collate(rows, tok.pad_token_id, padding_free=padding_free, length_groups=groups)
+        assert len(batch["parts"]) == groups
+        with torch.no_grad():
+            logps, lengths, log_sum_sq = wpo.sequence_logps(model, batch)
+        out[name] = (logps, lengths, log_sum_sq, wpo.wpo_weight(logps, lengths, log_sum_sq, clamp=False))
+    assert out["packed"][0].shape == (8,) and (out["padded"][2] < 0).all()
+    for name in ("groups", "packed"):
+        assert torch.equal(out[name][1], out["padded"][1])
+        for a, b in zip(out[name], out["padded"]):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
 def test_the_weight_carries_no_gradient(tiny):
     logits, _, batch = fixed_batch()
     logits.requires_grad_(True)
