@@ -96,7 +96,8 @@ class Args:
     n_seeds: int = 1
     """runs with seeds seed, seed+1, ...; the report gives mean +- std over them"""
     preset: Literal["paper", "tiny"] = "paper"
-    """`tiny`: the offline setting (data/tiny, tiny Qwen2 models from configs); explicit flags still win"""
+    """`tiny`: the offline setting (data/tiny, tiny Qwen2 models from configs, pre-trained on data/tiny/cls_corpus);
+    explicit flags still win"""
     output_dir: str = "output/weak_to_strong_cls"
     """stages (models, weak labels, predictions), results.json and results.png go here"""
     force_retrain: bool = False
