@@ -5,7 +5,8 @@
 #   DPO (the strong ceiling) and WPO;  5. every model evaluated the same way (tiny/evaluate.py);
 #   6. a table, a PNG plot and the fraction of the alignment gap WSPO recovers.
 # Creates .venv on first use (set USE_CURRENT_PYTHON=1 to use the active environment instead).
-# Knobs for a quicker run: OUT, SFT_EPOCHS, N_PROMPTS, SAMPLES.
+# Knobs for a quicker run: OUT, SFT_EPOCHS, N_PROMPTS, SAMPLES. A second run into the same OUT is refused (each
+# script protects its output folder); OVERWRITE=1 replaces the earlier run's models and metrics.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ "${USE_CURRENT_PYTHON:-0}" != 1 ]; then
@@ -20,14 +21,21 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_N
 OUT=${OUT:-runs/tiny}; DATA=${DATA:-data/tiny}; SFT_EPOCHS=${SFT_EPOCHS:-3}
 N_PROMPTS=${N_PROMPTS:-200}; SAMPLES=${SAMPLES:-4}
 WEAK="hidden_size=64,intermediate_size=192,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2,max_position_embeddings=512,tie_word_embeddings=True"
-common=(--preset tiny --cache_dir "$OUT/cache")
+over=()
+if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
+  if [ "${OVERWRITE:-0}" != 1 ]; then
+    echo "error: $OUT already holds a run; set OVERWRITE=1 to replace it, or OUT=another/folder" >&2; exit 2
+  fi
+  over=(--overwrite_output_dir)
+fi
+common=(--preset tiny --cache_dir "$OUT/cache" "${over[@]}")
 t0=$(date +%s)
 
 python -m tiny --out "$DATA" --no_images
 python sft.py --preset tiny --dataset_name "$DATA/ultrachat" --tokenizer_name "$DATA/tokenizer" --num_train_epochs "$SFT_EPOCHS" \
-  --config_overrides "$WEAK" --output_dir "$OUT/sft-weak"
+  --config_overrides "$WEAK" --output_dir "$OUT/sft-weak" "${over[@]}"
 python sft.py --preset tiny --dataset_name "$DATA/ultrachat" --tokenizer_name "$DATA/tokenizer" --num_train_epochs "$SFT_EPOCHS" \
-  --output_dir "$OUT/sft-strong"
+  --output_dir "$OUT/sft-strong" "${over[@]}"
 python dpo.py "${common[@]}" --dataset_name "$DATA/ultrafeedback" --model_name_or_path "$OUT/sft-weak" --output_dir "$OUT/dpo-weak"
 python wspo.py "${common[@]}" --dataset_name "$DATA/ultrafeedback" --strong "$OUT/sft-strong" --weak_ref "$OUT/sft-weak" \
   --weak_aligned "$OUT/dpo-weak" --output_dir "$OUT/wspo-strong"

@@ -23,3 +23,10 @@ def test_pipeline_orderings(tmp_path):
     assert res["strong WSPO"]["tone_mean"] > res["strong SFT"]["tone_mean"]
     assert (tmp_path / "runs" / "results.png").stat().st_size > 5000
     assert "WSPO recovers" in (tmp_path / "runs" / "results.md").read_text()
+
+    # a second run into the same OUT is refused before anything runs; the first run's results stay as they were
+    before = (tmp_path / "runs" / "results.json").read_bytes()
+    again = subprocess.run(["bash", "run_tiny.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "already holds a run; set OVERWRITE=1" in again.stderr
+    assert (tmp_path / "runs" / "results.json").read_bytes() == before

@@ -4,6 +4,7 @@
     data/tiny/ultrachat/     SFT conversations, splits train_sft / test_sft     (HuggingFaceH4/ultrachat_200k schema)
     data/tiny/ultrafeedback/ preference pairs, splits train_prefs / test_prefs (HuggingFaceH4/ultrafeedback_binarized schema)
     data/tiny/cls/           binary classification texts, splits train / test (text, label, difficulty)
+    data/tiny/cls_corpus/    unlabeled pre-training corpus for weak_to_strong_cls.py (no labels, no test text)
     data/tiny/images/        labelled procedural images, splits train / test
     data/tiny/prompts/       benchmark prompt files (AlpacaEval 2, Arena-Hard, MT-Bench schemas) for generate.py
 
@@ -88,6 +89,7 @@ def main():
     ap.add_argument("--n_prefs", type=int, default=4000, help="preference pairs in train_prefs")
     ap.add_argument("--n_cls", type=int, default=8000, help="classification texts in train")
     ap.add_argument("--n_test", type=int, default=400, help="rows in each test split")
+    ap.add_argument("--n_cls_corpus", type=int, default=100_000, help="unlabeled documents in cls_corpus (pre-training)")
     ap.add_argument("--no_images", action="store_true", help="skip the image set")
     a = ap.parse_args()
     out = Path(a.out)
@@ -101,10 +103,13 @@ def main():
         "train_prefs": lang.make_prefs(rng("prefs-train"), a.n_prefs),
         "test_prefs": lang.make_prefs(rng("prefs-test"), a.n_test),
     }, "Tiny preference pairs ranked by the gold reward (tiny/lang.py), ultrafeedback_binarized schema.")
-    write_dataset(out / "cls", {
-        "train": cls.make_cls(rng("cls-train"), a.n_cls),
-        "test": cls.make_cls(rng("cls-test"), a.n_test),
-    }, "Tiny binary sentiment with graded difficulty (tiny/cls.py): text, label, difficulty.")
+    cls_test = cls.make_cls(rng("cls-test"), a.n_test)
+    write_dataset(out / "cls", {"train": cls.make_cls(rng("cls-train"), a.n_cls), "test": cls_test},
+                  "Tiny binary sentiment with graded difficulty (tiny/cls.py): text, label, difficulty.")
+    write_dataset(out / "cls_corpus", {"train": cls.make_corpus(rng("cls-corpus"), a.n_cls_corpus,
+                                                                {r["text"] for r in cls_test})},
+                  "Unlabeled pre-training corpus of the tiny classification task (tiny/cls.py): a review then a "
+                  "verdict word that follows its sentiment; no labels, no test text.")
     build_tokenizer(sorted(set(lang.words()) | set(cls.words()))).save_pretrained(out / "tokenizer")
     prompts.write_prompts(out, a.seed)
     if not a.no_images:
