@@ -20,7 +20,8 @@ MFU = 6 x parameters x non-padding tokens per second through the trained model /
 tensor-core peak on a GPU; on a CPU the matmul rate this process measures): the attention term is not included,
 nor the reference / frozen models' forwards of TRL and the official step, nor the recompute of checkpointing.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench.py                 # CPU table (~10 min on 2 cores), writes docs/benchmarks.md
+    OMP_NUM_THREADS=2 python benchmarks/bench.py                 # CPU table, writes docs/benchmarks.md (20 min on the
+                                                                 # shared 2-core VM at load 3-4; --budget_s S bounds it)
     OMP_NUM_THREADS=2 python benchmarks/bench.py --quick         # CPU smoke run, < 2 minutes
     python benchmarks/bench.py --gpu                             # GPU table, Qwen2-0.5B config, bf16 autocast
     python benchmarks/bench.py --gpu --sizes qwen2-0.5b qwen2-1.5b   # also the Qwen2-1.5B config
