@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one command (run from the repository root on the device machine, within its
-# 10-minute limit). Installs the carried wheels (.whl/: what the device lacks; .whl/transformers/: the project's
-# pinned transformers + tokenizers, used only if they import cleanly there), runs
+# 10-minute limit). Installs the carried wheels, made by benchmarks/fetch_wheels.sh (.whl/: what the device lacks;
+# .whl/transformers/: the project's pinned transformers + tokenizers, used only if they import cleanly there), runs
 #   python benchmarks/bench.py --gpu --budget_s B --steps 20
 # (Qwen2-0.5B config, bf16 autocast, batch 8 pairs; runs ordered by importance, the tail dropped when the time
 # budget runs out, every run under its own timeout), and writes everything into ONE file: $OUT/bench-gpu.tar.gz
