@@ -25,9 +25,8 @@ batch too (all micro batches, all processes), so any split of a batch gives the 
 decay, cosine to 0, no warm-up, dropout off (the official train_with_dropout=False); pre-training divides the summed
 token losses by the token count of the whole optimizer step.
 
-Sweep (the paper's figure 3; openai/weak-to-strong sweep.py): --sweep_models A B C ... trains every weak <= strong
-pair, one weak model and one ceiling per size and seed, and plots test accuracy against the strong model with one
-line per weak model, the ceiling, and PGR per pair (sweep.json, sweep.png).
+The size sweep (the paper's figure 3: every weak <= strong pair of a list of models) is w2s_sweep.py, which runs
+this script once per pair on one --output_dir.
 
 Offline setting (tiny/cls.py): sentiment of a review of sentiment words, filler words and negations ("not" flips
 the next word); label = sign of the flipped sum. A strong model must see negation, a 1-layer bag of words cannot.
@@ -40,17 +39,14 @@ tiny-s (1 layer, hidden 8, 300 steps: a bag of words), tiny-m (2 layers, hidden 
 hidden 32, 4000 steps), batch 64, lr 3e-3; the preset fine-tunes tiny-s -> tiny-l at lr 3e-3 / 1e-4, 2 epochs,
 batch 32 (a pretrained student at a gentle lr keeps its own concept; at 1e-3 it copies its teacher, PGR ~0.1).
 Measured, 5 seeds (CPU): weak 0.736 +- 0.020, ceiling 0.957 +- 0.006, PGR xent 0.29 +- 0.09, logconf 0.38 +- 0.10,
-product 0.28 +- 0.09; agreement with the teacher xent 0.84, logconf 0.80 (docs/cls_tiny.png, docs/cls_sweep.png).
+product 0.28 +- 0.09; agreement with the teacher xent 0.84, logconf 0.80 (docs/cls_tiny.png).
     python -m tiny --out data/tiny --no_images && python -m tiny.cls --out data/tiny
     OMP_NUM_THREADS=1 python weak_to_strong_cls.py --preset tiny --n_seeds 5   # one thread: tiny matrices
-    OMP_NUM_THREADS=1 python weak_to_strong_cls.py --preset tiny --sweep_models tiny-s tiny-m tiny-l --n_seeds 3
 
 Published setting (gpt2 family on sciq, 3 seeds; any GPU count; --ds_name amazon_polarity, boolq, cosmos_qa,
 anthropic_hh likewise):
     accelerate launch weak_to_strong_cls.py --ds_name sciq --weak_model_name_or_path gpt2 \\
         --strong_model_name_or_path gpt2-xl --losses xent logconf --n_seeds 3
-    accelerate launch weak_to_strong_cls.py --ds_name sciq --sweep_models gpt2 gpt2-medium gpt2-large gpt2-xl \\
-        --losses xent logconf --n_seeds 3 --output_dir output/sweep_sciq
 """
 
 import argparse
@@ -143,11 +139,6 @@ class Args:
     """allow models and tokenizers that ship their own code (e.g. Qwen/Qwen-7B)"""
     linear_probe: bool = False
     """freeze the LM body and train only the linear head"""
-    sweep_models: tuple[str, ...] = ()
-    """sweep: train every weak <= strong pair of these models, listed from small to large (hub ids / local paths,
-    or the offline sizes tiny-s, tiny-m, tiny-l); replaces the --weak_* / --strong_* models"""
-    sweep_pretrain_steps: tuple[int, ...] = ()
-    """sweep: pre-training steps of each offline size, in --sweep_models order (default: each size's own)"""
 
     # pre-training of models built from scratch (the offline stand-in for pretrained hub checkpoints)
     pretrain_corpus: str | None = None
@@ -602,8 +593,7 @@ def published_lr(flag: str, name_or_path: str | None, batch_size: int) -> float:
     if name_or_path is None:
         raise DataError(f"a model built from scratch has no published learning rate: set --{flag}")
     if batch_size != 32:
-        fix = "keep --batch_size 32 (the sweep uses them)" if flag == "sweep_models" else f"set --{flag}"
-        raise DataError(f"the published learning rates were tuned at --batch_size 32, not {batch_size}: {fix}")
+        raise DataError(f"the published learning rates were tuned at --batch_size 32, not {batch_size}: set --{flag}")
     return PUBLISHED_LR.get(name_or_path.rstrip("/").split("/")[-1], 1e-5)
 
 
@@ -796,40 +786,6 @@ def plot(summary: dict, losses: tuple, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def sweep_plot(sweep: dict, models: list[str], losses: tuple, path: Path, title: str) -> None:
-    """The paper's figure (Burns et al. 2023, fig. 3): test accuracy against strong-model size, one line per weak
-    model, the strong ceiling in black; below, PGR per pair. x: the models in the order given (small to large)."""
-    mean, std = sweep["mean"], sweep["std"]
-    fig, axes = plt.subplots(2, len(losses), figsize=(4.5 * len(losses), 7), squeeze=False, sharex=True)
-    xs = np.arange(len(models))
-    colors = plt.cm.viridis(np.linspace(0, 0.85, len(models)))
-    ceiling = [mean[f"{m}->{m}"]["strong_acc"] for m in models]
-    ceiling_std = [std[f"{m}->{m}"]["strong_acc"] for m in models]
-    for col, loss in enumerate(losses):
-        ax, ax_pgr = axes[0, col], axes[1, col]
-        ax.errorbar(xs, ceiling, yerr=ceiling_std, color="black", marker="o", lw=2, capsize=3, label="strong ceiling")
-        for i, weak in enumerate(models):
-            js = range(i, len(models))
-            keys = ["weak_acc" if j == i else f"transfer_acc_{loss}" for j in js]  # a line starts at the weak model
-            acc = [mean[f"{weak}->{models[j]}"][k] for j, k in zip(js, keys)]
-            err = [std[f"{weak}->{models[j]}"][k] for j, k in zip(js, keys)]
-            ax.errorbar(list(js), acc, yerr=err, color=colors[i], marker="s", capsize=3, label=f"weak {weak}")
-            pgr_js = [j for j in js if j > i and mean[f"{weak}->{models[j]}"].get(f"pgr_{loss}") is not None]
-            if pgr_js:
-                ax_pgr.errorbar(pgr_js, [mean[f"{weak}->{models[j]}"][f"pgr_{loss}"] for j in pgr_js],
-                                yerr=[std[f"{weak}->{models[j]}"][f"pgr_{loss}"] for j in pgr_js], color=colors[i],
-                                marker="s", capsize=3, label=f"weak {weak}")
-        ax.set_title(f"{title}\nloss {loss}")
-        ax.set_ylabel("test accuracy")
-        ax.legend(fontsize=8)
-        ax_pgr.axhline(0, color="gray", lw=0.8)
-        ax_pgr.set_ylabel("performance gap recovered")
-        ax_pgr.set_xticks(xs, models)
-        ax_pgr.set_xlabel("strong model")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
 def fail(message: str) -> NoReturn:
     """A user error: one message saying what is wrong and how to fix it, exit code 2, nothing written."""
     print(f"error: {message}", file=sys.stderr)
@@ -876,36 +832,24 @@ def validate(args: Args) -> None:
              f"{args.gradient_accumulation_steps}")
     if not args.losses:
         fail("--losses is empty: name at least one of xent, logconf, product")
-    if args.sweep_models:
-        if len(args.sweep_models) < 2 or len(set(args.sweep_models)) != len(args.sweep_models):
-            fail(f"--sweep_models {' '.join(args.sweep_models)}: give at least two different models, small to large")
-        if args.sweep_pretrain_steps and len(args.sweep_pretrain_steps) != len(args.sweep_models):
-            fail(f"--sweep_pretrain_steps gives {len(args.sweep_pretrain_steps)} numbers for {len(args.sweep_models)} "
-                 "--sweep_models: give one per model")
-        for name in args.sweep_models:
-            if name.startswith("tiny-") and name not in TINY_SIZES:
-                fail(f"--sweep_models: unknown offline size {name!r}; the sizes are {', '.join(TINY_SIZES)}")
-            if name in TINY_SIZES and args.tokenizer_name is None:
-                fail(f"--sweep_models {name} is built from scratch: give a tokenizer with --tokenizer_name")
-    else:
-        for side in ("weak", "strong"):
-            path, model_type = getattr(args, f"{side}_model_name_or_path"), getattr(args, f"{side}_model_type")
-            if (path is None) == (model_type is None):
-                fail(f"give exactly one of --{side}_model_name_or_path (pretrained) and --{side}_model_type "
-                     f"(from scratch); to build from scratch pass --{side}_model_name_or_path None")
-            if model_type is not None and args.tokenizer_name is None:
-                fail(f"--{side}_model_type builds a model from scratch: give a tokenizer with --tokenizer_name")
-            if path is not None and getattr(args, f"{side}_config_overrides"):
-                fail(f"--{side}_config_overrides only applies to a model built from scratch (--{side}_model_type)")
-            if path is None and getattr(args, f"{side}_lr") is None:
-                fail(f"a model built from scratch has no published learning rate: set --{side}_lr")
+    for side in ("weak", "strong"):
+        path, model_type = getattr(args, f"{side}_model_name_or_path"), getattr(args, f"{side}_model_type")
+        if (path is None) == (model_type is None):
+            fail(f"give exactly one of --{side}_model_name_or_path (pretrained) and --{side}_model_type "
+                 f"(from scratch); to build from scratch pass --{side}_model_name_or_path None")
+        if model_type is not None and args.tokenizer_name is None:
+            fail(f"--{side}_model_type builds a model from scratch: give a tokenizer with --tokenizer_name")
+        if path is not None and getattr(args, f"{side}_config_overrides"):
+            fail(f"--{side}_config_overrides only applies to a model built from scratch (--{side}_model_type)")
+        if path is None and getattr(args, f"{side}_lr") is None:
+            fail(f"a model built from scratch has no published learning rate: set --{side}_lr")
     if args.pretrain_corpus is not None and not os.path.exists(args.pretrain_corpus):
         fail(f"--pretrain_corpus {args.pretrain_corpus}: no such file or folder; write the tiny one with "
              "`python -m tiny.cls --out data/tiny` (after `python -m tiny --out data/tiny --no_images`)")
     out = Path(args.output_dir)
     if out.is_file():
         fail(f"--output_dir {out} is a file; pass a folder")
-    ours = {"results.json", "results.png", "sweep.json", "sweep.png", "pretrain"}
+    ours = {"results.json", "results.png", "sweep.json", "sweep.png", "pretrain"}  # sweep.*: w2s_sweep.py's
     foreign = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith("seed_")) \
         if out.is_dir() else []
     if foreign and not args.overwrite_output_dir:
@@ -920,8 +864,8 @@ def check_network(args: Args) -> None:
     from huggingface_hub import constants
 
     names = [args.ds_name if args.ds_name not in HUB_DATASETS else HUB_DATASETS[args.ds_name][0], args.tokenizer_name]
-    names += list(args.sweep_models) or [args.weak_model_name_or_path, args.strong_model_name_or_path]
-    remote = [n for n in names if n and n not in TINY_SIZES and not os.path.exists(n)]
+    names += [args.weak_model_name_or_path, args.strong_model_name_or_path]
+    remote = [n for n in names if n and not os.path.exists(n)]
     if not remote or constants.HF_HUB_OFFLINE:
         return
     url = urlparse(constants.ENDPOINT)
@@ -930,17 +874,6 @@ def check_network(args: Args) -> None:
     except OSError:
         fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
              "local cache, or pass a local path.")
-
-
-def model_entry(name: str, args: Args) -> tuple[dict, int, float | None]:
-    """A sweep model: (spec, pre-training steps, fine-tuning lr) of an offline size or a hub id / path."""
-    if name in TINY_SIZES:
-        overrides, steps, lr = TINY_SIZES[name]
-        spec = {"name_or_path": None, "model_type": "qwen2", "config_overrides": overrides,
-                "tokenizer": args.tokenizer_name}
-        return spec, steps if args.pretrain_corpus else 0, lr
-    spec = {"name_or_path": name, "model_type": None, "config_overrides": None, "tokenizer": args.tokenizer_name}
-    return spec, 0, None
 
 
 def summarize(per_seed: dict) -> dict:
@@ -955,11 +888,10 @@ if __name__ == "__main__":
     check_network(args)
     try:  # data errors: one clear message, exit code 2 (nothing of a failed stage is written)
         # filled in at runtime
-        if not args.sweep_models:
-            if args.weak_lr is None:
-                args.weak_lr = published_lr("weak_lr", args.weak_model_name_or_path, args.batch_size)
-            if args.strong_lr is None:
-                args.strong_lr = published_lr("strong_lr", args.strong_model_name_or_path, args.batch_size)
+        if args.weak_lr is None:
+            args.weak_lr = published_lr("weak_lr", args.weak_model_name_or_path, args.batch_size)
+        if args.strong_lr is None:
+            args.strong_lr = published_lr("strong_lr", args.strong_model_name_or_path, args.batch_size)
         args.transfer_epochs = args.gt_epochs if args.transfer_epochs is None else args.transfer_epochs
         accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
         n_micro = args.gradient_accumulation_steps * accelerator.num_processes
@@ -976,24 +908,13 @@ if __name__ == "__main__":
         loss_settings = {"xent": {},  # part of each student's cache key
                          "logconf": {"aux_coef": args.logconf_aux_coef, "warmup_frac": args.logconf_warmup_frac},
                          "product": {"alpha": args.product_alpha, "beta": args.product_beta}}
-        # the models: (name, spec, fine-tuning lr); pairs of indices (weak, strong)
-        if args.sweep_models:
-            models = [(name, *model_entry(name, args)) for name in args.sweep_models]
-            if args.sweep_pretrain_steps:
-                models = [(name, spec, steps, lr)
-                          for (name, spec, _, lr), steps in zip(models, args.sweep_pretrain_steps)]
-            pairs = [(i, j) for i in range(len(models)) for j in range(i, len(models))]
-        else:
-            models = [(side, {"name_or_path": getattr(args, f"{side}_model_name_or_path"),
-                              "model_type": getattr(args, f"{side}_model_type"),
-                              "config_overrides": getattr(args, f"{side}_config_overrides"),
-                              "tokenizer": args.tokenizer_name},
-                       getattr(args, f"{side}_pretrain_steps") if args.pretrain_corpus else 0,
-                       getattr(args, f"{side}_lr"))
-                      for side in ("weak", "strong")]
-            pairs = [(0, 1)]
-        lrs = [lr if lr is not None else published_lr("sweep_models", spec["name_or_path"], args.batch_size)
-               for _, spec, _, lr in models]
+        # the models built from scratch get pre-trained first; a hub id / path is used as it is
+        sides = ("weak", "strong")
+        specs = [{"name_or_path": getattr(args, f"{side}_model_name_or_path"),
+                  "model_type": getattr(args, f"{side}_model_type"),
+                  "config_overrides": getattr(args, f"{side}_config_overrides"),
+                  "tokenizer": args.tokenizer_name} for side in sides]
+        pretrain_steps = [getattr(args, f"{side}_pretrain_steps") if args.pretrain_corpus else 0 for side in sides]
         tracker = None
         if args.track and accelerator.is_main_process:
             import wandb
@@ -1003,12 +924,11 @@ if __name__ == "__main__":
             tracker = wandb
 
         # ALGO LOGIC: 0. (offline only) unsupervised next-token pre-training of the models built from scratch
-        specs = []
-        for name, spec, steps, _ in models:
-            if spec["name_or_path"] is None and steps > 0:
-                spec = {"name_or_path": pretrain_lm(spec, steps, args, accelerator), "model_type": None,
-                        "config_overrides": None, "tokenizer": args.tokenizer_name}
-            specs.append(spec)
+        for k, steps in enumerate(pretrain_steps):
+            if specs[k]["name_or_path"] is None and steps > 0:
+                specs[k] = {"name_or_path": pretrain_lm(specs[k], steps, args, accelerator), "model_type": None,
+                            "config_overrides": None, "tokenizer": args.tokenizer_name}
+        weak_spec, strong_spec = specs
 
         per_seed = {}
         for seed in range(args.seed, args.seed + args.n_seeds):
@@ -1021,67 +941,43 @@ if __name__ == "__main__":
             cache_key = {**{k: getattr(args, k) for k in data_keys}, "seed": seed}
             stage = partial(run_stage, test_ds=ds["test"], seed=seed, args=args, accelerator=accelerator,
                             tracker=tracker, cache_key=cache_key)
-            weak, strong, results = {}, {}, {}
-            for i, j in pairs:
-                if i not in weak:  # ALGO LOGIC: 1-2. weak model on half 1 with ground truth; its soft labels on half 2
-                    weak[i] = stage("weak", specs[i], half1, "xent", xent_loss, lrs[i], args.gt_epochs, label_ds=half2)
-                if j not in strong:  # ALGO LOGIC: 3. strong ceiling on half 2 with ground truth
-                    strong[j] = stage("strong_ceiling", specs[j], half2, "xent", xent_loss, lrs[j], args.gt_epochs)
-                weak_labels = load_from_disk(str(Path(weak[i]["dir"]) / "weak_labels"))
-                res = {"weak_acc": weak[i]["test_acc"], "strong_acc": strong[j]["test_acc"],
-                       "weak_label_acc": weak[i]["weak_label_acc"]}
-                for loss in args.losses:  # ALGO LOGIC: 4. strong student on half 2 with the weak soft labels, per loss
-                    transfer_lr = lrs[j] if args.transfer_lr is None else args.transfer_lr
-                    w2s = stage(f"w2s_{loss}", {**specs[j], "teacher": weak[i]["dir"], **loss_settings[loss]},
-                                weak_labels, loss, loss_fns[loss], transfer_lr, args.transfer_epochs)
-                    res[f"transfer_acc_{loss}"] = w2s["test_acc"]
-                    # ALGO LOGIC: performance gap recovered (Burns et al. 2023, section 3)
-                    gap = strong[j]["test_acc"] - weak[i]["test_acc"]
-                    res[f"pgr_{loss}"] = (w2s["test_acc"] - weak[i]["test_acc"]) / gap if i != j and gap != 0 else None
-                    res[f"agreement_{loss}"] = agreement(w2s["dir"], weak[i]["dir"])  # student vs teacher, test set
-                results[f"{models[i][0]}->{models[j][0]}"] = res
-            per_seed[seed] = results if args.sweep_models else results["weak->strong"]
+            # ALGO LOGIC: 1-2. weak model on half 1 with ground truth; its soft labels on half 2
+            weak = stage("weak", weak_spec, half1, "xent", xent_loss, args.weak_lr, args.gt_epochs, label_ds=half2)
+            # ALGO LOGIC: 3. strong ceiling on half 2 with ground truth
+            strong = stage("strong_ceiling", strong_spec, half2, "xent", xent_loss, args.strong_lr, args.gt_epochs)
+            weak_labels = load_from_disk(str(Path(weak["dir"]) / "weak_labels"))
+            res = {"weak_acc": weak["test_acc"], "strong_acc": strong["test_acc"],
+                   "weak_label_acc": weak["weak_label_acc"]}
+            for loss in args.losses:  # ALGO LOGIC: 4. strong student on half 2 with the weak soft labels, per loss
+                transfer_lr = args.strong_lr if args.transfer_lr is None else args.transfer_lr
+                w2s = stage(f"w2s_{loss}", {**strong_spec, "teacher": weak["dir"], **loss_settings[loss]},
+                            weak_labels, loss, loss_fns[loss], transfer_lr, args.transfer_epochs)
+                res[f"transfer_acc_{loss}"] = w2s["test_acc"]
+                # ALGO LOGIC: performance gap recovered (Burns et al. 2023, section 3)
+                gap = strong["test_acc"] - weak["test_acc"]
+                res[f"pgr_{loss}"] = (w2s["test_acc"] - weak["test_acc"]) / gap if gap != 0 else None
+                res[f"agreement_{loss}"] = agreement(w2s["dir"], weak["dir"])  # student vs teacher, test set
+            per_seed[seed] = res
     except DataError as e:
         fail(str(e))
 
     out = Path(args.output_dir)
-    if args.sweep_models:
-        names = [name for name, *_ in models]
-        by_pair = {pair: summarize({s: r[pair] for s, r in per_seed.items()}) for pair in per_seed[args.seed]}
-        summary = {"mean": {p: v["mean"] for p, v in by_pair.items()}, "std": {p: v["std"] for p, v in by_pair.items()},
-                   "models": names, "n_seeds": args.n_seeds, "per_seed": per_seed, "args": vars(args)}
-        files = (out / "sweep.json", out / "sweep.png")
-    else:
-        summary = {**summarize(per_seed), "n_seeds": args.n_seeds, "per_seed": per_seed, "args": vars(args)}
-        files = (out / "results.json", out / "results.png")
+    summary = {**summarize(per_seed), "n_seeds": args.n_seeds, "per_seed": per_seed, "args": vars(args)}
+    files = (out / "results.json", out / "results.png")
     if accelerator.is_main_process:
         files[0].write_text(json.dumps(summary, indent=2))
-        title = f"{Path(args.ds_name).name}, {args.n_seeds} seed(s)"
-        if args.sweep_models:
-            sweep_plot(summary, names, args.losses, files[1], title)
-            header = "".join(f"{'w2s ' + loss:>13}{'PGR':>7}" for loss in args.losses)
-            print(f"\n{'weak -> strong':<24}{'weak':>7}{'strong':>8}{header}")
-            for pair, m in summary["mean"].items():
-                row = f"{pair:<24}{m['weak_acc']:>7.3f}{m['strong_acc']:>8.3f}"
-                for loss in args.losses:
-                    pgr = m[f"pgr_{loss}"]
-                    row += f"{m[f'transfer_acc_{loss}']:>13.3f}" + (f"{pgr:>7.2f}" if pgr is not None else f"{'-':>7}")
-                print(row)
-        else:
-            weak_name, strong_name = (getattr(args, f"{side}_model_name_or_path") or (
-                f"{getattr(args, f'{side}_model_type')} ({getattr(args, f'{side}_pretrain_steps')} pre-training steps)"
-                if args.pretrain_corpus and getattr(args, f"{side}_pretrain_steps") else
-                f"{getattr(args, f'{side}_model_type')} (scratch)") for side in ("weak", "strong"))
-            plot(summary, args.losses, files[1], f"{Path(args.ds_name).name}: {weak_name} -> {strong_name}, "
-                 f"{args.n_seeds} seed(s)")
-            print(f"\n{'metric':<24}{'mean':>8}{'std':>8}")
-            for k, v in summary["mean"].items():
-                if v is not None:
-                    print(f"{k:<24}{v:>8.4f}{summary['std'][k]:>8.4f}")
+        weak_name, strong_name = (getattr(args, f"{side}_model_name_or_path") or (
+            f"{getattr(args, f'{side}_model_type')} ({getattr(args, f'{side}_pretrain_steps')} pre-training steps)"
+            if args.pretrain_corpus and getattr(args, f"{side}_pretrain_steps") else
+            f"{getattr(args, f'{side}_model_type')} (scratch)") for side in ("weak", "strong"))
+        plot(summary, args.losses, files[1], f"{Path(args.ds_name).name}: {weak_name} -> {strong_name}, "
+             f"{args.n_seeds} seed(s)")
+        print(f"\n{'metric':<24}{'mean':>8}{'std':>8}")
+        for k, v in summary["mean"].items():
+            if v is not None:
+                print(f"{k:<24}{v:>8.4f}{summary['std'][k]:>8.4f}")
         print(f"wrote {files[0]} and {files[1]}")
         if tracker is not None:
-            flat = summary["mean"] if not args.sweep_models else {f"{p}/{k}": v for p, m in summary["mean"].items()
-                                                                 for k, v in m.items()}
-            tracker.summary.update({f"eval/{k}": v for k, v in flat.items() if v is not None})
+            tracker.summary.update({f"eval/{k}": v for k, v in summary["mean"].items() if v is not None})
             tracker.log({"eval/results": tracker.Image(str(files[1]))})
             tracker.finish()

@@ -54,3 +54,10 @@ def small_sft(tiny, tmp_path_factory) -> Path:
                str(tiny / "tokenizer"), "--output_dir", str(out), "--config_overrides", SMALL, "--max_steps", "60",
                "--eval_split", "None")
     return out
+
+
+@pytest.fixture(scope="session")
+def corpus(tiny) -> Path:
+    """The unlabeled pre-training corpus next to the test's tiny setting (python -m tiny.cls)."""
+    run_script("-m", "tiny.cls", "--out", str(tiny), "--n_docs", "20000")
+    return tiny / "cls_corpus"

@@ -1,7 +1,7 @@
 """weak_to_strong_cls.py: the three losses against REFERENCE.md, last-token pooling, bad input,
 gradient accumulation and distributed equivalence (logconf's whole-batch threshold included), seeds
-aggregation, the offline pipeline end to end (weak < strong ceiling, PGR, JSON and PNG, cache reuse), the
-unlabeled pre-training corpus and stage (cached, reused), and the size sweep end to end."""
+aggregation, the offline pipeline end to end (weak < strong ceiling, PGR, JSON and PNG, cache reuse), and the
+unlabeled pre-training corpus and stage (cached, reused). The size sweep: test_w2s_sweep.py."""
 
 import json
 import re
@@ -384,14 +384,7 @@ def test_logconf_threshold_over_the_whole_batch(tiny):
 
 
 # ------------------------------------------------------------------------------------------------
-# pre-training: the unlabeled corpus, the cached stage, and the size sweep (issue 17)
-@pytest.fixture(scope="session")
-def corpus(tiny) -> Path:
-    """The unlabeled pre-training corpus next to the test's tiny setting (python -m tiny.cls)."""
-    run_script("-m", "tiny.cls", "--out", str(tiny), "--n_docs", "20000")
-    return tiny / "cls_corpus"
-
-
+# pre-training: the unlabeled corpus and the cached stage (issue 17)
 def read_jsonl_folder(folder: Path) -> list[dict]:
     return [json.loads(line) for f in sorted(folder.glob("*.jsonl")) for line in f.read_text().splitlines()]
 
@@ -439,32 +432,6 @@ def test_pretraining_is_cached_and_reused(tiny, corpus, tmp_path, capsys):
     AcceleratorState._reset_state(True)
 
 
-def test_sweep_end_to_end_and_cached(tiny, corpus, tmp_path):
-    out = tmp_path / "sweep"
-    args = cli(tiny, out, "--pretrain_corpus", str(corpus), "--sweep_models", "tiny-s", "tiny-m",
-               "--sweep_pretrain_steps", "20", "20", "--n_docs", "512", "--n_test_docs", "100", "--gt_epochs", "2",
-               "--losses", "xent", "logconf", "--no_save_models")
-    first = run_script(*args, env=SINGLE_THREAD)
-    sweep = json.loads((out / "sweep.json").read_text())
-    pairs = ["tiny-s->tiny-s", "tiny-s->tiny-m", "tiny-m->tiny-m"]
-    assert sweep["models"] == ["tiny-s", "tiny-m"] and list(sweep["per_seed"]["0"]) == pairs
-    r = sweep["per_seed"]["0"]
-    assert r["tiny-s->tiny-m"]["weak_acc"] == r["tiny-s->tiny-s"]["weak_acc"]  # one weak model per size
-    assert r["tiny-s->tiny-m"]["strong_acc"] == r["tiny-m->tiny-m"]["strong_acc"]  # one ceiling per size
-    for loss in ("xent", "logconf"):
-        assert r["tiny-s->tiny-m"][f"pgr_{loss}"] == pytest.approx(pgr(r["tiny-s->tiny-m"][f"transfer_acc_{loss}"],
-                                                                       r["tiny-s->tiny-m"]))
-        assert r["tiny-s->tiny-s"][f"pgr_{loss}"] is None and r["tiny-m->tiny-m"][f"pgr_{loss}"] is None
-        assert sweep["mean"]["tiny-s->tiny-m"][f"transfer_acc_{loss}"] == r["tiny-s->tiny-m"][f"transfer_acc_{loss}"]
-    assert len(list((out / "pretrain").glob("lm_*/model.safetensors"))) == 2
-    assert "tiny-s->tiny-m" in first.stdout and "wrote" in first.stdout
-    png = (out / "sweep.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
-    second = run_script(*args, env=SINGLE_THREAD)  # 2 pre-trainings + 2 weak + 2 ceilings + 3 pairs x 2 losses
-    assert len(re.findall(r"cached in .*, skipped", second.stdout)) == 12
-    assert json.loads((out / "sweep.json").read_text())["per_seed"] == sweep["per_seed"]
-
-
 # ------------------------------------------------------------------------------------------------
 # arguments, output folder and data files: one message, exit code 2, nothing written (issue 15)
 @pytest.mark.parametrize("extra, message", [
@@ -474,8 +441,6 @@ def test_sweep_end_to_end_and_cached(tiny, corpus, tmp_path):
     (["--logconf_aux_coef", "1.5"], "--logconf_aux_coef 1.5: a mixing weight, must lie in [0, 1]"),
     (["--batch_size", "32", "--gradient_accumulation_steps", "3"],
      "--batch_size 32 must be a multiple of --gradient_accumulation_steps 3"),
-    (["--sweep_models", "tiny-s", "tiny-xl"], "--sweep_models: unknown offline size 'tiny-xl'; the sizes are tiny-s,"),
-    (["--sweep_models", "tiny-s"], "--sweep_models tiny-s: give at least two different models, small to large"),
     (["--pretrain_corpus", "nowhere/corpus"], "--pretrain_corpus nowhere/corpus: no such file or folder"),
     (["--weak_model_type", "None"], "give exactly one of --weak_model_name_or_path"),
 ])

@@ -1,0 +1,77 @@
+"""w2s_sweep.py: the size sweep end to end on two offline sizes (one weak model and one ceiling per size, PGR per
+pair, sweep.json and sweep.png), a rerun served entirely from weak_to_strong_cls.py's stage cache, and bad
+arguments (one message, exit code 2, nothing written)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import load_script, run_script
+
+sweep_script = load_script("w2s_sweep")
+
+# one torch thread: tiny matrices crawl when two threads fight other jobs for two cores
+SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def cli(tiny: Path, out: Path, *extra: str) -> list[str]:
+    """The tiny preset on the test's data, models trained from scratch unless `extra` names a --pretrain_corpus."""
+    return ["w2s_sweep.py", "--preset", "tiny", "--ds_name", str(tiny / "cls"), "--tokenizer_name",
+            str(tiny / "tokenizer"), "--output_dir", str(out), "--pretrain_corpus", "None", *extra]
+
+
+def test_sweep_end_to_end_and_cached(tiny, corpus, tmp_path):
+    out = tmp_path / "sweep"
+    args = cli(tiny, out, "--pretrain_corpus", str(corpus), "--models", "tiny-s", "tiny-m",
+               "--pretrain_steps", "20", "20", "--n_docs", "512", "--n_test_docs", "100", "--gt_epochs", "2",
+               "--losses", "xent", "logconf", "--no_save_models")
+    first = run_script(*args, env=SINGLE_THREAD)
+    sweep = json.loads((out / "sweep.json").read_text())
+    pairs = ["tiny-s->tiny-s", "tiny-s->tiny-m", "tiny-m->tiny-m"]
+    assert sweep["models"] == ["tiny-s", "tiny-m"] and list(sweep["per_seed"]["0"]) == pairs
+    assert sweep["n_seeds"] == 1 and list(sweep["mean"]) == pairs and list(sweep["std"]) == pairs
+    r = sweep["per_seed"]["0"]
+    assert r["tiny-s->tiny-m"]["weak_acc"] == r["tiny-s->tiny-s"]["weak_acc"]  # one weak model per size
+    assert r["tiny-s->tiny-m"]["strong_acc"] == r["tiny-m->tiny-m"]["strong_acc"]  # one ceiling per size
+    for loss in ("xent", "logconf"):
+        # REFERENCE.md: PGR = (w2s - weak) / (strong - weak), from the JSON's own accuracies
+        pair = r["tiny-s->tiny-m"]
+        assert pair[f"pgr_{loss}"] == pytest.approx((pair[f"transfer_acc_{loss}"] - pair["weak_acc"])
+                                                    / (pair["strong_acc"] - pair["weak_acc"]))
+        assert r["tiny-s->tiny-s"][f"pgr_{loss}"] is None and r["tiny-m->tiny-m"][f"pgr_{loss}"] is None
+        assert sweep["mean"]["tiny-s->tiny-m"][f"transfer_acc_{loss}"] == r["tiny-s->tiny-m"][f"transfer_acc_{loss}"]
+    assert len(list((out / "pretrain").glob("lm_*/model.safetensors"))) == 2
+    assert "tiny-s->tiny-m" in first.stdout and "wrote" in first.stdout
+    png = (out / "sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    second = run_script(*args, env=SINGLE_THREAD)
+    # one run of weak_to_strong_cls.py per pair, each fully cached: 2 pre-trainings + weak + ceiling + 2 losses
+    assert len(re.findall(r"cached in .*, skipped", second.stdout)) == 3 * 6
+    assert "test acc" not in second.stdout and "final loss" not in second.stdout  # nothing trained again
+    assert json.loads((out / "sweep.json").read_text())["per_seed"] == sweep["per_seed"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--models", "tiny-s", "tiny-xl"], "--models: unknown offline size 'tiny-xl'; the sizes are tiny-s,"),
+    (["--models", "tiny-s"], "--models tiny-s: give at least two different models, small to large"),
+    (["--models", "tiny-s", "tiny-m", "--pretrain_steps", "20"],
+     "--pretrain_steps gives 1 numbers for 2 --models: give one per model"),
+    (["--models", "tiny-s", "tiny-m", "--weak_lr", "0.1"],
+     "--weak_lr: the sweep sets each pair's models and learning rates from --models"),
+])
+def test_bad_arguments_exit_2_before_anything(tiny, tmp_path, extra, message, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setattr("sys.argv", cli(tiny, out, *extra))
+    with pytest.raises(SystemExit) as exit_info:
+        sweep_script.parse_args()
+    assert exit_info.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_training_script_error_stops_the_sweep(tiny, tmp_path):
+    out = tmp_path / "out"  # an argument error of weak_to_strong_cls.py: its message, its exit code, nothing written
+    p = run_script(*cli(tiny, out, "--models", "tiny-s", "tiny-m", "--batch_size", "0"), check=False,
+                   env=SINGLE_THREAD)
+    assert p.returncode == 2 and "error: --batch_size 0: must be a positive integer" in p.stderr
+    assert "Traceback" not in p.stderr and not out.exists()
