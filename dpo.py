@@ -15,15 +15,13 @@ The reference never changes, so its log-probs are computed in one pass before tr
 weights; with LoRA the base model, adapters off) and cached on disk; training holds only the policy. Each pair is
 scored in the micro-batch it is trained (epoch 0) or evaluated in, under the same `accelerator.autocast()`, so at
 step 0 the policy's log-probs equal the reference's bit for bit (rewards exactly 0, in bf16 too).
-Loss normaliser: the mean over the optimizer step's pairs. Each micro-batch's loss is its per-pair mean and
-accelerate averages micro-batches and processes; that equals the mean over all pairs because every micro-batch
-holds the same number of pairs (only whole global batches are trained on).
+Loss normaliser: the mean over the optimizer step's pairs (every micro-batch holds the same number of pairs, as
+only whole global batches are trained on, so accelerate's mean of micro-batch means is that mean).
 Dropout is off in the policy (`--disable_dropout`, LoRA dropout included), as in TRL's DPOTrainer.
 
 Defaults: the WSPO repo's weak DPO (full fine-tuning, beta 0.1, lr 1e-5, 1 epoch, cosine, warm-up 0.1).
-`--layout auto` forwards each micro-batch padding-free (one packed row) on a GPU, where one large forward is the
-fastest, and in `--length_groups` length-sorted padded forwards on a CPU, where less padding wins (docs/benchmarks.md).
-Logits exist for one chunk of response positions at a time (recomputed in backward), never for the whole batch.
+`--layout auto`: one padding-free forward per micro-batch on a GPU, `--length_groups` length-sorted padded forwards
+on a CPU (what measured fastest on each, docs/benchmarks.md). Logits exist for one chunk of positions at a time.
 
 Paper scale (GPU, hub):
     accelerate launch --config_file configs/zero3.yaml dpo.py --model_name_or_path runs/qwen2-1.5b-sft \
@@ -143,11 +141,9 @@ class Args:
     max_eval_samples: int | None = 1000
     """use only the first N eval pairs"""
     layout: Literal["auto", "padded", "padding_free"] = "auto"
-    """forward layout of a micro-batch: padding_free (one packed row), padded (--length_groups forwards);
-    auto: padding_free on a GPU, padded on a CPU"""
+    """micro-batch forward: padding_free (one packed row), padded (--length_groups); auto: GPU free, CPU padded"""
     length_groups: int = 4
-    """padded layout: forward the sequences sorted by length in this many groups, each padded only to its own
-    longest sequence (less padding, same loss); 1 = one padded forward"""
+    """padded layout: length-sorted groups, each padded to its own longest sequence; 1 = one padded forward"""
 
     # algorithm
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
@@ -195,8 +191,7 @@ class Args:
     resume_allow_changes: tuple[str, ...] = ()
     """with --resume: argument names allowed to differ from the saved args.json"""
     overwrite_output_dir: bool = False
-    """replace what an earlier run wrote in output_dir: its checkpoints/ are deleted and metrics.jsonl starts afresh;
-    other files are kept"""
+    """replace an earlier run in output_dir: its checkpoints/ are deleted, metrics.jsonl restarts, other files kept"""
 
     # filled in at runtime
     world_size: int = 1
@@ -239,55 +234,48 @@ def parse_args() -> Args:
 
 
 def validate(args: Args) -> None:
-    """Every argument checked before anything is loaded or written."""
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
-                 "num_train_epochs", "max_steps", "max_length", "max_prompt_length", "max_train_samples",
-                 "max_eval_samples", "length_groups", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                 "lora_r", "lora_alpha"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            fail(f"--{name} must be at least 1 (got {value})")
-    for name in ("learning_rate", "weight_decay"):
-        if getattr(args, name) < 0:
-            fail(f"--{name} must be non-negative (got {getattr(args, name)})")
-    for name in ("beta", "max_grad_norm"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name} must be positive (got {getattr(args, name)})")
-    for name, ok, interval in (("warmup_ratio", 0 <= args.warmup_ratio <= 1, "[0, 1]"),
-                               ("lora_dropout", 0 <= args.lora_dropout < 1, "[0, 1)"),
-                               ("label_smoothing", 0 <= args.label_smoothing < 0.5, "[0, 0.5)")):
-        if not ok:
-            fail(f"--{name} must be in {interval} (got {getattr(args, name)})")
-    if args.label_smoothing > 0 and args.loss_type != "sigmoid":
-        fail(f"--label_smoothing applies to --loss_type sigmoid only (got --loss_type {args.loss_type})")
-    if args.max_prompt_length >= args.max_length:
-        fail(f"--max_prompt_length ({args.max_prompt_length}) must be below --max_length ({args.max_length}), "
-             "or no response token fits")
-    if args.eval_fraction is not None and not 0 < args.eval_fraction < 1:
-        fail(f"--eval_fraction must be in (0, 1) (got {args.eval_fraction})")
-    if args.resume and args.overwrite_output_dir:
-        fail("--resume continues the run in output_dir, --overwrite_output_dir replaces it: pass one of them")
-    if args.resume_allow_changes and not args.resume:
-        fail("--resume_allow_changes only applies with --resume")
+    """Every argument checked before anything is loaded or written; the first problem found is reported."""
+    value, is_file = lambda name: getattr(args, name), os.path.isfile(args.dataset_name)
+    same_data = args.eval_dataset_name is not None and (
+        os.path.realpath(args.eval_dataset_name) == os.path.realpath(args.dataset_name)
+        and (is_file or args.eval_split in (None, args.train_split)))
     unknown = sorted(set(args.resume_allow_changes) - {f.name for f in fields(Args)})
-    if unknown:
-        fail(f"--resume_allow_changes: no such argument {unknown}; name Args fields, e.g. learning_rate")
-    if args.eval_fraction is not None and args.eval_dataset_name is not None:
-        fail("--eval_fraction holds out training data, --eval_dataset_name names other data: pass one of them")
-    if (args.eval_split and args.eval_fraction is None and args.eval_dataset_name is None
-            and os.path.isfile(args.dataset_name)):
-        fail(f"--dataset_name {args.dataset_name} is a single file, so it has no eval split {args.eval_split!r}: "
-             f"pass --eval_dataset_name FILE (held-out data), --eval_fraction 0.05 (hold out 5% of the training "
-             f"pairs) or --eval_split None (no eval)")
-    if args.eval_dataset_name is not None:
-        same = os.path.realpath(args.eval_dataset_name) == os.path.realpath(args.dataset_name)
-        if same and (os.path.isfile(args.dataset_name) or args.eval_split in (None, args.train_split)):
-            fail(f"the eval data are the training data ({args.eval_dataset_name}, split "
-                 f"{args.eval_split or args.train_split}): pass held-out data or --eval_fraction")
     out = args.output_dir
-    if os.path.isdir(out) and os.listdir(out) and not (args.resume or args.overwrite_output_dir):
-        fail(f"output_dir {out} already holds files (a model, metrics.jsonl, ...); pass --overwrite_output_dir to "
-             "replace them, --resume to continue that run, or another --output_dir")
+    problems = [(value(n) is not None and value(n) < 1, f"--{n} must be at least 1 (got {value(n)})") for n in (
+        "per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size", "num_train_epochs",
+        "max_steps", "max_length", "max_prompt_length", "max_train_samples", "max_eval_samples", "length_groups",
+        "logging_steps", "eval_steps", "save_steps", "save_total_limit", "lora_r", "lora_alpha")]
+    problems += [(value(n) < 0, f"--{n} must be non-negative (got {value(n)})") for n in ("learning_rate",
+                                                                                          "weight_decay")]
+    problems += [(value(n) <= 0, f"--{n} must be positive (got {value(n)})") for n in ("beta", "max_grad_norm")]
+    problems += [(not ok, f"--{n} must be in {interval} (got {value(n)})") for n, ok, interval in (
+        ("warmup_ratio", 0 <= args.warmup_ratio <= 1, "[0, 1]"), ("lora_dropout", 0 <= args.lora_dropout < 1, "[0, 1)"),
+        ("label_smoothing", 0 <= args.label_smoothing < 0.5, "[0, 0.5)"),
+        ("eval_fraction", args.eval_fraction is None or 0 < args.eval_fraction < 1, "(0, 1)"))]
+    problems += [
+        (args.label_smoothing > 0 and args.loss_type != "sigmoid",
+         f"--label_smoothing applies to --loss_type sigmoid only (got --loss_type {args.loss_type})"),
+        (args.max_prompt_length >= args.max_length, f"--max_prompt_length ({args.max_prompt_length}) must be below "
+         f"--max_length ({args.max_length}), or no response token fits"),
+        (args.resume and args.overwrite_output_dir,
+         "--resume continues the run in output_dir, --overwrite_output_dir replaces it: pass one of them"),
+        (args.resume_allow_changes and not args.resume, "--resume_allow_changes only applies with --resume"),
+        (unknown, f"--resume_allow_changes: no such argument {unknown}; name Args fields, e.g. learning_rate"),
+        (args.eval_fraction is not None and args.eval_dataset_name is not None,
+         "--eval_fraction holds out training data, --eval_dataset_name names other data: pass one of them"),
+        (args.eval_split and args.eval_fraction is None and args.eval_dataset_name is None and is_file,
+         f"--dataset_name {args.dataset_name} is a single file, so it has no eval split {args.eval_split!r}: pass "
+         "--eval_dataset_name FILE (held-out data), --eval_fraction 0.05 (hold out 5% of the training pairs) or "
+         "--eval_split None (no eval)"),
+        (same_data, f"the eval data are the training data ({args.eval_dataset_name}, split "
+         f"{args.eval_split or args.train_split}): pass held-out data or --eval_fraction"),
+        (os.path.isdir(out) and os.listdir(out) and not (args.resume or args.overwrite_output_dir),
+         f"output_dir {out} already holds files (a model, metrics.jsonl, ...); pass --overwrite_output_dir to "
+         "replace them, --resume to continue that run, or another --output_dir"),
+    ]
+    for bad, message in problems:
+        if bad:
+            fail(message)
 
 
 def compare_with_saved_run(args: Args) -> int | None:
@@ -309,7 +297,7 @@ def compare_with_saved_run(args: Args) -> int | None:
 # data
 # ---------------------------------------------------------------------------------------------
 def locate_file_error(path: str) -> str:
-    """The first bad line of a .json/.jsonl file (1-based, in file order), or what else is wrong with the file."""
+    """The first bad line of a .json/.jsonl file (1-based), or what else is wrong with it; "" if nothing is found."""
     lines = open(path, encoding="utf-8", errors="replace").read().splitlines()
     if not any(line.strip() for line in lines):
         return f"{path} is empty: it holds no rows"
@@ -319,22 +307,18 @@ def locate_file_error(path: str) -> str:
         except json.JSONDecodeError as e:
             return f"{path}, line {e.lineno}: not valid JSON ({e.msg}); fix that line"
         return f"{path}: rows with differing columns or value types; every row needs the same columns and types"
-    first = None
+    first_seen = {}  # column -> (value type, line) where it first held a value
     for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
         try:
-            row = json.loads(line)
+            row = json.loads(line) if line.strip() else {}
         except json.JSONDecodeError as e:
             return f"{path}, line {number}: not valid JSON ({e.msg}); fix or remove that line"
         if not isinstance(row, dict):
             return f"{path}, line {number}: a JSON object per line is expected, got {type(row).__name__}"
-        types = {k: type(v).__name__ for k, v in row.items() if v is not None}
-        first = first or (number, types)
-        for key, kind in types.items():
-            if first[1].get(key, kind) != kind:
-                return (f"{path}, line {number}: column {key!r} holds a {kind} here but a {first[1][key]} on line "
-                        f"{first[0]}; every row needs the same value types")
+        for key, kind in ((k, type(v).__name__) for k, v in row.items() if v is not None):
+            if first_seen.setdefault(key, (kind, number))[0] != kind:
+                return (f"{path}, line {number}: column {key!r} holds a {kind} here but a {first_seen[key][0]} on "
+                        f"line {first_seen[key][1]}; every row needs the same value types")
     return ""
 
 
@@ -450,25 +434,16 @@ def prepare_dataset(ds, tokenizer, args: Args, what: str, source: str, log) -> t
     ds = ds.map(lambda ex: tokenize_pair(tokenizer, ex, args), remove_columns=ds.column_names,
                 desc=f"tokenizing {what}")
     reasons = {r: n for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}
-    kept = ds.filter(lambda ex: ex["skip"] == "")
     seen = set()  # an exact duplicate (same prompt, chosen and rejected tokens) would count twice in the loss
-
-    def first_time(ex) -> bool:
-        key = hash((tuple(ex["prompt_ids"]), tuple(ex["chosen_ids"]), tuple(ex["rejected_ids"])))
-        new = key not in seen
-        seen.add(key)
-        return new
-
-    n_usable = len(kept)
-    kept = kept.filter(first_time, load_from_cache_file=False)
-    if n_usable > len(kept):
-        reasons["duplicate pair"] = n_usable - len(kept)
+    key = lambda ex: (tuple(ex["prompt_ids"]), tuple(ex["chosen_ids"]), tuple(ex["rejected_ids"]))
+    usable = ds.filter(lambda ex: ex["skip"] == "")
+    kept = usable.filter(lambda ex: key(ex) not in seen and not seen.add(key(ex)), load_from_cache_file=False)
+    reasons.update({"duplicate pair": len(usable) - len(kept)} if len(usable) > len(kept) else {})
     stats = {f"data/{what}_pairs": len(kept), f"data/{what}_dropped": len(ds) - len(kept),
              f"data/{what}_prompts_cut": int(sum(kept["prompt_cut"])),
              f"data/{what}_responses_cut": int(sum(kept["responses_cut"]))}
-    cuts = (f"{stats[f'data/{what}_prompts_cut']} prompts cut (earlier turns dropped or oldest user text shortened), "
-            f"{stats[f'data/{what}_responses_cut']} responses cut")
-    log(f"{what}: {len(kept)} of {len(ds)} pairs kept; {cuts}; "
+    log(f"{what}: {len(kept)} of {len(ds)} pairs kept; {stats[f'data/{what}_prompts_cut']} prompts cut (earlier turns "
+        f"dropped or oldest user text shortened), {stats[f'data/{what}_responses_cut']} responses cut; "
         + (", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "none skipped"))
     if len(kept) == 0:
         fail(f"no usable pair in the {what} data ({source}: {reasons}); check the column flags and the data")
@@ -491,15 +466,12 @@ def load_data(args: Args, tokenizer, log) -> tuple[object, object, dict]:
         evals = load_split(args.dataset_name, args.dataset_config, args.eval_split)
         source = f"{args.dataset_name}[{args.eval_split}]"
     log(f"eval data: {source}" if evals is not None else "eval data: none (--eval_split None)")
-    stats, out = {}, []
-    for ds, limit, what, where in ((train, args.max_train_samples, "train", args.dataset_name),
-                                   (evals, args.max_eval_samples, "eval", evals is not None and source)):
-        if ds is not None:
-            ds, counts = prepare_dataset(ds.select(range(min(limit or len(ds), len(ds)))), tokenizer, args, what,
-                                         where, log)
-            stats.update(counts)
-        out.append(ds)
-    return out[0], out[1], stats
+    head = lambda ds, limit: ds.select(range(min(limit or len(ds), len(ds))))
+    train, stats = prepare_dataset(head(train, args.max_train_samples), tokenizer, args, "train", args.dataset_name, log)
+    if evals is not None:
+        evals, eval_stats = prepare_dataset(head(evals, args.max_eval_samples), tokenizer, args, "eval", source, log)
+        stats.update(eval_stats)
+    return train, evals, stats
 
 
 def collate(rows: list[dict], pad_id: int, padding_free: bool, length_groups: int = 1) -> dict:
@@ -621,25 +593,21 @@ def compute_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, r
 # ---------------------------------------------------------------------------------------------
 # reference log-probs: a pre-pass cached on disk
 # ---------------------------------------------------------------------------------------------
-def model_fingerprint(name: str) -> str:
-    """A hub id names fixed weights (up to its revision); a local folder is fingerprinted by its files."""
-    if not os.path.isdir(name):
-        return name
-    files = sorted(f for f in os.listdir(name) if f.endswith((".safetensors", ".json")))
-    return name + "|" + "|".join(f"{f}:{os.path.getsize(os.path.join(name, f))}:"
-                                 f"{os.path.getmtime(os.path.join(name, f))}" for f in files)
-
-
 def cache_key(args: Args, ref_name: str, ds, split: str, accelerator) -> str:
-    """The reference model, the token ids, the precision and the micro-batches the pre-pass forms (a sequence's
-    log-prob depends, in its last bits, on the sequences padded or packed with it)."""
+    """The reference model (a hub id names fixed weights; a local folder is fingerprinted by its files), the token
+    ids, the precision and the micro-batches the pre-pass forms (a sequence's log-prob depends, in its last bits, on
+    the sequences padded or packed with it)."""
+    files = sorted(f for f in os.listdir(ref_name) if f.endswith((".safetensors", ".json"))) \
+        if os.path.isdir(ref_name) else []
+    model = "|".join([ref_name] + [f"{f}:{os.path.getsize(os.path.join(ref_name, f))}:"
+                                   f"{os.path.getmtime(os.path.join(ref_name, f))}" for f in files])
     ids = hashlib.sha256()
     for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
         for row in ds[column]:
             ids.update(np.asarray(row, dtype=np.int64).tobytes() + b"|")
     layout = ((args.seed, args.per_device_train_batch_size, args.global_batch_size) if split == "train"
               else (args.per_device_eval_batch_size,))
-    parts = [model_fingerprint(ref_name), ids.hexdigest(), str(args.use_lora), args.dtype,
+    parts = [model, ids.hexdigest(), str(args.use_lora), args.dtype,
              str(accelerator.mixed_precision), args.attn_implementation,
              str((split, *layout, args.layout, args.length_groups))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
@@ -797,9 +765,7 @@ def main(args: Args):
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
                               num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
-    eval_loader = None
-    if eval_ds is not None:
-        eval_loader = loader_of(eval_ds, list(range(len(eval_ds))), args.per_device_eval_batch_size)
+    eval_loader = eval_ds and loader_of(eval_ds, list(range(len(eval_ds))), args.per_device_eval_batch_size)
 
     # ALGO LOGIC: the reference log-probs logp_ref(y_w), logp_ref(y_l) of every pair, once, before training
     ref_name = args.ref_model_name_or_path or args.model_name_or_path
@@ -858,9 +824,7 @@ def main(args: Args):
         return compute_loss(policy_logps[:n], policy_logps[n:], ref_cache[split]["chosen"][batch["row"]],
                             ref_cache[split]["rejected"][batch["row"]], lengths[:n], lengths[n:], args)
 
-    def device_sync():
-        if accelerator.device.type == "cuda":
-            torch.cuda.synchronize()
+    device_sync = torch.cuda.synchronize if accelerator.device.type == "cuda" else lambda: None
 
     clock = {"window": time.time(), "steady": None}  # start times; eval and checkpoint time is moved out of both
 
@@ -874,9 +838,7 @@ def main(args: Args):
             clock[k] = clock[k] and clock[k] + time.time() - start
 
     @torch.no_grad()
-    def evaluate_and_log(step: int):
-        """Means over every held-out pair: per-pair metrics go through gather_for_metrics, which drops the
-        duplicates accelerate adds to even out the last batch across processes."""
+    def evaluate_and_log(step: int):  # gather_for_metrics drops the pairs accelerate repeats to even out batches
         with paused():
             model.eval()
             parts = [accelerator.gather_for_metrics(policy_pass(batch, "eval")[1]) for batch in eval_loader]
@@ -997,9 +959,8 @@ def main(args: Args):
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump({**vars(args), "run_id": run_id, "completed_steps": global_step}, f, indent=2)
         log(f"saved the model to {args.output_dir}")
-        if args.push_to_hub:
-            unwrapped.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
-            tokenizer.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
+        for obj in (unwrapped, tokenizer) if args.push_to_hub else ():
+            obj.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
     accelerator.wait_for_everyone()
     if args.track and accelerator.is_main_process:
         wandb.finish()

@@ -3,7 +3,9 @@ setting. (The hybrid pair builder and its tests live in hybrid_pairs.py / tests/
 
 import dataclasses
 import json
+import difflib
 import math
+import os
 import shutil
 from types import SimpleNamespace
 
@@ -12,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-from conftest import load_script, run_script
+from conftest import ROOT, load_script, run_script
 
 wpo = load_script("wpo")
 
@@ -468,3 +470,11 @@ def test_help_documents_every_flag():
     for f in dataclasses.fields(wpo.Args):
         assert f"--{f.name}" in p.stdout, f.name
     assert "--no_clamp_weight" in p.stdout and "--no_weight_sum_sq" in p.stdout
+
+
+def test_wpo_is_dpo_plus_the_weight():
+    """wpo.py is derived from dpo.py: the diff holds the weight, its logging and defaults, and little else."""
+    dpo_lines, wpo_lines = (open(os.path.join(ROOT, f)).read().splitlines() for f in ("dpo.py", "wpo.py"))
+    changed = [d for d in difflib.unified_diff(dpo_lines, wpo_lines, n=0, lineterm="")
+               if d[:1] in "+-" and not d.startswith(("+++", "---"))]
+    assert 50 < len(changed) < 150, f"{len(changed)} changed lines between dpo.py and wpo.py"
