@@ -1,21 +1,21 @@
 """Weak-to-strong generalization on binary classification, in one file.
 
 Burns et al. 2023, "Weak-to-Strong Generalization: Eliciting Strong Capabilities With Weak Supervision"
-(arXiv:2312.09390); official code: openai/weak-to-strong (train_weak_to_strong.py and
-weak_to_strong/{datasets,model,train,loss}.py). For each seed, one run does:
+(arXiv:2312.09390); official code: openai/weak-to-strong (train_weak_to_strong.py, weak_to_strong/{datasets,model,
+train,loss}.py). For each seed, one run does:
 
     1. split the train set 50/50 into half 1 and half 2
     2. weak model      <- fine-tune the weak LM on half 1 with ground truth (xent)
     3. weak labels     <- the weak model's soft predictions on half 2 (saved as a dataset)
     4. strong ceiling  <- fine-tune the strong LM on half 2 with ground truth
-    5. weak-to-strong  <- fine-tune the strong LM on half 2 with the weak labels, once per loss
-                          (xent, logconf, product)
-    report: test accuracy of each, PGR = (w2s - weak) / (strong ceiling - weak), and the test-set
-    agreement of each strong student with its weak teacher.
+    5. weak-to-strong  <- fine-tune the strong LM on half 2 with the weak labels, once per loss (xent, logconf, product)
+    report: test accuracy of each, PGR = (w2s - weak) / (strong ceiling - weak), and the test-set agreement of each
+    strong student with its weak teacher.
 
-Every model is a causal LM whose hidden state at the last real token feeds a zero-initialised
-2-class linear head without bias. Stages are cached under --output_dir (keyed by their settings)
-and skipped on rerun unless --force_retrain; a folder holding other files is refused (--overwrite_output_dir).
+Every model is a causal LM whose hidden state at the last real token feeds a zero-initialised 2-class linear head
+without bias. Stages are cached under --output_dir (keyed by their settings) and skipped on rerun unless
+--force_retrain; a folder holding other files is refused (--overwrite_output_dir). The size sweep (figure 3: every
+weak <= strong pair of a list of models) is w2s_sweep.py, which runs this script once per pair on one --output_dir.
 
 Losses (loss.py), with soft labels y and predictions p: xent = CE(p, y); product = CE(p, norm(p^beta y^alpha));
 logconf = CE(p, (1 - c) y + c h), h = p hardened at the quantile of p(0) that gives h the weak labels' class
@@ -25,16 +25,12 @@ batch too (all micro batches, all processes), so any split of a batch gives the 
 decay, cosine to 0, no warm-up, dropout off (the official train_with_dropout=False); pre-training divides the summed
 token losses by the token count of the whole optimizer step.
 
-The size sweep (the paper's figure 3: every weak <= strong pair of a list of models) is w2s_sweep.py, which runs
-this script once per pair on one --output_dir.
-
 Offline setting (tiny/cls.py): sentiment of a review of sentiment words, filler words and negations ("not" flips
 the next word); label = sign of the flipped sum. A strong model must see negation, a 1-layer bag of words cannot.
-The students are *pretrained*, as in the paper: a stage 0 pre-trains each model built from a config with
-next-token prediction on an unlabeled corpus (python -m tiny.cls) of terse reviews, each followed by a verdict word
-whose wording follows its sentiment ("gladly" ... "ugh"). Predicting the verdict needs the concept, so the strong LM
-learns it, yet no label is ever given, no classification text ends with a verdict, and no test text is in the
-corpus. Pre-training is cached (output_dir/pretrain) and shared by the seeds, like a hub checkpoint. Models:
+The students are *pretrained*, as in the paper: stage 0 pre-trains each model built from a config with next-token
+prediction on an unlabeled corpus (python -m tiny.cls) of terse reviews, each followed by a verdict word that follows
+its sentiment ("gladly" ... "ugh"): the strong LM learns the concept with no label given, no classification text
+ending with a verdict and no test text in the corpus. Cached in output_dir/pretrain, shared by the seeds. Models:
 tiny-s (1 layer, hidden 8, 300 steps: a bag of words), tiny-m (2 layers, hidden 16, 2000 steps), tiny-l (2 layers,
 hidden 32, 4000 steps), batch 64, lr 3e-3; the preset fine-tunes tiny-s -> tiny-l at lr 3e-3 / 1e-4, 2 epochs,
 batch 32 (a pretrained student at a gentle lr keeps its own concept; at 1e-3 it copies its teacher, PGR ~0.1).
@@ -42,9 +38,7 @@ Measured, 5 seeds (CPU): weak 0.736 +- 0.020, ceiling 0.957 +- 0.006, PGR xent 0
 product 0.28 +- 0.09; agreement with the teacher xent 0.84, logconf 0.80 (docs/cls_tiny.png).
     python -m tiny --out data/tiny --no_images && python -m tiny.cls --out data/tiny
     OMP_NUM_THREADS=1 python weak_to_strong_cls.py --preset tiny --n_seeds 5   # one thread: tiny matrices
-
-Published setting (gpt2 family on sciq, 3 seeds; any GPU count; --ds_name amazon_polarity, boolq, cosmos_qa,
-anthropic_hh likewise):
+Published setting (gpt2 family on sciq, 3 seeds; any GPU count; amazon_polarity, boolq, cosmos_qa, anthropic_hh too):
     accelerate launch weak_to_strong_cls.py --ds_name sciq --weak_model_name_or_path gpt2 \\
         --strong_model_name_or_path gpt2-xl --losses xent logconf --n_seeds 3
 """
@@ -92,8 +86,7 @@ class Args:
     n_seeds: int = 1
     """runs with seeds seed, seed+1, ...; the report gives mean +- std over them"""
     preset: Literal["paper", "tiny"] = "paper"
-    """`tiny`: the offline setting (data/tiny, tiny Qwen2 models from configs, pre-trained on data/tiny/cls_corpus);
-    explicit flags still win"""
+    """`tiny`: the offline setting (data/tiny, tiny Qwen2 models pre-trained on data/tiny/cls_corpus); flags win"""
     output_dir: str = "output/weak_to_strong_cls"
     """stages (models, weak labels, predictions), results.json and results.png go here"""
     force_retrain: bool = False
@@ -111,8 +104,7 @@ class Args:
 
     # data
     ds_name: str = "sciq"
-    """sciq, amazon_polarity, boolq, anthropic_hh, cosmos_qa, or a local folder / file with `text` and 0/1 `label`
-    columns"""
+    """sciq, amazon_polarity, boolq, anthropic_hh, cosmos_qa, or a local folder / file with `text`, 0/1 `label`"""
     n_docs: int = 10000
     """training documents taken (before the 50/50 split)"""
     n_test_docs: int = 200
@@ -200,40 +192,22 @@ TINY_SIZES = {
     "tiny-l": ("hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=4,"
                "max_position_embeddings=64", 4000, 1e-4),
 }
+(WEAK_TINY, WEAK_STEPS, WEAK_LR), (STRONG_TINY, STRONG_STEPS, STRONG_LR) = TINY_SIZES["tiny-s"], TINY_SIZES["tiny-l"]
 PRESETS = {
     "paper": Args(),
     "tiny": Args(  # the offline setting: `python -m tiny --out data/tiny --no_images && python -m tiny.cls`
-        preset="tiny",
-        ds_name="data/tiny/cls",
-        n_docs=8000,
-        n_test_docs=400,
-        max_ctx=64,
-        tokenizer_name="data/tiny/tokenizer",
-        weak_model_name_or_path=None,
-        weak_model_type="qwen2",
-        weak_config_overrides=TINY_SIZES["tiny-s"][0],
-        strong_model_name_or_path=None,
-        strong_model_type="qwen2",
-        strong_config_overrides=TINY_SIZES["tiny-l"][0],
-        pretrain_corpus="data/tiny/cls_corpus",
-        weak_pretrain_steps=TINY_SIZES["tiny-s"][1],
-        strong_pretrain_steps=TINY_SIZES["tiny-l"][1],
-        weak_lr=TINY_SIZES["tiny-s"][2],
-        strong_lr=TINY_SIZES["tiny-l"][2],
-        gt_epochs=2,
-        eval_batch_size=128,
-        losses=("xent", "logconf", "product"),
-        output_dir="output/weak_to_strong_cls_tiny",
-    ),
+        preset="tiny", ds_name="data/tiny/cls", n_docs=8000, n_test_docs=400, max_ctx=64, eval_batch_size=128,
+        tokenizer_name="data/tiny/tokenizer", pretrain_corpus="data/tiny/cls_corpus", gt_epochs=2,
+        weak_model_name_or_path=None, weak_model_type="qwen2", weak_config_overrides=WEAK_TINY,
+        weak_pretrain_steps=WEAK_STEPS, weak_lr=WEAK_LR,
+        strong_model_name_or_path=None, strong_model_type="qwen2", strong_config_overrides=STRONG_TINY,
+        strong_pretrain_steps=STRONG_STEPS, strong_lr=STRONG_LR,
+        losses=("xent", "logconf", "product"), output_dir="output/weak_to_strong_cls_tiny"),
 }
 
 
 # --------------------------------------------------------------------------------------------
 # data: OpenAI's formatting (weak_to_strong/datasets.py); every formatter returns text and a 0/1 label
-def format_amazon_polarity(ex, rng):
-    return {"text": f"{ex['title']} {ex['content']}", "label": ex["label"]}
-
-
 def format_sciq(ex, rng):
     label = int(rng.random() < 0.5)  # the correct answer or a random distractor, by coin flip
     answer = ex["correct_answer"] if label else rng.choice([ex["distractor1"], ex["distractor2"], ex["distractor3"]])
@@ -254,63 +228,38 @@ def format_cosmos_qa(ex, rng):
     return {"text": f"Context: {ex['context']}\nQuestion: {ex['question']}\nAnswer: {answer}", "label": label}
 
 
-def format_boolq(ex, rng):
-    return {"text": f"Passage: {ex['passage']}\nQuestion: {ex['question']}", "label": int(ex["answer"])}
-
-
-def format_local(ex, rng):
-    return {"text": ex["text"], "label": ex["label"]}
-
-
 HUB_DATASETS = {  # name: (hub id, split used as test, formatter)
-    "amazon_polarity": ("fancyzhx/amazon_polarity", "test", format_amazon_polarity),
+    "amazon_polarity": ("fancyzhx/amazon_polarity", "test",
+                        lambda ex, rng: {"text": f"{ex['title']} {ex['content']}", "label": ex["label"]}),
     "sciq": ("allenai/sciq", "test", format_sciq),
     "anthropic_hh": ("Anthropic/hh-rlhf", "test", format_anthropic_hh),
     "cosmos_qa": ("allenai/cosmos_qa", "validation", format_cosmos_qa),
-    "boolq": ("google/boolq", "validation", format_boolq),
+    "boolq": ("google/boolq", "validation", lambda ex, rng: {
+        "text": f"Passage: {ex['passage']}\nQuestion: {ex['question']}", "label": int(ex["answer"])}),
 }
 HUB_DATASETS["Anthropic/hh-rlhf"] = HUB_DATASETS["anthropic_hh"]
 
 
 class DataError(ValueError):
-    """Bad data, or an argument found wrong only once data or models are known: reported as one clear message
-    with exit code 2, no traceback."""
-
-
-def read_local_split_files(path: str) -> dict[str, list[str]]:
-    """The data files of a local dataset per split: a single file is the `train` split; a folder resolves like
-    `datasets.load_dataset(folder)` (its README's configs, or train/test file names)."""
-    if os.path.isfile(path):
-        return {"train": [path]}
-    try:
-        files = load_dataset_builder(path).config.data_files
-    except Exception as e:  # an empty folder, unknown file types
-        raise DataError(f"{path}: no data files found ({type(e).__name__}: {e}); put train/test .jsonl files in "
-                        "it") from e
-    return {str(split): [str(f) for f in fs] for split, fs in files.items()}
+    """Bad data, or an argument found wrong only once data or models are known: one message, exit code 2."""
 
 
 def read_rows(file: str) -> list[tuple[dict, int]]:
-    """The rows of one .jsonl/.json/.csv/.parquet file with their line number in the file (1-based; a csv's header
-    is line 1, a parquet's rows count from 1), in file order."""
+    """The rows of one .jsonl/.json/.csv/.parquet file with their line number (1-based; a csv's header is line 1, a
+    parquet's rows count from 1), in file order; a bad line is named by file and line."""
     ext = file.rsplit(".", 1)[-1].lower()
     if ext in ("jsonl", "json"):
         text = Path(file).read_text()
-        if ext == "json" and text.lstrip().startswith("["):  # a JSON array: one object per element
+        array = ext == "json" and text.lstrip().startswith("[")  # a JSON array: one object per element
+        rows = []
+        for n, line in [(1, text)] if array else enumerate(text.splitlines(), 1):
             try:
-                items = json.loads(text)
+                rows += [(json.loads(line), n)] if line.strip() else []
             except json.JSONDecodeError as e:
-                raise DataError(f"{file} line {e.lineno}: not valid JSON ({e.msg}); fix or remove that line") from None
-            rows = list(zip(items, range(1, len(items) + 1)))
-        else:
-            rows = []
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append((json.loads(line), n))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{file} line {n}: not valid JSON ({e.msg}): {line[:80]!r}; fix or remove "
-                                        "that line") from None
+                shown = f"line {e.lineno}: not valid JSON ({e.msg})" if array else \
+                    f"line {n}: not valid JSON ({e.msg}): {line[:80]!r}"
+                raise DataError(f"{file} {shown}; fix or remove that line") from None
+        rows = list(zip(rows[0][0], range(1, len(rows[0][0]) + 1))) if array else rows
     elif ext == "csv":
         with open(file, newline="") as f:
             reader = csv.DictReader(f)
@@ -328,11 +277,17 @@ def read_rows(file: str) -> list[tuple[dict, int]]:
     return rows
 
 
-def load_local_rows(path: str, columns: tuple[str, ...]) -> dict[str, list[dict]]:
-    """Rows of a local dataset per split, each with the given columns plus `where` ("file line N"), in file order."""
-    out = {}
-    for split, files in read_local_split_files(path).items():
-        out[split] = []
+def read_local(path: str, columns: tuple[str, ...]) -> dict[str, list[dict]]:
+    """Rows of a local dataset per split, each with `columns` plus `where` ("FILE line N"), in file order. A single
+    file is the `train` split; a folder resolves like `load_dataset(folder)` (its README's configs, or file names)."""
+    try:
+        split_files = {"train": [path]} if os.path.isfile(path) else {
+            str(split): [str(f) for f in fs] for split, fs in load_dataset_builder(path).config.data_files.items()}
+    except Exception as e:  # an empty folder, unknown file types
+        raise DataError(f"{path}: no data files found ({type(e).__name__}: {e}); put train/test .jsonl files in "
+                        "it") from e
+    out = {split: [] for split in split_files}
+    for split, files in split_files.items():
         for file in files:
             for row, n in read_rows(file):
                 missing = [c for c in columns if c not in row]
@@ -341,24 +296,6 @@ def load_local_rows(path: str, columns: tuple[str, ...]) -> dict[str, list[dict]
                                     f"{sorted(row)}); --ds_name needs `text` and 0/1 `label` columns: rename them")
                 out[split].append({**{c: row[c] for c in columns}, "where": f"{file} line {n}"})
     return out
-
-
-def load_text_corpus(path: str) -> list[str]:
-    """The documents (`text` column) of a local pre-training corpus, every split."""
-    rows = [r for split_rows in load_local_rows(path, ("text",)).values() for r in split_rows]
-    for r in rows:
-        if not isinstance(r["text"], str) or not r["text"].strip():
-            raise DataError(f"{r['where']}: empty text in the pre-training corpus; drop or fill the empty rows")
-    return [r["text"] for r in rows]
-
-
-def check_row(row: dict, where: str) -> None:
-    """A binary classification example: non-empty text and a 0/1 label (int, bool or a float 0.0 / 1.0)."""
-    if isinstance(row["label"], str) or row["label"] not in (0, 1):
-        raise DataError(f"{where}: label {row['label']!r} is not 0 or 1; this is binary classification, map your "
-                        "classes to the integers 0 and 1 first")
-    if not isinstance(row["text"], str) or not row["text"].strip():
-        raise DataError(f"{where}: empty text; drop or fill the empty rows first")
 
 
 def load_cls_dataset(ds_name: str, n_docs: int, n_test_docs: int, seed: int) -> dict[str, Dataset]:
@@ -377,7 +314,7 @@ def load_cls_dataset(ds_name: str, n_docs: int, n_test_docs: int, seed: int) -> 
                for split, n, rng in (("train", n_docs, random.Random(seed)),
                                      ("test", n_test_docs, random.Random(seed)))}
     elif os.path.exists(ds_name):
-        raw = load_local_rows(ds_name, ("text", "label"))
+        raw = read_local(ds_name, ("text", "label"))
         if "train" not in raw:
             raise DataError(f"--ds_name {ds_name} has splits {sorted(raw)} but no `train` split; name a file "
                             "train.jsonl")
@@ -395,8 +332,12 @@ def load_cls_dataset(ds_name: str, n_docs: int, n_test_docs: int, seed: int) -> 
                         "offline setting run `python -m tiny --out data/tiny --no_images` first)")
     out = {}
     for split, rows in raw.items():
-        for row in rows:  # checked in file order, before any shuffling
-            check_row(row, row["where"])
+        for row in rows:  # checked in file order, before any shuffling; a label may be an int, a bool or 0.0 / 1.0
+            if isinstance(row["label"], str) or row["label"] not in (0, 1):
+                raise DataError(f"{row['where']}: label {row['label']!r} is not 0 or 1; this is binary "
+                                "classification, map your classes to the integers 0 and 1 first")
+            if not isinstance(row["text"], str) or not row["text"].strip():
+                raise DataError(f"{row['where']}: empty text; drop or fill the empty rows first")
         columns = {"text": [r["text"] for r in rows], "label": [int(r["label"]) for r in rows]}
         out[split] = Dataset.from_dict({**columns, "idx": list(range(len(rows)))}).shuffle(seed=seed)
     return out
@@ -423,13 +364,11 @@ def tokenize(ds: Dataset, tokenizer, max_ctx: int) -> tuple[list[dict], int]:
 
 def collate(tokenizer, rows: list[dict]) -> dict:
     """Pad on the tokenizer's side; the attention mask, not the pad id, marks the real tokens."""
-    length = max(len(r["input_ids"]) for r in rows)
-    left = tokenizer.padding_side == "left"
-    ids, mask = [], []
-    for r in rows:
-        n, pad = len(r["input_ids"]), [tokenizer.pad_token_id] * (length - len(r["input_ids"]))
-        ids.append(pad + r["input_ids"] if left else r["input_ids"] + pad)
-        mask.append([0] * len(pad) + [1] * n if left else [1] * n + [0] * len(pad))
+    length, left = max(len(r["input_ids"]) for r in rows), tokenizer.padding_side == "left"
+    pads = [length - len(r["input_ids"]) for r in rows]
+    ids = [[tokenizer.pad_token_id] * p + r["input_ids"] if left else r["input_ids"] + [tokenizer.pad_token_id] * p
+           for r, p in zip(rows, pads)]
+    mask = [[0] * p + [1] * (length - p) if left else [1] * (length - p) + [0] * p for p in pads]
     return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
             "soft_label": torch.tensor([r["soft_label"] for r in rows], dtype=torch.float32)}
 
@@ -462,34 +401,25 @@ class CausalLMWithHead(torch.nn.Module):
         return self.score(last.to(self.score.weight.dtype))
 
 
-def load_error(what: str, name: str, error: Exception) -> DataError:
-    """Name what failed to load and why, with a hint that fits what was passed."""
-    if os.path.isdir(name):
-        return DataError(f"could not load {what} {name!r} from that folder: {str(error).splitlines()[0]}")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-    cache = " in the local cache (HF_HUB_OFFLINE is set)" if offline else ""
-    return DataError(f"could not load {what} {name!r}: no such local folder and not a hub id{cache}; pass a hub id "
-                     "(e.g. gpt2) or a folder holding a model")
-
-
-def build_lm(spec: dict, args: Args) -> tuple:
-    """Tokenizer and causal LM from a hub id / local path, or from scratch (run_clm.py's --model_type +
-    --config_overrides)."""
-    remote = args.trust_remote_code
-    name = spec["tokenizer"] or spec["name_or_path"]
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=remote)
+def build_model(spec: dict, args: Args, head: bool = True) -> tuple:
+    """Tokenizer and CausalLMWithHead (the LM's body with a fresh head; head=False: the causal LM itself), from a
+    hub id / local path, or from scratch (run_clm.py's --model_type + --config_overrides)."""
+    what, name = ("tokenizer", spec["tokenizer"]) if spec["tokenizer"] else ("model", spec["name_or_path"])
+    try:  # what failed to load and why, with a hint that fits what was passed
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+        if tokenizer.pad_token is None:  # GPT-2 has none; which id pads does not matter, the mask marks padding
+            tokenizer.pad_token = tokenizer.eos_token
+        what, name = "model", spec["name_or_path"]  # float32 weights: mixed precision comes from accelerate's config
+        lm = None if name is None else AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
+                                                                            trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise load_error("tokenizer" if spec["tokenizer"] else "model", name, e) from None
-    if tokenizer.pad_token is None:  # GPT-2 has none; which id pads does not matter, the mask marks padding
-        tokenizer.pad_token = tokenizer.eos_token
-    if spec["name_or_path"] is not None:  # float32 weights: mixed precision comes from the accelerate config
-        try:
-            lm = AutoModelForCausalLM.from_pretrained(spec["name_or_path"], dtype=torch.float32,
-                                                      trust_remote_code=remote)
-        except (OSError, ValueError) as e:
-            raise load_error("model", spec["name_or_path"], e) from None
-    else:
+        if os.path.isdir(name):
+            raise DataError(f"could not load {what} {name!r} from that folder: {str(e).splitlines()[0]}") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+        raise DataError(f"could not load {what} {name!r}: no such local folder and not a hub id"
+                        f"{' in the local cache (HF_HUB_OFFLINE is set)' if offline else ''}; pass a hub id "
+                        "(e.g. gpt2) or a folder holding a model") from None
+    if lm is None:
         overrides = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
         if spec["config_overrides"]:  # parsed and type-checked as in run_clm.py, then passed to the constructor
             parsed = AutoConfig.for_model(spec["model_type"])  # so that derived fields (layer_types) follow
@@ -497,36 +427,19 @@ def build_lm(spec: dict, args: Args) -> tuple:
             keys = [kv.split("=")[0] for kv in spec["config_overrides"].split(",")]
             overrides |= {k: getattr(parsed, k) for k in keys}
         config = AutoConfig.for_model(spec["model_type"], **overrides)
-        lm = AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
-    return tokenizer, lm
-
-
-def build_model(spec: dict, args: Args) -> tuple:
-    """Tokenizer and CausalLMWithHead: the LM's body with a fresh head (the LM head is dropped)."""
-    tokenizer, lm = build_lm(spec, args)
-    return tokenizer, CausalLMWithHead(lm.base_model, args.linear_probe)
-
-
-def collate_lm(pad_id: int, rows: list[list[int]]) -> dict:
-    """Right-padded token ids; labels are the ids with padding set to -100."""
-    length = max(len(x) for x in rows)
-    ids = torch.tensor([x + [pad_id] * (length - len(x)) for x in rows])
-    mask = torch.tensor([[1] * len(x) + [0] * (length - len(x)) for x in rows])
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up then cosine to 0 (the usual LM pre-training schedule)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, total - warmup)))
+        lm = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+    return tokenizer, CausalLMWithHead(lm.base_model, args.linear_probe) if head else lm
 
 
 def pretrain_lm(spec: dict, steps: int, args: Args, accelerator) -> str:
     """Unsupervised pre-training of a model built from a config: next-token prediction on --pretrain_corpus (the
-    offline stand-in for a pretrained hub checkpoint). Cached under output_dir/pretrain/ keyed by its settings
-    and the corpus' text; returns the model folder."""
-    corpus = load_text_corpus(args.pretrain_corpus)
+    offline stand-in for a pretrained hub checkpoint); warm-up over 5% of the steps, then cosine to 0. Cached under
+    output_dir/pretrain/ keyed by its settings and the corpus' text; returns the model folder."""
+    docs = [r for split_rows in read_local(args.pretrain_corpus, ("text",)).values() for r in split_rows]
+    for r in docs:
+        if not isinstance(r["text"], str) or not r["text"].strip():
+            raise DataError(f"{r['where']}: empty text in the pre-training corpus; drop or fill the empty rows")
+    corpus = [r["text"] for r in docs]
     digest = hashlib.sha256("\n".join(corpus).encode()).hexdigest()[:16]
     key = json.dumps({"model": spec, "corpus": digest, "steps": steps, "lr": args.pretrain_lr,
                       "batch_size": args.pretrain_batch_size, "max_ctx": args.max_ctx, "seed": args.pretrain_seed},
@@ -536,32 +449,37 @@ def pretrain_lm(spec: dict, steps: int, args: Args, accelerator) -> str:
         accelerator.print(f"pretrain: cached in {out}, skipped (--force_retrain to retrain)")
         return str(out)
     set_seed(args.pretrain_seed, device_specific=True)
-    tokenizer, lm = build_lm(spec, args)
+    tokenizer, lm = build_model(spec, args, head=False)
     ids = [x for x in tokenizer(corpus)["input_ids"] if 1 < len(x) < args.max_ctx]
-    g = torch.Generator().manual_seed(args.pretrain_seed)
-    n_epochs = -(-steps * args.pretrain_batch_size // len(ids))
-    order = torch.cat([torch.randperm(len(ids), generator=g) for _ in range(n_epochs)])
-    order = order[: steps * args.pretrain_batch_size]
-    micro = args.pretrain_batch_size // (args.gradient_accumulation_steps * accelerator.num_processes)
-    rows = [ids[i] for i in order]
+    g, per_step = torch.Generator().manual_seed(args.pretrain_seed), args.pretrain_batch_size
+    order = torch.cat([torch.randperm(len(ids), generator=g) for _ in range(-(-steps * per_step // len(ids)))])
+    rows = [ids[i] for i in order[: steps * per_step]]
     # ALGO LOGIC: token mean over the whole optimizer step: every micro batch divides by the step's token count
-    step_tokens = [sum(len(x) - 1 for x in rows[s: s + args.pretrain_batch_size])
-                   for s in range(0, len(rows), args.pretrain_batch_size)]
-    loader = DataLoader(rows, micro, collate_fn=partial(collate_lm, tokenizer.pad_token_id))
+    step_tokens = [sum(len(x) - 1 for x in rows[s: s + per_step]) for s in range(0, len(rows), per_step)]
+
+    def collate_lm(rows):  # right padding; labels are the ids with padding set to -100
+        length = max(len(x) for x in rows)
+        ids = torch.tensor([x + [tokenizer.pad_token_id] * (length - len(x)) for x in rows])
+        mask = torch.tensor([[1] * len(x) + [0] * (length - len(x)) for x in rows])
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    warmup = steps // 20  # linear warm-up, then cosine to 0
+    schedule = lambda s: ((s + 1) / warmup if s < warmup
+                          else 0.5 * (1 + np.cos(np.pi * (s - warmup) / max(1, steps - warmup))))
+    scale = args.gradient_accumulation_steps * accelerator.num_processes  # undoes accelerate's and DDP's means
+    loader = DataLoader(rows, per_step // scale, collate_fn=collate_lm)
     optimizer = torch.optim.Adam(lm.parameters(), lr=args.pretrain_lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_cosine, warmup=steps // 20, total=steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     lm, optimizer, loader = accelerator.prepare(lm, optimizer, loader)
     lm.train()
     start, step, loss_sum = time.time(), 0, 0.0
-    scale = args.gradient_accumulation_steps * accelerator.num_processes  # undoes accelerate's and DDP's means
     bar = tqdm(total=steps, desc="pretrain", disable=not accelerator.is_main_process)
     for batch in loader:
         with accelerator.accumulate(lm):
             logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             token_losses = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                                            ignore_index=-100, reduction="sum")
-            loss = token_losses * scale / step_tokens[step]
-            accelerator.backward(loss)
+            accelerator.backward(token_losses * scale / step_tokens[step])
             optimizer.step()
             optimizer.zero_grad()
         loss_sum += token_losses.detach()
@@ -588,17 +506,8 @@ def pretrain_lm(spec: dict, steps: int, args: Args, accelerator) -> str:
 PUBLISHED_LR = {"gpt2": 5e-5, "gpt2-medium": 5e-5}  # train_weak_to_strong.py MODEL_CONFIGS; larger models: 1e-5
 
 
-def published_lr(flag: str, name_or_path: str | None, batch_size: int) -> float:
-    """The official per-model lr; `flag` is the option that sets it instead."""
-    if name_or_path is None:
-        raise DataError(f"a model built from scratch has no published learning rate: set --{flag}")
-    if batch_size != 32:
-        raise DataError(f"the published learning rates were tuned at --batch_size 32, not {batch_size}: set --{flag}")
-    return PUBLISHED_LR.get(name_or_path.rstrip("/").split("/")[-1], 1e-5)
-
-
 # --------------------------------------------------------------------------------------------
-# ALGO LOGIC: the losses of openai/weak-to-strong weak_to_strong/loss.py. `labels` are soft labels
+# the losses of openai/weak-to-strong weak_to_strong/loss.py. `labels` are soft labels
 # [p(0), p(1)] (one-hot for ground truth); `step_frac` = optimizer steps done / total steps.
 def xent_loss(logits: torch.Tensor, labels: torch.Tensor, step_frac: float) -> torch.Tensor:
     """Cross-entropy against the (soft) labels (loss.py: xent_loss)."""
@@ -698,19 +607,16 @@ def train(model, rows, tokenizer, loss_fn, lr, epochs, seed, args, accelerator, 
 
 
 @torch.no_grad()
-def predict(model, rows, tokenizer, args, accelerator) -> torch.Tensor:
-    """Class probabilities of `rows`, in order, gathered from every process."""
+def predict(model, rows, tokenizer, args, accelerator) -> tuple[torch.Tensor, float]:
+    """Class probabilities of `rows`, in order, gathered from every process, and their accuracy."""
     loader = DataLoader(rows, args.eval_batch_size, collate_fn=partial(collate, tokenizer))
     model.eval()
     probs = []
     for batch in accelerator.prepare_data_loader(loader):
         logits = model(batch["input_ids"], batch["attention_mask"])
         probs.append(accelerator.gather_for_metrics(torch.softmax(logits.float(), dim=-1)))  # drops the padding rows
-    return torch.cat(probs).cpu()
-
-
-def accuracy(probs: torch.Tensor, rows: list[dict]) -> float:
-    return (probs.argmax(-1) == torch.tensor([r["label"] for r in rows])).float().mean().item()
+    probs = torch.cat(probs).cpu()
+    return probs, (probs.argmax(-1) == torch.tensor([r["label"] for r in rows])).float().mean().item()
 
 
 def run_stage(name, spec, train_ds, loss_name, loss_fn, lr, epochs, *, test_ds, seed, args, accelerator, tracker,
@@ -729,14 +635,13 @@ def run_stage(name, spec, train_ds, loss_name, loss_fn, lr, epochs, *, test_ds, 
     start = time.time()
     model = train(model, train_rows, tokenizer, loss_fn, lr, epochs, seed, args, accelerator, f"seed{seed}/{name}",
                   tracker)
-    test_probs = predict(model, test_rows, tokenizer, args, accelerator)
-    results = {"stage": name, "dir": str(out), "test_acc": accuracy(test_probs, test_rows),
-               "train_time_s": time.time() - start, "n_train": len(train_rows), "n_test": len(test_rows),
+    test_probs, test_acc = predict(model, test_rows, tokenizer, args, accelerator)
+    results = {"stage": name, "dir": str(out), "test_acc": test_acc, "train_time_s": time.time() - start,
+               "n_train": len(train_rows), "n_test": len(test_rows),
                "n_dropped_long": {"train": dropped_train, "test": dropped_test}}
     if label_ds is not None:  # weak labels: the weak model's soft predictions on half 2
         label_rows, results["n_dropped_long"]["labelled"] = tokenize(label_ds, tokenizer, args.max_ctx)
-        label_probs = predict(model, label_rows, tokenizer, args, accelerator)
-        results["weak_label_acc"] = accuracy(label_probs, label_rows)
+        label_probs, results["weak_label_acc"] = predict(model, label_rows, tokenizer, args, accelerator)
     state_dict = accelerator.get_state_dict(model) if args.save_models else None  # every rank: ZeRO-3 gathers
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -760,11 +665,9 @@ def run_stage(name, spec, train_ds, loss_name, loss_fn, lr, epochs, *, test_ds, 
 
 def agreement(dir_a: str, dir_b: str) -> float:
     """Share of the test examples (kept by both models) where two stages predict the same class."""
-    a, b = (load_file(Path(d) / "test_predictions.safetensors") for d in (dir_a, dir_b))
-    pred_a = dict(zip(a["idx"].tolist(), a["probs"].argmax(-1).tolist()))
-    pred_b = dict(zip(b["idx"].tolist(), b["probs"].argmax(-1).tolist()))
-    common = pred_a.keys() & pred_b.keys()
-    return float(np.mean([pred_a[i] == pred_b[i] for i in common]))
+    pred_a, pred_b = (dict(zip(p["idx"].tolist(), p["probs"].argmax(-1).tolist())) for p in
+                      (load_file(Path(d) / "test_predictions.safetensors") for d in (dir_a, dir_b)))
+    return float(np.mean([pred_a[i] == pred_b[i] for i in pred_a.keys() & pred_b.keys()]))
 
 
 def plot(summary: dict, losses: tuple, path: Path, title: str) -> None:
@@ -786,8 +689,9 @@ def plot(summary: dict, losses: tuple, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------------------------
+# arguments: presets, and every check that needs no data or model (one message, exit code 2, nothing written)
 def fail(message: str) -> NoReturn:
-    """A user error: one message saying what is wrong and how to fix it, exit code 2, nothing written."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -813,20 +717,16 @@ def parse_args() -> Args:
 
 
 def validate(args: Args) -> None:
-    """Every argument error, before anything is loaded or written."""
-    positive = ["n_seeds", "n_docs", "n_test_docs", "max_ctx", "batch_size", "gradient_accumulation_steps",
-                "eval_batch_size", "gt_epochs", "transfer_epochs", "pretrain_batch_size"]
-    for name in positive:
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            fail(f"--{name} {value}: must be a positive integer")
-    for name in ("weak_lr", "strong_lr", "transfer_lr", "pretrain_lr", "logconf_warmup_frac", "product_alpha",
-                 "product_beta", "weak_pretrain_steps", "strong_pretrain_steps"):
-        value = getattr(args, name)
-        if value is not None and value < 0:
-            fail(f"--{name} {value}: must not be negative")
-    if not 0 <= args.logconf_aux_coef <= 1:
-        fail(f"--logconf_aux_coef {args.logconf_aux_coef}: a mixing weight, must lie in [0, 1]")
+    checks = [(name, lambda v: v <= 0, "must be a positive integer") for name in (
+        "n_seeds", "n_docs", "n_test_docs", "max_ctx", "batch_size", "gradient_accumulation_steps", "eval_batch_size",
+        "gt_epochs", "transfer_epochs", "pretrain_batch_size")]
+    checks += [(name, lambda v: v < 0, "must not be negative") for name in (
+        "weak_lr", "strong_lr", "transfer_lr", "pretrain_lr", "logconf_warmup_frac", "product_alpha", "product_beta",
+        "weak_pretrain_steps", "strong_pretrain_steps")]
+    checks += [("logconf_aux_coef", lambda v: not 0 <= v <= 1, "a mixing weight, must lie in [0, 1]")]
+    for name, bad, message in checks:
+        if getattr(args, name) is not None and bad(getattr(args, name)):
+            fail(f"--{name} {getattr(args, name)}: {message}")
     if args.batch_size % args.gradient_accumulation_steps:
         fail(f"--batch_size {args.batch_size} must be a multiple of --gradient_accumulation_steps "
              f"{args.gradient_accumulation_steps}")
@@ -856,42 +756,34 @@ def validate(args: Args) -> None:
         fail(f"output_dir {out} already holds files this script did not write ({', '.join(foreign[:5])}); pass "
              "--overwrite_output_dir to write into it anyway, or another --output_dir (a folder of this script's "
              "stages is reused as a cache: a stage with the same settings is skipped, others are added)")
-
-
-def check_network(args: Args) -> None:
-    """With HF_HUB_OFFLINE unset and some name not a local path: one 3-second connection to the hub, so that no
-    network is reported at once instead of after a minute of retries."""
+    # with HF_HUB_OFFLINE unset and some name not a local path: one 3-second connection to the hub, so that no
+    # network is reported at once instead of after a minute of retries
     from huggingface_hub import constants
 
-    names = [args.ds_name if args.ds_name not in HUB_DATASETS else HUB_DATASETS[args.ds_name][0], args.tokenizer_name]
-    names += [args.weak_model_name_or_path, args.strong_model_name_or_path]
+    names = [HUB_DATASETS[args.ds_name][0] if args.ds_name in HUB_DATASETS else args.ds_name, args.tokenizer_name,
+             args.weak_model_name_or_path, args.strong_model_name_or_path]
     remote = [n for n in names if n and not os.path.exists(n)]
-    if not remote or constants.HF_HUB_OFFLINE:
-        return
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
-    except OSError:
-        fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
-             "local cache, or pass a local path.")
-
-
-def summarize(per_seed: dict) -> dict:
-    keys = list(next(iter(per_seed.values())))
-    values = {k: [r[k] for r in per_seed.values() if r[k] is not None] for k in keys}
-    return {"mean": {k: float(np.mean(v)) if v else None for k, v in values.items()},
-            "std": {k: float(np.std(v)) if v else None for k, v in values.items()}}
+    if remote and not constants.HF_HUB_OFFLINE:
+        url = urlparse(constants.ENDPOINT)
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=3).close()
+        except OSError:
+            fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
+                 "local cache, or pass a local path.")
 
 
 if __name__ == "__main__":
     args = parse_args()
-    check_network(args)
     try:  # data errors: one clear message, exit code 2 (nothing of a failed stage is written)
         # filled in at runtime
-        if args.weak_lr is None:
-            args.weak_lr = published_lr("weak_lr", args.weak_model_name_or_path, args.batch_size)
-        if args.strong_lr is None:
-            args.strong_lr = published_lr("strong_lr", args.strong_model_name_or_path, args.batch_size)
+        for side in ("weak", "strong"):
+            name_or_path = getattr(args, f"{side}_model_name_or_path")
+            if getattr(args, f"{side}_lr") is None:  # validate(): a model built from scratch has its lr set
+                if args.batch_size != 32:
+                    fail(f"the published learning rates were tuned at --batch_size 32, not {args.batch_size}: set "
+                         f"--{side}_lr")
+                setattr(args, f"{side}_lr", PUBLISHED_LR.get(name_or_path.rstrip("/").split("/")[-1], 1e-5))
         args.transfer_epochs = args.gt_epochs if args.transfer_epochs is None else args.transfer_epochs
         accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
         n_micro = args.gradient_accumulation_steps * accelerator.num_processes
@@ -900,21 +792,11 @@ if __name__ == "__main__":
             fail(f"--batch_size {args.batch_size} must be a multiple of --gradient_accumulation_steps "
                  f"{args.gradient_accumulation_steps} x {accelerator.num_processes} processes")
         args.run_name = f"{args.exp_name}__{Path(args.ds_name).name}__{args.seed}__{int(time.time())}"
-        loss_fns = {
-            "xent": xent_loss,
-            "logconf": partial(logconf_loss, aux_coef=args.logconf_aux_coef, warmup_frac=args.logconf_warmup_frac),
-            "product": partial(product_loss, alpha=args.product_alpha, beta=args.product_beta),
-        }
         loss_settings = {"xent": {},  # part of each student's cache key
                          "logconf": {"aux_coef": args.logconf_aux_coef, "warmup_frac": args.logconf_warmup_frac},
                          "product": {"alpha": args.product_alpha, "beta": args.product_beta}}
-        # the models built from scratch get pre-trained first; a hub id / path is used as it is
-        sides = ("weak", "strong")
-        specs = [{"name_or_path": getattr(args, f"{side}_model_name_or_path"),
-                  "model_type": getattr(args, f"{side}_model_type"),
-                  "config_overrides": getattr(args, f"{side}_config_overrides"),
-                  "tokenizer": args.tokenizer_name} for side in sides]
-        pretrain_steps = [getattr(args, f"{side}_pretrain_steps") if args.pretrain_corpus else 0 for side in sides]
+        loss_fns = {"xent": xent_loss, "logconf": partial(logconf_loss, **loss_settings["logconf"]),
+                    "product": partial(product_loss, **loss_settings["product"])}
         tracker = None
         if args.track and accelerator.is_main_process:
             import wandb
@@ -923,11 +805,18 @@ if __name__ == "__main__":
                        config=vars(args), save_code=True)
             tracker = wandb
 
-        # ALGO LOGIC: 0. (offline only) unsupervised next-token pre-training of the models built from scratch
-        for k, steps in enumerate(pretrain_steps):
-            if specs[k]["name_or_path"] is None and steps > 0:
-                specs[k] = {"name_or_path": pretrain_lm(specs[k], steps, args, accelerator), "model_type": None,
-                            "config_overrides": None, "tokenizer": args.tokenizer_name}
+        # ALGO LOGIC: 0. (offline only) next-token pre-training of the models built from scratch; a hub id / path
+        # is used as it is
+        specs = []
+        for side in ("weak", "strong"):
+            spec = {"name_or_path": getattr(args, f"{side}_model_name_or_path"),
+                    "model_type": getattr(args, f"{side}_model_type"),
+                    "config_overrides": getattr(args, f"{side}_config_overrides"), "tokenizer": args.tokenizer_name}
+            steps = getattr(args, f"{side}_pretrain_steps") if args.pretrain_corpus else 0
+            if spec["name_or_path"] is None and steps > 0:
+                spec = {"name_or_path": pretrain_lm(spec, steps, args, accelerator), "model_type": None,
+                        "config_overrides": None, "tokenizer": args.tokenizer_name}
+            specs.append(spec)
         weak_spec, strong_spec = specs
 
         per_seed = {}
@@ -938,9 +827,8 @@ if __name__ == "__main__":
                               f"batch {args.batch_size} = {args.micro_batch_size} x {args.gradient_accumulation_steps} "
                               f"accumulated x {accelerator.num_processes} processes")
             data_keys = ("ds_name", "n_docs", "n_test_docs", "max_ctx", "batch_size", "linear_probe")
-            cache_key = {**{k: getattr(args, k) for k in data_keys}, "seed": seed}
             stage = partial(run_stage, test_ds=ds["test"], seed=seed, args=args, accelerator=accelerator,
-                            tracker=tracker, cache_key=cache_key)
+                            tracker=tracker, cache_key={**{k: getattr(args, k) for k in data_keys}, "seed": seed})
             # ALGO LOGIC: 1-2. weak model on half 1 with ground truth; its soft labels on half 2
             weak = stage("weak", weak_spec, half1, "xent", xent_loss, args.weak_lr, args.gt_epochs, label_ds=half2)
             # ALGO LOGIC: 3. strong ceiling on half 2 with ground truth
@@ -961,16 +849,19 @@ if __name__ == "__main__":
     except DataError as e:
         fail(str(e))
 
-    out = Path(args.output_dir)
-    summary = {**summarize(per_seed), "n_seeds": args.n_seeds, "per_seed": per_seed, "args": vars(args)}
-    files = (out / "results.json", out / "results.png")
+    # report: mean and std over the seeds
+    values = {k: [r[k] for r in per_seed.values() if r[k] is not None] for k in per_seed[args.seed]}
+    summary = {"mean": {k: float(np.mean(v)) if v else None for k, v in values.items()},
+               "std": {k: float(np.std(v)) if v else None for k, v in values.items()},
+               "n_seeds": args.n_seeds, "per_seed": per_seed, "args": vars(args)}
+    files = (Path(args.output_dir) / "results.json", Path(args.output_dir) / "results.png")
     if accelerator.is_main_process:
         files[0].write_text(json.dumps(summary, indent=2))
-        weak_name, strong_name = (getattr(args, f"{side}_model_name_or_path") or (
-            f"{getattr(args, f'{side}_model_type')} ({getattr(args, f'{side}_pretrain_steps')} pre-training steps)"
-            if args.pretrain_corpus and getattr(args, f"{side}_pretrain_steps") else
-            f"{getattr(args, f'{side}_model_type')} (scratch)") for side in ("weak", "strong"))
-        plot(summary, args.losses, files[1], f"{Path(args.ds_name).name}: {weak_name} -> {strong_name}, "
+        names = [getattr(args, f"{side}_model_name_or_path") or f"{getattr(args, f'{side}_model_type')} " + (
+            f"({getattr(args, f'{side}_pretrain_steps')} pre-training steps)"
+            if args.pretrain_corpus and getattr(args, f"{side}_pretrain_steps") else "(scratch)")
+            for side in ("weak", "strong")]
+        plot(summary, args.losses, files[1], f"{Path(args.ds_name).name}: {names[0]} -> {names[1]}, "
              f"{args.n_seeds} seed(s)")
         print(f"\n{'metric':<24}{'mean':>8}{'std':>8}")
         for k, v in summary["mean"].items():
