@@ -37,20 +37,21 @@ import shutil
 import socket
 import sys
 import time
-from contextlib import contextmanager
+from collections import Counter
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields
 from itertools import islice
 from typing import Literal, NoReturn
 from urllib.parse import urlparse
 
 import datasets
-import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 from datasets import load_dataset, load_from_disk
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
@@ -130,8 +131,7 @@ class Args:
     max_eval_samples: int | None = 1000
     """use only the first N eval conversations"""
     packing: bool = False
-    """padding-free batches: each micro-batch is one row of concatenated conversations that cannot attend to each
-    other"""
+    """padding-free batches: a micro-batch is one row of concatenated conversations that cannot attend to each other"""
 
     # optimization
     learning_rate: float = 2e-6
@@ -169,8 +169,7 @@ class Args:
     resume_allow_changes: tuple[str, ...] = ()
     """with --resume: argument names allowed to differ from the saved args.json"""
     overwrite_output_dir: bool = False
-    """replace what an earlier run wrote in output_dir: its checkpoints/ are deleted and metrics.jsonl starts afresh;
-    other files are kept"""
+    """replace an earlier run in output_dir: its checkpoints/ are deleted, metrics.jsonl restarts, other files stay"""
 
     # filled in at runtime
     world_size: int = 1
@@ -179,17 +178,14 @@ class Args:
     """(runtime) micro batch x accumulation x processes"""
 
 
-PRESETS = {
-    "tiny": Args(
-        preset="tiny", output_dir="runs/sft-tiny", dataset_name="data/tiny/ultrachat",
-        tokenizer_name="data/tiny/tokenizer", model_name_or_path=None, model_type="qwen2",
-        config_overrides="hidden_size=128,intermediate_size=384,num_hidden_layers=4,num_attention_heads=4,"
-        "num_key_value_heads=2,max_position_embeddings=512,tie_word_embeddings=True",
-        max_length=128, learning_rate=3e-3, num_train_epochs=1, per_device_train_batch_size=32,
-        gradient_accumulation_steps=1, per_device_eval_batch_size=64, max_eval_samples=400, weight_decay=0.0,
-        logging_steps=20,
-    ),
-}
+
+PRESETS = {"tiny": Args(
+    preset="tiny", output_dir="runs/sft-tiny", dataset_name="data/tiny/ultrachat", tokenizer_name="data/tiny/tokenizer",
+    model_name_or_path=None, model_type="qwen2", config_overrides="hidden_size=128,intermediate_size=384,"
+    "num_hidden_layers=4,num_attention_heads=4,num_key_value_heads=2,max_position_embeddings=512,"
+    "tie_word_embeddings=True", max_length=128, learning_rate=3e-3, num_train_epochs=1, per_device_train_batch_size=32,
+    gradient_accumulation_steps=1, per_device_eval_batch_size=64, max_eval_samples=400, logging_steps=20,
+)}
 # arguments that change neither the training math nor the data order: --resume accepts new values for these
 RESUME_SAFE = {"exp_name", "output_dir", "preset", "track", "wandb_project_name", "wandb_entity", "push_to_hub",
                "hub_model_id", "trust_remote_code", "gradient_checkpointing", "eval_split", "eval_dataset_name",
@@ -223,53 +219,49 @@ def parse_args() -> Args:
 
 
 def validate(args: Args) -> None:
-    """Every argument checked before anything is loaded or written."""
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
-                 "num_train_epochs", "max_steps", "max_length", "max_train_samples", "max_eval_samples",
-                 "logging_steps", "eval_steps", "save_steps", "save_total_limit", "lora_r", "lora_alpha"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            fail(f"--{name} must be positive (got {value})")
-    for name in ("learning_rate", "weight_decay"):
-        if getattr(args, name) < 0:
-            fail(f"--{name} must be non-negative (got {getattr(args, name)})")
-    if args.max_grad_norm <= 0:
-        fail(f"--max_grad_norm must be positive (got {args.max_grad_norm})")
-    if not 0 <= args.warmup_ratio <= 1:
-        fail(f"--warmup_ratio must be in [0, 1] (got {args.warmup_ratio})")
-    if not 0 <= args.lora_dropout < 1:
-        fail(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
-    if args.eval_fraction is not None and not 0 < args.eval_fraction < 1:
-        fail(f"--eval_fraction must be in (0, 1) (got {args.eval_fraction})")
-    if args.model_name_or_path is None and args.model_type is None:
-        fail("no model: pass --model_name_or_path (hub id or folder) or --model_type (a fresh model from a config)")
-    if args.config_overrides and args.model_type is None:
-        fail("--config_overrides applies to a model built from a config: add --model_type (e.g. qwen2)")
-    if args.resume and args.overwrite_output_dir:
-        fail("--resume continues the run in output_dir, --overwrite_output_dir replaces it: pass one of them")
-    if args.resume_allow_changes and not args.resume:
-        fail("--resume_allow_changes only applies with --resume")
+    """Every argument checked before anything is loaded or written: (failed, message) pairs, the first failure wins."""
+    positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
+                "num_train_epochs", "max_steps", "max_length", "max_train_samples", "max_eval_samples",
+                "logging_steps", "eval_steps", "save_steps", "save_total_limit", "lora_r", "lora_alpha")
+    value = lambda name: getattr(args, name)
     unknown = sorted(set(args.resume_allow_changes) - {f.name for f in fields(Args)})
-    if unknown:
-        fail(f"--resume_allow_changes: no such argument {unknown}; name Args fields, e.g. learning_rate")
-    if args.eval_fraction is not None and args.eval_dataset_name is not None:
-        fail("--eval_fraction holds out training data, --eval_dataset_name names other data: pass one of them")
-    if (args.eval_split and args.eval_fraction is None and args.eval_dataset_name is None
-            and os.path.isfile(args.dataset_name)):
-        fail(f"--dataset_name {args.dataset_name} is a single file, so it has no eval split {args.eval_split!r}: "
-             f"pass --eval_dataset_name FILE (held-out data), --eval_fraction 0.05 (hold out 5% of the training "
-             f"rows) or --eval_split None (no eval)")
-    if args.eval_dataset_name is not None and not (args.eval_split or os.path.isfile(args.eval_dataset_name)):
-        fail(f"--eval_dataset_name {args.eval_dataset_name} is not a file: name its split with --eval_split")
-    if args.eval_dataset_name is not None:
-        same = os.path.realpath(args.eval_dataset_name) == os.path.realpath(args.dataset_name)
-        if same and (os.path.isfile(args.dataset_name) or args.eval_split in (None, args.train_split)):
-            fail(f"the eval data are the training data ({args.eval_dataset_name}, split "
-                 f"{args.eval_split or args.train_split}): pass held-out data or --eval_fraction")
+    train_file, eval_name = os.path.isfile(args.dataset_name), args.eval_dataset_name
+    eval_is_train = (eval_name is not None and os.path.realpath(eval_name) == os.path.realpath(args.dataset_name)
+                     and (train_file or args.eval_split in (None, args.train_split)))
     out = args.output_dir
-    if os.path.isdir(out) and os.listdir(out) and not (args.resume or args.overwrite_output_dir):
-        fail(f"output_dir {out} already holds files (a model, metrics.jsonl, ...); pass --overwrite_output_dir to "
-             "replace them, --resume to continue that run, or another --output_dir")
+    checks = [
+        *((value(n) is not None and value(n) <= 0, f"--{n} must be positive (got {value(n)})") for n in positive),
+        *((value(n) < 0, f"--{n} must be non-negative (got {value(n)})") for n in ("learning_rate", "weight_decay")),
+        (args.max_grad_norm <= 0, f"--max_grad_norm must be positive (got {args.max_grad_norm})"),
+        (not 0 <= args.warmup_ratio <= 1, f"--warmup_ratio must be in [0, 1] (got {args.warmup_ratio})"),
+        (not 0 <= args.lora_dropout < 1, f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})"),
+        (args.eval_fraction is not None and not 0 < args.eval_fraction < 1,
+         f"--eval_fraction must be in (0, 1) (got {args.eval_fraction})"),
+        (args.model_name_or_path is None and args.model_type is None,
+         "no model: pass --model_name_or_path (hub id or folder) or --model_type (a fresh model from a config)"),
+        (args.config_overrides and args.model_type is None,
+         "--config_overrides applies to a model built from a config: add --model_type (e.g. qwen2)"),
+        (args.resume and args.overwrite_output_dir,
+         "--resume continues the run in output_dir, --overwrite_output_dir replaces it: pass one of them"),
+        (args.resume_allow_changes and not args.resume, "--resume_allow_changes only applies with --resume"),
+        (unknown, f"--resume_allow_changes: no such argument {unknown}; name Args fields, e.g. learning_rate"),
+        (args.eval_fraction is not None and eval_name is not None,
+         "--eval_fraction holds out training data, --eval_dataset_name names other data: pass one of them"),
+        (args.eval_split and args.eval_fraction is None and eval_name is None and train_file,
+         f"--dataset_name {args.dataset_name} is a single file, so it has no eval split {args.eval_split!r}: pass "
+         "--eval_dataset_name FILE (held-out data), --eval_fraction 0.05 (hold out 5% of the training rows) or "
+         "--eval_split None (no eval)"),
+        (eval_name is not None and not (args.eval_split or os.path.isfile(eval_name)),
+         f"--eval_dataset_name {eval_name} is not a file: name its split with --eval_split"),
+        (eval_is_train, f"the eval data are the training data ({eval_name}, split "
+                        f"{args.eval_split or args.train_split}): pass held-out data or --eval_fraction"),
+        (os.path.isdir(out) and os.listdir(out) and not (args.resume or args.overwrite_output_dir),
+         f"output_dir {out} already holds files (a model, metrics.jsonl, ...); pass --overwrite_output_dir to "
+         "replace them, --resume to continue that run, or another --output_dir"),
+    ]
+    for failed, message in checks:
+        if failed:
+            fail(message)
 
 
 def compare_with_saved_run(args: Args) -> int | None:
@@ -287,11 +279,9 @@ def compare_with_saved_run(args: Args) -> int | None:
     return None if changed else saved.get("completed_steps")
 
 
-# ---------------------------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------------------------
+# ---- data: read, check, tokenize with the assistant-only mask, collate -----------------------------------------------
 def locate_file_error(path: str) -> str:
-    """The first bad line of a .json/.jsonl file (1-based, in file order), or what else is wrong with the file."""
+    """The first bad line of a .json/.jsonl file (1-based, in file order), or what else is wrong; "" if none found."""
     lines = open(path, encoding="utf-8", errors="replace").read().splitlines()
     if not any(line.strip() for line in lines):
         return f"{path} is empty: it holds no rows"
@@ -301,10 +291,8 @@ def locate_file_error(path: str) -> str:
         except json.JSONDecodeError as e:
             return f"{path}, line {e.lineno}: not valid JSON ({e.msg}); fix that line"
         return f"{path}: rows with differing columns or value types; every row needs the same columns and types"
-    first = None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    first = None  # (line number, {column: type name}) of the first row
+    for number, line in ((n, line) for n, line in enumerate(lines, 1) if line.strip()):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -348,10 +336,9 @@ def load_split(name: str, config: str | None, split: str, column: str):
              "messages")
     if not isinstance(ds.features[column], (datasets.List, datasets.LargeList)):  # mixed or other types: find the row
         row = next((i for i, v in enumerate(ds[column]) if v is not None and not isinstance(v, list)), None)
-        if row is not None:
-            where = f"row {row + 1}"
-            if name.endswith(".jsonl"):  # the (row + 1)-th non-blank line
-                where = f"line {[i for i, line in enumerate(open(name), 1) if line.strip()][row]}"
+        if row is not None:  # in a .jsonl file: the (row + 1)-th non-blank line
+            where = (f"line {[i for i, line in enumerate(open(name), 1) if line.strip()][row]}"
+                     if name.endswith(".jsonl") else f"row {row + 1}")
             fail(f"{name}, {where}: column {column!r} holds type {type(ds[row][column]).__name__}, not a list of "
                  "{role, content} messages; fix the data or pass --messages_column")
     return ds
@@ -364,18 +351,15 @@ def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[i
 
 def tokenize_conversation(tokenizer, messages, max_length: int) -> dict:
     """input_ids + labels (-100 outside assistant turns) for one conversation, or a skip reason."""
-    if not isinstance(messages, list) or not messages:
-        return {"input_ids": [], "labels": [], "skip": "empty conversation"}
-    if any(not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str) for m in messages):
-        return {"input_ids": [], "labels": [], "skip": "malformed message (needs role and string content)"}
-    if not any(m["role"] == "assistant" for m in messages):
-        return {"input_ids": [], "labels": [], "skip": "no assistant turn"}
-    ids = chat_ids(tokenizer, messages)
+    malformed = lambda m: not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str)
+    skip = ("empty conversation" if not isinstance(messages, list) or not messages
+            else "malformed message (needs role and string content)" if any(map(malformed, messages))
+            else "" if any(m["role"] == "assistant" for m in messages) else "no assistant turn")
+    if skip:
+        return {"input_ids": [], "labels": [], "skip": skip}
+    ids, eot = chat_ids(tokenizer, messages), tokenizer.eos_token_id
     labels = [-100] * len(ids)
-    eot = tokenizer.eos_token_id
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
+    for i in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
         # ALGO LOGIC: an assistant turn = [ids(messages[:i] + generation prompt), ids(messages[:i+1])), from its
         # first content token through its end-of-turn token (the template's trailing newline is not trained)
         start = len(chat_ids(tokenizer, messages[:i], add_generation_prompt=True))
@@ -384,9 +368,8 @@ def tokenize_conversation(tokenizer, messages, max_length: int) -> dict:
             fail(f"the chat template does not render conversations incrementally (turn {i} of {messages!r}): the "
                  "tokens of a conversation prefix are not a prefix of the whole; the assistant-only loss mask cannot "
                  "be placed. Use a template that renders earlier turns unchanged.")
-        end = len(upto)
-        if eot in upto[start:end]:  # stop right after the turn's end-of-turn token
-            end = start + (end - start) - upto[start:end][::-1].index(eot)
+        # stop right after the turn's end-of-turn token
+        end = len(upto) - upto[start:][::-1].index(eot) if eot in upto[start:] else len(upto)
         labels[start:end] = ids[start:end]
     truncated = len(ids) > max_length
     ids, labels = ids[:max_length], labels[:max_length]
@@ -395,24 +378,9 @@ def tokenize_conversation(tokenizer, messages, max_length: int) -> dict:
     return {"input_ids": ids, "labels": labels, "skip": "truncated" if truncated else ""}
 
 
-def prepare_dataset(ds, tokenizer, args: Args, what: str, log) -> tuple[object, dict]:
-    """Tokenize, mask, and drop what cannot be trained on; every drop and cut is counted in the log and metrics."""
-    column = args.messages_column
-    ds = ds.map(lambda ex: tokenize_conversation(tokenizer, ex[column], args.max_length),
-                remove_columns=ds.column_names, desc=f"tokenizing {what}")
-    reasons = {str(r): int(n) for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}
-    kept = ds.filter(lambda ex: ex["skip"] in ("", "truncated")).remove_columns("skip")
-    log(f"{what}: {len(kept)} of {len(ds)} conversations kept; "
-        + (", ".join(f"{n} {r}" for r, n in reasons.items()) or "none skipped or cut"))
-    if len(kept) == 0:
-        fail(f"no usable conversation in the {what} data ({reasons}); check --messages_column and the data")
-    cut = reasons.get("truncated", 0)
-    return kept, {f"data/{what}_conversations": len(kept), f"data/{what}_conversations_cut": cut,
-                  f"data/{what}_conversations_skipped": len(ds) - len(kept)}
-
-
 def load_data(args: Args, tokenizer, log) -> tuple[object, object, dict]:
-    """Training and eval conversations, tokenized; the log says where the eval data come from."""
+    """Training and eval conversations, tokenized and masked; what cannot be trained on is dropped, and every drop or
+    cut is counted in the log and the metrics. The log says where the eval data come from."""
     column, evals, source = args.messages_column, None, "none (--eval_split None)"
     train = load_split(args.dataset_name, args.dataset_config, args.train_split, column)
     if args.eval_fraction is not None:
@@ -427,51 +395,43 @@ def load_data(args: Args, tokenizer, log) -> tuple[object, object, dict]:
     stats, out = {}, []
     for ds, limit, what in ((train, args.max_train_samples, "train"), (evals, args.max_eval_samples, "eval")):
         if ds is not None:
-            ds, counts = prepare_dataset(ds.select(range(min(limit or len(ds), len(ds)))), tokenizer, args, what, log)
-            stats.update(counts)
+            ds = ds.select(range(min(limit or len(ds), len(ds))))
+            ds = ds.map(lambda ex: tokenize_conversation(tokenizer, ex[column], args.max_length),
+                        remove_columns=ds.column_names, desc=f"tokenizing {what}")
+            reasons = dict(sorted(Counter(reason for reason in ds["skip"] if reason).items()))
+            kept = ds.filter(lambda ex: ex["skip"] in ("", "truncated")).remove_columns("skip")
+            log(f"{what}: {len(kept)} of {len(ds)} conversations kept; "
+                + (", ".join(f"{n} {r}" for r, n in reasons.items()) or "none skipped or cut"))
+            if len(kept) == 0:
+                fail(f"no usable conversation in the {what} data ({reasons}); check --messages_column and the data")
+            stats.update({f"data/{what}_conversations": len(kept), f"data/{what}_conversations_cut": reasons.get(
+                "truncated", 0), f"data/{what}_conversations_skipped": len(ds) - len(kept)})
+            ds = kept
         out.append(ds)
     return out[0], out[1], stats
 
 
 def collate(rows: list[dict], pad_id: int, packing: bool) -> dict:
-    """Labels are shifted here (label of position t = token t+1) so that a sequence's last position never predicts
-    the next sequence's first token, padded or packed.
-
-    padded: right padding + attention mask. packed: one row, position_ids restart at 0 for each conversation and no
-    attention mask, from which transformers builds a block-diagonal causal mask (only with use_cache=False: with a
-    KV cache it silently lets the conversations attend to each other).
-    `loss_positions` / `loss_labels`: per row, the positions whose next token is trained and that token (padded
-    with position 0 and label -100), built here on the host: the lm_head runs on these positions only, with shapes
-    the device knows without waiting for a count.
-    """
+    """Padded: right padding + attention mask. Packed: one row, position_ids restart at 0 for each conversation and no
+    attention mask, from which transformers builds a block-diagonal causal mask (only with use_cache=False: with a KV
+    cache it silently lets the conversations attend to each other). Labels are shifted here (label of position t =
+    token t+1), so a sequence's last position never predicts the next one's first token. `loss_positions` /
+    `loss_labels`: per row, the positions whose next token is trained and that token (padded with 0 and -100), built
+    on the host: the lm_head runs on these positions only, with shapes the device knows without waiting for a count."""
+    pad = lambda tensors, value: pad_sequence(tensors, batch_first=True, padding_value=value)  # right, to the longest
     ids = [torch.tensor(r["input_ids"]) for r in rows]
     shifted = [torch.tensor(r["labels"][1:] + [-100]) for r in rows]
     if packing:
         batch = {"position_ids": torch.cat([torch.arange(len(x)) for x in ids])[None]}
         ids, shifted = [torch.cat(ids)], [torch.cat(shifted)]
     else:
-        batch = {"attention_mask": pad_stack([torch.ones_like(x) for x in ids], 0)}
+        batch = {"attention_mask": pad([torch.ones_like(x) for x in ids], 0)}
     positions = [(s != -100).nonzero()[:, 0] for s in shifted]
-    return {"input_ids": pad_stack(ids, pad_id), **batch, "loss_positions": pad_stack(positions, 0),
-            "loss_labels": pad_stack([s[p] for s, p in zip(shifted, positions)], -100)}
+    return {"input_ids": pad(ids, pad_id), **batch, "loss_positions": pad(positions, 0),
+            "loss_labels": pad([s[p] for s, p in zip(shifted, positions)], -100)}
 
 
-def pad_stack(rows: list[torch.Tensor], value: int) -> torch.Tensor:
-    """Right-pad 1-D tensors to the longest and stack them."""
-    n = max(len(x) for x in rows)
-    return torch.stack([F.pad(x, (0, n - len(x)), value=value) for x in rows])
-
-
-def n_input_tokens(batch: dict) -> torch.Tensor:
-    """Non-padding tokens through the model (a device scalar: counted without a host sync)."""
-    mask = batch.get("attention_mask")
-    ids = batch["input_ids"]
-    return mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
-
-
-# ---------------------------------------------------------------------------------------------
-# loss
-# ---------------------------------------------------------------------------------------------
+# ---- loss ------------------------------------------------------------------------------------------------------------
 def assistant_nll_sum(model, batch: dict, per_sequence: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of the next-token negative log-likelihood over the assistant tokens, and their count (per row if asked).
     Logits are computed only at the trained positions: no batch x length x vocab tensor exists."""
@@ -479,29 +439,12 @@ def assistant_nll_sum(model, batch: dict, per_sequence: bool = False) -> tuple[t
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
                    position_ids=batch.get("position_ids"), logits_to_keep=batch["loss_positions"]).logits
     nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view_as(labels)
-    counts = labels != -100
     if per_sequence:
-        return nll.sum(1), counts.sum(1)
-    return nll.sum(), counts.sum()
+        return nll.sum(1), (labels != -100).sum(1)
+    return nll.sum(), (labels != -100).sum()
 
 
-@torch.no_grad()
-def evaluate(model, loader, accelerator) -> float:
-    """Token-weighted mean eval loss over the whole split. Per-conversation sums go through gather_for_metrics,
-    which drops the duplicates accelerate adds to even out the last batch."""
-    model.eval()
-    sums, counts = [], []
-    for batch in loader:
-        nll_sum, n = accelerator.gather_for_metrics(assistant_nll_sum(model, batch, per_sequence=True))
-        sums.append(nll_sum)
-        counts.append(n)
-    model.train()
-    return (torch.cat(sums).sum() / torch.cat(counts).sum()).item()
-
-
-# ---------------------------------------------------------------------------------------------
-# model
-# ---------------------------------------------------------------------------------------------
+# ---- model and checkpoints -------------------------------------------------------------------------------------------
 def check_network(args: Args) -> None:
     """With HF_HUB_OFFLINE unset and some name not a local path: one 3-second connection to the hub, so that no
     network is reported at once instead of after a minute of retries."""
@@ -509,14 +452,13 @@ def check_network(args: Args) -> None:
 
     remote = [n for n in (args.model_name_or_path, args.tokenizer_name, args.dataset_name, args.eval_dataset_name)
               if n and not os.path.exists(n)]
-    if not remote or constants.HF_HUB_OFFLINE:
-        return
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
-    except OSError:
-        fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
-             "local cache, or pass a local path.")
+    if remote and not constants.HF_HUB_OFFLINE:
+        url = urlparse(constants.ENDPOINT)
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 3).close()
+        except OSError:
+            fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
+                 "local cache, or pass a local path.")
 
 
 def load_failed(what: str, name: str, error: Exception, args: Args) -> NoReturn:
@@ -554,32 +496,26 @@ def parse_overrides(text: str | None) -> dict:
         k, v = (x.strip() for x in item.split("=", 1))
         out[k] = {"true": True, "false": False, "none": None}.get(v.lower(), v)
         for cast in (int, float):
-            try:
+            with suppress(ValueError):
                 out[k] = cast(v)
                 break
-            except ValueError:
-                pass
     return out
 
 
 def load_model(args: Args, tokenizer):
-    dtype = getattr(torch, args.dtype)
+    kwargs = {"dtype": getattr(torch, args.dtype), "attn_implementation": args.attn_implementation}
     if args.model_type is not None:  # a fresh model from a config, as transformers' run_clm.py does
-        config = AutoConfig.for_model(
-            args.model_type, **parse_overrides(args.config_overrides), vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-        )
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=args.attn_implementation)
+        config = AutoConfig.for_model(args.model_type, **parse_overrides(args.config_overrides),
+                                      vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype,
-                                                         attn_implementation=args.attn_implementation,
+            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs,
                                                          trust_remote_code=args.trust_remote_code)
         except (OSError, ValueError) as e:
             load_failed("model", args.model_name_or_path, e, args)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -587,23 +523,22 @@ def load_model(args: Args, tokenizer):
         from peft import LoraConfig, get_peft_model
 
         targets = args.lora_target_modules
-        targets = targets if targets == "all-linear" else targets.split(",")
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
-                                                 lora_dropout=args.lora_dropout, target_modules=targets,
-                                                 task_type="CAUSAL_LM"))
+        model = get_peft_model(model, LoraConfig(
+            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
+            target_modules=targets if targets == "all-linear" else targets.split(",")))
     return model
 
 
-def checkpoint_step(name: str) -> int | None:
-    """`step-12` -> 12; anything else (e.g. a half-written `tmp-step-15`) -> None."""
-    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
+def checkpoint_steps(root: str) -> list[int]:
+    """The steps of the fully written checkpoints in root, sorted (`step-12`; a half-written `tmp-step-15` is not one:
+    checkpoints are renamed into place after saving)."""
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted(int(n[5:]) for n in names if n.startswith("step-") and n[5:].isdigit())
 
 
 def newest_checkpoint(output_dir: str) -> str | None:
-    """Only fully written checkpoints count: they are renamed into place after saving."""
-    root = os.path.join(output_dir, "checkpoints")
-    steps = [s for s in map(checkpoint_step, os.listdir(root) if os.path.isdir(root) else []) if s is not None]
-    return os.path.join(root, f"step-{max(steps)}") if steps else None
+    steps = checkpoint_steps(os.path.join(output_dir, "checkpoints"))
+    return os.path.join(output_dir, "checkpoints", f"step-{steps[-1]}") if steps else None
 
 
 if __name__ == "__main__":
@@ -625,9 +560,9 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args)
     model = load_model(args, tokenizer)
     set_seed(args.seed, device_specific=True)  # per-rank streams from here on
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params / 1e6:.2f}M parameters; global batch {args.per_device_train_batch_size} x "
-        f"{args.gradient_accumulation_steps} accumulation x {args.world_size} processes = {args.global_batch_size}")
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; global batch "
+        f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation x {args.world_size} "
+        f"processes = {args.global_batch_size}")
 
     with accelerator.main_process_first():  # tokenized once: the other processes reuse the datasets cache
         train_ds, eval_ds, data_stats = load_data(args, tokenizer, log)
@@ -652,16 +587,13 @@ if __name__ == "__main__":
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
                               num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
-    eval_loader = None
-    if eval_ds is not None:  # padded: one row per conversation
-        eval_collate = lambda rows: collate(rows, tokenizer.pad_token_id, False)
-        eval_loader = accelerator.prepare(DataLoader(eval_ds, args.per_device_eval_batch_size, collate_fn=eval_collate))
+    eval_loader = None if eval_ds is None else accelerator.prepare(DataLoader(  # padded: one row per conversation
+        eval_ds, args.per_device_eval_batch_size, collate_fn=lambda rows: collate(rows, tokenizer.pad_token_id, False)))
 
-    global_step = 0
     ckpt = newest_checkpoint(args.output_dir) if args.resume else None
-    if ckpt is not None:
+    global_step = checkpoint_steps(os.path.dirname(ckpt))[-1] if ckpt else 0
+    if ckpt:
         accelerator.load_state(ckpt)
-        global_step = checkpoint_step(os.path.basename(ckpt))
         for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
             scheduler.step()
         log(f"resumed from {ckpt} (step {global_step})")
@@ -690,10 +622,7 @@ if __name__ == "__main__":
             if args.track:
                 wandb.log(metrics, step=step)
 
-    def device_sync():
-        if accelerator.device.type == "cuda":
-            torch.cuda.synchronize()
-
+    device_sync = torch.cuda.synchronize if accelerator.device.type == "cuda" else lambda: None
     clock = {"window": time.time(), "steady": None}  # start times; eval and checkpoint time is moved out of both
 
     @contextmanager
@@ -705,9 +634,16 @@ if __name__ == "__main__":
         for k in clock:
             clock[k] = clock[k] and clock[k] + time.time() - start
 
+    @torch.no_grad()
     def evaluate_and_log(step: int):
+        # the token-weighted mean over the whole split: per-conversation sums go through gather_for_metrics, which
+        # drops the duplicates accelerate adds to even out the last batch
         with paused():
-            eval_loss = evaluate(model, eval_loader, accelerator)
+            model.eval()
+            nll_sums, counts = zip(*(accelerator.gather_for_metrics(assistant_nll_sum(model, batch, per_sequence=True))
+                                     for batch in eval_loader))
+            model.train()
+            eval_loss = (torch.cat(nll_sums).sum() / torch.cat(counts).sum()).item()
         log(f"step {step}: eval/loss {eval_loss:.4f}")
         log_metrics({"eval/loss": eval_loss}, step)
 
@@ -717,21 +653,18 @@ if __name__ == "__main__":
 
     def stop_if_non_finite():
         # one host read per logging window, checkpoint and final save, not one per step
-        bad = int(accelerator.reduce(first_bad_step, reduction="max"))
-        if bad:
+        if bad := int(accelerator.reduce(first_bad_step, reduction="max")):
             raise SystemExit(f"non-finite loss or gradient at step {bad}: no update was applied from that step on; "
                              f"the last good checkpoint is in {args.output_dir}/checkpoints")
 
     def save_checkpoint(step: int):
         # written to a temporary folder, then renamed: a crash mid-save never leaves a checkpoint resume would pick
         root = os.path.join(args.output_dir, "checkpoints")
-        tmp, final = os.path.join(root, f"tmp-step-{step}"), os.path.join(root, f"step-{step}")
-        accelerator.save_state(tmp)
+        accelerator.save_state(os.path.join(root, f"tmp-step-{step}"))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            os.replace(tmp, final)
-            steps = sorted(s for s in map(checkpoint_step, os.listdir(root)) if s is not None)
-            for old in steps[: -args.save_total_limit]:
+            os.replace(os.path.join(root, f"tmp-step-{step}"), os.path.join(root, f"step-{step}"))
+            for old in checkpoint_steps(root)[: -args.save_total_limit]:
                 shutil.rmtree(os.path.join(root, f"step-{old}"))
         accelerator.wait_for_everyone()
 
@@ -757,7 +690,9 @@ if __name__ == "__main__":
                 clock["steady"] = time.time()
             # ALGO LOGIC: N = the assistant tokens of the whole step (all micro-batches, all processes), counted first
             n_loss_tokens = accelerator.reduce(sum((b["loss_labels"] != -100).sum() for b in micro_batches), "sum")
-            step_tokens = sum(n_input_tokens(b) for b in micro_batches)
+            # input tokens (not padding), a device scalar: counted without a host sync
+            step_tokens = sum(b["attention_mask"].sum() if "attention_mask" in b
+                              else b["input_ids"].new_tensor(b["input_ids"].numel()) for b in micro_batches)
             for batch in micro_batches:
                 with accelerator.accumulate(model):
                     # ALGO LOGIC: this micro-batch's share of L = -(1/N) sum_{t in A} log p(y_t | y_<t) (header)
@@ -825,9 +760,8 @@ if __name__ == "__main__":
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump({**vars(args), "run_id": run_id, "completed_steps": global_step}, f, indent=2)
         log(f"saved the model to {args.output_dir}")
-        if args.push_to_hub:
-            unwrapped.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
-            tokenizer.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
+        for part in (unwrapped, tokenizer) if args.push_to_hub else ():
+            part.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
     accelerator.wait_for_everyone()
     if args.track and accelerator.is_main_process:
         wandb.finish()
