@@ -12,22 +12,21 @@ model before alignment pi_wref (--weak_ref) and after it pi_wal (--weak_aligned)
         L   = mean over the batch of  (beta log pi/pi_sref(y) - gamma log pi_wal/pi_wref(y))^2
 
 The paper writes the sequence-level form; the official code trains the token-level one, the default here. The
-official code also forwards the rejected responses through all four models and discards them; here they are never
-forwarded in training (they only give the held-out reward accuracy when the eval split has them).
+rejected responses are never forwarded in training (the official code forwards and discards them); with an eval
+split that has them they give the held-out reward accuracy of the strong implicit reward beta log pi/pi_sref(y).
 
-The weak log-ratio and the strong reference's log-probs never change, so a pre-pass computes them per token, one
-frozen model in memory at a time, caches them on disk (keyed by model, token ids, precision and batch layout), and
-training holds only the policy. The pre-pass forwards the strong reference in the very batches the run forwards the
-policy in (training: epoch 0's micro-batches; eval: the eval batches), under the same `accelerator.autocast()` and
-weights dtype, so that at step 0 the strong log-ratio is exactly 0, in fp32 and in bf16 mixed precision alike.
-Every model's tokenizer must give the strong tokenizer's ids on the data, or the run stops naming the first example.
+The weak log-ratio and the strong reference's log-probs never change: a pre-pass computes them per token, one frozen
+model at a time, and caches them on disk (keyed by model, token ids, precision and batch layout); training holds only
+the policy. The strong reference is forwarded in the run's own batches (epoch 0's micro-batches, the eval batches)
+under the same autocast and weights dtype, so the strong log-ratio is exactly 0 at step 0, in fp32 and bf16 alike.
+All four tokenizers must give the strong one's ids on the data, or the run stops naming the first example.
 
 Defaults: the paper's full fine-tuning setting (lr 1e-5, 1 epoch, batch 1 x accumulation 8, cosine, warm-up 0.1,
 cut-off 4096, beta 0.1); LoRA in the paper: lr 5e-6 x 3 epochs. Dropout is off in the policy (--disable_dropout,
-LoRA dropout included), as in the official WSPO trainer and TRL's DPOTrainer. Loss normaliser: per sequence (token
-level: sum_t d_t^2 / |y|), then the mean over the sequences of the micro-batch; accumulation and processes average
-those means, which equals the mean over all sequences of the optimizer step only because every micro-batch holds
-the same number of sequences (whole global batches only: the remainder of an epoch is left out).
+LoRA's too), as in the official trainer and TRL. Loss normaliser: per sequence (token level: sum_t d_t^2 / |y|), then
+the mean over the micro-batch's sequences; accumulation and processes average those means, which is the mean over
+all sequences of the optimizer step because every micro-batch holds as many sequences (the rest of an epoch that
+does not fill a global batch is left out).
 
 GPU, hub (defaults: weak pair Qwen2-1.5B -> Qwen2-1.5B-Instruct; mixed precision from configs/):
     accelerate launch wspo.py --strong Qwen/Qwen2-7B
@@ -199,8 +198,7 @@ class Args:
     resume_allow_changes: tuple[str, ...] = ()
     """with --resume: argument names allowed to differ from the saved args.json"""
     overwrite_output_dir: bool = False
-    """replace what an earlier run wrote in output_dir: its checkpoints/ are deleted and metrics.jsonl starts afresh;
-    other files are kept"""
+    """replace an earlier run in output_dir: its checkpoints/ are deleted, metrics.jsonl restarts, other files stay"""
 
     # filled in at runtime
     world_size: int = 1
@@ -238,8 +236,7 @@ def parse_args() -> Args:
     """`--preset NAME` (or `--preset=NAME`) picks the defaults; every flag given overrides them."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=sorted(PRESETS))
-    preset = pre.parse_known_args()[0].preset
-    return tyro.cli(Args, default=PRESETS[preset] if preset else Args(), use_underscores=True)
+    return tyro.cli(Args, default=PRESETS.get(pre.parse_known_args()[0].preset, Args()), use_underscores=True)
 
 
 def is_file_dataset(name: str | None) -> bool:
@@ -247,116 +244,91 @@ def is_file_dataset(name: str | None) -> bool:
 
 
 def validate(args: Args):
-    """Every check that needs no model or data: before the Accelerator, any load, or anything written."""
+    """Every check that needs no model or data, before the Accelerator, any load, or anything written. A non-empty
+    output_dir needs --resume or --overwrite_output_dir; --resume refuses changed arguments (except
+    --resume_allow_changes) and exits 0 on a finished run. An unreachable hub is reported at once (3 s), not after a
+    minute of retries inside the first load."""
+    value = partial(getattr, args)
     positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
                 "num_train_epochs", "max_length", "max_prompt_length", "prepass_batch_size", "lora_r", "lora_alpha",
                 "logging_steps", "save_total_limit", "max_steps", "eval_steps", "save_steps", "max_train_samples",
                 "max_eval_samples", "beta", "max_grad_norm"]
-    for name in positive:
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            fail(f"--{name} must be positive (got {getattr(args, name)})")
-    for name in ("learning_rate", "weight_decay", "weak_coef"):
-        if getattr(args, name) < 0:
-            fail(f"--{name} must be non-negative (got {getattr(args, name)})")
-    if not 0 <= args.warmup_ratio <= 1:
-        fail(f"--warmup_ratio must be in [0, 1] (got {args.warmup_ratio})")
-    if not 0 <= args.lora_dropout < 1:
-        fail(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
-    if args.eval_fraction is not None and not 0 < args.eval_fraction < 1:
-        fail(f"--eval_fraction must be in (0, 1) (got {args.eval_fraction})")
-    if args.max_prompt_length >= args.max_length:
-        fail(f"--max_prompt_length ({args.max_prompt_length}) must be below --max_length ({args.max_length}): the "
-             "response needs room")
-    if args.resume and args.overwrite_output_dir:
-        fail("--resume continues the run in output_dir, --overwrite_output_dir replaces it: pass one of them")
-    if args.resume_allow_changes and not args.resume:
-        fail("--resume_allow_changes only applies with --resume")
-    unknown = set(args.resume_allow_changes) - set(vars(args))
-    if unknown:
-        fail(f"--resume_allow_changes names unknown arguments {sorted(unknown)}")
-    if args.eval_fraction is not None and args.eval_dataset_name is not None:
-        fail("--eval_fraction holds out training data, --eval_dataset_name names other data: pass one of them")
-    if args.eval_fraction is None and args.eval_dataset_name is None and args.eval_split is not None:
-        if is_file_dataset(args.dataset_name):
-            fail(f"--dataset_name {args.dataset_name} is a single file, which has no held-out split: evaluating on "
-                 f"{args.eval_split!r} would evaluate on the training data. Pass --eval_dataset_name FILE, "
-                 "--eval_fraction 0.05, or --eval_split None")
-        if args.eval_split == args.train_split:
-            fail(f"--eval_split {args.eval_split!r} is the training split: pick a held-out split, --eval_fraction "
-                 "0.05, or --eval_split None")
-    if args.eval_dataset_name is not None and os.path.abspath(args.eval_dataset_name) == os.path.abspath(
-            args.dataset_name) and (is_file_dataset(args.eval_dataset_name) or args.eval_split == args.train_split):
-        fail(f"--eval_dataset_name {args.eval_dataset_name} is the training data: name held-out data")
+    unknown = sorted(set(args.resume_allow_changes) - set(vars(args)))
+    no_held_out = args.eval_fraction is None and args.eval_dataset_name is None and args.eval_split is not None
+    checks = [(value(n) is not None and value(n) <= 0, f"--{n} must be positive (got {value(n)})") for n in positive]
+    checks += [(value(n) < 0, f"--{n} must be non-negative (got {value(n)})")
+               for n in ("learning_rate", "weight_decay", "weak_coef")]
+    checks += [
+        (not 0 <= args.warmup_ratio <= 1, f"--warmup_ratio must be in [0, 1] (got {args.warmup_ratio})"),
+        (not 0 <= args.lora_dropout < 1, f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})"),
+        (args.eval_fraction is not None and not 0 < args.eval_fraction < 1,
+         f"--eval_fraction must be in (0, 1) (got {args.eval_fraction})"),
+        (args.max_prompt_length >= args.max_length, f"--max_prompt_length ({args.max_prompt_length}) must be below "
+         f"--max_length ({args.max_length}): the response needs room"),
+        (args.resume and args.overwrite_output_dir,
+         "--resume continues the run in output_dir, --overwrite_output_dir replaces it: pass one of them"),
+        (args.resume_allow_changes and not args.resume, "--resume_allow_changes only applies with --resume"),
+        (unknown, f"--resume_allow_changes names unknown arguments {unknown}"),
+        (args.eval_fraction is not None and args.eval_dataset_name is not None,
+         "--eval_fraction holds out training data, --eval_dataset_name names other data: pass one of them"),
+        (no_held_out and is_file_dataset(args.dataset_name), f"--dataset_name {args.dataset_name} is a single "
+         f"file, which has no held-out split: evaluating on {args.eval_split!r} would evaluate on the training data. "
+         "Pass --eval_dataset_name FILE, --eval_fraction 0.05, or --eval_split None"),
+        (no_held_out and args.eval_split == args.train_split, f"--eval_split {args.eval_split!r} is the training "
+         "split: pick a held-out split, --eval_fraction 0.05, or --eval_split None"),
+        (args.eval_dataset_name is not None and (is_file_dataset(args.eval_dataset_name) or args.eval_split ==
+         args.train_split) and os.path.abspath(args.eval_dataset_name) == os.path.abspath(args.dataset_name),
+         f"--eval_dataset_name {args.eval_dataset_name} is the training data: name held-out data")]
+    for bad, message in checks:
+        if bad:
+            fail(message)
     args.strong_ref = args.strong_ref or args.strong
     args.world_size = int(os.environ.get("WORLD_SIZE", 1))
     args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    check_output_dir(args)
-    check_network(args)
 
+    saved_path = os.path.join(args.output_dir, "args.json")
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
+        if not args.resume and not args.overwrite_output_dir:
+            fail(f"output_dir {args.output_dir} already holds files (a model, metrics.jsonl, ...); pass "
+                 "--overwrite_output_dir to replace them, --resume to continue that run, or another --output_dir")
+        if args.resume and os.path.exists(saved_path):
+            saved, new = json.load(open(saved_path)), json.loads(json.dumps(vars(args)))
+            refused = [k for k in new if k not in RESUME_SAFE and k in saved and saved[k] != new[k]
+                       and k not in args.resume_allow_changes]
+            if refused:
+                fail(f"--resume with arguments that differ from {saved_path}: "
+                     + "; ".join(f"{k}: {saved[k]!r} -> {new[k]!r}" for k in refused)
+                     + f". Resume with the saved values, or allow the change with --resume_allow_changes "
+                     f"{' '.join(refused)}")
+            if "completed_steps" in saved and not args.resume_allow_changes:
+                print(f"run in {args.output_dir} already finished (step {saved['completed_steps']}); nothing to do")
+                sys.exit(0)
 
-def check_output_dir(args: Args):
-    """A non-empty output_dir is refused without --resume / --overwrite_output_dir; --resume refuses changed
-    arguments (except --resume_allow_changes) and exits 0 on a finished run."""
-    out = args.output_dir
-    if not os.path.isdir(out) or not os.listdir(out):
-        return
-    if not args.resume and not args.overwrite_output_dir:
-        fail(f"output_dir {out} already holds files (a model, metrics.jsonl, ...); pass --overwrite_output_dir to "
-             "replace them, --resume to continue that run, or another --output_dir")
-    saved_path = os.path.join(out, "args.json")
-    if not args.resume or not os.path.exists(saved_path):
-        return
-    saved, new = json.load(open(saved_path)), json.loads(json.dumps(vars(args)))
-    changed = [k for k in new if k not in RESUME_SAFE and k in saved and saved[k] != new[k]]
-    refused = [k for k in changed if k not in args.resume_allow_changes]
-    if refused:
-        fail(f"--resume with arguments that differ from {saved_path}: "
-             + "; ".join(f"{k}: {saved[k]!r} -> {new[k]!r}" for k in refused)
-             + f". Resume with the saved values, or allow the change with --resume_allow_changes {' '.join(refused)}")
-    if "completed_steps" in saved and not args.resume_allow_changes:
-        print(f"run in {out} already finished (step {saved['completed_steps']}); nothing to do")
-        sys.exit(0)
-
-
-def check_network(args: Args):
-    """With HF_HUB_OFFLINE unset and some name not a local path, test the hub once (3 s) instead of a minute of
-    retries inside the first load."""
     from huggingface_hub import constants
 
     names = [args.strong, args.strong_ref, args.weak_ref, args.weak_aligned, args.dataset_name, args.eval_dataset_name]
-    remote = [n for n in names if n is not None and not os.path.exists(n)]
-    if constants.HF_HUB_OFFLINE or not remote:
-        return
-    url = urlparse(constants.ENDPOINT)
+    remote, url = [n for n in names if n is not None and not os.path.exists(n)], urlparse(constants.ENDPOINT)
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+        if remote and not constants.HF_HUB_OFFLINE:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 3).close()
     except OSError:
         fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
              "local cache, or pass a local path.")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- data ------------------------------------------------------------------------------------------------------------
 def first_bad_line(path: str) -> str | None:
     """Where a .json/.jsonl file breaks: the 1-based line of invalid JSON, a non-object, or a field whose type
-    differs from its first occurrence; None if nothing is found."""
-    if path.endswith(".json"):
-        try:
-            records = json.load(open(path))
-        except json.JSONDecodeError as e:
-            return f"line {e.lineno} is not valid JSON ({e.msg})"
-        lines = list(enumerate(records if isinstance(records, list) else [], 1))
-    else:
-        lines = []
-        for number, line in enumerate(open(path), 1):
-            if line.strip():
-                try:
-                    lines.append((number, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    return f"line {number} is not valid JSON ({e.msg})"
-    seen = {}
-    for number, record in lines:
+    differs from its first occurrence (a .json file's records count as lines); None if nothing is found."""
+    whole, records, seen = path.endswith(".json"), [], {}
+    for number, line in [(1, open(path).read())] if whole else enumerate(open(path), 1):
+        if whole or line.strip():
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {e.lineno if whole else number} is not valid JSON ({e.msg})"
+            records += list(enumerate(value if isinstance(value, list) else [], 1)) if whole else [(number, value)]
+    for number, record in records:
         if not isinstance(record, dict):
             return f"line {number} is not a JSON object"
         for key, value in record.items():
@@ -371,9 +343,8 @@ def load_split(name: str, config: str | None, split: str | None):
     if is_file_dataset(name):
         if not os.path.isfile(name):
             fail(f"dataset file {name} does not exist")
-        with open(name, "rb") as f:
-            if not f.read(4096).strip():
-                fail(f"dataset file {name} is empty: it holds no examples")
+        if not open(name, "rb").read(4096).strip():
+            fail(f"dataset file {name} is empty: it holds no examples")
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}[os.path.splitext(name)[1]]
         try:
             return load_dataset(kind, data_files=name, split="train")
@@ -395,18 +366,16 @@ def load_split(name: str, config: str | None, split: str | None):
 def load_raw_splits(args: Args, log):
     """The raw training and eval splits; the eval source is logged, and never the training data."""
     raw_train = load_split(args.dataset_name, args.dataset_config, args.train_split)
-    raw_eval = None
     if args.eval_fraction is not None:
         parts = raw_train.train_test_split(test_size=args.eval_fraction, seed=args.seed)
-        raw_train, raw_eval = parts["train"], parts["test"]
-        log(f"eval: {len(raw_eval)} examples held out of {args.dataset_name} (--eval_fraction {args.eval_fraction})")
-    elif args.eval_dataset_name is not None:
-        raw_eval = load_split(args.eval_dataset_name, args.dataset_config, args.eval_split)
-        log(f"eval: {args.eval_dataset_name}" + ("" if is_file_dataset(args.eval_dataset_name) else
-                                                 f", split {args.eval_split}"))
-    elif args.eval_split is not None:
-        raw_eval = load_split(args.dataset_name, args.dataset_config, args.eval_split)
-        log(f"eval: {args.dataset_name}, split {args.eval_split}")
+        log(f"eval: {len(parts['test'])} examples held out of {args.dataset_name} (--eval_fraction "
+            f"{args.eval_fraction})")
+        return parts["train"], parts["test"]
+    if args.eval_dataset_name is None and args.eval_split is None:
+        return raw_train, None
+    eval_name = args.eval_dataset_name or args.dataset_name
+    raw_eval = load_split(eval_name, args.dataset_config, args.eval_split)
+    log(f"eval: {eval_name}" + ("" if is_file_dataset(args.eval_dataset_name) else f", split {args.eval_split}"))
     return raw_train, raw_eval
 
 
@@ -471,27 +440,23 @@ def tokenize_example(tokenizer, ex: dict, args: Args, with_rejected: bool) -> di
         prompt, text = (p if isinstance(p, list) else [{"role": "user", "content": p}]), conv
     if not isinstance(text, str) or not text.strip():
         return {**out, "skip": "empty response"}
-    texts = [text]
-    if with_rejected:
-        r = ex[args.rejected_column]
-        texts.append(r[-1]["content"] if isinstance(r, list) else r)
+    rejected = ex[args.rejected_column] if with_rejected else None
+    texts = [text] + ([rejected[-1]["content"] if isinstance(rejected, list) else rejected] if with_rejected else [])
     fitted = fit_prompt(tokenizer, prompt, args.max_prompt_length)
     if fitted is None or args.max_length - len(fitted[0]) < 2:
         return {**out, "skip": "prompt leaves no room for a response"}
     prompt_ids, prompt, prompt_cut = fitted
     room = args.max_length - len(prompt_ids)
     resps = [response_ids(tokenizer, prompt, t) for t in texts]
-    response_cut = max(map(len, resps)) > room
-    resps = [r if len(r) <= room else r[: room - 1] + [tokenizer.eos_token_id] for r in resps]
-    return {**out, "prompt_ids": prompt_ids, "chosen_ids": resps[0], "rejected_ids": resps[1] if with_rejected else [],
-            "prompt_cut": prompt_cut, "response_cut": response_cut}
+    kept = [r if len(r) <= room else r[: room - 1] + [tokenizer.eos_token_id] for r in resps]  # end-of-turn kept
+    return {**out, "prompt_ids": prompt_ids, "chosen_ids": kept[0], "rejected_ids": kept[1] if with_rejected else [],
+            "prompt_cut": prompt_cut, "response_cut": kept != resps}
 
 
 def prepare_split(raw, max_samples: int | None, tokenizer, args: Args, what: str, source: str, log):
     """Select the first max_samples, check the columns, tokenize, drop (and count) unusable rows. Returns the
     tokenized split (with a `row` index), whether it holds rejected responses, and its data counts."""
-    if max_samples is not None:
-        raw = raw.select(range(min(max_samples, len(raw))))
+    raw = raw if max_samples is None else raw.select(range(min(max_samples, len(raw))))
     if args.response_column not in raw.column_names:
         fail(f"the {what} data ({source}) has no column {args.response_column!r} (columns: {raw.column_names}); pass "
              "--response_column naming the responses to imitate (e.g. chosen, or messages)")
@@ -508,50 +473,40 @@ def prepare_split(raw, max_samples: int | None, tokenizer, args: Args, what: str
     skips = {r: n for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}
     kept = ds.filter(lambda ex: ex["skip"] == "")
     prompts_cut, responses_cut = sum(kept["prompt_cut"]), sum(kept["response_cut"])
-    counts = {f"data/{what}_examples": len(kept), f"data/{what}_dropped": len(ds) - len(kept),
-              f"data/{what}_prompts_cut": prompts_cut, f"data/{what}_responses_cut": responses_cut}
     log(f"{what}: {len(kept)} of {len(ds)} examples kept; {prompts_cut} prompts cut, {responses_cut} responses cut"
         + "".join(f", {n} {r}" for r, n in skips.items()))
     if len(kept) == 0:
         fail(f"no usable example in the {what} data ({source}; {skips}); check --response_column and the data")
+    counts = {f"data/{what}_examples": len(kept), f"data/{what}_dropped": len(ds) - len(kept),
+              f"data/{what}_prompts_cut": prompts_cut, f"data/{what}_responses_cut": responses_cut}
     kept = kept.remove_columns(["skip", "prompt_cut", "response_cut"])
     return kept.add_column("row", list(range(len(kept)))), with_rejected, counts
 
 
-def check_tokenizers(args: Args, raws: list, names: list[str], log):
+def check_tokenizers(args: Args, tokenizer, raws: list, log):
     """d_t pairs strong and weak log-probs token by token, so every model's tokenizer must give the strong
     tokenizer's ids on every example; stop at the first that does not. A tokenizer whose definition (vocabulary,
     merges, normalisation, chat template, special tokens) is the strong one's gives its ids by construction."""
-    base = load_tokenizer(args.strong, args)
     definition = lambda t: (t.backend_tokenizer.to_str(), t.chat_template, t.eos_token, t.pad_token)
-    base_ids = {}
-    for name in dict.fromkeys(names):
-        if name == args.strong:
-            continue
-        tok = load_tokenizer(name, args)
-        if definition(tok) == definition(base):
-            log(f"tokenizer check: {name} has the strong model's tokenizer (identical definition)")
-            continue
-        for split, raw in raws:
+    ids = lambda tok, ex: sum(map(tokenize_example(tok, ex, args, False).get, ("prompt_ids", "chosen_ids")), [])
+    for name in dict.fromkeys(n for n in (args.strong_ref, args.weak_ref, args.weak_aligned) if n != args.strong):
+        tok = load_pretrained(AutoTokenizer, name, args)
+        same = definition(tok) == definition(tokenizer)
+        for split, raw in [] if same else raws:
             for i, ex in enumerate(raw):
-                mine = tokenize_example(tok, ex, args, False)
-                if (split, i) not in base_ids:
-                    theirs = tokenize_example(base, ex, args, False)
-                    base_ids[split, i] = theirs["prompt_ids"] + theirs["chosen_ids"]
-                if mine["prompt_ids"] + mine["chosen_ids"] != base_ids[split, i]:
+                if ids(tok, ex) != ids(tokenizer, ex):
                     fail(f"tokenizer mismatch: {name!r} and the strong model {args.strong!r} tokenize {split} example "
-                         f"{i} differently ({ex.get(args.prompt_column)!r}):\n  {name}: "
-                         f"{mine['prompt_ids'] + mine['chosen_ids']}\n  {args.strong}: {base_ids[split, i]}\nWSPO "
-                         "pairs the weak and strong log-probs token by token; all four models must share one "
-                         "tokenizer and chat template.")
-        log(f"tokenizer check: {name} gives the strong tokenizer's ids on every example")
+                         f"{i} differently ({ex.get(args.prompt_column)!r}):\n  {name}: {ids(tok, ex)}\n  "
+                         f"{args.strong}: {ids(tokenizer, ex)}\nWSPO pairs the weak and strong log-probs token by "
+                         "token; all four models must share one tokenizer and chat template.")
+        log(f"tokenizer check: {name} " + ("has the strong model's tokenizer (identical definition)" if same else
+                                           "gives the strong tokenizer's ids on every example"))
 
 
 def cached_tokens(cache: dict, rows: list[int], key_index: int = 0) -> torch.Tensor:
     """The cached per-token values of the rows' responses (key 0: chosen, 1: rejected), in collate's token order."""
-    offsets = cache["offsets"]
     sequences = [key_index * cache["n_rows"] + r for r in rows]
-    return torch.cat([cache["values"][offsets[k]: offsets[k + 1]] for k in sequences])
+    return torch.cat([cache["values"][cache["offsets"][k]: cache["offsets"][k + 1]] for k in sequences])
 
 
 def collate(rows: list[dict], pad_id: int, padding_free: bool, keys=("chosen_ids",), cache: dict | None = None):
@@ -559,11 +514,9 @@ def collate(rows: list[dict], pad_id: int, padding_free: bool, keys=("chosen_ids
     `targets[t]` is the next token, `loss_mask[t]` marks positions that predict a response token. The response
     tokens' sequence ids, counts and cached values are built here, on the host, so the step never waits on the
     device for them. padding-free: one row, position_ids restart per sequence."""
-    seqs, masks = [], []
-    for key in keys:
-        for r in rows:
-            seqs.append(torch.tensor(r["prompt_ids"] + r[key]))
-            masks.append(torch.tensor([False] * (len(r["prompt_ids"]) - 1) + [True] * len(r[key]) + [False]))
+    seqs = [torch.tensor(r["prompt_ids"] + r[key]) for key in keys for r in rows]
+    masks = [torch.tensor([False] * (len(r["prompt_ids"]) - 1) + [True] * len(r[key]) + [False])
+             for key in keys for r in rows]
     targets = [torch.cat([s[1:], s.new_zeros(1)]) for s in seqs]
     response_lengths = [len(r[key]) for key in keys for r in rows]
     row_ids = [r["row"] for r in rows]
@@ -583,9 +536,7 @@ def collate(rows: list[dict], pad_id: int, padding_free: bool, keys=("chosen_ids
             "loss_mask": pad(masks, False)}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# per-token log-probs and the loss
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- per-token log-probs and the loss --------------------------------------------------------------------------------
 def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # fp32 before the log-softmax: its gradient (onehot - softmax) is built in fp32 and cast to the logits' dtype once
     logits = logits.float()
@@ -607,8 +558,8 @@ def per_sequence_sum(values: torch.Tensor, seq_id: torch.Tensor, n_seqs: int) ->
 
 
 def compute_loss(policy_logps: torch.Tensor, batch: dict, beta: float, gamma: float, level: str):
-    """The WSPO loss of each chosen response (REFERENCE.md, WSPO; the official trainer's token-level form or the
-    paper's sequence-level one) and per-example metrics; with rejected responses, the held-out reward accuracy."""
+    """The WSPO loss of each chosen response (the official trainer's token-level form or the paper's sequence-level
+    one) and per-example metrics; with rejected responses, the held-out reward accuracy."""
     n, n_chosen = len(batch["row"]), batch["n_chosen_tokens"]
     seq_id = batch["response_seq"][:n_chosen]
     strong_logratio = policy_logps[:n_chosen] - batch["ref_logps"][:n_chosen]  # log pi - log pi_sref, per token
@@ -632,31 +583,7 @@ def compute_loss(policy_logps: torch.Tensor, batch: dict, beta: float, gamma: fl
     return losses, metrics
 
 
-def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cosine_similarity(x - x.mean(), y - y.mean(), dim=0)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the pre-pass: per-token log-probs of each frozen model, one model in memory at a time, cached
-# ---------------------------------------------------------------------------------------------------------------------
-def model_fingerprint(name: str) -> str:
-    """A hub id names fixed weights (up to its revision); a local folder is fingerprinted by its files."""
-    if not os.path.isdir(name):
-        return name
-    files = sorted(f for f in os.listdir(name) if f.endswith((".safetensors", ".json")))
-    return name + "|" + "|".join(f"{f}:{os.path.getsize(os.path.join(name, f))}:"
-                                 f"{os.path.getmtime(os.path.join(name, f))}" for f in files)
-
-
-def data_fingerprint(ds, columns) -> str:
-    """A hash of the token ids themselves: the cache follows the data and tokenization, nothing else."""
-    h = hashlib.sha256()
-    for col in columns:
-        for ids in ds[col]:
-            h.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
-    return h.hexdigest()
-
-
+# ---- the pre-pass: per-token log-probs of each frozen model, one model in memory at a time, cached -------------------
 def chunks(rows: list[int], size: int) -> list[list[int]]:
     return [rows[i: i + size] for i in range(0, len(rows), size)]
 
@@ -665,18 +592,27 @@ def chunks(rows: list[int], size: int) -> list[list[int]]:
 def prepass(name: str, ds, batches: list[list[int]], keys, args: Args, accelerator, pad_id: int, log) -> dict:
     """Per-token log-probs of model `name` on every (key, row) response of `ds`, forwarded in `batches` (lists of
     rows; batch i on process i % processes) under the training forward's autocast and weights dtype, as one flat
-    tensor with offsets: the tokens of sequence k = key index * len(ds) + row are values[offsets[k]:offsets[k+1]]."""
-    key = "\n".join([model_fingerprint(name), data_fingerprint(ds, ("prompt_ids", *keys)), args.dtype,
-                     accelerator.mixed_precision, str(args.padding_free), json.dumps(batches)])
+    tensor with offsets: the tokens of sequence k = key index * len(ds) + row are values[offsets[k]:offsets[k+1]].
+    The cache key: the model (a hub id names fixed weights; a local folder is fingerprinted by its files), a hash of
+    the token ids themselves, the precision and the batch layout."""
+    model_key, token_hash = name, hashlib.sha256()
+    if os.path.isdir(name):
+        files = sorted(f for f in os.listdir(name) if f.endswith((".safetensors", ".json")))
+        model_key += "|" + "|".join(f"{f}:{os.path.getsize(os.path.join(name, f))}:"
+                                    f"{os.path.getmtime(os.path.join(name, f))}" for f in files)
+    for column in ("prompt_ids", *keys):
+        for ids in ds[column]:
+            token_hash.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
+    key = "\n".join([model_key, token_hash.hexdigest(), args.dtype, accelerator.mixed_precision,
+                     str(args.padding_free), json.dumps(batches)])
     path = os.path.join(args.cache_dir, f"token-logps-{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors")
     if os.path.exists(path):
         log(f"pre-pass {name}: reusing the cache {path}")
         return {**load_file(path), "n_rows": len(ds)}
-    model = load_model(name, args).to(accelerator.device).eval()
+    model = load_pretrained(AutoModelForCausalLM, name, args).to(accelerator.device).eval()
     results = []
-    mine = batches[accelerator.process_index:: accelerator.num_processes]
-    for rows in tqdm(mine, desc=f"pre-pass {os.path.basename(name.rstrip('/'))}",
-                     disable=not accelerator.is_local_main_process):
+    for rows in tqdm(batches[accelerator.process_index:: accelerator.num_processes], disable=not
+                     accelerator.is_local_main_process, desc=f"pre-pass {os.path.basename(name.rstrip('/'))}"):
         batch = send_to_device(collate([ds[r] for r in rows], pad_id, args.padding_free, keys), accelerator.device)
         with accelerator.autocast():
             per_seq = token_logps(model, batch).cpu().split(batch["response_lengths"])
@@ -697,38 +633,26 @@ def prepass(name: str, ds, batches: list[list[int]], keys, args: Args, accelerat
     return {**out, "n_rows": len(ds)}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# models, checkpoints
-# ---------------------------------------------------------------------------------------------------------------------
-def model_error(name: str, args: Args, e: Exception) -> NoReturn:
+# ---- models ----------------------------------------------------------------------------------------------------------
+def load_pretrained(auto_class, name: str, args: Args):
+    """A model or tokenizer (with a chat template; pad = eos if unset); one that cannot load is a clear error."""
     from huggingface_hub import constants
 
-    why = ("no such local folder, and not a hub id in the local cache (HF_HUB_OFFLINE=1)" if not os.path.exists(name)
-           and constants.HF_HUB_OFFLINE else str(e).splitlines()[0])
-    hint = ("the tiny models come from `bash run_tiny.sh` (or pass their folders)" if args.preset == "tiny" else
-            "pass a local model folder or a hub id (offline: --preset tiny after `bash run_tiny.sh`)")
-    fail(f"could not load model {name!r}: {why}. {hint}")
-
-
-def load_tokenizer(name: str, args: Args):
+    kwargs = {} if auto_class is AutoTokenizer else {"dtype": getattr(torch, args.dtype),
+                                                       "attn_implementation": args.attn_implementation}
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+        loaded = auto_class.from_pretrained(name, trust_remote_code=args.trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
-        model_error(name, args, e)
-    if tok.chat_template is None:
+        why = ("no such local folder, and not a hub id in the local cache (HF_HUB_OFFLINE=1)"
+               if not os.path.exists(name) and constants.HF_HUB_OFFLINE else str(e).splitlines()[0])
+        hint = ("the tiny models come from `bash run_tiny.sh` (or pass their folders)" if args.preset == "tiny" else
+                "pass a local model folder or a hub id (offline: --preset tiny after `bash run_tiny.sh`)")
+        fail(f"could not load model {name!r}: {why}. {hint}")
+    if auto_class is AutoTokenizer and loaded.chat_template is None:
         fail(f"tokenizer of {name!r} has no chat template; use an instruct tokenizer or set one")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_model(name: str, args: Args):
-    try:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, args.dtype),
-                                                    trust_remote_code=args.trust_remote_code,
-                                                    attn_implementation=args.attn_implementation)
-    except (OSError, ValueError) as e:
-        model_error(name, args, e)
+    if auto_class is AutoTokenizer and loaded.pad_token is None:
+        loaded.pad_token = loaded.eos_token
+    return loaded
 
 
 def disable_dropout(model: torch.nn.Module):
@@ -738,23 +662,6 @@ def disable_dropout(model: torch.nn.Module):
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
-
-
-def checkpoint_step(name: str) -> int:
-    return int(name.rsplit("step-", 1)[1])
-
-
-def newest_checkpoint(output_dir: str) -> str | None:
-    """Only fully written checkpoints count: they are renamed into place after saving."""
-    root = os.path.join(output_dir, "checkpoints")
-    names = [d for d in os.listdir(root) if d.startswith("step-")] if os.path.isdir(root) else []
-    return os.path.join(root, max(names, key=checkpoint_step)) if names else None
-
-
-def peak_memory_gb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 if __name__ == "__main__":
@@ -768,7 +675,7 @@ if __name__ == "__main__":
     log = lambda msg: accelerator.print(f"[{args.exp_name}] {msg}")
     sync = torch.cuda.synchronize if accelerator.device.type == "cuda" else lambda: None
     set_seed(args.seed, device_specific=True)
-    tokenizer = load_tokenizer(args.strong, args)
+    tokenizer = load_pretrained(AutoTokenizer, args.strong, args)
     log(f"global batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation x "
         f"{args.world_size} processes = {args.global_batch_size} responses")
 
@@ -781,8 +688,8 @@ if __name__ == "__main__":
             eval_ds, eval_pairs, eval_counts = prepare_split(raw_eval, args.max_eval_samples, tokenizer, args, "eval",
                                                              args.eval_dataset_name or args.dataset_name, log)
             data_counts.update(eval_counts)
-    check_tokenizers(args, [("train", raw_train)] + ([("eval", raw_eval)] if raw_eval is not None else []),
-                     [args.strong_ref, args.weak_ref, args.weak_aligned], log)
+    check_tokenizers(args, tokenizer, [("train", raw_train)] + ([("eval", raw_eval)] if raw_eval is not None else []),
+                     log)
 
     rows_per_epoch = len(train_ds) // args.global_batch_size * args.global_batch_size
     steps_per_epoch = rows_per_epoch // args.global_batch_size
@@ -794,36 +701,32 @@ if __name__ == "__main__":
     seeded = lambda epoch: torch.Generator().manual_seed(args.seed + epoch)
     epoch_order = lambda epoch: torch.randperm(len(train_ds), generator=seeded(epoch))
 
-    # ALGO LOGIC: the pre-pass (REFERENCE.md, WSPO: the weak log-ratio and the strong reference never change). The
-    # strong reference runs in the run's own batches (epoch 0's micro-batches, the eval batches): bit-equal to the
-    # policy's step-0 forward; the rows epoch 0 leaves out follow in batches of their own.
-    order = epoch_order(0).tolist()
-    layouts = {"train": (train_ds, ("chosen_ids",), chunks(order[:rows_per_epoch], args.per_device_train_batch_size)
-                         + chunks(order[rows_per_epoch:], args.per_device_train_batch_size))}
+    # ALGO LOGIC: the pre-pass (the weak log-ratio and the strong reference never change). The strong reference runs
+    # in the run's own batches (epoch 0's micro-batches, the eval batches): bit-equal to the policy's step-0 forward;
+    # the rows epoch 0 leaves out follow in batches of their own.
+    order, batch_size = epoch_order(0).tolist(), args.per_device_train_batch_size
+    layouts = {"train": (train_ds, ("chosen_ids",), chunks(order[:rows_per_epoch], batch_size)
+                         + chunks(order[rows_per_epoch:], batch_size))}
     if eval_ds is not None:
         layouts["eval"] = (eval_ds, ("chosen_ids", "rejected_ids") if eval_pairs else ("chosen_ids",),
                            chunks(list(range(len(eval_ds))), args.per_device_eval_batch_size))
     cache = {}
     for split, (ds, keys, batches) in layouts.items():
-        weak_batches = chunks(list(range(len(ds))), args.prepass_batch_size)
         run = partial(prepass, ds=ds, args=args, accelerator=accelerator, pad_id=tokenizer.pad_token_id, log=log)
         cache[split] = {"ref": run(args.strong_ref, batches=batches, keys=keys)}
-        for role in ("weak_ref", "weak_aligned"):  # a model named twice is forwarded once
-            same = getattr(args, role) == args.strong_ref
-            cache[split][role] = cache[split]["ref"] if same else run(getattr(args, role), batches=weak_batches,
-                                                                      keys=("chosen_ids",))
+        for role in ("weak_ref", "weak_aligned"):  # a weak model that is the strong reference is forwarded once
+            cache[split][role] = cache[split]["ref"] if getattr(args, role) == args.strong_ref else run(
+                getattr(args, role), batches=chunks(list(range(len(ds))), args.prepass_batch_size), keys=keys[:1])
 
-    model = load_model(args.strong, args)
+    model = load_pretrained(AutoModelForCausalLM, args.strong, args)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if args.use_lora:
         from peft import LoraConfig, get_peft_model
 
-        targets = args.lora_target_modules if args.lora_target_modules == "all-linear" else \
-            args.lora_target_modules.split(",")
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
-                                                 lora_dropout=args.lora_dropout, target_modules=targets,
-                                                 task_type="CAUSAL_LM"))
+        targets = args.lora_target_modules.split(",") if args.lora_target_modules != "all-linear" else "all-linear"
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets,
+                                                 lora_dropout=args.lora_dropout, task_type="CAUSAL_LM"))
     if args.disable_dropout:
         disable_dropout(model)
     log(f"policy: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
@@ -847,11 +750,15 @@ if __name__ == "__main__":
     optimizer.optimizer.found_inf = nonfinite
     eval_loader = None if eval_ds is None else make_loader("eval", range(len(eval_ds)), args.per_device_eval_batch_size)
 
+    # checkpoints are renamed into place once fully written: only those count
+    ckpt_root = os.path.join(args.output_dir, "checkpoints")
+    step_of = lambda name: int(name.rsplit("step-", 1)[1])
+    saved_checkpoints = lambda: sorted((d for d in os.listdir(ckpt_root) if d.startswith("step-")), key=step_of)
     global_step = 0
-    ckpt = newest_checkpoint(args.output_dir) if args.resume else None
-    if ckpt is not None:
+    if args.resume and os.path.isdir(ckpt_root) and saved_checkpoints():
+        ckpt = os.path.join(ckpt_root, saved_checkpoints()[-1])
         accelerator.load_state(ckpt)
-        global_step = checkpoint_step(ckpt)
+        global_step = step_of(ckpt)
         for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
             scheduler.step()
         log(f"resumed from {ckpt} (step {global_step})")
@@ -859,13 +766,14 @@ if __name__ == "__main__":
         log("--resume: no checkpoint found, starting from scratch")
 
     # TRY NOT TO MODIFY: the output folder, created only now that data and models loaded
-    metrics_file = None
+    save_args = lambda **extra: json.dump({**vars(args), "run_id": run_id, **extra},
+                                          open(os.path.join(args.output_dir, "args.json"), "w"), indent=2)
     if accelerator.is_main_process:
         if args.overwrite_output_dir:
-            shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
+            shutil.rmtree(ckpt_root, ignore_errors=True)
         os.makedirs(args.output_dir, exist_ok=True)
         metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a" if args.resume else "w")
-        json.dump({**vars(args), "run_id": run_id}, open(os.path.join(args.output_dir, "args.json"), "w"), indent=2)
+        save_args()
         if args.track:
             import wandb
 
@@ -887,12 +795,14 @@ if __name__ == "__main__":
 
     @torch.no_grad()
     def evaluate_and_log(step: int, extra: dict | None = None) -> float:
-        """Means over every held-out example (gather_for_metrics drops the duplicates accelerate adds to even out the
-        last batch across processes); returns the seconds it took, which steady-state throughput leaves out."""
+        """Logs `extra` with the means over every held-out example (gather_for_metrics drops the duplicates accelerate
+        adds to even out the last batch across processes); returns the seconds it took, which steady-state throughput
+        leaves out. Without eval data it only logs `extra`."""
+        if eval_loader is None:
+            return log_metrics(extra, step)
         sync()
-        start = time.time()
+        start, parts = time.time(), []
         model.eval()
-        parts = []
         for batch in eval_loader:
             with accelerator.autocast():
                 policy_logps = token_logps(model, batch)
@@ -909,24 +819,18 @@ if __name__ == "__main__":
         # written to a temporary folder, then renamed: a crash mid-save never leaves a checkpoint resume would pick
         check_finite()
         sync()
-        start = time.time()
-        root = os.path.join(args.output_dir, "checkpoints")
-        tmp, final = os.path.join(root, f"tmp-step-{step}"), os.path.join(root, f"step-{step}")
+        start, tmp = time.time(), os.path.join(ckpt_root, f"tmp-step-{step}")
         accelerator.save_state(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            os.replace(tmp, final)
-            kept = sorted((d for d in os.listdir(root) if d.startswith("step-")), key=checkpoint_step)
-            for old in kept[: -args.save_total_limit]:
-                shutil.rmtree(os.path.join(root, old))
+            os.replace(tmp, os.path.join(ckpt_root, f"step-{step}"))
+            for old in saved_checkpoints()[: -args.save_total_limit]:
+                shutil.rmtree(os.path.join(ckpt_root, old))
         accelerator.wait_for_everyone()
         return time.time() - start
 
     if global_step == 0:
-        if eval_loader is not None:
-            evaluate_and_log(0, data_counts)
-        else:
-            log_metrics(data_counts, 0)
+        evaluate_and_log(0, data_counts)
 
     model.train()
     bar = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="wspo")
@@ -942,7 +846,7 @@ if __name__ == "__main__":
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     policy_logps = token_logps(model, batch)  # log pi(y_t) at every chosen response token
-                # ALGO LOGIC: the WSPO loss (REFERENCE.md, WSPO; official trainer, token level):
+                # ALGO LOGIC: the WSPO loss (the paper; the official trainer, token level):
                 # d_t = beta (log pi - log pi_sref) - gamma (log pi_wal - log pi_wref), loss = mean_y sum_t d_t^2 / |y|
                 losses, metrics = compute_loss(policy_logps, batch, args.beta, args.weak_coef, args.loss_level)
                 loss = losses.mean()
@@ -950,14 +854,15 @@ if __name__ == "__main__":
                 accelerator.backward(loss)
                 bad = ~torch.isfinite(loss.detach())
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    bad = bad | ~torch.isfinite(grad_norm)
+                    bad = bad | ~torch.isfinite(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
                 first_nonfinite_step.copy_(torch.where(bad & (nonfinite == 0), global_step + 1, first_nonfinite_step))
                 nonfinite.copy_(torch.maximum(nonfinite, bad.float()))
                 optimizer.step()
                 optimizer.zero_grad()
             # the batch's correlation of strong and weak per-token log-ratios (training batches hold chosen only)
-            corr = pearson((policy_logps - batch["ref_logps"]).detach(), batch["weak_logratio"])
+            strong_logratio = (policy_logps - batch["ref_logps"]).detach()
+            corr = F.cosine_similarity(strong_logratio - strong_logratio.mean(),
+                                       batch["weak_logratio"] - batch["weak_logratio"].mean(), dim=0)
             ones = torch.ones_like(losses.detach())
             metrics.update(logratio_corr=corr * ones, examples=ones)
             running = {k: running.get(k, 0) + v.double().sum() for k, v in metrics.items()}
@@ -997,14 +902,13 @@ if __name__ == "__main__":
     steady_steps = max(global_step - start_step - warmup_steps, 0)
     totals = accelerator.reduce(torch.tensor([float(steady["tokens"]), float(steady["examples"])],
                                              device=accelerator.device), "sum").tolist()
-    perf = {"perf/peak_memory_gb": peak_memory_gb(accelerator.device), "perf/steady_steps": steady_steps,
-            "perf/steady_s": steady_s, "perf/steady_tokens_per_s": totals[0] / steady_s if steady_steps else 0.0,
-            "perf/steady_examples_per_s": totals[1] / steady_s if steady_steps else 0.0}
+    peak_memory = (torch.cuda.max_memory_allocated(accelerator.device) if accelerator.device.type == "cuda" else
+                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
     check_finite()
-    if eval_loader is not None:
-        evaluate_and_log(global_step, perf)
-    else:
-        log_metrics(perf, global_step)
+    evaluate_and_log(global_step, {
+        "perf/peak_memory_gb": peak_memory, "perf/steady_steps": steady_steps, "perf/steady_s": steady_s,
+        "perf/steady_tokens_per_s": totals[0] / steady_s if steady_steps else 0.0,
+        "perf/steady_examples_per_s": totals[1] / steady_s if steady_steps else 0.0})
 
     # TRY NOT TO MODIFY: save a plain transformers model (LoRA merged) + tokenizer, safetensors
     accelerator.wait_for_everyone()
@@ -1015,12 +919,10 @@ if __name__ == "__main__":
             unwrapped, state_dict = unwrapped.merge_and_unload(), None
         unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(args.output_dir)
-        json.dump({**vars(args), "run_id": run_id, "completed_steps": global_step},
-                  open(os.path.join(args.output_dir, "args.json"), "w"), indent=2)
+        save_args(completed_steps=global_step)
         log(f"saved the model to {args.output_dir}")
-        if args.push_to_hub:
-            unwrapped.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
-            tokenizer.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
+        for artefact in (unwrapped, tokenizer) if args.push_to_hub else ():
+            artefact.push_to_hub(args.hub_model_id or os.path.basename(args.output_dir.rstrip("/")))
     accelerator.wait_for_everyone()
     if args.track and accelerator.is_main_process:
         wandb.finish()
