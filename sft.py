@@ -617,8 +617,7 @@ if __name__ == "__main__":
 
     def log_metrics(metrics: dict, step: int):
         if accelerator.is_main_process:
-            metrics_file.write(json.dumps({"step": step, "run_id": run_id, **metrics}) + "\n")
-            metrics_file.flush()
+            print(json.dumps({"step": step, "run_id": run_id, **metrics}), file=metrics_file, flush=True)
             if args.track:
                 wandb.log(metrics, step=step)
 
@@ -636,8 +635,7 @@ if __name__ == "__main__":
 
     @torch.no_grad()
     def evaluate_and_log(step: int):
-        # the token-weighted mean over the whole split: per-conversation sums go through gather_for_metrics, which
-        # drops the duplicates accelerate adds to even out the last batch
+        # token-weighted mean over the split; gather_for_metrics drops the duplicates that even out the last batch
         with paused():
             model.eval()
             nll_sums, counts = zip(*(accelerator.gather_for_metrics(assistant_nll_sum(model, batch, per_sequence=True))
