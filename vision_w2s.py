@@ -27,20 +27,19 @@ accumulation, so the optimizer-step batch is the batch: the logconf quantile is 
 optimizer-step batch (--probe_batch_size images; the last batch of an epoch holds the remainder).
 The probe has no dropout. Preprocessing matches torchvision's transforms, written with PIL and torch.
 
-Presets: `--preset paper` (the default) is the published setting: ImageNet validation, 40k / 10k, AlexNet ->
-DINO ViT-B/8, Linear(d, 1000) probes with Adam lr 1e-3, no weight decay, batch 100, cosine stepped per
-iteration with T_max = the epoch count (official, so the lr cycles), 5 epochs (20 for ResNet-50).
-`--preset tiny` (or `--preset=tiny`) is the offline setting: `python -m tiny` writes 32x32 procedural images
-(tiny/images.py). No pretrained weights exist offline, so the weak and strong models are two ResNets built
-from transformers configs (a small and a larger one), each "pretrained" by a short supervised run on the
-disjoint `train` split, then frozen: a stand-in for AlexNet's ImageNet training and DINO's self-supervised
-pretraining, not a reproduction of either. The weak network keeps its head (its softmax gives the weak
-labels, as AlexNet's ImageNet head does); the strong one gives embeddings. Every flag given overrides the
-preset; a pretrained model named with --weak_model / --strong_model replaces the preset's scratch network.
+Presets: `--preset paper` (the default) is the published setting: ImageNet validation, 40k / 10k, AlexNet -> DINO
+ViT-B/8, Linear(d, 1000) probes with Adam lr 1e-3, no weight decay, batch 100, cosine stepped per iteration with
+T_max = the epoch count (official, so the lr cycles), 5 epochs (20 for ResNet-50). `--preset tiny` (or
+`--preset=tiny`) is the offline setting: `python -m tiny` writes 32x32 procedural images (tiny/images.py). No
+pretrained weights exist offline, so the weak and strong models are two ResNets built from transformers configs (a
+small and a larger one), each "pretrained" by a short supervised run on the disjoint `train` split, then frozen: a
+stand-in for AlexNet's ImageNet training and DINO's self-supervised pretraining, not a reproduction of either. The
+weak network keeps its head (its softmax gives the weak labels, as AlexNet's ImageNet head does); the strong one
+gives embeddings. Every flag given overrides the preset; a model named with --weak_model / --strong_model replaces
+the preset's scratch network.
     python -m tiny --out data/tiny
     OMP_NUM_THREADS=1 python vision_w2s.py --preset tiny   # one thread: tiny convolutions on a busy CPU
     python vision_w2s.py --preset tiny --loss logconf --output_dir output/vision_w2s_tiny_logconf  # cached
-
 Published setting (hub access to ILSVRC/imagenet-1k; AlexNet needs torchvision, imported only then):
     accelerate launch vision_w2s.py --strong_model facebook/dino-vitb8 --probe_epochs 5
     accelerate launch vision_w2s.py --strong_model dino_resnet50 --probe_epochs 20 --trust_remote_code
@@ -95,8 +94,7 @@ class Args:
     seed: int = 0
     """seed of the train/test shuffle, the probes and the pretraining (rank r seeds torch with seed + r)"""
     preset: Literal["paper", "tiny"] = "paper"
-    """paper: the published setting; tiny: the offline setting (data/tiny/images, small ResNets from configs);
-    flags given on the command line override the preset"""
+    """paper: the published setting; tiny: the offline one (data/tiny/images, small ResNets from configs); flags win"""
     output_dir: str = "output/vision_w2s"
     """results.json and results.png go here"""
     overwrite_output_dir: bool = False
@@ -124,8 +122,7 @@ class Args:
     n_classes: int | None = None
     """probe head size; default: the weak model's own head (1000 for AlexNet), else the dataset's class count"""
     preprocessing: Literal["published", "processor"] = "published"
-    """published: resize, center crop, ImageNet mean/std for every model (data.py); processor: each hub model's
-    AutoImageProcessor"""
+    """published: resize, center crop, ImageNet mean/std for all models (data.py); processor: AutoImageProcessor"""
     resize: int = 256
     """published preprocessing: shorter side resized to this (bilinear)"""
     crop: int = 224
@@ -139,18 +136,15 @@ class Args:
     trust_remote_code: bool = False
     """allow models whose code comes from outside transformers (torch.hub DINO ResNet-50 runs its repo's code)"""
     weak_model: str | None = "alexnet"
-    """weak supervisor: alexnet (torchvision), a transformers image classifier (hub id / path), or any body with
-    --weak_head_split; None to build it from --weak_model_type"""
+    """alexnet (torchvision), a transformers image classifier (hub id / path), a body + --weak_head_split, or None"""
     weak_model_type: str | None = None
     """weak model built from scratch: a transformers vision model type, e.g. resnet, vit"""
     weak_config_overrides: str | None = None
     """weak model from scratch: config overrides, e.g. "embedding_size=8,hidden_sizes=[8,16],depths=[1,1]" """
     weak_head_split: str | None = None
-    """train a ground-truth linear probe on the weak model's embeddings of this split; its softmax gives the weak
-    labels (classes that are not the weak head's); None: the weak model's own head"""
+    """split of a ground-truth probe on the weak model's embeddings (its softmax: the weak labels); None: own head"""
     strong_model: str | None = "facebook/dino-vitb8"
-    """strong body (frozen): a transformers hub id / path (AutoModel), or dino_resnet50, dino_vitb8, ... (torch.hub
-    facebookresearch/dino); None to build it from --strong_model_type"""
+    """frozen strong body: a transformers hub id / path, dino_resnet50, dino_vitb8, ... (torch.hub), or None"""
     strong_model_type: str | None = None
     """strong model built from scratch: a transformers vision model type"""
     strong_config_overrides: str | None = None
@@ -176,8 +170,7 @@ class Args:
     probe_weight_decay: float = 0.0
     """Adam weight decay of the linear probes"""
     lr_schedule: Literal["official", "cosine"] = "official"
-    """official: CosineAnnealingLR(T_max=probe_epochs) stepped every iteration, as run_weak_strong.py (the lr
-    cycles); cosine: one decay to 0 over training"""
+    """official: CosineAnnealingLR(T_max=probe_epochs) stepped per iteration (the lr cycles); cosine: one decay to 0"""
 
     # algorithm
     loss: Literal["xent", "logconf"] = "xent"
@@ -195,29 +188,18 @@ class Args:
 PRESETS = {
     "paper": Args(),
     "tiny": Args(  # the offline setting written by `python -m tiny --out data/tiny`
-        preset="tiny",
-        dataset="data/tiny/images",
-        split="test",  # 2000 images: 1400 probe train / 600 test; the 1500 `train` images pretrain the networks
-        n_train=1400,
-        resize=32,
-        crop=32,
-        embed_batch_size=256,
-        num_workers=0,
-        weak_model=None,
-        weak_model_type="resnet",
+        preset="tiny", dataset="data/tiny/images", resize=32, crop=32, embed_batch_size=256, num_workers=0,
+        split="test", n_train=1400,  # 2000 images: 1400 probe train / 600 test; the 1500 `train` images pretrain
+        probe_epochs=60, output_dir="output/vision_w2s_tiny", cache_dir="output/vision_w2s_tiny_cache",
+        weak_model=None, weak_model_type="resnet",
         weak_config_overrides="embedding_size=8,hidden_sizes=[8,16],depths=[1,1],layer_type=basic",
-        strong_model=None,
-        strong_model_type="resnet",
-        strong_config_overrides="embedding_size=16,hidden_sizes=[16,32,64],depths=[1,1,1],layer_type=basic",
-        probe_epochs=60,
-        output_dir="output/vision_w2s_tiny",
-        cache_dir="output/vision_w2s_tiny_cache",
-    ),
+        strong_model=None, strong_model_type="resnet",
+        strong_config_overrides="embedding_size=16,hidden_sizes=[16,32,64],depths=[1,1,1],layer_type=basic"),
 }
 IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 TORCH_HUB_DINO = ("dino_resnet50", "dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8")
-MODEL_FLAGS = tuple(f"{side}_{what}" for side in ("weak", "strong")
-                    for what in ("model", "model_type", "config_overrides"))
+MODEL_FLAGS = tuple(f"{side}_{what}" for side in ("weak", "strong") for what in ("model", "model_type",
+                                                                                "config_overrides"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,16 +239,15 @@ def parse_args() -> Args:
 
 def validate(args: Args) -> None:
     """Every check that needs no data and no model, so that a wrong argument costs seconds, not a pre-pass."""
-    for name in ("n_train", "resize", "crop", "embed_batch_size", "pretrain_batch_size", "probe_epochs",
-                 "probe_batch_size"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name} must be positive (got {getattr(args, name)})")
-    for name in ("num_workers", "pretrain_epochs", "pretrain_lr", "probe_lr", "probe_weight_decay"):
-        if not getattr(args, name) >= 0:  # `not >=` also catches nan
-            fail(f"--{name} must be non-negative (got {getattr(args, name)})")
-    for name in ("logconf_aux_coef", "logconf_warmup_frac"):
-        if not 0 <= getattr(args, name) <= 1:
-            fail(f"--{name} must be in [0, 1] (got {getattr(args, name)})")
+    checks = [(name, lambda v: v > 0, "must be positive") for name in (
+        "n_train", "resize", "crop", "embed_batch_size", "pretrain_batch_size", "probe_epochs", "probe_batch_size")]
+    checks += [(name, lambda v: v >= 0, "must be non-negative")  # `not v >= 0` also catches nan
+               for name in ("num_workers", "pretrain_epochs", "pretrain_lr", "probe_lr", "probe_weight_decay")]
+    checks += [(name, lambda v: 0 <= v <= 1, "must be in [0, 1]")
+               for name in ("logconf_aux_coef", "logconf_warmup_frac")]
+    for name, ok, rule in checks:
+        if not ok(getattr(args, name)):
+            fail(f"--{name} {rule} (got {getattr(args, name)})")
     if args.n_classes is not None and args.n_classes < 2:
         fail(f"--n_classes must be at least 2 (got {args.n_classes}); drop it to use the weak head's or the data's")
     if args.crop > args.resize:
@@ -291,8 +272,7 @@ def validate(args: Args) -> None:
             fail(f"--{side}_model {model} comes from torch.hub, which runs the code of "
                  "github.com/facebookresearch/dino; pass --trust_remote_code to allow it, or use facebook/dino-vitb8 "
                  "(transformers)")
-    own_head = args.weak_head_split is None
-    if own_head and args.weak_model in TORCH_HUB_DINO:
+    if args.weak_head_split is None and args.weak_model in TORCH_HUB_DINO:
         fail(f"{args.weak_model} has no classification head to give weak labels: pass --weak_head_split <split>")
     needs_torchvision = sorted({args.weak_model, args.strong_model} & {"alexnet", *TORCH_HUB_DINO})
     if needs_torchvision and importlib.util.find_spec("torchvision") is None:
@@ -312,22 +292,18 @@ def validate(args: Args) -> None:
         held = sorted(f.name for f in out.iterdir())
         fail(f"output_dir {out} already holds files ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); pass "
              "--overwrite_output_dir to replace them, or another --output_dir")
-    check_hub([args.dataset] + [m for m in (args.weak_model, args.strong_model)
-                                if m is not None and m not in ("alexnet", *TORCH_HUB_DINO)])
-
-
-def check_hub(names: list[str]) -> None:
-    """With HF_HUB_OFFLINE unset and a name that is not a local path: one 3-second connect to the hub, so that no
-    network is reported at once instead of after a minute of retries."""
-    remote = [name for name in names if not os.path.exists(name)]
-    if not remote or hub_constants.HF_HUB_OFFLINE:
-        return
-    url = urlparse(hub_constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
-    except OSError:
-        fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
-             "local cache, or pass a local path.")
+    # with HF_HUB_OFFLINE unset and a name that is not a local path: one 3-second connect to the hub, so that no
+    # network is reported at once instead of after a minute of retries
+    remote = [name for name in [args.dataset] + [args.weak_model, args.strong_model] if name is not None
+              and name not in ("alexnet", *TORCH_HUB_DINO) and not os.path.exists(name)]
+    if remote and not hub_constants.HF_HUB_OFFLINE:
+        url = urlparse(hub_constants.ENDPOINT)
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=3).close()
+        except OSError:
+            fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
+                 "local cache, or pass a local path.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,9 +334,15 @@ def published_transform(im: Image.Image, resize: int, crop: int) -> torch.Tensor
 def collate(idx: list[int], ds, image_column: str, preprocess) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row ids, readable mask, pixel values of the readable rows only)."""
     ims = [decode(x) for x in ds[list(idx)][image_column]]
-    ok = torch.tensor([im is not None for im in ims], dtype=torch.bool)
     good = [im for im in ims if im is not None]
+    ok = torch.tensor([im is not None for im in ims], dtype=torch.bool)
     return torch.tensor(idx), ok, preprocess(good) if good else torch.zeros(0, 3, 1, 1)
+
+
+def image_loader(ds, batch_size: int, preprocess, args: Args, shuffle: bool = False) -> DataLoader:
+    """Batches of collate() over every row of ds."""
+    return DataLoader(list(range(len(ds))), batch_size=batch_size, shuffle=shuffle, num_workers=args.num_workers,
+                      collate_fn=partial(collate, ds=ds, image_column=args.image_column, preprocess=preprocess))
 
 
 def load_split(args: Args, split: str, flag: str):
@@ -401,17 +383,6 @@ def row_name(ds, image_column: str, i: int) -> str:
     return f"row {i} ({path})" if path else f"row {i}"
 
 
-def integer_labels(ds, args: Args, split: str) -> np.ndarray:
-    """The label column as int64; a missing or non-integer label is an error naming its row and file."""
-    values = ds[args.label_column]
-    is_id = lambda v: isinstance(v, (int, np.integer, float)) and not isinstance(v, bool) and float(v).is_integer()
-    bad = next((i for i, v in enumerate(values) if not is_id(v)), None)
-    if bad is not None:
-        fail(f"label {values[bad]!r} of {row_name(ds, args.image_column, bad)} in split {split!r} of {args.dataset} "
-             f"is not an integer class id: fix that row, or set --label_column to the column of integer class ids")
-    return np.asarray(values, dtype=np.int64)
-
-
 def pretrained(loader, name: str, **kwargs):
     """`loader.from_pretrained(name)`, with a model that cannot be loaded reported by its name and the fix."""
     try:
@@ -424,15 +395,23 @@ def pretrained(loader, name: str, **kwargs):
 
 
 def load_data(args: Args, scratch: list[str]) -> tuple[dict, dict, int]:
-    """Every split the run needs, their labels and the probe's class count; the labels are checked against the
-    head size here, before any model runs."""
+    """Every split the run needs, their labels (int64) and the probe's class count; a missing or non-integer label,
+    or one outside the head, is an error naming its row and file, here, before any model runs."""
     flags = {args.split: "split"}
     if args.weak_head_split is not None:
         flags.setdefault(args.weak_head_split, "weak_head_split")
     if scratch:
         flags.setdefault(args.pretrain_split, "pretrain_split")
-    data = {split: load_split(args, split, flag) for split, flag in flags.items()}
-    labels = {split: integer_labels(ds, args, split) for split, ds in data.items()}
+    data, labels = {split: load_split(args, split, flag) for split, flag in flags.items()}, {}
+    is_id = lambda v: isinstance(v, (int, np.integer, float)) and not isinstance(v, bool) and float(v).is_integer()
+    for split, ds in data.items():
+        values = ds[args.label_column]
+        bad = next((i for i, v in enumerate(values) if not is_id(v)), None)
+        if bad is not None:
+            fail(f"label {values[bad]!r} of {row_name(ds, args.image_column, bad)} in split {split!r} of "
+                 f"{args.dataset} is not an integer class id: fix that row, or set --label_column to the column of "
+                 "integer class ids")
+        labels[split] = np.asarray(values, dtype=np.int64)
     feature = data[args.split].features[args.label_column]
     ds_classes = (feature.num_classes if isinstance(feature, ClassLabel)
                   else int(max(y.max() for y in labels.values())) + 1)
@@ -505,9 +484,7 @@ def pretrain(model, ds, labels: torch.Tensor, preprocess, args: Args, accelerato
     """The offline stand-in for pretraining: a short supervised run of the whole network on a split
     disjoint from the experiment's (AdamW, 10% warm-up, cosine). Returns its statistics."""
     # TRY NOT TO MODIFY: pretrain_batch_size = per-device batch x num_processes
-    micro = max(1, args.pretrain_batch_size // accelerator.num_processes)
-    loader = DataLoader(list(range(len(ds))), batch_size=micro, shuffle=True, num_workers=args.num_workers,
-                        collate_fn=partial(collate, ds=ds, image_column=args.image_column, preprocess=preprocess))
+    loader = image_loader(ds, max(1, args.pretrain_batch_size // accelerator.num_processes), preprocess, args, True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     n_steps = max(1, args.pretrain_epochs * len(loader))
@@ -580,11 +557,8 @@ def load_model(side: str, spec: dict, want: Literal["probs", "emb"], data: dict,
 def extract(fn, ds, preprocess, args: Args, accelerator: Accelerator, desc: str) -> dict[str, torch.Tensor]:
     """fn over every image of ds, sharded over the processes and gathered; unreadable rows: zeros, ok=False."""
     dim = fn(preprocess([Image.new("RGB", (args.crop, args.crop))]).to(accelerator.device)).shape[1]
-    loader = DataLoader(list(range(len(ds))), batch_size=args.embed_batch_size, num_workers=args.num_workers,
-                        collate_fn=partial(collate, ds=ds, image_column=args.image_column, preprocess=preprocess))
-    loader = accelerator.prepare(loader)
-    out = torch.zeros(len(ds), dim)
-    ok_all = torch.zeros(len(ds), dtype=torch.bool)
+    loader = accelerator.prepare(image_loader(ds, args.embed_batch_size, preprocess, args))
+    out, ok_all = torch.zeros(len(ds), dim), torch.zeros(len(ds), dtype=torch.bool)
     start = time.time()
     for idx, ok, px in tqdm(loader, desc=desc, disable=not accelerator.is_main_process):
         values = torch.zeros(len(idx), dim, device=accelerator.device)
@@ -601,7 +575,8 @@ def extract(fn, ds, preprocess, args: Args, accelerator: Accelerator, desc: str)
 
 def cached(key: dict, name: str, compute, args: Args, accelerator: Accelerator) -> dict[str, torch.Tensor]:
     """Load tensors stored under a hash of `key`, or compute them once and store them (safetensors)."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key_json = json.dumps(key, sort_keys=True, default=str)
+    digest = hashlib.sha256(key_json.encode()).hexdigest()[:16]
     path = Path(args.cache_dir) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{digest}.safetensors"
     if path.exists():
         accelerator.print(f"reusing cached {name} {path}")
@@ -609,7 +584,7 @@ def cached(key: dict, name: str, compute, args: Args, accelerator: Accelerator) 
     tensors = compute()
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path) + ".tmp", metadata={"key": json.dumps(key, sort_keys=True, default=str)})
+        save_file(tensors, str(path) + ".tmp", metadata={"key": key_json})
         os.replace(str(path) + ".tmp", path)  # atomic: a killed run never leaves a half-written cache entry
     accelerator.wait_for_everyone()
     return tensors
@@ -716,28 +691,25 @@ if __name__ == "__main__":
         return fn, {"resize": args.resize, "crop": args.crop, "mean": IMAGENET_MEAN.tolist(),
                     "std": IMAGENET_STD.tolist()}
 
-    def model_spec(side):
-        spec = {"name": getattr(args, f"{side}_model")}
-        if spec["name"] is None:  # identity of a scratch network = its config and its whole pretraining
-            spec |= {"model_type": getattr(args, f"{side}_model_type"),
-                     "overrides": getattr(args, f"{side}_config_overrides"),
-                     "n_classes": n_classes, "pretrain": {k: getattr(args, k) for k in ("dataset", "pretrain_split",
-                     "pretrain_epochs", "pretrain_lr", "pretrain_batch_size", "seed")},
-                     "pretrain_data": data[args.pretrain_split]._fingerprint, "preprocessing": preprocess_for(None)[1]}
-            spec["hash"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-        return spec
+    specs = {side: {"name": getattr(args, f"{side}_model")} for side in ("weak", "strong")}
+    for side in scratch:  # identity of a scratch network = its config and its whole pretraining
+        specs[side] |= {"model_type": getattr(args, f"{side}_model_type"),
+                        "overrides": getattr(args, f"{side}_config_overrides"), "n_classes": n_classes,
+                        "pretrain": {k: getattr(args, k) for k in ("dataset", "pretrain_split", "pretrain_epochs",
+                                                                   "pretrain_lr", "pretrain_batch_size", "seed")},
+                        "pretrain_data": data[args.pretrain_split]._fingerprint,
+                        "preprocessing": preprocess_for(None)[1]}
+        specs[side]["hash"] = hashlib.sha256(json.dumps(specs[side], sort_keys=True).encode()).hexdigest()[:12]
 
     def features(side, want, split):
         """Cached {values, ok} of one model on one split: its own head's probabilities or its embeddings."""
-        spec = model_spec(side)
+        spec, ds = specs[side], data[split]
         preprocess, prep_key = preprocess_for(spec["name"])
-        ds = data[split]
-        key = {"model": spec, "want": want, "preprocessing": prep_key,
-               "dataset": args.dataset, "split": split, "fingerprint": ds._fingerprint, "rows": len(ds),
-               "image_column": args.image_column}
-        label = spec["name"] or f"{spec['model_type']}-{spec['hash']}"
+        key = {"model": spec, "want": want, "preprocessing": prep_key, "dataset": args.dataset, "split": split,
+               "fingerprint": ds._fingerprint, "rows": len(ds), "image_column": args.image_column}
         compute = lambda: extract(load_model(side, spec, want, data, labels, preprocess, args, accelerator), ds,
                                   preprocess, args, accelerator, f"{side} {want} on {split}")
+        label = spec["name"] or f"{spec['model_type']}-{spec['hash']}"
         return cached(key, f"{label}__{Path(args.dataset).name}__{split}__{want}", compute, args, accelerator)
 
     # ALGO LOGIC: 2. weak labels = softmax of the weak model's own head (run_weak_strong.py get_embeddings: AlexNet's
@@ -771,8 +743,7 @@ if __name__ == "__main__":
     if len(test_idx) == 0:
         fail(f"--n_train {args.n_train} leaves no test images: {len(order)} of {len(keep)} images in split "
              f"{args.split!r} of {args.dataset} are readable; replace the unreadable files or pass a smaller --n_train")
-    y = torch.as_tensor(labels[args.split])
-    x = strong["values"].to(device)
+    y, x = torch.as_tensor(labels[args.split]), strong["values"].to(device)
     weak_probs = weak["values"].float()
     weak_hard = weak_probs.argmax(-1)
     evals = {"test": (x[test_idx], y[test_idx].to(device)), "agreement": (x[test_idx], weak_hard[test_idx].to(device))}
@@ -795,26 +766,24 @@ if __name__ == "__main__":
     skipped = {args.split: int((~torch.as_tensor(keep)).sum())}  # per split: unreadable images, counted and left out
     if not own_head:
         skipped[args.weak_head_split] = int((~head_feats["ok"]).sum())
-    pretrain_stats = {}
-    for side in scratch:
-        spec = model_spec(side)
-        stats_file = Path(args.cache_dir) / "models" / f"{spec['model_type']}-{spec['hash']}" / "pretrain_stats.json"
-        pretrain_stats[side] = json.loads(stats_file.read_text()) if stats_file.exists() else None
+    stats_files = {side: Path(args.cache_dir) / "models" / f"{specs[side]['model_type']}-{specs[side]['hash']}" /
+                   "pretrain_stats.json" for side in scratch}
     res = {
         "weak_acc": weak_acc, "strong_ceiling_acc": ceiling_acc, "w2s_acc": w2s_acc, "pgr": pgr,
         "agreement": w2s["agreement"][-1], "ceiling_agreement": ceiling["agreement"][-1],
         "weak_acc_all": (weak_hard[keep] == y[keep]).float().mean().item(),  # the official print: the whole split
         "loss": args.loss, "n_train": len(train_idx), "n_test": len(test_idx), "n_classes": n_classes,
-        "skipped_images": skipped, "pretrain": pretrain_stats,
+        "skipped_images": skipped,
+        "pretrain": {side: json.loads(f.read_text()) if f.exists() else None for side, f in stats_files.items()},
         "curves": {"ceiling": ceiling["test"], "w2s": w2s["test"], "w2s_agreement": w2s["agreement"]},
         "run_id": args.run_name, "args": vars(args),
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=2))
-    weak_name = args.weak_model or f"{args.weak_model_type} (scratch)"
-    strong_name = args.strong_model or f"{args.strong_model_type} (scratch)"
-    plot(res, out / "results.png", f"{Path(args.dataset).name}: weak {weak_name} -> strong {strong_name}")
+    names = [getattr(args, f"{side}_model") or f"{getattr(args, f'{side}_model_type')} (scratch)"
+             for side in ("weak", "strong")]
+    plot(res, out / "results.png", f"{Path(args.dataset).name}: weak {names[0]} -> strong {names[1]}")
     print("\n" + "=" * 60)
     for k in ("weak_acc", "strong_ceiling_acc", "w2s_acc", "pgr", "agreement"):
         print(f"{k:<22}{'n/a' if res[k] is None else f'{res[k]:.4f}'}")
