@@ -204,6 +204,7 @@ PRESETS = {
         strong_pretrain_steps=STRONG_STEPS, strong_lr=STRONG_LR,
         losses=("xent", "logconf", "product"), output_dir="output/weak_to_strong_cls_tiny"),
 }
+PUBLISHED_LR = {"gpt2": 5e-5, "gpt2-medium": 5e-5}  # train_weak_to_strong.py MODEL_CONFIGS; larger models: 1e-5
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,9 +504,6 @@ def pretrain_lm(spec: dict, steps: int, args: Args, accelerator) -> str:
     return str(out)
 
 
-PUBLISHED_LR = {"gpt2": 5e-5, "gpt2-medium": 5e-5}  # train_weak_to_strong.py MODEL_CONFIGS; larger models: 1e-5
-
-
 # --------------------------------------------------------------------------------------------
 # the losses of openai/weak-to-strong weak_to_strong/loss.py. `labels` are soft labels
 # [p(0), p(1)] (one-hot for ground truth); `step_frac` = optimizer steps done / total steps.
@@ -763,14 +761,14 @@ def validate(args: Args) -> None:
     names = [HUB_DATASETS[args.ds_name][0] if args.ds_name in HUB_DATASETS else args.ds_name, args.tokenizer_name,
              args.weak_model_name_or_path, args.strong_model_name_or_path]
     remote = [n for n in names if n and not os.path.exists(n)]
-    if remote and not constants.HF_HUB_OFFLINE:
-        url = urlparse(constants.ENDPOINT)
-        try:
-            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                     timeout=3).close()
-        except OSError:
-            fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
-                 "local cache, or pass a local path.")
+    if not remote or constants.HF_HUB_OFFLINE:
+        return
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError:
+        fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
+             "local cache, or pass a local path.")
 
 
 if __name__ == "__main__":

@@ -154,20 +154,29 @@ def test_linear_probe_freezes_the_body(tiny):
 
 # ------------------------------------------------------------------------------------------------
 # gradient accumulation really accumulates (in process), and 2 processes equal 1 (torchrun)
-def train_tiny(tiny, accumulation: int) -> dict:
+def train_in_process(tiny, ds, loss_fn, accumulation: int, batch_size: int) -> tuple[dict, dict]:
+    """w2s.train, one epoch of `ds` at lr 1e-2, on a model built from scratch (seed 0) and a fresh Accelerator: the
+    weights before and after."""
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     accelerator = w2s.Accelerator(gradient_accumulation_steps=accumulation)
-    args = w2s.Args(batch_size=8, gradient_accumulation_steps=accumulation, micro_batch_size=8 // accumulation)
+    args = w2s.Args(batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                    micro_batch_size=batch_size // accumulation)
     torch.manual_seed(0)
     tokenizer, model = w2s.build_model(scratch_spec(tiny), args)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rows, _ = w2s.tokenize(w2s.load_cls_dataset(str(tiny / "cls"), 32, 8, seed=0)["train"], tokenizer, 64)
-    model = w2s.train(model, rows, tokenizer, w2s.xent_loss, 1e-2, 1, 0, args, accelerator, "test", None)
+    rows, _ = w2s.tokenize(ds, tokenizer, 64)
+    model = w2s.train(model, rows, tokenizer, loss_fn, 1e-2, 1, 0, args, accelerator, "test", None)
     after = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
     accelerator.free_memory()
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+    return before, after
+
+
+def train_tiny(tiny, accumulation: int) -> dict:
+    ds = w2s.load_cls_dataset(str(tiny / "cls"), 32, 8, seed=0)["train"]
+    before, after = train_in_process(tiny, ds, w2s.xent_loss, accumulation, batch_size=8)
     return {"before": before, "after": after}
 
 
@@ -332,19 +341,11 @@ def test_cli_says_what_is_wrong(tiny, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # logconf's threshold over the whole optimizer-step batch (issue 14 item 5)
 def train_logconf(tiny, accumulation: int, batch_size: int = 32) -> tuple[dict, list[float]]:
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    accelerator = w2s.Accelerator(gradient_accumulation_steps=accumulation)
-    args = w2s.Args(batch_size=batch_size, gradient_accumulation_steps=accumulation,
-                    micro_batch_size=batch_size // accumulation)
-    torch.manual_seed(0)
-    tokenizer, model = w2s.build_model(scratch_spec(tiny), args)
     ds = w2s.load_cls_dataset(str(tiny / "cls"), 400, 8, seed=0)["train"]
     # distinct texts: equal texts tie at the quantile, where float noise of another padding length decides the side
     ds = ds.select([i for i, t in enumerate(ds["text"]) if ds["text"].index(t) == i][:128])
     p1 = torch.rand(len(ds), generator=torch.Generator().manual_seed(1))  # soft weak labels, not a round balance
     ds = ds.add_column("soft_label", torch.stack([1 - p1, p1], 1).tolist())
-    rows, _ = w2s.tokenize(ds, tokenizer, 64)
     losses = []
 
     def logging_loss(logits, labels, step_frac, hardened=None):  # logconf, each micro batch's loss recorded
@@ -352,11 +353,7 @@ def train_logconf(tiny, accumulation: int, batch_size: int = 32) -> tuple[dict, 
         losses.append(loss.item())
         return loss
 
-    model = w2s.train(model, rows, tokenizer, logging_loss, 1e-2, 1, 0, args, accelerator, "test", None)
-    after = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
-    accelerator.free_memory()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    _, after = train_in_process(tiny, ds, logging_loss, accumulation, batch_size)
     return after, losses
 
 
