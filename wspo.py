@@ -248,7 +248,7 @@ def validate(args: Args):
     output_dir needs --resume or --overwrite_output_dir; --resume refuses changed arguments (except
     --resume_allow_changes) and exits 0 on a finished run. An unreachable hub is reported at once (3 s), not after a
     minute of retries inside the first load."""
-    value = partial(getattr, args)
+    value = lambda name: getattr(args, name)
     positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
                 "num_train_epochs", "max_length", "max_prompt_length", "prepass_batch_size", "lora_r", "lora_alpha",
                 "logging_steps", "save_total_limit", "max_steps", "eval_steps", "save_steps", "max_train_samples",
@@ -278,7 +278,11 @@ def validate(args: Args):
          "split: pick a held-out split, --eval_fraction 0.05, or --eval_split None"),
         (args.eval_dataset_name is not None and (is_file_dataset(args.eval_dataset_name) or args.eval_split ==
          args.train_split) and os.path.abspath(args.eval_dataset_name) == os.path.abspath(args.dataset_name),
-         f"--eval_dataset_name {args.eval_dataset_name} is the training data: name held-out data")]
+         f"--eval_dataset_name {args.eval_dataset_name} is the training data: name held-out data"),
+        (os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.resume
+         and not args.overwrite_output_dir, f"output_dir {args.output_dir} already holds files (a model, "
+         "metrics.jsonl, ...); pass --overwrite_output_dir to replace them, --resume to continue that run, or another "
+         "--output_dir")]
     for bad, message in checks:
         if bad:
             fail(message)
@@ -287,22 +291,18 @@ def validate(args: Args):
     args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
     saved_path = os.path.join(args.output_dir, "args.json")
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
-        if not args.resume and not args.overwrite_output_dir:
-            fail(f"output_dir {args.output_dir} already holds files (a model, metrics.jsonl, ...); pass "
-                 "--overwrite_output_dir to replace them, --resume to continue that run, or another --output_dir")
-        if args.resume and os.path.exists(saved_path):
-            saved, new = json.load(open(saved_path)), json.loads(json.dumps(vars(args)))
-            refused = [k for k in new if k not in RESUME_SAFE and k in saved and saved[k] != new[k]
-                       and k not in args.resume_allow_changes]
-            if refused:
-                fail(f"--resume with arguments that differ from {saved_path}: "
-                     + "; ".join(f"{k}: {saved[k]!r} -> {new[k]!r}" for k in refused)
-                     + f". Resume with the saved values, or allow the change with --resume_allow_changes "
-                     f"{' '.join(refused)}")
-            if "completed_steps" in saved and not args.resume_allow_changes:
-                print(f"run in {args.output_dir} already finished (step {saved['completed_steps']}); nothing to do")
-                sys.exit(0)
+    if args.resume and os.path.exists(saved_path):
+        saved, new = json.load(open(saved_path)), json.loads(json.dumps(vars(args)))
+        refused = [k for k in new if k not in RESUME_SAFE and k in saved and saved[k] != new[k]
+                   and k not in args.resume_allow_changes]
+        if refused:
+            fail(f"--resume with arguments that differ from {saved_path}: "
+                 + "; ".join(f"{k}: {saved[k]!r} -> {new[k]!r}" for k in refused)
+                 + ". Resume with the saved values, or allow the change with --resume_allow_changes "
+                 + " ".join(refused))
+        if "completed_steps" in saved and not args.resume_allow_changes:
+            print(f"run in {args.output_dir} already finished (step {saved['completed_steps']}); nothing to do")
+            sys.exit(0)
 
     from huggingface_hub import constants
 
@@ -393,13 +393,11 @@ def fit_prompt(tokenizer, prompt: list[dict], max_prompt_length: int):
         return ids, prompt, False
     system = prompt[:1] if prompt[0].get("role") == "system" else []
     turns = prompt[len(system):]
-    while len(ids) > max_prompt_length:
-        later_user = [i for i in range(1, len(turns)) if turns[i].get("role") == "user"]
-        if not later_user:
+    for start in [i for i in range(1, len(turns)) if turns[i].get("role") == "user"]:  # oldest turns first
+        if len(ids) <= max_prompt_length:
             break
-        turns = turns[later_user[0]:]
-        ids = chat_ids(tokenizer, system + turns, add_generation_prompt=True)
-    prompt = system + turns
+        prompt = system + turns[start:]
+        ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
     excess = len(ids) - max_prompt_length
     if excess > 0:
         users = [i for i, m in enumerate(prompt) if m.get("role") == "user"]
@@ -511,19 +509,18 @@ def cached_tokens(cache: dict, rows: list[int], key_index: int = 0) -> torch.Ten
 
 def collate(rows: list[dict], pad_id: int, padding_free: bool, keys=("chosen_ids",), cache: dict | None = None):
     """One sequence per (key, row), keys outer: with keys=(chosen, rejected), sequence i and i+len(rows) pair up.
-    `targets[t]` is the next token, `loss_mask[t]` marks positions that predict a response token. The response
+    `loss_mask[t]` marks the positions that predict a response token (`response_targets`, in order). The response
     tokens' sequence ids, counts and cached values are built here, on the host, so the step never waits on the
     device for them. padding-free: one row, position_ids restart per sequence."""
     seqs = [torch.tensor(r["prompt_ids"] + r[key]) for key in keys for r in rows]
     masks = [torch.tensor([False] * (len(r["prompt_ids"]) - 1) + [True] * len(r[key]) + [False])
              for key in keys for r in rows]
-    targets = [torch.cat([s[1:], s.new_zeros(1)]) for s in seqs]
     response_lengths = [len(r[key]) for key in keys for r in rows]
     row_ids = [r["row"] for r in rows]
     out = {"row": row_ids, "n_seqs": len(seqs), "n_tokens": sum(map(len, seqs)), "response_lengths": response_lengths,
            "n_chosen_tokens": sum(response_lengths[: len(rows)]),
            "response_seq": torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(response_lengths)),
-           "response_targets": torch.cat([t[m] for t, m in zip(targets, masks)])}
+           "response_targets": torch.tensor([t for key in keys for r in rows for t in r[key]])}
     if cache is not None:  # the pre-pass's strong-reference log-probs (every response) and weak log-ratio (chosen)
         out["ref_logps"] = torch.cat([cached_tokens(cache["ref"], row_ids, k) for k in range(len(keys))])
         out["weak_logratio"] = cached_tokens(cache["weak_aligned"], row_ids) - cached_tokens(cache["weak_ref"], row_ids)
@@ -595,11 +592,10 @@ def prepass(name: str, ds, batches: list[list[int]], keys, args: Args, accelerat
     tensor with offsets: the tokens of sequence k = key index * len(ds) + row are values[offsets[k]:offsets[k+1]].
     The cache key: the model (a hub id names fixed weights; a local folder is fingerprinted by its files), a hash of
     the token ids themselves, the precision and the batch layout."""
-    model_key, token_hash = name, hashlib.sha256()
+    model_key, token_hash, stat = name, hashlib.sha256(), lambda f: os.stat(os.path.join(name, f))
     if os.path.isdir(name):
         files = sorted(f for f in os.listdir(name) if f.endswith((".safetensors", ".json")))
-        model_key += "|" + "|".join(f"{f}:{os.path.getsize(os.path.join(name, f))}:"
-                                    f"{os.path.getmtime(os.path.join(name, f))}" for f in files)
+        model_key += "|" + "|".join(f"{f}:{stat(f).st_size}:{stat(f).st_mtime}" for f in files)
     for column in ("prompt_ids", *keys):
         for ids in ds[column]:
             token_hash.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
