@@ -461,10 +461,13 @@ def check_network(args: Args) -> None:
                  "local cache, or pass a local path.")
 
 
-def load_failed(what: str, name: str, error: Exception, args: Args) -> NoReturn:
-    """Name what failed to load and why, with a hint that fits what was passed."""
-    if os.path.isdir(name):
-        fail(f"could not load {what} {name!r} from that folder: {str(error).splitlines()[0]}")
+def from_pretrained(auto_class, what: str, name: str, args: Args, **kwargs):
+    """auto_class.from_pretrained, or one error naming what failed to load and why, with a hint that fits the input."""
+    try:
+        return auto_class.from_pretrained(name, trust_remote_code=args.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as error:
+        if os.path.isdir(name):
+            fail(f"could not load {what} {name!r} from that folder: {str(error).splitlines()[0]}")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
     cache = " in the local cache (HF_HUB_OFFLINE is set)" if offline else ""
     hint = (" Pass a folder written by sft.py or python -m tiny, or leave --model_name_or_path out to build the "
@@ -474,11 +477,8 @@ def load_failed(what: str, name: str, error: Exception, args: Args) -> NoReturn:
 
 
 def load_tokenizer(args: Args):
-    name = args.tokenizer_name or args.model_name_or_path
-    try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as e:  # without --tokenizer_name the tokenizer comes from the model's folder
-        load_failed("tokenizer" if args.tokenizer_name else "model", name, e, args)
+    name = args.tokenizer_name or args.model_name_or_path  # without --tokenizer_name: the model's own tokenizer
+    tok = from_pretrained(AutoTokenizer, "tokenizer" if args.tokenizer_name else "model", name, args)
     if tok.chat_template is None:
         fail(f"tokenizer {name!r} has no chat template; use an instruct tokenizer or set one")
     if tok.pad_token is None:
@@ -510,11 +510,7 @@ def load_model(args: Args, tokenizer):
                                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs,
-                                                         trust_remote_code=args.trust_remote_code)
-        except (OSError, ValueError) as e:
-            load_failed("model", args.model_name_or_path, e, args)
+        model = from_pretrained(AutoModelForCausalLM, "model", args.model_name_or_path, args, **kwargs)
     model.generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -573,13 +569,15 @@ if __name__ == "__main__":
         fail(f"{len(train_ds)} training conversations are fewer than one global batch ({args.global_batch_size}): "
              "lower --per_device_train_batch_size or --gradient_accumulation_steps")
     total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
+    accum = args.gradient_accumulation_steps
 
-    def epoch_loader(epoch: int):
-        # the data order depends on (seed, epoch) only, so a resumed run sees the same batches
+    def epoch_loader(epoch: int, steps_done: int):
+        # the data order depends on (seed, epoch) only, so a resumed run sees the same batches (and skips those done)
         order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed + epoch))
         subset = train_ds.select(order[: steps_per_epoch * args.global_batch_size].tolist())
-        return accelerator.prepare(DataLoader(subset, args.per_device_train_batch_size, collate_fn=collate_fn,
-                                              pin_memory=accelerator.device.type == "cuda"))
+        loader = accelerator.prepare(DataLoader(subset, args.per_device_train_batch_size, collate_fn=collate_fn,
+                                                pin_memory=accelerator.device.type == "cuda"))
+        return accelerator.skip_first_batches(loader, steps_done * accum) if steps_done else loader
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=args.weight_decay, fused=True)  # one kernel for all tensors (as TRL)
@@ -676,12 +674,8 @@ if __name__ == "__main__":
     first_step, warmup = global_step, min(3, total_steps // 2)  # the first steps of this run are not steady state
     window = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # sum of step losses, input tokens
     steady_tokens, window_steps = torch.zeros_like(window[0]), 0
-    accum = args.gradient_accumulation_steps
     while global_step < total_steps:
-        epoch, steps_done = divmod(global_step, steps_per_epoch)
-        loader = epoch_loader(epoch)
-        if steps_done:
-            loader = accelerator.skip_first_batches(loader, steps_done * accum)
+        loader = epoch_loader(*divmod(global_step, steps_per_epoch))
         for micro_batches in islice(zip(*[iter(loader)] * accum), total_steps - global_step):  # one optimizer step
             if clock["steady"] is None and global_step - first_step == warmup:
                 device_sync()
