@@ -208,94 +208,12 @@ PRESETS = {
         per_device_eval_batch_size=64, max_eval_samples=400, logging_steps=20, cache_dir="runs/tiny/cache",
     ),
 }
-# arguments that change neither the training math nor the data order: --resume accepts new values for these
-RESUME_SAFE = {"exp_name", "output_dir", "preset", "track", "wandb_project_name", "wandb_entity", "push_to_hub",
-               "hub_model_id", "trust_remote_code", "gradient_checkpointing", "attn_implementation", "layout",
-               "length_groups", "eval_split", "eval_dataset_name", "max_eval_samples", "per_device_eval_batch_size",
-               "cache_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume",
-               "resume_allow_changes", "overwrite_output_dir", "world_size"}
+
+
+# ---- data ------------------------------------------------------------------------------------------------------------
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def fail(message: str) -> NoReturn:
-    """A user error: one message saying what is wrong and how to fix it, exit code 2, nothing written."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_args() -> Args:
-    """`--preset NAME` (or `--preset=NAME`) picks the defaults; every flag given overrides them."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--preset", choices=sorted(PRESETS))
-    preset = pre.parse_known_args()[0].preset
-    args = tyro.cli(Args, default=PRESETS[preset] if preset else Args(), use_underscores=True)
-    validate(args)
-    return args
-
-
-def validate(args: Args) -> None:
-    """Every argument checked before anything is loaded or written; the first problem found is reported."""
-    value, is_file = lambda name: getattr(args, name), os.path.isfile(args.dataset_name)
-    same_data = args.eval_dataset_name is not None and (
-        os.path.realpath(args.eval_dataset_name) == os.path.realpath(args.dataset_name)
-        and (is_file or args.eval_split in (None, args.train_split)))
-    unknown = sorted(set(args.resume_allow_changes) - {f.name for f in fields(Args)})
-    out = args.output_dir
-    problems = [(value(n) is not None and value(n) < 1, f"--{n} must be at least 1 (got {value(n)})") for n in (
-        "per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size", "num_train_epochs",
-        "max_steps", "max_length", "max_prompt_length", "max_train_samples", "max_eval_samples", "length_groups",
-        "logging_steps", "eval_steps", "save_steps", "save_total_limit", "lora_r", "lora_alpha")]
-    problems += [(value(n) < 0, f"--{n} must be non-negative (got {value(n)})") for n in ("learning_rate",
-                                                                                          "weight_decay")]
-    problems += [(value(n) <= 0, f"--{n} must be positive (got {value(n)})") for n in ("beta", "max_grad_norm")]
-    problems += [(not ok, f"--{n} must be in {interval} (got {value(n)})") for n, ok, interval in (
-        ("warmup_ratio", 0 <= args.warmup_ratio <= 1, "[0, 1]"), ("lora_dropout", 0 <= args.lora_dropout < 1, "[0, 1)"),
-        ("label_smoothing", 0 <= args.label_smoothing < 0.5, "[0, 0.5)"),
-        ("eval_fraction", args.eval_fraction is None or 0 < args.eval_fraction < 1, "(0, 1)"))]
-    problems += [
-        (args.label_smoothing > 0 and args.loss_type != "sigmoid",
-         f"--label_smoothing applies to --loss_type sigmoid only (got --loss_type {args.loss_type})"),
-        (args.max_prompt_length >= args.max_length, f"--max_prompt_length ({args.max_prompt_length}) must be below "
-         f"--max_length ({args.max_length}), or no response token fits"),
-        (args.resume and args.overwrite_output_dir,
-         "--resume continues the run in output_dir, --overwrite_output_dir replaces it: pass one of them"),
-        (args.resume_allow_changes and not args.resume, "--resume_allow_changes only applies with --resume"),
-        (unknown, f"--resume_allow_changes: no such argument {unknown}; name Args fields, e.g. learning_rate"),
-        (args.eval_fraction is not None and args.eval_dataset_name is not None,
-         "--eval_fraction holds out training data, --eval_dataset_name names other data: pass one of them"),
-        (args.eval_split and args.eval_fraction is None and args.eval_dataset_name is None and is_file,
-         f"--dataset_name {args.dataset_name} is a single file, so it has no eval split {args.eval_split!r}: pass "
-         "--eval_dataset_name FILE (held-out data), --eval_fraction 0.05 (hold out 5% of the training pairs) or "
-         "--eval_split None (no eval)"),
-        (same_data, f"the eval data are the training data ({args.eval_dataset_name}, split "
-         f"{args.eval_split or args.train_split}): pass held-out data or --eval_fraction"),
-        (os.path.isdir(out) and os.listdir(out) and not (args.resume or args.overwrite_output_dir),
-         f"output_dir {out} already holds files (a model, metrics.jsonl, ...); pass --overwrite_output_dir to "
-         "replace them, --resume to continue that run, or another --output_dir"),
-    ]
-    for bad, message in problems:
-        if bad:
-            fail(message)
-
-
-def compare_with_saved_run(args: Args) -> int | None:
-    """--resume: refuse changes to the math or data order; return the saved run's completed steps if it finished."""
-    path = os.path.join(args.output_dir, "args.json")
-    if not os.path.exists(path):
-        return None
-    saved = json.load(open(path))
-    changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in vars(args).items()
-               if k in saved and k not in RESUME_SAFE and saved[k] != (list(v) if isinstance(v, tuple) else v)]
-    refused = [c for c in changed if c.split(":")[0] not in args.resume_allow_changes]
-    if refused:
-        fail(f"--resume with arguments that differ from the run in {args.output_dir}: {'; '.join(refused)}. Pass the "
-             f"saved values, name them in --resume_allow_changes, or use another --output_dir")
-    return None if changed else saved.get("completed_steps")
-
-
-# ---------------------------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------------------------
 def locate_file_error(path: str) -> str:
     """The first bad line of a .json/.jsonl file (1-based), or what else is wrong with it; "" if nothing is found."""
     lines = open(path, encoding="utf-8", errors="replace").read().splitlines()
@@ -467,7 +385,8 @@ def load_data(args: Args, tokenizer, log) -> tuple[object, object, dict]:
         source = f"{args.dataset_name}[{args.eval_split}]"
     log(f"eval data: {source}" if evals is not None else "eval data: none (--eval_split None)")
     head = lambda ds, limit: ds.select(range(min(limit or len(ds), len(ds))))
-    train, stats = prepare_dataset(head(train, args.max_train_samples), tokenizer, args, "train", args.dataset_name, log)
+    train, stats = prepare_dataset(head(train, args.max_train_samples), tokenizer, args, "train", args.dataset_name,
+                                   log)
     if evals is not None:
         evals, eval_stats = prepare_dataset(head(evals, args.max_eval_samples), tokenizer, args, "eval", source, log)
         stats.update(eval_stats)
@@ -505,9 +424,7 @@ def collate(rows: list[dict], pad_id: int, padding_free: bool, length_groups: in
     return {**out, "parts": parts}
 
 
-# ---------------------------------------------------------------------------------------------
-# log-probs and loss
-# ---------------------------------------------------------------------------------------------
+# ---- log-probs and loss ----------------------------------------------------------------------------------------------
 class TokenLogps(torch.autograd.Function):
     """log softmax(z)[target] for rows of logits z, in fp32. Forward saves the logits and one log-normaliser per row;
     backward builds d logp / dz = (onehot(target) - softmax(z)) * grad in fp32 and casts it once to the logits'
@@ -590,9 +507,7 @@ def compute_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, r
     return losses.mean(), metrics
 
 
-# ---------------------------------------------------------------------------------------------
-# reference log-probs: a pre-pass cached on disk
-# ---------------------------------------------------------------------------------------------
+# ---- reference log-probs: a pre-pass cached on disk ------------------------------------------------------------------
 def cache_key(args: Args, ref_name: str, ds, split: str, accelerator) -> str:
     """The reference model (a hub id names fixed weights; a local folder is fingerprinted by its files), the token
     ids, the precision and the micro-batches the pre-pass forms (a sequence's log-prob depends, in its last bits, on
@@ -643,9 +558,91 @@ def reference_logps(ref_model, loaders, n_rows: int, accelerator, path: str, log
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# model
-# ---------------------------------------------------------------------------------------------
+# ---- start-up: arguments, output folder, network, models, checkpoints ------------------------------------------------
+# arguments that change neither the training math nor the data order: --resume accepts new values for these
+RESUME_SAFE = {"exp_name", "output_dir", "preset", "track", "wandb_project_name", "wandb_entity", "push_to_hub",
+               "hub_model_id", "trust_remote_code", "gradient_checkpointing", "attn_implementation", "layout",
+               "length_groups", "eval_split", "eval_dataset_name", "max_eval_samples", "per_device_eval_batch_size",
+               "cache_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume",
+               "resume_allow_changes", "overwrite_output_dir", "world_size"}
+
+
+def fail(message: str) -> NoReturn:
+    """A user error: one message saying what is wrong and how to fix it, exit code 2, nothing written."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args() -> Args:
+    """`--preset NAME` (or `--preset=NAME`) picks the defaults; every flag given overrides them."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS))
+    preset = pre.parse_known_args()[0].preset
+    args = tyro.cli(Args, default=PRESETS[preset] if preset else Args(), use_underscores=True)
+    validate(args)
+    return args
+
+
+def validate(args: Args) -> None:
+    """Every argument checked before anything is loaded or written; the first problem found is reported."""
+    value, is_file = lambda name: getattr(args, name), os.path.isfile(args.dataset_name)
+    same_data = args.eval_dataset_name is not None and (
+        os.path.realpath(args.eval_dataset_name) == os.path.realpath(args.dataset_name)
+        and (is_file or args.eval_split in (None, args.train_split)))
+    unknown = sorted(set(args.resume_allow_changes) - {f.name for f in fields(Args)})
+    out = args.output_dir
+    problems = [(value(n) is not None and value(n) < 1, f"--{n} must be at least 1 (got {value(n)})") for n in (
+        "per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size", "num_train_epochs",
+        "max_steps", "max_length", "max_prompt_length", "max_train_samples", "max_eval_samples", "length_groups",
+        "logging_steps", "eval_steps", "save_steps", "save_total_limit", "lora_r", "lora_alpha")]
+    problems += [(value(n) < 0, f"--{n} must be non-negative (got {value(n)})") for n in ("learning_rate",
+                                                                                          "weight_decay")]
+    problems += [(value(n) <= 0, f"--{n} must be positive (got {value(n)})") for n in ("beta", "max_grad_norm")]
+    problems += [(not ok, f"--{n} must be in {interval} (got {value(n)})") for n, ok, interval in (
+        ("warmup_ratio", 0 <= args.warmup_ratio <= 1, "[0, 1]"), ("lora_dropout", 0 <= args.lora_dropout < 1, "[0, 1)"),
+        ("label_smoothing", 0 <= args.label_smoothing < 0.5, "[0, 0.5)"),
+        ("eval_fraction", args.eval_fraction is None or 0 < args.eval_fraction < 1, "(0, 1)"))]
+    problems += [
+        (args.label_smoothing > 0 and args.loss_type != "sigmoid",
+         f"--label_smoothing applies to --loss_type sigmoid only (got --loss_type {args.loss_type})"),
+        (args.max_prompt_length >= args.max_length, f"--max_prompt_length ({args.max_prompt_length}) must be below "
+         f"--max_length ({args.max_length}), or no response token fits"),
+        (args.resume and args.overwrite_output_dir,
+         "--resume continues the run in output_dir, --overwrite_output_dir replaces it: pass one of them"),
+        (args.resume_allow_changes and not args.resume, "--resume_allow_changes only applies with --resume"),
+        (unknown, f"--resume_allow_changes: no such argument {unknown}; name Args fields, e.g. learning_rate"),
+        (args.eval_fraction is not None and args.eval_dataset_name is not None,
+         "--eval_fraction holds out training data, --eval_dataset_name names other data: pass one of them"),
+        (args.eval_split and args.eval_fraction is None and args.eval_dataset_name is None and is_file,
+         f"--dataset_name {args.dataset_name} is a single file, so it has no eval split {args.eval_split!r}: pass "
+         "--eval_dataset_name FILE (held-out data), --eval_fraction 0.05 (hold out 5% of the training pairs) or "
+         "--eval_split None (no eval)"),
+        (same_data, f"the eval data are the training data ({args.eval_dataset_name}, split "
+         f"{args.eval_split or args.train_split}): pass held-out data or --eval_fraction"),
+        (os.path.isdir(out) and os.listdir(out) and not (args.resume or args.overwrite_output_dir),
+         f"output_dir {out} already holds files (a model, metrics.jsonl, ...); pass --overwrite_output_dir to "
+         "replace them, --resume to continue that run, or another --output_dir"),
+    ]
+    for bad, message in problems:
+        if bad:
+            fail(message)
+
+
+def compare_with_saved_run(args: Args) -> int | None:
+    """--resume: refuse changes to the math or data order; return the saved run's completed steps if it finished."""
+    path = os.path.join(args.output_dir, "args.json")
+    if not os.path.exists(path):
+        return None
+    saved = json.load(open(path))
+    changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in vars(args).items()
+               if k in saved and k not in RESUME_SAFE and saved[k] != (list(v) if isinstance(v, tuple) else v)]
+    refused = [c for c in changed if c.split(":")[0] not in args.resume_allow_changes]
+    if refused:
+        fail(f"--resume with arguments that differ from the run in {args.output_dir}: {'; '.join(refused)}. Pass the "
+             f"saved values, name them in --resume_allow_changes, or use another --output_dir")
+    return None if changed else saved.get("completed_steps")
+
+
 def check_network(args: Args) -> None:
     """With HF_HUB_OFFLINE unset and some name not a local path: one 3-second connection to the hub, so that no
     network is reported at once instead of after a minute of retries."""
@@ -653,47 +650,29 @@ def check_network(args: Args) -> None:
 
     remote = [n for n in (args.model_name_or_path, args.ref_model_name_or_path, args.tokenizer_name,
                           args.dataset_name, args.eval_dataset_name) if n and not os.path.exists(n)]
-    if not remote or constants.HF_HUB_OFFLINE:
-        return
     url = urlparse(constants.ENDPOINT)
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+        if remote and not constants.HF_HUB_OFFLINE:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 3).close()
     except OSError:
         fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
              "local cache, or pass a local path.")
 
 
-def load_failed(what: str, name: str, error: Exception) -> NoReturn:
-    """Name what failed to load and why, with a hint that fits what was passed."""
-    if os.path.isdir(name):
-        fail(f"could not load {what} {name!r} from that folder: {str(error).splitlines()[0]}")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-    fail(f"could not load {what} {name!r}: no such local folder and not a hub id"
-         + (" in the local cache (HF_HUB_OFFLINE is set)" if offline else "")
-         + ". Pass a folder written by sft.py (the offline tiny setting: python -m tiny --out data/tiny, then "
-         "python sft.py --preset tiny).")
-
-
-def load_tokenizer(args: Args):
-    name = args.tokenizer_name or args.model_name_or_path
+def load_pretrained(cls, name: str, args: Args, what: str = "model"):
+    """`cls.from_pretrained`, or an error naming what failed to load, with a hint that fits what was passed."""
+    model_kwargs = {"dtype": getattr(torch, args.dtype), "attn_implementation": args.attn_implementation}
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as e:  # without --tokenizer_name the tokenizer comes from the model's folder
-        load_failed("tokenizer" if args.tokenizer_name else "model", name, e)
-    if tok.chat_template is None:
-        fail(f"tokenizer {name!r} has no chat template; use an instruct tokenizer or set one")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_model(name: str, args: Args):
-    try:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, args.dtype),
-                                                    trust_remote_code=args.trust_remote_code,
-                                                    attn_implementation=args.attn_implementation)
+        return cls.from_pretrained(name, trust_remote_code=args.trust_remote_code,
+                                   **({} if cls is AutoTokenizer else model_kwargs))
     except (OSError, ValueError) as e:
-        load_failed("model", name, e)
+        if os.path.isdir(name):
+            fail(f"could not load {what} {name!r} from that folder: {str(e).splitlines()[0]}")
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+        fail(f"could not load {what} {name!r}: no such local folder and not a hub id"
+             + (" in the local cache (HF_HUB_OFFLINE is set)" if offline else "")
+             + ". Pass a folder written by sft.py (the offline tiny setting: python -m tiny --out data/tiny, then "
+             "python sft.py --preset tiny).")
 
 
 def checkpoint_step(name: str) -> int | None:
@@ -722,8 +701,13 @@ def main(args: Args):
     run_id = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     check_network(args)
     set_seed(args.seed, device_specific=True)
-    tokenizer = load_tokenizer(args)
-    model = load_model(args.model_name_or_path, args)
+    # without --tokenizer_name the tokenizer comes from the model's folder
+    tokenizer = load_pretrained(AutoTokenizer, args.tokenizer_name or args.model_name_or_path, args,
+                                "tokenizer" if args.tokenizer_name else "model")
+    if tokenizer.chat_template is None:
+        fail(f"tokenizer {tokenizer.name_or_path!r} has no chat template; use an instruct tokenizer or set one")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, args)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if args.use_lora:
@@ -769,7 +753,8 @@ def main(args: Args):
 
     # ALGO LOGIC: the reference log-probs logp_ref(y_w), logp_ref(y_l) of every pair, once, before training
     ref_name = args.ref_model_name_or_path or args.model_name_or_path
-    scorer = model if args.ref_model_name_or_path is None else load_model(ref_name, args).to(accelerator.device)
+    scorer = model if args.ref_model_name_or_path is None else \
+        load_pretrained(AutoModelForCausalLM, ref_name, args).to(accelerator.device)
     order = epoch_order(0)
     train_batches = lambda: [loader_of(train_ds, rows, args.per_device_train_batch_size)  # epoch 0, then the rest
                              for rows in (order[:rows_per_epoch], order[rows_per_epoch:]) if rows]
