@@ -198,8 +198,7 @@ PRESETS = {
 }
 IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 TORCH_HUB_DINO = ("dino_resnet50", "dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8")
-MODEL_FLAGS = tuple(f"{side}_{what}" for side in ("weak", "strong") for what in ("model", "model_type",
-                                                                                "config_overrides"))
+MODEL_FLAGS = tuple(f"{s}_{what}" for s in ("weak", "strong") for what in ("model", "model_type", "config_overrides"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,8 +253,7 @@ def validate(args: Args) -> None:
         fail(f"--crop {args.crop} is larger than --resize {args.resize}: the center crop must fit in the resized image")
     scratch = []
     for side in ("weak", "strong"):
-        model, model_type, overrides = (getattr(args, f"{side}_{what}") for what in ("model", "model_type",
-                                                                                   "config_overrides"))
+        model, model_type, overrides = (getattr(args, flag) for flag in MODEL_FLAGS if flag.startswith(side))
         if (model is None) == (model_type is None):
             fail(f"give exactly one of --{side}_model (pretrained) and --{side}_model_type (built from scratch); "
                  f"to build from scratch pass --{side}_model None")
@@ -296,14 +294,14 @@ def validate(args: Args) -> None:
     # network is reported at once instead of after a minute of retries
     remote = [name for name in [args.dataset] + [args.weak_model, args.strong_model] if name is not None
               and name not in ("alexnet", *TORCH_HUB_DINO) and not os.path.exists(name)]
-    if remote and not hub_constants.HF_HUB_OFFLINE:
-        url = urlparse(hub_constants.ENDPOINT)
-        try:
-            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                     timeout=3).close()
-        except OSError:
-            fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
-                 "local cache, or pass a local path.")
+    if not remote or hub_constants.HF_HUB_OFFLINE:
+        return
+    url = urlparse(hub_constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError:
+        fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
+             "local cache, or pass a local path.")
 
 
 # --------------------------------------------------------------------------------------------
