@@ -244,10 +244,8 @@ def is_file_dataset(name: str | None) -> bool:
 
 
 def validate(args: Args):
-    """Every check that needs no model or data, before the Accelerator, any load, or anything written. A non-empty
-    output_dir needs --resume or --overwrite_output_dir; --resume refuses changed arguments (except
-    --resume_allow_changes) and exits 0 on a finished run. An unreachable hub is reported at once (3 s), not after a
-    minute of retries inside the first load."""
+    """Every check that needs no model or data, before anything is loaded or written; --resume refuses changed
+    arguments and exits 0 on a finished run; an unreachable hub is reported in 3 s, not after a minute of retries."""
     value = lambda name: getattr(args, name)
     positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
                 "num_train_epochs", "max_length", "max_prompt_length", "prepass_batch_size", "lora_r", "lora_alpha",
@@ -590,8 +588,7 @@ def prepass(name: str, ds, batches: list[list[int]], keys, args: Args, accelerat
     """Per-token log-probs of model `name` on every (key, row) response of `ds`, forwarded in `batches` (lists of
     rows; batch i on process i % processes) under the training forward's autocast and weights dtype, as one flat
     tensor with offsets: the tokens of sequence k = key index * len(ds) + row are values[offsets[k]:offsets[k+1]].
-    The cache key: the model (a hub id names fixed weights; a local folder is fingerprinted by its files), a hash of
-    the token ids themselves, the precision and the batch layout."""
+    Cached under the model (a local folder by its files' sizes and times), the token ids, precision and layout."""
     model_key, token_hash, stat = name, hashlib.sha256(), lambda f: os.stat(os.path.join(name, f))
     if os.path.isdir(name):
         files = sorted(f for f in os.listdir(name) if f.endswith((".safetensors", ".json")))
@@ -791,9 +788,8 @@ if __name__ == "__main__":
 
     @torch.no_grad()
     def evaluate_and_log(step: int, extra: dict | None = None) -> float:
-        """Logs `extra` with the means over every held-out example (gather_for_metrics drops the duplicates accelerate
-        adds to even out the last batch across processes); returns the seconds it took, which steady-state throughput
-        leaves out. Without eval data it only logs `extra`."""
+        """Logs `extra` and the means over every held-out example (gather_for_metrics drops accelerate's padding
+        duplicates); returns the seconds it took, which steady-state throughput leaves out."""
         if eval_loader is None:
             return log_metrics(extra, step)
         sync()
