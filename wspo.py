@@ -15,11 +15,11 @@ The paper writes the sequence-level form; the official code trains the token-lev
 rejected responses are never forwarded in training (the official code forwards and discards them); with an eval
 split that has them they give the held-out reward accuracy of the strong implicit reward beta log pi/pi_sref(y).
 
-The weak log-ratio and the strong reference's log-probs never change: a pre-pass computes them per token, one frozen
-model at a time, and caches them on disk (keyed by model, token ids, precision and batch layout); training holds only
-the policy. The strong reference is forwarded in the run's own batches (epoch 0's micro-batches, the eval batches)
-under the same autocast and weights dtype, so the strong log-ratio is exactly 0 at step 0, in fp32 and bf16 alike.
-All four tokenizers must give the strong one's ids on the data, or the run stops naming the first example.
+The weak log-ratio and the strong reference's log-probs never change: a pre-pass computes them per token and caches
+them on disk (keyed by model, token ids, precision and batch layout). It forwards the strong reference in the run's
+own batches (epoch 0's micro-batches, the eval batches) under the same autocast and weights dtype, so the strong
+log-ratio is exactly 0 at step 0, in fp32 and bf16 alike. All four tokenizers must give the strong one's ids on the
+data, or the run stops naming the first example.
 
 Defaults: the paper's full fine-tuning setting (lr 1e-5, 1 epoch, batch 1 x accumulation 8, cosine, warm-up 0.1,
 cut-off 4096, beta 0.1); LoRA in the paper: lr 5e-6 x 3 epochs. Dropout is off in the policy (--disable_dropout,
