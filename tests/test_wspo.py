@@ -96,9 +96,9 @@ def test_rejected_are_never_forwarded_in_training(tiny, four):
     assert with_rej and all(len(r) > 0 for r in ev["rejected_ids"])
 
 
-def run_wspo(tiny, four, tmp_path, *extra, check=False, env=None):
+def run_wspo(tiny, four, tmp_path, *extra, check=False, env=None, out="o"):
     return run_script("wspo.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrafeedback"), "--strong", four["strong"],
-                      "--weak_ref", four["wref"], "--weak_aligned", four["wal"], "--output_dir", str(tmp_path / "o"),
+                      "--weak_ref", four["wref"], "--weak_aligned", four["wal"], "--output_dir", str(tmp_path / out),
                       "--cache_dir", str(tmp_path / "c"), "--max_train_samples", "64", "--max_eval_samples", "32",
                       "--max_steps", "2", *extra, check=check, env=env)
 
@@ -143,12 +143,10 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, four, tmp_path):
     common = ("--max_steps", "6", "--logging_steps", "1", "--eval_split", "None", "--max_train_samples", "96",
               "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2")
     full, cut = tmp_path / "full", tmp_path / "cut"
-    base = ("wspo.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrafeedback"), "--strong", four["strong"],
-            "--weak_ref", four["wref"], "--weak_aligned", four["wal"], "--cache_dir", str(tmp_path / "c"), *common)
-    run_script(*base, "--output_dir", str(full), "--save_steps", "3", "--save_total_limit", "5")
+    run_wspo(tiny, four, tmp_path, *common, "--save_steps", "3", "--save_total_limit", "5", out="full", check=True)
     (cut / "checkpoints").mkdir(parents=True)  # a run killed right after step 3
     shutil.copytree(full / "checkpoints" / "step-3", cut / "checkpoints" / "step-3")
-    run_script(*base, "--output_dir", str(cut), "--resume")
+    run_wspo(tiny, four, tmp_path, *common, "--resume", out="cut", check=True)
     a, b = load_file(full / "model.safetensors"), load_file(cut / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     la = {r["step"]: r["train/loss"] for r in map(json.loads, open(full / "metrics.jsonl")) if "train/loss" in r}
@@ -183,10 +181,8 @@ def test_same_seed_same_loss_curve_bit_for_bit(tiny, four, tmp_path):
 
     runs = {}
     for name in ("a", "b"):
-        run_script("wspo.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrafeedback"), "--strong", four["strong"],
-                   "--weak_ref", four["wref"], "--weak_aligned", four["wal"], "--output_dir", str(tmp_path / name),
-                   "--cache_dir", str(tmp_path / "c"), "--max_train_samples", "64", "--eval_split", "None",
-                   "--max_steps", "4", "--logging_steps", "1", "--per_device_train_batch_size", "8")
+        run_wspo(tiny, four, tmp_path, "--eval_split", "None", "--max_steps", "4", "--logging_steps", "1",
+                 "--per_device_train_batch_size", "8", out=name, check=True)
         rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
         runs[name] = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(runs["a"]) == 4 and runs["a"] == runs["b"]
@@ -267,11 +263,9 @@ def test_gradient_is_the_same_for_any_split_of_the_batch(tiny, four, tmp_path):
 
     out = {}
     for name, bs, acc in (("a", "8", "1"), ("b", "4", "2")):
-        run_script("wspo.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrafeedback"), "--strong",
-                   four["strong"], "--weak_ref", four["wref"], "--weak_aligned", four["wal"], "--output_dir",
-                   str(tmp_path / name), "--cache_dir", str(tmp_path / "c"), "--max_train_samples", "64",
-                   "--eval_split", "None", "--max_steps", "3", "--logging_steps", "1", "--learning_rate", "1e-3",
-                   "--per_device_train_batch_size", bs, "--gradient_accumulation_steps", acc)
+        run_wspo(tiny, four, tmp_path, "--eval_split", "None", "--max_steps", "3", "--logging_steps", "1",
+                 "--learning_rate", "1e-3", "--per_device_train_batch_size", bs, "--gradient_accumulation_steps", acc,
+                 out=name, check=True)
         out[name] = [r["train/loss"] for r in map(json.loads, open(tmp_path / name / "metrics.jsonl")) if "train/loss" in r]
     assert len(out["a"]) == 3 and out["a"] == pytest.approx(out["b"], abs=1e-6)
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
