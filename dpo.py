@@ -352,8 +352,8 @@ def prepare_dataset(ds, tokenizer, args: Args, what: str, source: str, log) -> t
     ds = ds.map(lambda ex: tokenize_pair(tokenizer, ex, args), remove_columns=ds.column_names,
                 desc=f"tokenizing {what}")
     reasons = {r: n for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}
-    seen = set()  # an exact duplicate (same prompt, chosen and rejected tokens) would count twice in the loss
-    key = lambda ex: (tuple(ex["prompt_ids"]), tuple(ex["chosen_ids"]), tuple(ex["rejected_ids"]))
+    seen = set()  # hashes: an exact duplicate (same prompt, chosen and rejected tokens) would count twice in the loss
+    key = lambda ex: hash((tuple(ex["prompt_ids"]), tuple(ex["chosen_ids"]), tuple(ex["rejected_ids"])))
     usable = ds.filter(lambda ex: ex["skip"] == "")
     kept = usable.filter(lambda ex: key(ex) not in seen and not seen.add(key(ex)), load_from_cache_file=False)
     reasons.update({"duplicate pair": len(usable) - len(kept)} if len(usable) > len(kept) else {})
@@ -949,6 +949,9 @@ def main(args: Args):
     accelerator.wait_for_everyone()
     if args.track and accelerator.is_main_process:
         wandb.finish()
+    # the model goes before the process group: a DDP model freed after it can deadlock Gloo's exit (pytorch#56297)
+    accelerator.free_memory()
+    del model, optimizer
     accelerator.end_training()
 
 

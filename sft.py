@@ -757,4 +757,7 @@ if __name__ == "__main__":
     accelerator.wait_for_everyone()
     if args.track and accelerator.is_main_process:
         wandb.finish()
+    # the model goes before the process group: a DDP model freed after it can deadlock Gloo's exit (pytorch#56297)
+    accelerator.free_memory()
+    del model, optimizer
     accelerator.end_training()

@@ -318,14 +318,18 @@ def validate(args: Args):
 def first_bad_line(path: str) -> str | None:
     """Where a .json/.jsonl file breaks: the 1-based line of invalid JSON, a non-object, or a field whose type
     differs from its first occurrence (a .json file's records count as lines); None if nothing is found."""
-    whole, records, seen = path.endswith(".json"), [], {}
-    for number, line in [(1, open(path).read())] if whole else enumerate(open(path), 1):
-        if whole or line.strip():
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                return f"line {e.lineno if whole else number} is not valid JSON ({e.msg})"
-            records += list(enumerate(value if isinstance(value, list) else [], 1)) if whole else [(number, value)]
+    records, seen = [], {}
+    if path.endswith(".json"):  # one JSON document
+        try:
+            document = json.load(open(path))
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno} is not valid JSON ({e.msg})"
+        records = list(enumerate(document if isinstance(document, list) else [], 1))
+    for number, line in [] if path.endswith(".json") else enumerate(open(path), 1):
+        try:
+            records += [(number, json.loads(line))] if line.strip() else []
+        except json.JSONDecodeError as e:
+            return f"line {number} is not valid JSON ({e.msg})"
     for number, record in records:
         if not isinstance(record, dict):
             return f"line {number} is not a JSON object"
@@ -918,4 +922,7 @@ if __name__ == "__main__":
     accelerator.wait_for_everyone()
     if args.track and accelerator.is_main_process:
         wandb.finish()
+    # the model goes before the process group: a DDP model freed after it can deadlock Gloo's exit (pytorch#56297)
+    accelerator.free_memory()
+    del model, optimizer
     accelerator.end_training()
