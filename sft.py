@@ -38,7 +38,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from itertools import islice
 from typing import Literal, NoReturn
@@ -486,28 +486,21 @@ def load_tokenizer(args: Args):
     return tok
 
 
-def parse_overrides(text: str | None) -> dict:
-    """ "hidden_size=128,tie_word_embeddings=True" -> {"hidden_size": 128, "tie_word_embeddings": True}.
-    Passed to the config's constructor, so derived fields (e.g. Qwen2's layer_types) follow."""
-    out = {}
-    for item in filter(None, (text or "").split(",")):
-        if "=" not in item:
-            fail(f"--config_overrides: {item!r} is not key=value")
-        k, v = (x.strip() for x in item.split("=", 1))
-        out[k] = {"true": True, "false": False, "none": None}.get(v.lower(), v)
-        for cast in (int, float):
-            with suppress(ValueError):
-                out[k] = cast(v)
-                break
-    return out
-
-
 def load_model(args: Args, tokenizer):
     kwargs = {"dtype": getattr(torch, args.dtype), "attn_implementation": args.attn_implementation}
     if args.model_type is not None:  # a fresh model from a config, as transformers' run_clm.py does
-        config = AutoConfig.for_model(args.model_type, **parse_overrides(args.config_overrides),
-                                      vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                      eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+        overrides = {}
+        if args.config_overrides:  # parsed and type-checked by transformers (as in run_clm.py), then passed to the
+            parsed = AutoConfig.for_model(args.model_type)  # constructor, so that derived fields (layer_types) follow
+            try:
+                parsed.update_from_string(args.config_overrides)
+            except ValueError as e:
+                fail(f"--config_overrides {args.config_overrides!r}: {e}; give comma-separated key=value pairs of "
+                     f"{args.model_type} config fields")
+            overrides = {k: getattr(parsed, k) for k in (kv.split("=")[0] for kv in args.config_overrides.split(","))}
+        overrides |= {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,  # the tokenizer's ids win
+                      "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+        config = AutoConfig.for_model(args.model_type, **overrides)
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
         model = from_pretrained(AutoModelForCausalLM, "model", args.model_name_or_path, args, **kwargs)

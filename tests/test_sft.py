@@ -71,6 +71,18 @@ def test_skips_and_truncation_are_reported(tiny):
     assert cut["skip"] == "truncated" and len(cut["input_ids"]) == 30 and sum(x != -100 for x in cut["labels"]) > 0
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ("hidden_sise=64", "key hidden_sise isn't in the original config dict"),  # a typo is refused, never ignored
+    ("hidden_size", "give comma-separated key=value pairs of qwen2 config fields"),
+    ("tie_word_embeddings=maybe", "can't derive true or false from maybe"),
+])
+def test_config_overrides_are_parsed_and_checked_by_transformers(tiny, capsys, overrides, message):
+    args = dataclasses.replace(sft.PRESETS["tiny"], tokenizer_name=str(tiny / "tokenizer"), config_overrides=overrides)
+    with pytest.raises(SystemExit) as e:
+        sft.load_model(args, AutoTokenizer.from_pretrained(tiny / "tokenizer"))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_packed_logits_and_loss_equal_padded(tiny):
     tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
     torch.manual_seed(0)
