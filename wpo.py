@@ -369,9 +369,13 @@ def prepare_dataset(ds, tokenizer, args: Args, what: str, source: str, log) -> t
                 desc=f"tokenizing {what}")
     reasons = {r: n for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}
     seen = set()  # hashes: an exact duplicate (same prompt, chosen and rejected tokens) would count twice in the loss
-    key = lambda ex: hash((tuple(ex["prompt_ids"]), tuple(ex["chosen_ids"]), tuple(ex["rejected_ids"])))
+
+    def first_time(ex) -> bool:
+        key = hash((tuple(ex["prompt_ids"]), tuple(ex["chosen_ids"]), tuple(ex["rejected_ids"])))
+        return key not in seen and not seen.add(key)  # set.add returns None
+
     usable = ds.filter(lambda ex: ex["skip"] == "")
-    kept = usable.filter(lambda ex: key(ex) not in seen and not seen.add(key(ex)), load_from_cache_file=False)
+    kept = usable.filter(first_time, load_from_cache_file=False)
     reasons.update({"duplicate pair": len(usable) - len(kept)} if len(usable) > len(kept) else {})
     stats = {f"data/{what}_pairs": len(kept), f"data/{what}_dropped": len(ds) - len(kept),
              f"data/{what}_prompts_cut": int(sum(kept["prompt_cut"])),
