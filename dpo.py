@@ -753,7 +753,8 @@ def main(args: Args):
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
                               num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
-    eval_loader = eval_ds and loader_of(eval_ds, list(range(len(eval_ds))), args.per_device_eval_batch_size)
+    eval_loader = None if eval_ds is None else loader_of(eval_ds, list(range(len(eval_ds))),
+                                                         args.per_device_eval_batch_size)
 
     # ALGO LOGIC: the reference log-probs logp_ref(y_w), logp_ref(y_l) of every pair, once, before training
     ref_name = args.ref_model_name_or_path or args.model_name_or_path
