@@ -57,6 +57,15 @@ def small_sft(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sft(tiny, tmp_path_factory) -> Path:
+    """The tiny preset's model after 60 SFT steps: it answers in the tiny language, its tone is random."""
+    out = tmp_path_factory.mktemp("tiny_sft") / "sft"  # answer files are named after the folder: sft.jsonl
+    run_script("sft.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrachat"), "--tokenizer_name",
+               str(tiny / "tokenizer"), "--output_dir", str(out), "--max_steps", "60", "--eval_split", "None")
+    return out
+
+
+@pytest.fixture(scope="session")
 def corpus(tiny) -> Path:
     """The unlabeled pre-training corpus next to the test's tiny setting (python -m tiny.cls)."""
     run_script("-m", "tiny.cls", "--out", str(tiny), "--n_docs", "20000")

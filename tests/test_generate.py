@@ -27,14 +27,6 @@ def prompts(tiny, tmp_path_factory):
     return write_prompts(tmp_path_factory.mktemp("prompts"))
 
 
-@pytest.fixture(scope="module")
-def chat_model(tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gen") / "sft"
-    run_script("sft.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrachat"), "--tokenizer_name",
-               str(tiny / "tokenizer"), "--output_dir", str(out), "--max_steps", "60", "--eval_split", "None")
-    return out
-
-
 def generate(benchmark, prompts, models, out, *extra, check=True):
     return run_script("generate.py", "--preset", "tiny", "--benchmark", benchmark, "--prompts", str(prompts),
                       "--model_name_or_path", *map(str, models), "--output_dir", str(out), "--temperature", "0", *extra,
@@ -63,12 +55,12 @@ def greedy_alone(model, tok, conv, max_new_tokens=24):
 # ---------------------------------------------------------------------------------------------
 # answer files
 # ---------------------------------------------------------------------------------------------
-def test_answer_files_schema_order_and_greedy_answers(prompts, chat_model, small_sft, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(chat_model).eval()
-    tok = AutoTokenizer.from_pretrained(chat_model)
+def test_answer_files_schema_order_and_greedy_answers(prompts, tiny_sft, small_sft, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_sft).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_sft)
 
     # alpaca_eval, two models: one JSON list each, the eval set's order, the four fields
-    p = generate("alpaca_eval", prompts, [chat_model, small_sft], tmp_path, "--model_id", "tiny-sft", "tiny-small")
+    p = generate("alpaca_eval", prompts, [tiny_sft, small_sft], tmp_path, "--model_id", "tiny-sft", "tiny-small")
     assert "alpaca_eval: 40 prompts from" in p.stdout and "tiny-sft: wrote 40 answers" in p.stdout
     src = json.load(open(prompts / "alpaca_eval.json"))
     for model_id in ("tiny-sft", "tiny-small"):
@@ -84,7 +76,7 @@ def test_answer_files_schema_order_and_greedy_answers(prompts, chat_model, small
     assert len({r["output"] for r in rows}) >= 5  # answers differ from prompt to prompt: the equality means something
 
     # arena_hard: one JSONL line per question, Arena-Hard-Auto's model_answer schema, token_len = the answer's tokens
-    generate("arena_hard", prompts, [chat_model], tmp_path, "--model_id", "tiny-sft")
+    generate("arena_hard", prompts, [tiny_sft], tmp_path, "--model_id", "tiny-sft")
     src = [json.loads(line) for line in open(prompts / "arena_hard.jsonl")]
     rows = read(tmp_path / "tiny-sft.jsonl")
     assert [r["question_id"] for r in rows] == [s["question_id"] for s in src]
@@ -96,7 +88,7 @@ def test_answer_files_schema_order_and_greedy_answers(prompts, chat_model, small
 
     # mt_bench: two turns per question (FastChat's model_answer schema); turn 2 sees turn 1's own answer
     out = tmp_path / "mt"
-    generate("mt_bench", prompts, [chat_model], out, "--model_id", "tiny-sft")
+    generate("mt_bench", prompts, [tiny_sft], out, "--model_id", "tiny-sft")
     src = [json.loads(line) for line in open(prompts / "mt_bench.jsonl")]
     rows = read(out / "tiny-sft.jsonl")
     assert [r["question_id"] for r in rows] == list(range(81, 97)) == [s["question_id"] for s in src]
@@ -109,14 +101,14 @@ def test_answer_files_schema_order_and_greedy_answers(prompts, chat_model, small
         assert second == greedy_alone(model, tok, conv)[0]
     saved = json.load(open(out / "tiny-sft.jsonl.args.json"))
     assert saved["temperature"] == 0.0 and saved["max_new_tokens"] == 24
-    assert saved["model_name_or_path"] == str(chat_model) and saved["model_id"] == "tiny-sft"
+    assert saved["model_name_or_path"] == str(tiny_sft) and saved["model_id"] == "tiny-sft"
 
 
-def test_batched_generation_equals_one_at_a_time(prompts, chat_model):
+def test_batched_generation_equals_one_at_a_time(prompts, tiny_sft):
     """In-process: a batch of prompts of different lengths (left padding up to 6 tokens) gives each prompt's answer
     alone, for a batch size that splits them unevenly."""
-    model = AutoModelForCausalLM.from_pretrained(chat_model).eval()
-    tok = AutoTokenizer.from_pretrained(chat_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_sft).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_sft)
     args = dataclasses.replace(gen.PRESETS["tiny"], temperature=0.0, max_new_tokens=24)
     convs = [[{"role": "user", "content": s["instruction"]}] for s in json.load(open(prompts / "alpaca_eval.json"))]
     widths = [len(gen.chat_ids(tok, c, add_generation_prompt=True)) for c in convs]
@@ -129,13 +121,13 @@ def test_batched_generation_equals_one_at_a_time(prompts, chat_model):
         assert not any(cut for _, _, cut in batched)
 
 
-def test_two_processes_equal_one(prompts, chat_model, tmp_path):
+def test_two_processes_equal_one(prompts, tiny_sft, tmp_path):
     """torchrun, 2 CPU processes (gloo): rounds of 2 x 3 prompts, the last one uneven; same file as one process."""
-    generate("mt_bench", prompts, [chat_model], tmp_path / "one", "--batch_size", "3")
+    generate("mt_bench", prompts, [tiny_sft], tmp_path / "one", "--batch_size", "3")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29551",
            "generate.py", "--preset", "tiny", "--benchmark", "mt_bench", "--prompts", str(prompts),
-           "--model_name_or_path", str(chat_model), "--output_dir", str(tmp_path / "two"), "--temperature", "0",
+           "--model_name_or_path", str(tiny_sft), "--output_dir", str(tmp_path / "two"), "--temperature", "0",
            "--batch_size", "3"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -147,41 +139,41 @@ def test_two_processes_equal_one(prompts, chat_model, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # resume and the token limit
 # ---------------------------------------------------------------------------------------------
-def test_resume_skips_answers_already_written(prompts, chat_model, tmp_path):
-    generate("alpaca_eval", prompts, [chat_model], tmp_path, "--max_prompts", "10")
+def test_resume_skips_answers_already_written(prompts, tiny_sft, tmp_path):
+    generate("alpaca_eval", prompts, [tiny_sft], tmp_path, "--max_prompts", "10")
     path = tmp_path / "sft.json"
     rows = read(path)
     assert len(rows) == 10
     rows[3]["output"] = "an answer written earlier"  # a resumed run must keep it, not regenerate it
     json.dump(rows, open(path, "w"))
 
-    p = generate("alpaca_eval", prompts, [chat_model], tmp_path, check=False)  # no --resume: refused, file untouched
+    p = generate("alpaca_eval", prompts, [tiny_sft], tmp_path, check=False)  # no --resume: refused, file untouched
     assert p.returncode == 2 and f"error: the answer file {path} already exists; pass --resume" in p.stderr
     assert read(path) == rows
-    p = generate("alpaca_eval", prompts, [chat_model], tmp_path, "--resume", "--max_new_tokens", "12", check=False)
+    p = generate("alpaca_eval", prompts, [tiny_sft], tmp_path, "--resume", "--max_new_tokens", "12", check=False)
     assert p.returncode == 2 and "--resume: " in p.stderr and "max_new_tokens: 24 -> 12" in p.stderr
 
-    p = generate("alpaca_eval", prompts, [chat_model], tmp_path, "--resume")
+    p = generate("alpaca_eval", prompts, [tiny_sft], tmp_path, "--resume")
     assert "10 prompts already answered" in p.stdout and "30 to answer" in p.stdout and "wrote 40 answers" in p.stdout
     resumed = read(path)
     src = json.load(open(prompts / "alpaca_eval.json"))
     assert [r["instruction"] for r in resumed] == [s["instruction"] for s in src] and resumed[:10] == rows
     assert resumed[3]["output"] == "an answer written earlier"
-    p = generate("alpaca_eval", prompts, [chat_model], tmp_path / "fresh")
+    p = generate("alpaca_eval", prompts, [tiny_sft], tmp_path / "fresh")
     assert read(tmp_path / "fresh" / "sft.json")[10:] == resumed[10:]  # the rest as one uninterrupted run writes it
 
-    p = generate("alpaca_eval", prompts, [chat_model], tmp_path, "--resume")  # complete: nothing left to answer
+    p = generate("alpaca_eval", prompts, [tiny_sft], tmp_path, "--resume")  # complete: nothing left to answer
     assert "40 prompts already answered" in p.stdout and "0 to answer" in p.stdout and read(path) == resumed
 
     os.remove(str(path) + ".args.json")  # settings unknown: resume refuses; --overwrite_output_dir starts afresh
-    p = generate("alpaca_eval", prompts, [chat_model], tmp_path, "--resume", check=False)
+    p = generate("alpaca_eval", prompts, [tiny_sft], tmp_path, "--resume", check=False)
     assert p.returncode == 2 and f"error: --resume: {path} has no sft.json.args.json" in p.stderr
-    generate("alpaca_eval", prompts, [chat_model], tmp_path, "--overwrite_output_dir", "--max_prompts", "5")
+    generate("alpaca_eval", prompts, [tiny_sft], tmp_path, "--overwrite_output_dir", "--max_prompts", "5")
     assert read(path) == read(tmp_path / "fresh" / "sft.json")[:5] and os.path.exists(str(path) + ".args.json")
 
 
-def test_answers_cut_at_the_token_limit_are_counted(prompts, chat_model, tmp_path):
-    p = generate("arena_hard", prompts, [chat_model], tmp_path, "--max_new_tokens", "3")
+def test_answers_cut_at_the_token_limit_are_counted(prompts, tiny_sft, tmp_path):
+    p = generate("arena_hard", prompts, [tiny_sft], tmp_path, "--max_new_tokens", "3")
     assert "24 of 24 answer turns generated now stopped at --max_new_tokens 3 without an end-of-turn token" in p.stdout
     assert {r["choices"][0]["turns"][0]["token_len"] for r in read(tmp_path / "sft.jsonl")} == {3}
 
@@ -207,7 +199,7 @@ def test_argument_errors_exit_2(change, message, capsys, tmp_path):
     assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err
 
 
-def test_bad_prompts_and_models_exit_2(prompts, chat_model, tmp_path):
+def test_bad_prompts_and_models_exit_2(prompts, tiny_sft, tmp_path):
     bad_line = tmp_path / "bad.jsonl"
     bad_line.write_text(json.dumps({"question_id": 1, "turns": ["sort one two", "copy three"]}) + "\n{oops\n")
     wrong_schema = tmp_path / "arena.jsonl"
@@ -225,7 +217,7 @@ def test_bad_prompts_and_models_exit_2(prompts, chat_model, tmp_path):
     duplicate.write_text("".join(json.dumps({"question_id": 81, "category": "math", "turns": [t]}) + "\n"
                                  for t in ("sort one two", "copy three")))
     no_template = tmp_path / "no_template"
-    tok = AutoTokenizer.from_pretrained(chat_model)
+    tok = AutoTokenizer.from_pretrained(tiny_sft)
     tok.chat_template = None
     tok.save_pretrained(no_template)
     cases += [
@@ -234,7 +226,7 @@ def test_bad_prompts_and_models_exit_2(prompts, chat_model, tmp_path):
          f"the tokenizer of '{no_template}' has no chat template"),
     ]
     for benchmark, extra, message in cases:
-        p = generate(benchmark, prompts, [chat_model], tmp_path / "out", *extra, check=False)
+        p = generate(benchmark, prompts, [tiny_sft], tmp_path / "out", *extra, check=False)
         assert p.returncode == 2 and f"error: {message}" in p.stderr and "Traceback" not in p.stderr, (extra, p.stderr)
         assert not (tmp_path / "out").exists()
 

@@ -338,23 +338,14 @@ def test_the_weight_carries_no_gradient(tiny):
 # ---------------------------------------------------------------------------------------------
 # end to end on the tiny setting
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def sft_model(tiny, tmp_path_factory):
-    """The tiny preset's model after 60 SFT steps: it answers in the tiny language, its tone is random."""
-    out = tmp_path_factory.mktemp("wpo") / "sft"
-    run_script("sft.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrachat"), "--tokenizer_name",
-               str(tiny / "tokenizer"), "--output_dir", str(out), "--max_steps", "60", "--eval_split", "None")
-    return out
-
-
-def wpo_args(tiny, sft_model, out, *extra):
-    return ["wpo.py", "--preset", "tiny", "--model_name_or_path", str(sft_model), "--dataset_name", str(tiny / "ultrafeedback"),
+def wpo_args(tiny, tiny_sft, out, *extra):
+    return ["wpo.py", "--preset", "tiny", "--model_name_or_path", str(tiny_sft), "--dataset_name", str(tiny / "ultrafeedback"),
             "--output_dir", str(out), "--cache_dir", str(out.parent / "cache"), *extra]
 
 
-def test_wpo_end_to_end_trains_with_weights_in_range(tiny, sft_model, tmp_path):
+def test_wpo_end_to_end_trains_with_weights_in_range(tiny, tiny_sft, tmp_path):
     out = tmp_path / "wpo"
-    run_script(*wpo_args(tiny, sft_model, out, "--max_steps", "40", "--logging_steps", "5", "--max_eval_samples", "200"))
+    run_script(*wpo_args(tiny, tiny_sft, out, "--max_steps", "40", "--logging_steps", "5", "--max_eval_samples", "200"))
     m = metrics(out)
     train = [r for r in m if "train/loss" in r]
     evals = [r for r in m if "eval/rewards/accuracies" in r]
@@ -371,10 +362,10 @@ def test_wpo_end_to_end_trains_with_weights_in_range(tiny, sft_model, tmp_path):
         assert (out / f).exists(), f
     # the output folder is protected, and resuming the finished run trains nothing (dpo.py's start-up, derived)
     rows = (out / "metrics.jsonl").read_text()
-    p = run_script(*wpo_args(tiny, sft_model, out, "--max_steps", "40", "--logging_steps", "5", "--max_eval_samples",
+    p = run_script(*wpo_args(tiny, tiny_sft, out, "--max_steps", "40", "--logging_steps", "5", "--max_eval_samples",
                              "200"), check=False)
     assert p.returncode == 2 and f"output_dir {out} already holds files" in p.stderr and "--overwrite_output_dir" in p.stderr
-    p = run_script(*wpo_args(tiny, sft_model, out, "--max_steps", "40", "--logging_steps", "5", "--max_eval_samples",
+    p = run_script(*wpo_args(tiny, tiny_sft, out, "--max_steps", "40", "--logging_steps", "5", "--max_eval_samples",
                              "200", "--resume"), check=False)
     assert p.returncode == 0 and f"run in {out} already finished (step 40); nothing to do" in p.stdout
     assert (out / "metrics.jsonl").read_text() == rows and len({r["run_id"] for r in m}) == 1
