@@ -7,6 +7,9 @@
 # Creates .venv on first use (set USE_CURRENT_PYTHON=1 to use the active environment instead).
 # Knobs for a quicker run: OUT, SFT_EPOCHS, N_PROMPTS, SAMPLES. A second run into the same OUT is refused (each
 # script protects its output folder); OVERWRITE=1 replaces the earlier run's models and metrics.
+# Seeds: SEED=N (default 1) seeds every stage's training and the evaluation's sampling (the tiny data stay fixed);
+# SEEDS="1 2 3 4 5" runs the pipeline once per seed into OUT/seed-N, then tiny/seeds.py writes the table over seeds
+# (mean +- std, minimum, per seed, and whether each claimed ordering holds in every seed) and the plot.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ "${USE_CURRENT_PYTHON:-0}" != 1 ]; then
@@ -19,7 +22,7 @@ if [ "${USE_CURRENT_PYTHON:-0}" != 1 ]; then
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=${OUT:-runs/tiny}; DATA=${DATA:-data/tiny}; SFT_EPOCHS=${SFT_EPOCHS:-3}
-N_PROMPTS=${N_PROMPTS:-200}; SAMPLES=${SAMPLES:-4}
+N_PROMPTS=${N_PROMPTS:-200}; SAMPLES=${SAMPLES:-4}; SEED=${SEED:-1}
 WEAK="hidden_size=64,intermediate_size=192,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2,max_position_embeddings=512,tie_word_embeddings=True"
 over=()
 if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
@@ -28,20 +31,30 @@ if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
   fi
   over=(--overwrite_output_dir)
 fi
-common=(--preset tiny --cache_dir "$OUT/cache" "${over[@]}")
+if [ -n "${SEEDS:-}" ]; then
+  runs=()
+  for s in $SEEDS; do
+    SEEDS="" SEED="$s" OUT="$OUT/seed-$s" USE_CURRENT_PYTHON=1 bash "$0"
+    runs+=("$OUT/seed-$s")
+  done
+  python -m tiny.seeds --runs "${runs[@]}" --out "$OUT/results.json" --table "$OUT/results.md" --plot "$OUT/results.png"
+  echo "results over seeds $SEEDS in $OUT/results.md and $OUT/results.png"
+  exit 0
+fi
+common=(--preset tiny --seed "$SEED" --cache_dir "$OUT/cache" "${over[@]}")
 t0=$(date +%s)
 
 python -m tiny --out "$DATA" --no_images
-python sft.py --preset tiny --dataset_name "$DATA/ultrachat" --tokenizer_name "$DATA/tokenizer" --num_train_epochs "$SFT_EPOCHS" \
+python sft.py --preset tiny --seed "$SEED" --dataset_name "$DATA/ultrachat" --tokenizer_name "$DATA/tokenizer" --num_train_epochs "$SFT_EPOCHS" \
   --config_overrides "$WEAK" --output_dir "$OUT/sft-weak" "${over[@]}"
-python sft.py --preset tiny --dataset_name "$DATA/ultrachat" --tokenizer_name "$DATA/tokenizer" --num_train_epochs "$SFT_EPOCHS" \
+python sft.py --preset tiny --seed "$SEED" --dataset_name "$DATA/ultrachat" --tokenizer_name "$DATA/tokenizer" --num_train_epochs "$SFT_EPOCHS" \
   --output_dir "$OUT/sft-strong" "${over[@]}"
 python dpo.py "${common[@]}" --dataset_name "$DATA/ultrafeedback" --model_name_or_path "$OUT/sft-weak" --output_dir "$OUT/dpo-weak"
 python wspo.py "${common[@]}" --dataset_name "$DATA/ultrafeedback" --strong "$OUT/sft-strong" --weak_ref "$OUT/sft-weak" \
   --weak_aligned "$OUT/dpo-weak" --output_dir "$OUT/wspo-strong"
 python dpo.py "${common[@]}" --dataset_name "$DATA/ultrafeedback" --model_name_or_path "$OUT/sft-strong" --output_dir "$OUT/dpo-strong"
 python wpo.py "${common[@]}" --dataset_name "$DATA/ultrafeedback" --model_name_or_path "$OUT/sft-strong" --output_dir "$OUT/wpo-strong"
-python -m tiny.evaluate --data "$DATA/ultrafeedback" --n_prompts "$N_PROMPTS" --samples "$SAMPLES" \
+python -m tiny.evaluate --data "$DATA/ultrafeedback" --n_prompts "$N_PROMPTS" --samples "$SAMPLES" --seed "$SEED" \
   --names "weak SFT" "weak DPO" "strong SFT" "strong WSPO" "strong DPO" "strong WPO" \
   --models "$OUT/sft-weak" "$OUT/dpo-weak" "$OUT/sft-strong" "$OUT/wspo-strong" "$OUT/dpo-strong" "$OUT/wpo-strong" \
   --refs none "$OUT/sft-weak" none "$OUT/sft-strong" "$OUT/sft-strong" "$OUT/sft-strong" \

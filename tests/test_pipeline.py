@@ -5,7 +5,11 @@ reward, and WSPO's held-out preference accuracy above 0.5."""
 
 import json
 import os
+import statistics
 import subprocess
+import sys
+
+import pytest
 
 from conftest import ROOT
 
@@ -30,3 +34,46 @@ def test_pipeline_orderings(tmp_path):
     assert again.returncode == 2, again.stdout[-2000:] + again.stderr[-2000:]
     assert "already holds a run; set OVERWRITE=1" in again.stderr
     assert (tmp_path / "runs" / "results.json").read_bytes() == before
+
+
+def fake_results(seed: int, gold: dict, acc: float) -> list[dict]:
+    """One seed's evaluate.py rows with the given gold rewards (correctness = gold, tone 0)."""
+    return [{"name": m, "seed": seed, "gold_reward_mean": g, "correctness_mean": g, "tone_mean": 0.0,
+             "pref_accuracy": acc if m == "strong WSPO" else 0.9} for m, g in gold.items()]
+
+
+def test_seeds_table_means_minimum_and_claims(tmp_path):
+    """tiny/seeds.py: mean +- std over seeds, the minimum, WSPO's share per seed, and a claim that fails in one seed
+    is reported as failing (holds in 2 of 3), with the CLI writing JSON, table and plot."""
+    from tiny import seeds
+
+    base = {"weak SFT": 0.4, "weak DPO": 0.6, "strong SFT": 1.0, "strong WSPO": 1.3, "strong DPO": 1.4, "strong WPO": 1.5}
+    runs = {1: fake_results(1, base, 0.6), 2: fake_results(2, {**base, "weak DPO": 0.42}, 0.7),
+            3: fake_results(3, {**base, "strong WSPO": 1.5}, 0.8)}
+    for s, rows in runs.items():
+        (tmp_path / f"seed-{s}").mkdir()
+        (tmp_path / f"seed-{s}" / "results.json").write_text(json.dumps(rows))
+    summary = seeds.aggregate(runs)
+    weak_dpo = summary["models"]["weak DPO"]["gold_reward_mean"]
+    assert weak_dpo["mean"] == pytest.approx((0.6 + 0.42 + 0.6) / 3) and weak_dpo["min"] == pytest.approx(0.42)
+    assert weak_dpo["std"] == pytest.approx(statistics.pstdev([0.6, 0.42, 0.6]))
+    assert summary["wspo_share"]["per_seed"] == pytest.approx({"1": 0.75, "2": 0.75, "3": 1.25})
+    claims = {c["claim"]: c for c in summary["claims"]}
+    assert claims["weak DPO - weak SFT, gold reward"]["holds_in"] == 2  # 0.02 < 0.05 in seed 2
+    assert claims["weak DPO - weak SFT, gold reward"]["min"] == pytest.approx(0.02)
+    assert claims["strong WSPO held-out preference accuracy"]["holds_in"] == 3
+    text = seeds.table(summary)
+    assert "| weak DPO - weak SFT, gold reward | 0.05 |" in text and "NO: 2 of 3 seeds" in text
+    assert "WSPO recovers 0.92 +- 0.24" in text
+
+    cli = subprocess.run([sys.executable, "-m", "tiny.seeds", "--runs", *(str(tmp_path / f"seed-{s}") for s in runs),
+                          "--out", str(tmp_path / "results.json"), "--table", str(tmp_path / "results.md"),
+                          "--plot", str(tmp_path / "results.png")], cwd=ROOT, capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads((tmp_path / "results.json").read_text())["seeds"] == [1, 2, 3]
+    assert (tmp_path / "results.md").read_text() == text + "\n"
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same seed twice is refused (it would count one draw as two)
+    twice = subprocess.run([sys.executable, "-m", "tiny.seeds", "--runs", str(tmp_path / "seed-1"), str(tmp_path / "seed-1"),
+                            "--out", str(tmp_path / "again.json")], cwd=ROOT, capture_output=True, text=True)
+    assert twice.returncode != 0 and "both used seed 1" in twice.stderr and not (tmp_path / "again.json").exists()

@@ -86,7 +86,7 @@ def evaluate(path, data, split, n_prompts, samples, temperature, top_p, seed, re
         rc, rr = response_logps(ref_model, tok, prompts, chosen), response_logps(ref_model, tok, prompts, rejected)
         lc, lr = [a - b for a, b in zip(lc, rc)], [a - b for a, b in zip(lr, rr)]
     return {
-        "model": path, "ref": ref,
+        "model": path, "ref": ref, "seed": seed,
         "gold_reward_mean": statistics.fmean(rewards), "gold_reward_std": statistics.pstdev(rewards),
         "correctness_mean": statistics.fmean(correct), "tone_mean": statistics.fmean(tones),
         "pref_accuracy": statistics.fmean(float(a > b) for a, b in zip(lc, lr)),
