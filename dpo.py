@@ -351,7 +351,7 @@ def prepare_dataset(ds, tokenizer, args: Args, what: str, source: str, log) -> t
              "--chosen_column / --rejected_column / --prompt_column naming your columns")
     ds = ds.map(lambda ex: tokenize_pair(tokenizer, ex, args), remove_columns=ds.column_names,
                 desc=f"tokenizing {what}")
-    reasons = {r: n for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}
+    reasons = {str(r): int(n) for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}  # no np reprs
     seen = set()  # hashes: an exact duplicate (same prompt, chosen and rejected tokens) would count twice in the loss
 
     def first_time(ex) -> bool:
@@ -670,8 +670,13 @@ def load_pretrained(cls, name: str, args: Args, what: str = "model"):
         return cls.from_pretrained(name, trust_remote_code=args.trust_remote_code,
                                    **({} if cls is AutoTokenizer else model_kwargs))
     except (OSError, ValueError) as e:
-        if os.path.isdir(name):
-            fail(f"could not load {what} {name!r} from that folder: {str(e).splitlines()[0]}")
+        if os.path.isdir(name):  # an empty folder, or a checkpoint (accelerate state) instead of a saved model
+            held = os.listdir(name)
+            why = ("it is empty; pass a folder holding a saved model (a run's output folder) or a hub id" if not held
+                   else "it holds a training checkpoint (optimizer state), not a saved model; pass the run's output "
+                   "folder, which holds its final model" if "optimizer.bin" in held
+                   else str(e).splitlines()[0])
+            fail(f"could not load {what} {name!r} from that folder: {why}")
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
         fail(f"could not load {what} {name!r}: no such local folder and not a hub id"
              + (" in the local cache (HF_HUB_OFFLINE is set)" if offline else "")

@@ -61,6 +61,7 @@ Offline tiny setting (CPU; prompts in the tiny language, no judge):
     python generate.py --preset tiny --benchmark mt_bench --model_name_or_path runs/tiny/wspo-strong
 """
 
+import glob
 import hashlib
 import json
 import os
@@ -264,6 +265,9 @@ def load_prompt_rows(args: Args) -> tuple[list[dict], str]:
         if not name.endswith((".json", ".jsonl")):
             fail(f"cannot read prompt file {name}: use .json or .jsonl in the {args.benchmark} schema")
         return read_rows(name), name
+    if name is not None and os.path.isdir(name):  # a folder's .jsonl files: a bad line named by file and line
+        for file in sorted(glob.glob(os.path.join(glob.escape(name), "**", "*.jsonl"), recursive=True)):
+            read_rows(file)
     name = name or spec["hub"]
     try:
         if name == spec["hub"] and spec["hub_file"] is not None:
@@ -273,8 +277,10 @@ def load_prompt_rows(args: Args) -> tuple[list[dict], str]:
         from datasets import load_dataset
 
         return list(load_dataset(name, split=args.prompts_split)), f"{name} ({args.prompts_split})"
-    except (OSError, ValueError, ConnectionError) as e:
-        where = "no such local file or folder, and not a hub dataset" + (" in the local cache" if hub_offline() else "")
+    except Exception as e:  # not found, or a file that `datasets` cannot read (its error's cause says why)
+        e = e.__cause__ or e
+        where = "a folder whose files cannot be read as a dataset" if os.path.isdir(name) else \
+            "no such local file or folder, and not a hub dataset" + (" in the local cache" if hub_offline() else "")
         fail(f"could not load the prompts '{name}': {where} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
 
 
@@ -412,8 +418,12 @@ def load_model(name: str, args: Args, device):
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code,
                                                      attn_implementation=args.attn_implementation)
     except (OSError, ValueError) as e:
-        where = "no such local folder" + (", and not a hub id in the local cache (HF_HUB_OFFLINE is set)"
-                                          if hub_offline() else " and not a hub id")
+        held = os.listdir(name) if os.path.isdir(name) else None  # a folder: empty, a checkpoint, or what failed
+        where = ("no such local folder" + (", and not a hub id in the local cache (HF_HUB_OFFLINE is set)"
+                                           if hub_offline() else " and not a hub id") if held is None else
+                 "an empty folder; pass one holding a saved model" if not held else "a training checkpoint "
+                 "(optimizer state), not a saved model; pass the run's output folder" if "optimizer.bin" in held
+                 else "a folder that transformers cannot load")
         fail(f"could not load model '{name}': {where} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     if tokenizer.chat_template is None:
         fail(f"the tokenizer of '{tok_name}' has no chat template; the benchmarks judge chat answers: use a chat / "

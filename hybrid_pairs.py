@@ -391,8 +391,12 @@ def load_pretrained(cls, name: str, what: str, args: Args, **kwargs):
     try:
         return cls.from_pretrained(name, trust_remote_code=args.trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
-        where = "no such local folder" + (", and not a hub id in the local cache (HF_HUB_OFFLINE is set)"
-                                          if hub_offline() else " and not a hub id")
+        held = os.listdir(name) if os.path.isdir(name) else None  # a folder: empty, a checkpoint, or what failed
+        where = ("no such local folder" + (", and not a hub id in the local cache (HF_HUB_OFFLINE is set)"
+                                           if hub_offline() else " and not a hub id") if held is None else
+                 "an empty folder; pass one holding a saved model" if not held else "a training checkpoint "
+                 "(optimizer state), not a saved model; pass the run's output folder" if "optimizer.bin" in held
+                 else "a folder that transformers cannot load")
         fail(f"could not load {what} '{name}': {where} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
 
 
@@ -423,7 +427,8 @@ if __name__ == "__main__":
             if len(splits[split]) == 0:
                 fail(f"the {split} split of {args.dataset_name} is empty")
             check_columns(splits[split], args, split)
-    tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, "the policy's tokenizer", args)
+    tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path,
+                               "the policy's tokenizer" if args.tokenizer_name else "the policy", args)
     rm_tokenizer = load_tokenizer(args.reward_model_name_or_path, "the reward model's tokenizer", args)
     model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, "the policy", args, dtype=dtype,
                             attn_implementation=args.attn_implementation)

@@ -466,8 +466,13 @@ def from_pretrained(auto_class, what: str, name: str, args: Args, **kwargs):
     try:
         return auto_class.from_pretrained(name, trust_remote_code=args.trust_remote_code, **kwargs)
     except (OSError, ValueError) as error:
-        if os.path.isdir(name):
-            fail(f"could not load {what} {name!r} from that folder: {str(error).splitlines()[0]}")
+        if os.path.isdir(name):  # an empty folder, or a checkpoint (accelerate state) instead of a saved model
+            held = os.listdir(name)
+            why = ("it is empty; pass a folder holding a saved model (a run's output folder) or a hub id" if not held
+                   else "it holds a training checkpoint (optimizer state), not a saved model; pass the run's output "
+                   "folder, which holds its final model" if "optimizer.bin" in held
+                   else str(error).splitlines()[0])
+            fail(f"could not load {what} {name!r} from that folder: {why}")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
     cache = " in the local cache (HF_HUB_OFFLINE is set)" if offline else ""
     hint = (" Pass a folder written by sft.py or python -m tiny, or leave --model_name_or_path out to build the "

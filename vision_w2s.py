@@ -413,11 +413,15 @@ def load_data(args: Args, scratch: list[str]) -> tuple[dict, dict, int]:
     feature = data[args.split].features[args.label_column]
     ds_classes = (feature.num_classes if isinstance(feature, ClassLabel)
                   else int(max(y.max() for y in labels.values())) + 1)
+    # every transformers model named loads its config here: a wrong path is reported before any model runs or any
+    # cache is written
+    configs = {m: pretrained(AutoConfig, m) for m in (args.weak_model, args.strong_model)
+               if m is not None and m != "alexnet" and m not in TORCH_HUB_DINO}
     head = None  # size of the weak model's own head, when it has one that is not built here
     if args.weak_head_split is None and args.weak_model == "alexnet":
         head = 1000
     elif args.weak_head_split is None and args.weak_model is not None:
-        config = pretrained(AutoConfig, args.weak_model)
+        config = configs[args.weak_model]
         if not any(a.endswith("ForImageClassification") for a in config.architectures or []):
             fail(f"{args.weak_model} is not an image classifier ({config.architectures}): its head would be random; "
                  f"pass --weak_head_split <split> to train a probe on its embeddings")
@@ -738,6 +742,9 @@ if __name__ == "__main__":
     order = np.random.default_rng(args.seed).permutation(len(keep))
     order = order[keep[order]]
     train_idx, test_idx = torch.as_tensor(order[: args.n_train]), torch.as_tensor(order[args.n_train :])
+    if len(order) == 0:
+        fail(f"none of the {len(keep)} images in split {args.split!r} of {args.dataset} is readable (corrupt, truncated "
+             "or empty files): replace them, or pass another --split")
     if len(test_idx) == 0:
         fail(f"--n_train {args.n_train} leaves no test images: {len(order)} of {len(keep)} images in split "
              f"{args.split!r} of {args.dataset} are readable; replace the unreadable files or pass a smaller --n_train")

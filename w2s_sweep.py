@@ -7,7 +7,8 @@ large, all with the same --output_dir: the training script caches each stage the
 one pre-training, one weak model and one strong ceiling per size and seed are trained and the other pairs reuse
 them. It collects each pair's results.json and writes sweep.json (per seed, mean and std per pair) and sweep.png:
 test accuracy against the strong model with one line per weak model, the strong ceiling in black, and PGR per pair
-(a pair of a model with itself, self-training, has no PGR). Every flag it does not know (--preset, --ds_name,
+(a pair of a model with itself, self-training, has no PGR, nor has a pair whose strong ceiling is not above its
+weak model: sweep.json lists those under pgr_undefined). Every flag it does not know (--preset, --ds_name,
 --losses, --n_seeds, ...) goes to weak_to_strong_cls.py unchanged; the --weak_* / --strong_* models are set here.
 
 Offline setting (tiny/cls.py, see weak_to_strong_cls.py): the sizes tiny-s (1 layer, hidden 8, 300 pre-training
@@ -108,10 +109,11 @@ def model_flags(side: str, name: str, pretrain_steps: int | None) -> list[str]:
 
 
 def summarize(per_seed: dict) -> dict:
+    """Mean and std over the seeds; null where a seed has none (PGR of self-training, or with no gap to recover)."""
     keys = list(next(iter(per_seed.values())))
-    values = {k: [r[k] for r in per_seed.values() if r[k] is not None] for k in keys}
-    return {"mean": {k: float(np.mean(v)) if v else None for k, v in values.items()},
-            "std": {k: float(np.std(v)) if v else None for k, v in values.items()}}
+    values = {k: [r[k] for r in per_seed.values()] for k in keys}
+    return {"mean": {k: None if None in v else float(np.mean(v)) for k, v in values.items()},
+            "std": {k: None if None in v else float(np.std(v)) for k, v in values.items()}}
 
 
 def sweep_plot(sweep: dict, models: list[str], losses: tuple, path: Path, title: str) -> None:
@@ -141,6 +143,9 @@ def sweep_plot(sweep: dict, models: list[str], losses: tuple, path: Path, title:
         ax.set_ylabel("test accuracy")
         ax.legend(fontsize=8)
         ax_pgr.axhline(0, color="gray", lw=0.8)
+        if sweep["pgr_undefined"]:
+            ax_pgr.text(0.01, 0.97, "PGR undefined (strong <= weak): " + ", ".join(sweep["pgr_undefined"]),
+                        transform=ax_pgr.transAxes, va="top", fontsize=8)
         ax_pgr.set_ylabel("performance gap recovered")
         ax_pgr.set_xticks(xs, models)
         ax_pgr.set_xlabel("strong model")
@@ -158,7 +163,7 @@ if __name__ == "__main__":
     steps = args.pretrain_steps or [None] * len(args.models)
 
     # one run of the training script per pair (weak i, strong j >= i); stages already in output_dir are reused
-    per_seed, run_args = {}, None
+    per_seed, run_args, no_gap = {}, None, []  # no_gap: pairs whose strong ceiling is not above the weak model
     for i, weak in enumerate(args.models):
         for j in range(i, len(args.models)):
             pair = f"{weak}->{args.models[j]}"
@@ -176,11 +181,13 @@ if __name__ == "__main__":
                 if i == j:  # self-training: no gap to recover
                     res.update({k: None for k in res if k.startswith("pgr_")})
                 per_seed.setdefault(seed, {})[pair] = res
+            if i != j and any(r["strong_acc"] <= r["weak_acc"] for r in results["per_seed"].values()):
+                no_gap.append(pair)  # weak_to_strong_cls.py left its PGR null: there is no gap to recover
 
     by_pair = {pair: summarize({s: r[pair] for s, r in per_seed.items()}) for pair in next(iter(per_seed.values()))}
     summary = {"mean": {p: v["mean"] for p, v in by_pair.items()}, "std": {p: v["std"] for p, v in by_pair.items()},
-               "models": list(args.models), "n_seeds": run_args["n_seeds"], "per_seed": per_seed,
-               "args": {**vars(args), "passthrough": passthrough}, "run_args": run_args}
+               "models": list(args.models), "pgr_undefined": no_gap, "n_seeds": run_args["n_seeds"],
+               "per_seed": per_seed, "args": {**vars(args), "passthrough": passthrough}, "run_args": run_args}
     files = (out / "sweep.json", out / "sweep.png")
     files[0].write_text(json.dumps(summary, indent=2))
     losses = run_args["losses"]
@@ -192,8 +199,12 @@ if __name__ == "__main__":
         row = f"{pair:<24}{m['weak_acc']:>7.3f}{m['strong_acc']:>8.3f}"
         for loss in losses:
             pgr = m[f"pgr_{loss}"]
-            row += f"{m[f'transfer_acc_{loss}']:>13.3f}" + (f"{pgr:>7.2f}" if pgr is not None else f"{'-':>7}")
+            undefined = "undef" if pair in no_gap else "-"  # no gap to recover, or self-training
+            row += f"{m[f'transfer_acc_{loss}']:>13.3f}" + (f"{pgr:>7.2f}" if pgr is not None else f"{undefined:>7}")
         print(row)
+    if no_gap:
+        print(f"PGR undefined (undef) for {', '.join(no_gap)}: the strong ceiling is not above the weak model (in at "
+              "least one seed), so there is no gap to recover")
     print(f"wrote {files[0]} and {files[1]}")
     if args.track:
         import wandb

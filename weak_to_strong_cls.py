@@ -9,8 +9,8 @@ train,loss}.py). For each seed, one run does:
     3. weak labels     <- the weak model's soft predictions on half 2 (saved as a dataset)
     4. strong ceiling  <- fine-tune the strong LM on half 2 with ground truth
     5. weak-to-strong  <- fine-tune the strong LM on half 2 with the weak labels, once per loss (xent, logconf, product)
-    report: test accuracy of each, PGR = (w2s - weak) / (strong ceiling - weak), and the test-set agreement of each
-    strong student with its weak teacher.
+    report: test accuracy of each, PGR = (w2s - weak) / (strong ceiling - weak) (undefined, null, when the ceiling
+    is not above the weak model), and the test-set agreement of each strong student with its weak teacher.
 
 Every model is a causal LM whose hidden state at the last real token feeds a zero-initialised 2-class linear head
 without bias. Stages are cached under --output_dir (keyed by their settings) and skipped on rerun unless
@@ -347,7 +347,7 @@ def load_cls_dataset(ds_name: str, n_docs: int, n_test_docs: int, seed: int) -> 
 def split_halves(train: Dataset, seed: int, batch_size: int) -> tuple[Dataset, Dataset]:
     """The 50/50 split: half 1 trains the weak model, half 2 is labelled by it (official train_weak_to_strong.py)."""
     if len(train) < 2 * batch_size:
-        raise ValueError(f"the train split has {len(train)} examples: too few to split 50/50 into halves of at least "
+        raise DataError(f"the train split has {len(train)} examples: too few to split 50/50 into halves of at least "
                          f"one batch ({batch_size}); raise --n_docs, use a bigger dataset or lower --batch_size")
     halves = train.train_test_split(test_size=0.5, seed=seed)
     return halves["train"], halves["test"]
@@ -402,20 +402,27 @@ class CausalLMWithHead(torch.nn.Module):
         return self.score(last.to(self.score.weight.dtype))
 
 
-def build_model(spec: dict, args: Args, head: bool = True) -> tuple:
+def build_model(spec: dict, args: Args, head: bool = True, check: bool = False) -> tuple:
     """Tokenizer and CausalLMWithHead (the LM's body with a fresh head; head=False: the causal LM itself), from a
-    hub id / local path, or from scratch (run_clm.py's --model_type + --config_overrides)."""
+    hub id / local path, or from scratch (run_clm.py's --model_type + --config_overrides). check=True: the tokenizer
+    and the config only, so that a model that cannot load is reported before any stage runs."""
     what, name = ("tokenizer", spec["tokenizer"]) if spec["tokenizer"] else ("model", spec["name_or_path"])
     try:  # what failed to load and why, with a hint that fits what was passed
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
         if tokenizer.pad_token is None:  # GPT-2 has none; which id pads does not matter, the mask marks padding
             tokenizer.pad_token = tokenizer.eos_token
         what, name = "model", spec["name_or_path"]  # float32 weights: mixed precision comes from accelerate's config
-        lm = None if name is None else AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
-                                                                            trust_remote_code=args.trust_remote_code)
+        load = AutoConfig.from_pretrained if check else partial(AutoModelForCausalLM.from_pretrained,
+                                                                dtype=torch.float32)
+        lm = None if name is None else load(name, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
-        if os.path.isdir(name):
-            raise DataError(f"could not load {what} {name!r} from that folder: {str(e).splitlines()[0]}") from None
+        if os.path.isdir(name):  # an empty folder, or a checkpoint instead of a saved model, is named as one
+            held = os.listdir(name)
+            why = ("it is empty; pass a folder holding a saved model, or a hub id" if not held else "it holds a "
+                   "training checkpoint (optimizer state), not a saved model; pass a run's output folder (its final "
+                   "model)" if "optimizer.bin" in held
+                   else str(e).splitlines()[0])
+            raise DataError(f"could not load {what} {name!r} from that folder: {why}") from None
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
         raise DataError(f"could not load {what} {name!r}: no such local folder and not a hub id"
                         f"{' in the local cache (HF_HUB_OFFLINE is set)' if offline else ''}; pass a hub id "
@@ -428,8 +435,8 @@ def build_model(spec: dict, args: Args, head: bool = True) -> tuple:
             keys = [kv.split("=")[0] for kv in spec["config_overrides"].split(",")]
             overrides |= {k: getattr(parsed, k) for k in keys}
         config = AutoConfig.for_model(spec["model_type"], **overrides)
-        lm = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
-    return tokenizer, CausalLMWithHead(lm.base_model, args.linear_probe) if head else lm
+        lm = config if check else AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+    return tokenizer, CausalLMWithHead(lm.base_model, args.linear_probe) if head and not check else lm
 
 
 def pretrain_lm(spec: dict, steps: int, args: Args, accelerator) -> str:
@@ -677,8 +684,8 @@ def plot(summary: dict, losses: tuple, path: Path, title: str) -> None:
     for bar, key, std in zip(bars, keys, stds):
         pgr = summary["mean"].get(key.replace("transfer_acc", "pgr"))
         text = f"{summary['mean'][key]:.3f}"
-        if key.startswith("transfer") and pgr is not None:
-            text += f"\nPGR {pgr:.2f}"
+        if key.startswith("transfer"):
+            text += f"\nPGR {pgr:.2f}" if pgr is not None else "\nPGR undefined\n(strong <= weak)"
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + std + 0.005, text, ha="center", va="bottom")
     ax.set_ylim(max(0.0, min(means) - 0.1), max(m + s for m, s in zip(means, stds)) + 0.08)
     ax.set_ylabel("test accuracy")
@@ -795,6 +802,18 @@ if __name__ == "__main__":
                          "product": {"alpha": args.product_alpha, "beta": args.product_beta}}
         loss_fns = {"xent": xent_loss, "logconf": partial(logconf_loss, **loss_settings["logconf"]),
                     "product": partial(product_loss, **loss_settings["product"])}
+        # every input is checked before any stage runs or anything is written: each seed's data and halves, and the
+        # tokenizer and config of each model
+        data = {}
+        for seed in range(args.seed, args.seed + args.n_seeds):
+            ds = load_cls_dataset(args.ds_name, args.n_docs, args.n_test_docs, seed)
+            data[seed] = (ds["test"], *split_halves(ds["train"], seed, args.batch_size))
+        specs = {side: {"name_or_path": getattr(args, f"{side}_model_name_or_path"),
+                        "model_type": getattr(args, f"{side}_model_type"),
+                        "config_overrides": getattr(args, f"{side}_config_overrides"), "tokenizer": args.tokenizer_name}
+                 for side in ("weak", "strong")}
+        for spec in specs.values():
+            build_model(spec, args, check=True)
         tracker = None
         if args.track and accelerator.is_main_process:
             import wandb
@@ -805,27 +824,20 @@ if __name__ == "__main__":
 
         # ALGO LOGIC: 0. (offline only) next-token pre-training of the models built from scratch; a hub id / path
         # is used as it is
-        specs = []
-        for side in ("weak", "strong"):
-            spec = {"name_or_path": getattr(args, f"{side}_model_name_or_path"),
-                    "model_type": getattr(args, f"{side}_model_type"),
-                    "config_overrides": getattr(args, f"{side}_config_overrides"), "tokenizer": args.tokenizer_name}
+        for side, spec in specs.items():
             steps = getattr(args, f"{side}_pretrain_steps") if args.pretrain_corpus else 0
             if spec["name_or_path"] is None and steps > 0:
-                spec = {"name_or_path": pretrain_lm(spec, steps, args, accelerator), "model_type": None,
-                        "config_overrides": None, "tokenizer": args.tokenizer_name}
-            specs.append(spec)
-        weak_spec, strong_spec = specs
+                specs[side] = {"name_or_path": pretrain_lm(spec, steps, args, accelerator), "model_type": None,
+                               "config_overrides": None, "tokenizer": args.tokenizer_name}
+        weak_spec, strong_spec = specs["weak"], specs["strong"]
 
         per_seed = {}
-        for seed in range(args.seed, args.seed + args.n_seeds):
-            ds = load_cls_dataset(args.ds_name, args.n_docs, args.n_test_docs, seed)
-            half1, half2 = split_halves(ds["train"], seed, args.batch_size)
-            accelerator.print(f"[seed {seed}] train halves {len(half1)} / {len(half2)}, test {len(ds['test'])}; "
+        for seed, (test_ds, half1, half2) in data.items():
+            accelerator.print(f"[seed {seed}] train halves {len(half1)} / {len(half2)}, test {len(test_ds)}; "
                               f"batch {args.batch_size} = {args.micro_batch_size} x {args.gradient_accumulation_steps} "
                               f"accumulated x {accelerator.num_processes} processes")
             data_keys = ("ds_name", "n_docs", "n_test_docs", "max_ctx", "batch_size", "linear_probe")
-            stage = partial(run_stage, test_ds=ds["test"], seed=seed, args=args, accelerator=accelerator,
+            stage = partial(run_stage, test_ds=test_ds, seed=seed, args=args, accelerator=accelerator,
                             tracker=tracker, cache_key={**{k: getattr(args, k) for k in data_keys}, "seed": seed})
             # ALGO LOGIC: 1-2. weak model on half 1 with ground truth; its soft labels on half 2
             weak = stage("weak", weak_spec, half1, "xent", xent_loss, args.weak_lr, args.gt_epochs, label_ds=half2)
@@ -839,18 +851,22 @@ if __name__ == "__main__":
                 w2s = stage(f"w2s_{loss}", {**strong_spec, "teacher": weak["dir"], **loss_settings[loss]},
                             weak_labels, loss, loss_fns[loss], transfer_lr, args.transfer_epochs)
                 res[f"transfer_acc_{loss}"] = w2s["test_acc"]
-                # ALGO LOGIC: performance gap recovered (Burns et al. 2023, section 3)
+                # ALGO LOGIC: performance gap recovered (Burns et al. 2023, section 3); undefined (null) without a
+                # gap to recover, when the strong ceiling is not above the weak model
                 gap = strong["test_acc"] - weak["test_acc"]
-                res[f"pgr_{loss}"] = (w2s["test_acc"] - weak["test_acc"]) / gap if gap != 0 else None
+                res[f"pgr_{loss}"] = (w2s["test_acc"] - weak["test_acc"]) / gap if gap > 0 else None
                 res[f"agreement_{loss}"] = agreement(w2s["dir"], weak["dir"])  # student vs teacher, test set
             per_seed[seed] = res
     except DataError as e:
         fail(str(e))
 
-    # report: mean and std over the seeds
-    values = {k: [r[k] for r in per_seed.values() if r[k] is not None] for k in per_seed[args.seed]}
-    summary = {"mean": {k: float(np.mean(v)) if v else None for k, v in values.items()},
-               "std": {k: float(np.std(v)) if v else None for k, v in values.items()},
+    # report: mean and std over the seeds; PGR only when every seed has one
+    values = {k: [r[k] for r in per_seed.values()] for k in per_seed[args.seed]}
+    no_gap = [seed for seed, r in per_seed.items() if r["strong_acc"] <= r["weak_acc"]]
+    summary = {"mean": {k: None if None in v else float(np.mean(v)) for k, v in values.items()},
+               "std": {k: None if None in v else float(np.std(v)) for k, v in values.items()},
+               "pgr_undefined": f"PGR undefined: the strong ceiling is not above the weak model in seed(s) {no_gap}, "
+               "so there is no gap to recover" if no_gap else None,
                "n_seeds": args.n_seeds, "per_seed": per_seed, "args": vars(args)}
     files = (Path(args.output_dir) / "results.json", Path(args.output_dir) / "results.png")
     if accelerator.is_main_process:
@@ -863,8 +879,9 @@ if __name__ == "__main__":
              f"{args.n_seeds} seed(s)")
         print(f"\n{'metric':<24}{'mean':>8}{'std':>8}")
         for k, v in summary["mean"].items():
-            if v is not None:
-                print(f"{k:<24}{v:>8.4f}{summary['std'][k]:>8.4f}")
+            print(f"{k:<24}" + (f"{'undefined':>16}" if v is None else f"{v:>8.4f}{summary['std'][k]:>8.4f}"))
+        if no_gap:
+            print(summary["pgr_undefined"])
         print(f"wrote {files[0]} and {files[1]}")
         if tracker is not None:
             tracker.summary.update({f"eval/{k}": v for k, v in summary["mean"].items() if v is not None})

@@ -470,7 +470,7 @@ def prepare_split(raw, max_samples: int | None, tokenizer, args: Args, what: str
     with_rejected = what == "eval" and args.rejected_column in raw.column_names
     ds = raw.map(lambda ex: tokenize_example(tokenizer, ex, args, with_rejected), remove_columns=raw.column_names,
                  desc=f"tokenizing {what}")
-    skips = {r: n for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}
+    skips = {str(r): int(n) for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}  # no np reprs
     kept = ds.filter(lambda ex: ex["skip"] == "")
     prompts_cut, responses_cut = sum(kept["prompt_cut"]), sum(kept["response_cut"])
     log(f"{what}: {len(kept)} of {len(ds)} examples kept; {prompts_cut} prompts cut, {responses_cut} responses cut"
@@ -640,8 +640,11 @@ def load_pretrained(auto_class, name: str, args: Args):
     try:
         loaded = auto_class.from_pretrained(name, trust_remote_code=args.trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
+        held = os.listdir(name) if os.path.isdir(name) else None  # a folder: empty, a checkpoint, or what failed
         why = ("no such local folder, and not a hub id in the local cache (HF_HUB_OFFLINE=1)"
-               if not os.path.exists(name) and constants.HF_HUB_OFFLINE else str(e).splitlines()[0])
+               if not os.path.exists(name) and constants.HF_HUB_OFFLINE else "the folder is empty" if held == [] else
+               "that folder holds a training checkpoint (optimizer state), not a saved model; pass the run's output "
+               "folder" if "optimizer.bin" in (held or []) else str(e).splitlines()[0])
         hint = ("the tiny models come from `bash run_tiny.sh` (or pass their folders)" if args.preset == "tiny" else
                 "pass a local model folder or a hub id (offline: --preset tiny after `bash run_tiny.sh`)")
         fail(f"could not load model {name!r}: {why}. {hint}")

@@ -372,6 +372,38 @@ def test_bad_model_path_names_the_model(tiny, tmp_path):
     assert "tokenizer" not in p.stderr and not (tmp_path / "o").exists()
 
 
+def test_empty_or_checkpoint_folder_as_model_is_named_for_what_it_is(tiny, tmp_path):
+    """issue 26 case 15: a folder that exists but holds no saved model, said so (not "the backend tokenizer")."""
+    empty, checkpoint = tmp_path / "empty", tmp_path / "run" / "checkpoints" / "step-4"
+    empty.mkdir()
+    checkpoint.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):  # what accelerate's save_state writes
+        (checkpoint / name).write_bytes(b"state")
+    for folder, why in ((empty, "it is empty; pass a folder holding a saved model (a run's output folder) or a hub id"),
+                        (checkpoint, "it holds a training checkpoint (optimizer state), not a saved model; pass the "
+                                     "run's output folder, which holds its final model")):
+        p = run_script("dpo.py", "--preset", "tiny", "--model_name_or_path", str(folder), "--dataset_name",
+                       str(tiny / "ultrafeedback"), "--output_dir", str(tmp_path / "o"), check=False)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert f"error: could not load model '{folder}' from that folder: {why}" in p.stderr
+        assert "tokenizer" not in p.stderr and not (tmp_path / "o").exists()
+
+
+def test_no_usable_pair_error_prints_plain_counts(tiny, capsys):
+    """issue 26 case 16: the skip counts of the error are plain strings and ints, not numpy reprs."""
+    from datasets import Dataset
+
+    tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
+    rows = [{"prompt": "copy one", "chosen": "", "rejected": "meh one"}] * 2
+    rows += [{"prompt": "copy two", "chosen": "ok two", "rejected": "ok two"}]
+    with pytest.raises(SystemExit) as e:
+        dpo.prepare_dataset(Dataset.from_list(rows), tok, dpo.PRESETS["tiny"], "train", "bad.jsonl", print)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "np." not in err
+    assert ("error: no usable pair in the train data (bad.jsonl: {'chosen identical to rejected': 1, 'empty chosen or "
+            "rejected': 2})") in err
+
+
 def test_no_network_is_reported_at_once(tiny, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     t0 = time.time()

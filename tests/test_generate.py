@@ -213,6 +213,21 @@ def test_bad_prompts_and_models_exit_2(prompts, tiny_sft, tmp_path):
         ("alpaca_eval", ["--model_name_or_path", str(tmp_path / "no_model")],
          f"could not load model '{tmp_path / 'no_model'}': no such local folder"),
     ]
+    folder = tmp_path / "prompt_folder"  # a --prompts folder holding a broken file (issue 26 case 12)
+    folder.mkdir()
+    (folder / "questions.jsonl").write_text(bad_line.read_text())
+    empty, checkpoint = tmp_path / "empty", tmp_path / "checkpoints" / "step-4"  # issue 26 case 15: folders that exist
+    empty.mkdir()
+    checkpoint.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):  # what accelerate's save_state writes
+        (checkpoint / name).write_bytes(b"state")
+    cases += [
+        ("mt_bench", ["--prompts", str(folder)], f"{folder / 'questions.jsonl'}, line 2: not valid JSON"),
+        ("alpaca_eval", ["--model_name_or_path", str(empty)],
+         f"could not load model '{empty}': an empty folder; pass one holding a saved model"),
+        ("alpaca_eval", ["--model_name_or_path", str(checkpoint)], f"could not load model '{checkpoint}': a training "
+         "checkpoint (optimizer state), not a saved model; pass the run's output folder"),
+    ]
     duplicate = tmp_path / "mt.jsonl"
     duplicate.write_text("".join(json.dumps({"question_id": 81, "category": "math", "turns": [t]}) + "\n"
                                  for t in ("sort one two", "copy three")))

@@ -165,14 +165,18 @@ def test_user_errors_exit_2_and_write_nothing(tiny, small_sft, reward_model, tmp
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("an earlier dataset")
+    empty = tmp_path / "empty"  # a model folder that exists but holds nothing (issue 26 case 15)
+    empty.mkdir()
     cases = [
         (["--output_dir", str(taken)], f"output_dir {taken} already holds files"),
         (["--dataset_name", str(bad_jsonl)], f"--dataset_name {bad_jsonl} is a single file: it holds one split"),
         (["--dataset_name", str(bad_jsonl), "--eval_split", "None"], f"{bad_jsonl}, line 2: not valid JSON"),
         (["--prompt_column", "question", "--chosen_column", "a", "--rejected_column", "b"],
          f"the train_prefs split of {tiny / 'ultrafeedback'} has neither a 'question' column"),
-        (["--model_name_or_path", str(tmp_path / "no_model")],
-         f"could not load the policy's tokenizer '{tmp_path / 'no_model'}': no such local folder"),
+        (["--model_name_or_path", str(tmp_path / "no_model")],  # the policy, not its tokenizer (issue 26 case 14)
+         f"could not load the policy '{tmp_path / 'no_model'}': no such local folder"),
+        (["--model_name_or_path", str(empty)], f"could not load the policy '{empty}': an empty folder; pass one "
+         "holding a saved model"),
         (["--reward_model_name_or_path", str(tmp_path / "no_rm")],
          f"could not load the reward model's tokenizer '{tmp_path / 'no_rm'}': no such local folder"),
     ]

@@ -505,6 +505,18 @@ def test_bad_model_path_names_the_model_with_a_fitting_hint(tiny, tmp_path):
     assert errors[0].startswith("error: could not load model 'runs/x': no such local folder and not a hub id")
     assert "tokenizer" not in errors[0] and "pass --preset tiny" not in errors[0]  # --preset tiny was passed
     assert not (tmp_path / "o").exists()
+    # issue 26 case 15: a folder that exists but holds no saved model is named for what it is
+    empty, checkpoint = tmp_path / "empty", tmp_path / "run" / "checkpoints" / "step-4"
+    empty.mkdir()
+    checkpoint.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):  # what accelerate's save_state writes
+        (checkpoint / name).write_bytes(b"state")
+    for folder, why in ((empty, "it is empty; pass a folder holding a saved model"),
+                        (checkpoint, "it holds a training checkpoint (optimizer state), not a saved model")):
+        p = run_script(*tiny_args(tiny, tmp_path / "o", "--model_name_or_path", str(folder)), check=False)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert f"error: could not load model '{folder}' from that folder: {why}" in p.stderr
+        assert "tokenizer" not in p.stderr and not (tmp_path / "o").exists()
 
 
 def test_no_network_is_reported_in_seconds(tmp_path):

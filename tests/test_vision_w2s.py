@@ -122,6 +122,22 @@ def test_unreadable_images_counted_and_skipped(image_set, tmp_path):
     assert "3 unreadable skipped" in p.stdout
 
 
+def test_no_readable_image_is_said_so(no_torchvision, tmp_path):
+    """issue 26 case 16: a split whose images are all unreadable is named as such, not "pass a smaller --n_train"."""
+    from datasets import Dataset, DatasetDict, Image as ImageFeature
+
+    good, bad = Image.new("RGB", (8, 8), (10, 20, 30)), {"bytes": b"not an image", "path": None}
+    DatasetDict({"train": Dataset.from_dict({"image": [good] * 4, "label": [0, 1, 0, 1]}),
+                 "test": Dataset.from_dict({"image": [bad] * 4, "label": [0, 1, 1, 0]})}
+                ).cast_column("image", ImageFeature()).save_to_disk(str(tmp_path / "ds"))
+    p = tiny_run(tmp_path / "ds", tmp_path, "--n_train", "2", "--pretrain_epochs", "1", "--probe_epochs", "1",
+                 env=no_torchvision, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert error_line(p.stderr) == (f"error: none of the 4 images in split 'test' of {tmp_path / 'ds'} is readable "
+                                    "(corrupt, truncated or empty files): replace them, or pass another --split")
+    assert not (tmp_path / "out").exists()
+
+
 def test_label_beyond_head_size_is_a_clear_error(image_set, tmp_path):
     p = tiny_run(image_set, tmp_path, "--n_classes", "4", env=SINGLE_THREAD, check=False)
     assert p.returncode != 0
@@ -325,6 +341,7 @@ def save_images(path: Path, labels: dict, image=None) -> Path:
     (lambda d: save_images(d / "ds", {"train": [0, 1], "test": [0, 1, 1, 0]}), ("--label_column", "y"),
      "split 'test' has no column 'y'"),
     (lambda d: d / "folder", ("--weak_model", "missing_model_folder"), "could not load model 'missing_model_folder'"),
+    (lambda d: d / "folder", ("--strong_model", "missing_model_folder"), "could not load model 'missing_model_folder'"),
 ])
 def test_data_errors_name_the_source_and_the_fix(vw, parse, capsys, tmp_path, make, flags, message):
     source = make(tmp_path)
@@ -399,6 +416,9 @@ def test_cli_errors_exit_2_before_anything_is_written(image_set, no_torchvision,
         (("--preset", "tiny", "--dataset", "someone/images"),
          {**no_torchvision, "HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"},
          "error: no network: cannot reach the Hugging Face Hub for 'someone/images'. Set HF_HUB_OFFLINE=1"),
+        # a wrong --strong_model: said before the weak model's features are computed and cached (issue 26 case 13)
+        (("--preset", "tiny", "--dataset", str(image_set), "--strong_model", "no_such_model"), no_torchvision,
+         "error: could not load model 'no_such_model' (no such local folder and not a cached hub id)"),
     ]
     for flags, env, message in cases:
         p = run_script(SCRIPT, *flags, "--output_dir", str(out), "--cache_dir", str(cache), env=env, check=False,

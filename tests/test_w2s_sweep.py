@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import load_script, run_script
+from conftest import ROOT, load_script, run_script
 
 sweep_script = load_script("w2s_sweep")
 
@@ -75,3 +75,41 @@ def test_training_script_error_stops_the_sweep(tiny, tmp_path):
                    env=SINGLE_THREAD)
     assert p.returncode == 2 and "error: --batch_size 0: must be a positive integer" in p.stderr
     assert "Traceback" not in p.stderr and not out.exists()
+
+
+# a stand-in for weak_to_strong_cls.py next to a copy of the sweep: fixed accuracies per model, PGR as the real script
+# computes it (null when the strong ceiling is not above the weak model), one seed
+FAKE_TRAINING_SCRIPT = '''import json, sys
+from pathlib import Path
+argv = sys.argv[1:]
+flag = lambda name: argv[len(argv) - 1 - argv[::-1].index(name) + 1]
+acc = {"big": 0.9, "small": 0.7}
+weak, strong = acc[flag("--weak_model_name_or_path")], acc[flag("--strong_model_name_or_path")]
+res = {"weak_acc": weak, "strong_acc": strong, "weak_label_acc": weak, "transfer_acc_xent": 0.8,
+       "pgr_xent": (0.8 - weak) / (strong - weak) if strong > weak else None, "agreement_xent": 0.9}
+Path(flag("--output_dir")).mkdir(parents=True, exist_ok=True)
+(Path(flag("--output_dir")) / "results.json").write_text(json.dumps({"per_seed": {"0": res}, "args": {
+    "n_seeds": 1, "losses": ["xent"], "ds_name": "fake", "seed": 0}}))
+'''
+
+
+def test_pgr_is_undefined_for_a_pair_whose_strong_model_is_not_better(tmp_path, monkeypatch):
+    """issue 26 case 4: weak `big` (0.9) -> strong `small` (0.7): no gap to recover; sweep.json, the table and the
+    plot say PGR is undefined for that pair, the sweep completes."""
+    (tmp_path / "w2s_sweep.py").write_text((ROOT / "w2s_sweep.py").read_text())
+    (tmp_path / "weak_to_strong_cls.py").write_text(FAKE_TRAINING_SCRIPT)
+    out = tmp_path / "out"
+    p = run_script(str(tmp_path / "w2s_sweep.py"), "--models", "big", "small", "--output_dir", str(out))
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["pgr_undefined"] == ["big->small"]
+    assert sweep["per_seed"]["0"]["big->small"]["pgr_xent"] is None and sweep["mean"]["big->small"]["pgr_xent"] is None
+    assert sweep["mean"]["big->small"]["transfer_acc_xent"] == 0.8  # the accuracies are reported as usual
+    rows = {line.split()[0]: line.split()[1:] for line in p.stdout.splitlines() if re.match(r"\w+->\w+ ", line)}
+    assert rows == {"big->big": ["0.900", "0.900", "0.800", "-"], "big->small": ["0.900", "0.700", "0.800", "undef"],
+                    "small->small": ["0.700", "0.700", "0.800", "-"]}
+    assert "PGR undefined (undef) for big->small: the strong ceiling is not above the weak model" in p.stdout
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    texts = []  # the note on the PGR panel
+    monkeypatch.setattr(sweep_script.plt.Axes, "text", lambda ax, x, y, s, **kw: texts.append(s))
+    sweep_script.sweep_plot(sweep, ["big", "small"], ["xent"], tmp_path / "again.png", "title")
+    assert texts == ["PGR undefined (strong <= weak): big->small"]

@@ -508,3 +508,48 @@ def test_bad_model_path_and_no_network_say_what_failed(tiny, tmp_path):
     assert p.returncode == 2 and "error: no network: cannot reach the Hugging Face Hub for 'some-org/some-model'. " \
         "Set HF_HUB_OFFLINE=1" in p.stderr, p.stderr
     assert not out.exists()
+
+
+def test_inputs_are_checked_before_any_stage_runs(tiny, corpus, tmp_path):
+    """issue 26 case 13: a broken data file or a wrong model path is reported before pre-training (about 90 s with
+    the preset's steps), and nothing is written; case 15: an empty or checkpoint folder as a model is named as one."""
+    out, broken = tmp_path / "out", tmp_path / "data.jsonl"
+    broken.write_text('{"text": "good", "label": 1}\n{"text": "bad", "label": 0\n')
+    empty, checkpoint = tmp_path / "empty", tmp_path / "run" / "checkpoints" / "step-4"
+    empty.mkdir()
+    checkpoint.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):  # what accelerate's save_state writes
+        (checkpoint / name).write_bytes(b"state")
+    cases = [
+        (["--ds_name", str(broken)], f"error: {broken} line 2: not valid JSON"),
+        (["--weak_model_name_or_path", "runs/nowhere"],
+         "error: could not load model 'runs/nowhere': no such local folder and not a hub id"),
+        (["--strong_model_name_or_path", str(empty)], f"error: could not load model '{empty}' from that folder: it is "
+         "empty; pass a folder holding a saved model, or a hub id"),
+        (["--strong_model_name_or_path", str(checkpoint)], f"error: could not load model '{checkpoint}' from that "
+         "folder: it holds a training checkpoint (optimizer state), not a saved model"),
+    ]
+    for extra, message in cases:  # the preset's pre-training (300 and 4000 steps) would run first without the checks
+        p = run_script(*cli(tiny, out, "--pretrain_corpus", str(corpus), *extra), check=False, env=SINGLE_THREAD)
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, (extra, p.stderr[-2000:])
+        assert "pretrain:" not in p.stdout + p.stderr and not out.exists(), extra  # no stage ran, nothing written
+
+
+def test_pgr_is_undefined_when_the_strong_ceiling_is_not_above_the_weak_model(tiny, tmp_path, monkeypatch):
+    """issue 26 case 4: a strong model that does not learn (lr 0: its zero head predicts one class) is worse than the
+    weak one; PGR is null in the JSON, 'undefined' in the table and on the plot, and the run completes."""
+    p = run_script(*cli(tiny, tmp_path, "--n_docs", "1024", "--n_test_docs", "200", "--gt_epochs", "4", "--losses",
+                        "xent", "--strong_lr", "0", "--no_save_models"), env=SINGLE_THREAD)
+    summary = json.loads((tmp_path / "results.json").read_text())
+    r = summary["per_seed"]["0"]
+    assert r["strong_acc"] < r["weak_acc"] - 0.1, r  # measured 0.470 vs 0.735
+    assert r["pgr_xent"] is None and summary["mean"]["pgr_xent"] is None and summary["std"]["pgr_xent"] is None
+    assert summary["mean"]["transfer_acc_xent"] == r["transfer_acc_xent"]  # the other numbers are reported as usual
+    assert summary["pgr_undefined"] == ("PGR undefined: the strong ceiling is not above the weak model in seed(s) "
+                                        "[0], so there is no gap to recover")
+    assert re.search(r"pgr_xent +undefined\n", p.stdout) and summary["pgr_undefined"] in p.stdout
+    texts = []  # the bar labels of the plot
+    monkeypatch.setattr(w2s.plt.Axes, "text", lambda ax, x, y, s, **kw: texts.append(s))
+    w2s.plot(summary, ("xent",), tmp_path / "again.png", "title")
+    assert texts[-1] == f"{r['transfer_acc_xent']:.3f}\nPGR undefined\n(strong <= weak)"
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -176,6 +176,20 @@ def test_empty_or_malformed_responses_are_counted_skips(tiny):
     assert ok["skip"] == "" and tok.decode(ok["chosen_ids"]) == "ok one done<|im_end|>"
 
 
+def test_no_usable_example_error_prints_plain_counts(tiny, capsys):
+    """issue 26 case 16: the skip counts of the error are plain strings and ints, not numpy reprs."""
+    from datasets import Dataset
+
+    tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
+    rows = [{"prompt": "copy one", "chosen": [{"role": "user", "content": "copy one"}]}] * 2
+    with pytest.raises(SystemExit) as e:
+        wspo.prepare_split(Dataset.from_list(rows), None, tok, wspo.PRESETS["tiny"], "train", "bad.jsonl", print)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "np." not in err
+    assert ("error: no usable example in the train data (bad.jsonl; {'response is not a conversation ending in an "
+            "assistant turn': 2})") in err
+
+
 def test_same_seed_same_loss_curve_bit_for_bit(tiny, four, tmp_path):
     from safetensors.torch import load_file
 
@@ -429,6 +443,17 @@ def test_bad_model_path_names_the_model_with_a_fitting_hint(tiny, four, tmp_path
     assert p.returncode == 2 and "could not load model 'runs/no_such_model'" in p.stderr
     assert "no such local folder" in p.stderr and "run_tiny.sh" in p.stderr and "tokenizer" not in p.stderr
     assert "pass --preset tiny" not in p.stderr and not (tmp_path / "o").exists()
+    # issue 26 case 15: a folder that exists but holds no saved model is named for what it is
+    empty, checkpoint = tmp_path / "empty", tmp_path / "run" / "checkpoints" / "step-4"
+    empty.mkdir()
+    checkpoint.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):  # what accelerate's save_state writes
+        (checkpoint / name).write_bytes(b"state")
+    for folder, why in ((empty, "the folder is empty"), (checkpoint, "that folder holds a training checkpoint "
+                                                                     "(optimizer state), not a saved model")):
+        p = run_wspo(tiny, four, tmp_path, "--strong", str(folder))
+        assert p.returncode == 2 and f"could not load model '{folder}': {why}" in p.stderr, p.stderr[-2000:]
+        assert "tokenizer" not in p.stderr and not (tmp_path / "o").exists()
 
 
 def test_no_network_is_reported_at_once(tmp_path):
