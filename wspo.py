@@ -537,9 +537,9 @@ def collate(rows: list[dict], pad_id: int, padding_free: bool, keys=("chosen_ids
 
 # ---- per-token log-probs and the loss --------------------------------------------------------------------------------
 def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    # fp32 before the log-softmax: its gradient (onehot - softmax) is built in fp32 and cast to the logits' dtype once
-    logits = logits.float()
-    return logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(-1)
+    # fp32 before the log-softmax: its gradient (onehot - softmax) is built in fp32 and cast to the logits' dtype once;
+    # log_softmax shifts by the row maximum (logsumexp's backward, exp(z - logsumexp z), lost ~|log Z| ulps)
+    return logits.float().log_softmax(-1).gather(-1, targets[:, None])[:, 0]
 
 
 def token_logps(model, batch: dict) -> torch.Tensor:
