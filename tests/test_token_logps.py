@@ -55,7 +55,7 @@ def run_head(fn, head, hidden, targets, upstream, autocast=False):
 
 @pytest.mark.parametrize("module", [dpo, wpo])
 def test_token_logps_fp32_values_and_gradient_match_float64_on_peaked_logits(module):
-    """Logits of standard deviation 12 around 60 (|log Z| ~ 100): the old exp(z - log Z) gave 1.5e-6 of relative
+    """Logits of standard deviation 12 around 60 (|log Z| ~ 100): the old exp(z - log Z) gave 1.7e-6 of relative
     error in the gradient, max-shifted logits give fp32 rounding."""
     g = torch.Generator().manual_seed(0)
     logits = (12 * torch.randn(300, 5000, generator=g, dtype=torch.float64) + 60).float().requires_grad_(True)
@@ -69,7 +69,7 @@ def test_token_logps_fp32_values_and_gradient_match_float64_on_peaked_logits(mod
         got = fn(logits)
         (got_grad,) = torch.autograd.grad((got * upstream).sum(), logits)
         assert rel(got.detach(), want.detach()) < 1e-6
-        assert rel(got_grad, want_grad) < 5e-7, rel(got_grad, want_grad)  # exp(z - log Z): 1.5e-6
+        assert rel(got_grad, want_grad) < 5e-7, rel(got_grad, want_grad)  # exp(z - log Z): 1.7e-6
 
 
 @pytest.mark.parametrize("module", [dpo, wpo])
@@ -99,7 +99,7 @@ def test_chunked_lm_head_fp32_matches_float64_on_peaked_logits(module, n, vocab,
 def test_bf16_chunked_weight_gradient_no_worse_than_plain_autograd(module, autocast, n, vocab, chunks, std):
     """bf16 LM head, errors against float64 of the same bf16 matmul inputs: with fp32_weight_grad the chunked weight
     gradient is within 1.2x of plain autograd's (log_softmax of one unchunked bf16 matmul), the hidden states' too;
-    the default (autograd rounds each chunk's bf16 weight gradient) is 2.4x plain at 17 chunks."""
+    the default (autograd rounds each chunk's bf16 weight gradient) is 2.2..2.4x plain at 17 chunks."""
     hidden, weight, targets, upstream = lm_head_case(n, vocab, std=std)
     dtype = torch.float32 if autocast else torch.bfloat16
     hidden, head = hidden.to(dtype), head_of(weight.to(dtype))
