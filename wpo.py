@@ -503,7 +503,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
             (d_logits,) = torch.autograd.grad(logps, logits, grad[i : i + ctx.rows])
             d_hidden[i : i + ctx.rows] = d_logits @ w
             if d_weight is not None:
-                d_weight.addmm_(d_logits.T.to(acc), h.to(acc))
+                d_weight.addmm_(d_logits.T.to(acc), h.to(acc))  # exact products of the bf16 values, fp32 sum
         return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), None, None
 
 
