@@ -538,8 +538,11 @@ def collate(rows: list[dict], pad_id: int, padding_free: bool, keys=("chosen_ids
 # ---- per-token log-probs and the loss --------------------------------------------------------------------------------
 def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # fp32 before the log-softmax: its gradient (onehot - softmax) is built in fp32 and cast to the logits' dtype once;
-    # log_softmax shifts by the row maximum (logsumexp's backward, exp(z - logsumexp z), lost ~|log Z| ulps)
-    return logits.float().log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    # taken from logits shifted by their row maximum, as torch.softmax does (logsumexp's backward, exp(z - log Z), was
+    # ~|log Z| ulps off)
+    z = logits.float()
+    m = z.detach().max(-1, keepdim=True).values
+    return z.gather(-1, targets[:, None])[:, 0] - m[:, 0] - (z - m).exp().sum(-1).log()
 
 
 def token_logps(model, batch: dict) -> torch.Tensor:
