@@ -446,39 +446,78 @@ def collate(rows: list[dict], pad_id: int, padding_free: bool, length_groups: in
 
 # ---- log-probs and loss ----------------------------------------------------------------------------------------------
 class TokenLogps(torch.autograd.Function):
-    """log softmax(z)[target] for rows of logits z, in fp32. Forward saves the logits and one log-normaliser per row;
-    backward builds d logp / dz = (onehot(target) - softmax(z)) * grad in fp32 and casts it once to the logits'
-    dtype (no fp32 copy of the logits kept, and bf16 logits keep the gradient's precision)."""
+    """log softmax(z)[target] for rows of logits z, in fp32, from the logits shifted by their row maximum as
+    torch.softmax takes them (exp(z - log Z), |log Z| ~ 70, put ~4e-6 of rounding into every probability). Forward
+    saves the logits and two numbers per row; backward builds d logp / dz = (onehot(target) - softmax(z)) * grad in
+    fp32 and casts it once to the logits' dtype (no fp32 copy of the logits kept, and bf16 logits keep the gradient's
+    precision)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor):
         z = logits.float()
         m = z.max(-1, keepdim=True).values
         e = (z - m).exp_()
         s = e.sum(-1)
-        log_z = m[:, 0] + s.log()
         # ALGO LOGIC: log sum_v p_v^2 = log sum_v e_v^2 - 2 log sum_v e_v, e = exp(z - max z): WPO's per-token term
         # from the same fp32 exponentials, no probabilities materialised (TRL: log(sq_sum_exp) - 2 log(sum_exp));
         # it only feeds the weight, so it carries no gradient
         log_sum_sq = e.square_().sum(-1).log() - 2 * s.log()
-        ctx.save_for_backward(logits, targets, log_z)
+        ctx.save_for_backward(logits, targets, m, s.log())
         ctx.mark_non_differentiable(log_sum_sq)
-        return logits.gather(-1, targets[:, None])[:, 0].float() - log_z, log_sum_sq
+        return z.gather(-1, targets[:, None])[:, 0] - m[:, 0] - s.log(), log_sum_sq
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor, _):
-        logits, targets, log_z = ctx.saved_tensors
-        d_logits = (logits.float() - log_z[:, None]).exp_().mul_(-grad[:, None])  # -softmax * grad
+    def backward(ctx, grad: torch.Tensor, *_):
+        logits, targets, m, log_s = ctx.saved_tensors
+        d_logits = (logits.float() - m).sub_(log_s[:, None]).exp_().mul_(-grad[:, None])  # -softmax * grad
         return d_logits.scatter_add_(-1, targets[:, None], grad[:, None]).to(logits.dtype), None  # + onehot * grad
 
 
-def token_logps(lm_head, hidden: torch.Tensor, targets: torch.Tensor, chunk_elements: int = 2**27
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+class ChunkedTokenLogps(torch.autograd.Function):
+    """TokenLogps of a linear LM head's logits, F.linear(hidden, weight), chunk by chunk of rows, each chunk's logits
+    recomputed in backward; the weight gradient is summed over the chunks in fp32 and rounded once, as one unchunked
+    bf16 matmul rounds it (autograd rounds each chunk's bf16 gradient, an error that grows with the chunks)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int):
+        logps = []
+        for i in range(0, len(hidden), rows):
+            logits = F.linear(hidden[i : i + rows], weight)  # in autocast's dtype, if on
+            logps.append(TokenLogps.apply(logits, targets[i : i + rows]))
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.rows, ctx.dtype = rows, logits.dtype
+        ctx.mark_non_differentiable(log_sum_sq := torch.cat([sq for _, sq in logps]))
+        return torch.cat([lp for lp, _ in logps]), log_sum_sq
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, *_):
+        hidden, weight, targets = ctx.saved_tensors
+        w, acc = weight.to(ctx.dtype), torch.promote_types(ctx.dtype, torch.float32)
+        d_hidden = torch.empty_like(hidden)
+        d_weight = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None  # None: a frozen head
+        for i in range(0, len(hidden), ctx.rows):
+            h = hidden[i : i + ctx.rows].to(ctx.dtype)
+            logits = F.linear(h, w).requires_grad_()
+            with torch.enable_grad():
+                logps, _ = TokenLogps.apply(logits, targets[i : i + ctx.rows])
+            (d_logits,) = torch.autograd.grad(logps, logits, grad[i : i + ctx.rows])
+            d_hidden[i : i + ctx.rows] = d_logits @ w
+            if d_weight is not None:
+                d_weight.addmm_(d_logits.T.to(acc), h.to(acc))  # exact products of the bf16 values, fp32 sum
+        return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), None, None
+
+
+def token_logps(lm_head, hidden: torch.Tensor, targets: torch.Tensor, chunk_elements: int = 2**27,
+                fp32_weight_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(target) at each response position from the final hidden states: the LM head and the log-softmax run on
     chunks of rows (about chunk_elements logits each), and each chunk's logits are recomputed in backward
-    (activation checkpointing), so the logits of one chunk exist at a time, never the batch's."""
-    head = lambda h, t: TokenLogps.apply(lm_head(h), t)
+    (activation checkpointing), so the logits of one chunk exist at a time, never the batch's. fp32_weight_grad: a
+    linear head's weight gradient summed over the chunks in fp32 (ChunkedTokenLogps); off, as on a CPU its fp32
+    matmul made the head's forward + backward 1.5x slower under bf16 autocast (docs/benchmarks.md)."""
     chunk = max(1, chunk_elements // lm_head.weight.shape[0])
+    if fp32_weight_grad and type(lm_head) is torch.nn.Linear and lm_head.bias is None:
+        return ChunkedTokenLogps.apply(hidden, lm_head.weight, targets, chunk)
+    head = lambda h, t: TokenLogps.apply(lm_head(h), t)
     run = (lambda h, t: checkpoint(head, h, t, use_reentrant=False)) if torch.is_grad_enabled() else head
     chunks = [run(hidden[i : i + chunk], targets[i : i + chunk]) for i in range(0, len(hidden), chunk)]
     return torch.cat([logps for logps, _ in chunks]), torch.cat([log_sum_sq for _, log_sum_sq in chunks])

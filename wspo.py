@@ -537,9 +537,12 @@ def collate(rows: list[dict], pad_id: int, padding_free: bool, keys=("chosen_ids
 
 # ---- per-token log-probs and the loss --------------------------------------------------------------------------------
 def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    # fp32 before the log-softmax: its gradient (onehot - softmax) is built in fp32 and cast to the logits' dtype once
-    logits = logits.float()
-    return logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(-1)
+    # fp32 before the log-softmax: its gradient (onehot - softmax) is built in fp32 and cast to the logits' dtype once;
+    # taken from logits shifted by their row maximum, as torch.softmax does (logsumexp's backward, exp(z - log Z), was
+    # ~|log Z| ulps off)
+    z = logits.float()
+    m = z.detach().max(-1, keepdim=True).values
+    return z.gather(-1, targets[:, None])[:, 0] - m[:, 0] - (z - m).exp().sum(-1).log()
 
 
 def token_logps(model, batch: dict) -> torch.Tensor:

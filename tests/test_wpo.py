@@ -273,18 +273,20 @@ def test_token_logps_gradient_keeps_fp32_precision_in_bf16():
 
 
 def test_token_logps_fp32_values_and_gradient_bit_for_bit():
-    """In fp32 the log-probs are log_softmax's as dpo.py takes them (logsumexp), and the gradient is
-    (onehot - softmax) * grad from the forward's normaliser, bit for bit: the sum of squares changes neither."""
+    """In fp32 the log-probs are log_softmax's as dpo.py takes them (from logits shifted by their row maximum), and
+    the gradient is (onehot - softmax) * grad from the forward's normaliser, bit for bit: the sum of squares changes
+    neither."""
     torch.manual_seed(0)
     logits = (3 * torch.randn(37, 50)).requires_grad_(True)
     targets = torch.randint(0, 50, (37,))
     upstream = torch.randn(37)
     lp, _ = chunked_token_logps(logits, targets, 8)
     z = logits.detach()
-    assert torch.equal(lp, z.gather(-1, targets[:, None])[:, 0] - z.logsumexp(-1))
+    m = z.max(-1, keepdim=True).values
+    log_s = (z - m).exp().sum(-1).log()
+    assert torch.equal(lp, z.gather(-1, targets[:, None])[:, 0] - m[:, 0] - log_s)
     (got,) = torch.autograd.grad((lp * upstream).sum(), logits)
-    log_z = z.logsumexp(-1)
-    want = (z - log_z[:, None]).exp() * -upstream[:, None]
+    want = (z - m - log_s[:, None]).exp() * -upstream[:, None]
     assert torch.equal(got, want.scatter_add(-1, targets[:, None], upstream[:, None]))
 
 
