@@ -555,6 +555,9 @@ def compute_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, r
 
 
 # ---- reference log-probs: a pre-pass cached on disk ------------------------------------------------------------------
+LOGPS_VERSION = "token_logps 2: max-shifted"  # changed with the log-prob code, so an older cache is not reused
+
+
 def cache_key(args: Args, ref_name: str, ds, split: str, accelerator) -> str:
     """The reference model (a hub id names fixed weights; a local folder is fingerprinted by its files), the token
     ids, the precision and the micro-batches the pre-pass forms (a sequence's log-prob depends, in its last bits, on
@@ -569,7 +572,7 @@ def cache_key(args: Args, ref_name: str, ds, split: str, accelerator) -> str:
             ids.update(np.asarray(row, dtype=np.int64).tobytes() + b"|")
     layout = ((args.seed, args.per_device_train_batch_size, args.global_batch_size) if split == "train"
               else (args.per_device_eval_batch_size,))
-    parts = [model, ids.hexdigest(), str(args.use_lora), args.dtype,
+    parts = [LOGPS_VERSION, model, ids.hexdigest(), str(args.use_lora), args.dtype,
              str(accelerator.mixed_precision), args.attn_implementation,
              str((split, *layout, args.layout, args.length_groups))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]

@@ -590,6 +590,9 @@ def chunks(rows: list[int], size: int) -> list[list[int]]:
     return [rows[i: i + size] for i in range(0, len(rows), size)]
 
 
+LOGPS_VERSION = "token_logps 2: max-shifted"  # changed with the log-prob code, so an older cache is not reused
+
+
 @torch.no_grad()
 def prepass(name: str, ds, batches: list[list[int]], keys, args: Args, accelerator, pad_id: int, log) -> dict:
     """Per-token log-probs of model `name` on every (key, row) response of `ds`, forwarded in `batches` (lists of
@@ -603,7 +606,7 @@ def prepass(name: str, ds, batches: list[list[int]], keys, args: Args, accelerat
     for column in ("prompt_ids", *keys):
         for ids in ds[column]:
             token_hash.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
-    key = "\n".join([model_key, token_hash.hexdigest(), args.dtype, accelerator.mixed_precision,
+    key = "\n".join([LOGPS_VERSION, model_key, token_hash.hexdigest(), args.dtype, accelerator.mixed_precision,
                      str(args.padding_free), json.dumps(batches)])
     path = os.path.join(args.cache_dir, f"token-logps-{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors")
     if os.path.exists(path):
