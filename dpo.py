@@ -694,11 +694,7 @@ def lock_output_dir(path: str) -> None:
     except OSError as e:
         fail(f"cannot write to --output_dir {path}: {e.strerror}; pass a folder you can write to")
 
-    def release():
-        os.remove(lock)
-        if created and not os.listdir(path):
-            os.rmdir(path)
-    atexit.register(release)
+    atexit.register(lambda: os.remove(lock) or created and not os.listdir(path) and os.rmdir(path))
 
 
 def check_network(args: Args) -> None:

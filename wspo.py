@@ -362,11 +362,7 @@ def lock_output_dir(path: str) -> None:
     except OSError as e:
         fail(f"cannot write to --output_dir {path}: {e.strerror}; pass a folder you can write to")
 
-    def release():
-        os.remove(lock)
-        if created and not os.listdir(path):
-            os.rmdir(path)
-    atexit.register(release)
+    atexit.register(lambda: os.remove(lock) or created and not os.listdir(path) and os.rmdir(path))
 
 
 def checkpoint_steps(root: str) -> list[int]:
@@ -765,7 +761,8 @@ if __name__ == "__main__":
                      log)
     if args.use_lora:  # the adapters' target modules, checked on an empty model before the pre-pass
         with torch.device("meta"):
-            add_lora(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.strong)), args)
+            config = AutoConfig.from_pretrained(args.strong, trust_remote_code=args.trust_remote_code)
+            add_lora(AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code), args)
 
     rows_per_epoch = len(train_ds) // args.global_batch_size * args.global_batch_size
     steps_per_epoch = rows_per_epoch // args.global_batch_size

@@ -143,7 +143,7 @@ def test_unknown_lora_target_modules_is_a_clear_error(tmp_path, script, tiny, sm
                                 "foo"), check=False)
     err = one_error_line(p)
     assert "--lora_target_modules 'foo'" in err and "q_proj,v_proj" in err
-    assert not out.exists() and "reference pre-pass" not in p.stderr
+    assert not out.exists() and "pre-pass" not in p.stdout + p.stderr  # dpo.py's, wpo.py's and wspo.py's come later
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -206,6 +206,18 @@ def test_non_finite_eval_loss_fails_the_run_without_saving_a_model(tmp_path, scr
     assert not (out / "model.safetensors").exists() and not (out / ".lock").exists()
 
 
+@pytest.mark.parametrize("script", ["sft", "dpo", "wpo"])
+def test_non_finite_step_names_no_checkpoint_that_does_not_exist(tmp_path, script, tiny, small_sft, weak_aligned):
+    # case 11: a run that diverges before its first checkpoint says there is none (not a folder that does not exist)
+    out = tmp_path / "o"
+    p = run_script(*script_args(script, tiny, small_sft, weak_aligned, out, "--learning_rate", "1e30",
+                                "--warmup_ratio", "0", "--max_steps", "6", "--logging_steps", "3"), check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    line = next(line for line in p.stderr.splitlines() if "non-finite loss or gradient at step" in line)
+    assert line.endswith(("checkpoints: none in " + str(out / "checkpoints"), "newest checkpoint: none"))
+    assert not (out / "checkpoints").exists() and not (out / "model.safetensors").exists()
+
+
 # ---- killed runs resume bit for bit ----------------------------------------------------------------------------------
 KILLER = """
 import os, runpy, signal, sys
@@ -240,7 +252,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("script", ["sft", "dpo"])
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_killed_runs_resume_to_the_same_weights_bit_for_bit(tmp_path, script, tiny, small_sft, weak_aligned):
     common = ("--max_steps", "8", "--save_steps", "2", "--max_train_samples", "256", "--gradient_accumulation_steps",
               "2")
