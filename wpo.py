@@ -829,8 +829,8 @@ def main(args: Args):
                 r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
                 target_modules=targets if targets == "all-linear" else targets.split(",")))
         except ValueError as e:  # peft: no module of the model matches
-            fail(f"--lora_target_modules {targets!r}: {str(e).splitlines()[0]}; name the model's modules (e.g. "
-                 "q_proj,v_proj) or all-linear")
+            fail(f"--lora_target_modules {targets!r}: {str(e).splitlines()[0].rstrip('.')}; name the model's "
+                 "modules (e.g. q_proj,v_proj) or all-linear")
     if args.disable_dropout:  # dropout would make the policy's log-probs differ from the reference's at step 0
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -893,7 +893,8 @@ def main(args: Args):
         try:
             accelerator.load_state(os.path.join(root, f"step-{step}"))
         except Exception as e:  # a truncated or corrupt file: the previous checkpoint is loaded over it
-            log(f"--resume: checkpoint step-{step} cannot be loaded ({str(e).splitlines()[0]}); trying the previous one")
+            log(f"--resume: checkpoint step-{step} cannot be loaded ({str(e).splitlines()[0]}); trying the previous "
+                "one")
             continue
         global_step = step
         for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled

@@ -718,8 +718,8 @@ def add_lora(model, args: Args):
         return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets,
                                                 lora_dropout=args.lora_dropout, task_type="CAUSAL_LM"))
     except ValueError as e:  # peft: no module of the model matches
-        fail(f"--lora_target_modules {args.lora_target_modules!r}: {str(e).splitlines()[0]}; name the model's modules "
-             "(e.g. q_proj,v_proj) or all-linear")
+        fail(f"--lora_target_modules {args.lora_target_modules!r}: {str(e).splitlines()[0].rstrip('.')}; name the "
+             "model's modules (e.g. q_proj,v_proj) or all-linear")
 
 
 def disable_dropout(model: torch.nn.Module):
@@ -828,7 +828,8 @@ if __name__ == "__main__":
         try:
             accelerator.load_state(os.path.join(ckpt_root, f"step-{step}"))
         except Exception as e:  # a truncated or corrupt file: the previous checkpoint is loaded over it
-            log(f"--resume: checkpoint step-{step} cannot be loaded ({str(e).splitlines()[0]}); trying the previous one")
+            log(f"--resume: checkpoint step-{step} cannot be loaded ({str(e).splitlines()[0]}); trying the previous "
+                "one")
             continue
         global_step = step
         for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled

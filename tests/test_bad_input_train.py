@@ -134,7 +134,7 @@ def test_output_dir_that_is_a_file_or_not_writable_is_refused(monkeypatch, capsy
     assert "tokenizing" not in p.stdout + p.stderr  # before any data were read
 
 
-# ---- cases found at start-up or once the model is loaded ---------------------------------------------------------------
+# ---- cases found at start-up or once the model is loaded -------------------------------------------------------------
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_unknown_lora_target_modules_is_a_clear_error(tmp_path, script, tiny, small_sft, weak_aligned):
     # case 12: peft's traceback becomes one line naming the flag; nothing written
