@@ -29,6 +29,8 @@ Offline tiny setting (CPU, no network; a model built from a config):
 """
 
 import argparse
+import atexit
+import hashlib
 import json
 import math
 import os
@@ -176,6 +178,8 @@ class Args:
     """(runtime) number of processes"""
     global_batch_size: int = 0
     """(runtime) micro batch x accumulation x processes"""
+    data_fingerprint: str = ""
+    """(runtime) size and modification time of the training data's files: --resume refuses changed data"""
 
 
 
@@ -191,6 +195,11 @@ RESUME_SAFE = {"exp_name", "output_dir", "preset", "track", "wandb_project_name"
                "hub_model_id", "trust_remote_code", "gradient_checkpointing", "eval_split", "eval_dataset_name",
                "max_eval_samples", "per_device_eval_batch_size", "logging_steps", "eval_steps", "save_steps",
                "save_total_limit", "resume", "resume_allow_changes", "overwrite_output_dir"}
+
+
+# transformers schedules that need nothing but the warm-up and the step count (get_scheduler)
+STEP_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                  "inverse_sqrt")
 
 
 def fail(message: str) -> NoReturn:
@@ -228,8 +237,10 @@ def validate(args: Args) -> None:
     train_file, eval_name = os.path.isfile(args.dataset_name), args.eval_dataset_name
     eval_is_train = (eval_name is not None and os.path.realpath(eval_name) == os.path.realpath(args.dataset_name)
                      and (train_file or args.eval_split in (None, args.train_split)))
-    out = args.output_dir
+    out, floats = args.output_dir, [f.name for f in fields(Args) if isinstance(value(f.name), float)]
+    inputs = (args.model_name_or_path, args.tokenizer_name, args.dataset_name, eval_name)
     checks = [
+        *((not math.isfinite(value(n)), f"--{n} must be a finite number (got {value(n)})") for n in floats),
         *((value(n) is not None and value(n) <= 0, f"--{n} must be positive (got {value(n)})") for n in positive),
         *((value(n) < 0, f"--{n} must be non-negative (got {value(n)})") for n in ("learning_rate", "weight_decay")),
         (args.max_grad_norm <= 0, f"--max_grad_norm must be positive (got {args.max_grad_norm})"),
@@ -255,7 +266,17 @@ def validate(args: Args) -> None:
          f"--eval_dataset_name {eval_name} is not a file: name its split with --eval_split"),
         (eval_is_train, f"the eval data are the training data ({eval_name}, split "
                         f"{args.eval_split or args.train_split}): pass held-out data or --eval_fraction"),
-        (os.path.isdir(out) and os.listdir(out) and not (args.resume or args.overwrite_output_dir),
+        (args.eval_split == args.train_split and eval_name is None and args.eval_fraction is None,
+         f"--eval_split {args.eval_split!r} is the training split: pass a held-out split, --eval_fraction 0.05 or "
+         "--eval_split None"),
+        (args.lr_scheduler_type not in STEP_SCHEDULES, f"--lr_scheduler_type {args.lr_scheduler_type!r} is not a "
+         f"schedule of warm-up and steps alone: use one of {', '.join(STEP_SCHEDULES)}"),
+        (args.dtype == "float16", "--dtype float16 trains float16 weights without a loss scaler (the loss turns nan): "
+         "use --dtype bfloat16, or float32 weights with mixed_precision fp16 in the accelerate config"),
+        (any(n and os.path.realpath(n) == os.path.realpath(out) for n in inputs),
+         f"--output_dir {out} is an input of this run (model, tokenizer or data): pass another --output_dir"),
+        (os.path.exists(out) and not os.path.isdir(out), f"--output_dir {out} is a file: pass a folder"),
+        (os.path.isdir(out) and set(os.listdir(out)) - {".lock"} and not (args.resume or args.overwrite_output_dir),
          f"output_dir {out} already holds files (a model, metrics.jsonl, ...); pass --overwrite_output_dir to "
          "replace them, --resume to continue that run, or another --output_dir"),
     ]
@@ -276,7 +297,38 @@ def compare_with_saved_run(args: Args) -> int | None:
     if refused:
         fail(f"--resume with arguments that differ from the run in {args.output_dir}: {'; '.join(refused)}. Pass the "
              f"saved values, name them in --resume_allow_changes, or use another --output_dir")
+    if changed and "completed_steps" in saved and newest_checkpoint(args.output_dir) is None:
+        fail(f"the run in {args.output_dir} finished and saved no checkpoint (--save_steps), so it cannot be continued "
+             f"(it would retrain from scratch over its model): train further with --model_name_or_path "
+             f"{args.output_dir} into another --output_dir")
     return None if changed else saved.get("completed_steps")
+
+
+def data_fingerprint(name: str) -> str:
+    """Size and modification time of every file of a local dataset (a file or a folder); a hub id: its name."""
+    files = [name] if os.path.isfile(name) else sorted(os.path.join(d, f) for d, _, fs in os.walk(name) for f in fs)
+    stats = [(os.path.relpath(f, name), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+    return hashlib.sha256(repr(stats).encode()).hexdigest()[:16] if os.path.exists(name) else name
+
+
+def lock_output_dir(path: str) -> None:
+    """One run at a time per output folder: path/.lock (host and pid), created exclusively, removed at exit with the
+    folder if this run created it and left it empty. The lock of a process that is gone (a killed run) is taken over."""
+    lock, created = os.path.join(path, ".lock"), not os.path.isdir(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        host, _, pid = open(lock).read().partition(" ") if os.path.exists(lock) else ("", "", "")
+        if host == socket.gethostname() and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            os.remove(lock)
+        with open(lock, "x") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}")
+    except FileExistsError:
+        fail(f"--output_dir {path} is in use by another run (host and pid {open(lock).read()!r} in {lock}): wait for "
+             "it or pass another --output_dir (delete the lock file if that run is gone)")
+    except OSError as e:
+        fail(f"cannot write to --output_dir {path}: {e.strerror}; pass a folder you can write to")
+
+    atexit.register(lambda: os.remove(lock) or created and not os.listdir(path) and os.rmdir(path))
 
 
 # ---- data: read, check, tokenize with the assistant-only mask, collate -----------------------------------------------
@@ -517,9 +569,13 @@ def load_model(args: Args, tokenizer):
         from peft import LoraConfig, get_peft_model
 
         targets = args.lora_target_modules
-        model = get_peft_model(model, LoraConfig(
-            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
-            target_modules=targets if targets == "all-linear" else targets.split(",")))
+        try:
+            model = get_peft_model(model, LoraConfig(
+                r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
+                target_modules=targets if targets == "all-linear" else targets.split(",")))
+        except ValueError as e:  # peft: no module of the model matches
+            fail(f"--lora_target_modules {targets!r}: {str(e).splitlines()[0].rstrip('.')}; name the model's "
+                 "modules (e.g. q_proj,v_proj) or all-linear")
     return model
 
 
@@ -545,9 +601,12 @@ if __name__ == "__main__":
     args.world_size = accelerator.num_processes
     args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     log = lambda msg: accelerator.print(f"[{args.exp_name}] {msg}")
+    args.data_fingerprint = data_fingerprint(args.dataset_name)
     if args.resume and (done := compare_with_saved_run(args)) is not None:
         log(f"run in {args.output_dir} already finished (step {done}); nothing to do")
         sys.exit(0)
+    if accelerator.is_main_process:
+        lock_output_dir(args.output_dir)
     run_id = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     check_network(args)
     set_seed(args.seed)  # same model init on every process
@@ -582,18 +641,29 @@ if __name__ == "__main__":
     # the scheduler is stepped by hand once per optimizer step (accelerate would step it once per process)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
                               num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
+    if not any(scheduler.lr_lambdas[0](step) for step in range(total_steps)):  # warm-up starts at a rate of 0
+        log(f"warning: the learning rate is 0 at each of the {total_steps} steps (warm-up --warmup_ratio "
+            f"{args.warmup_ratio}): no update is applied; train more steps or lower --warmup_ratio")
     model, optimizer = accelerator.prepare(model, optimizer)
     eval_loader = None if eval_ds is None else accelerator.prepare(DataLoader(  # padded: one row per conversation
         eval_ds, args.per_device_eval_batch_size, collate_fn=lambda rows: collate(rows, tokenizer.pad_token_id, False)))
 
-    ckpt = newest_checkpoint(args.output_dir) if args.resume else None
-    global_step = checkpoint_steps(os.path.dirname(ckpt))[-1] if ckpt else 0
-    if ckpt:
-        accelerator.load_state(ckpt)
+    global_step, root = 0, os.path.join(args.output_dir, "checkpoints")
+    for step in reversed(checkpoint_steps(root) if args.resume else []):  # the newest that loads
+        try:
+            accelerator.load_state(os.path.join(root, f"step-{step}"))
+        except Exception as e:  # a truncated or corrupt file: the previous checkpoint is loaded over it
+            log(f"--resume: checkpoint step-{step} cannot be loaded ({str(e).splitlines()[0]}); trying the previous "
+                "one")
+            continue
+        global_step = step
         for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
             scheduler.step()
-        log(f"resumed from {ckpt} (step {global_step})")
-    elif args.resume:
+        log(f"resumed from {root}/step-{step} (step {global_step})")
+        break
+    if args.resume and not global_step:
+        if checkpoint_steps(root):
+            fail(f"no checkpoint in {root} can be loaded; pass --overwrite_output_dir to start that run afresh")
         log("--resume: no checkpoint found, starting from scratch")
 
     # TRY NOT TO MODIFY: the output folder is written from here on (nothing before: a failed start leaves nothing)
@@ -640,6 +710,9 @@ if __name__ == "__main__":
             eval_loss = (torch.cat(nll_sums).sum() / torch.cat(counts).sum()).item()
         log(f"step {step}: eval/loss {eval_loss:.4f}")
         log_metrics({"eval/loss": eval_loss}, step)
+        if not math.isfinite(eval_loss):
+            raise SystemExit(f"eval/loss is {eval_loss} at step {step}: the model is not saved (checkpoints: "
+                             f"{checkpoint_steps(root) or 'none'} in {root})")
 
     first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
     skip_update = torch.zeros((), device=accelerator.device)  # fused AdamW skips its update while this is 1 (adam.py)
@@ -649,14 +722,14 @@ if __name__ == "__main__":
         # one host read per logging window, checkpoint and final save, not one per step
         if bad := int(accelerator.reduce(first_bad_step, reduction="max")):
             raise SystemExit(f"non-finite loss or gradient at step {bad}: no update was applied from that step on; "
-                             f"the last good checkpoint is in {args.output_dir}/checkpoints")
+                             f"checkpoints: {checkpoint_steps(root) or 'none'} in {root}")
 
     def save_checkpoint(step: int):
         # written to a temporary folder, then renamed: a crash mid-save never leaves a checkpoint resume would pick
-        root = os.path.join(args.output_dir, "checkpoints")
         accelerator.save_state(os.path.join(root, f"tmp-step-{step}"))
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if accelerator.is_main_process:  # a step saved before (resumed from an earlier checkpoint) is replaced
+            shutil.rmtree(os.path.join(root, f"step-{step}"), ignore_errors=True)
             os.replace(os.path.join(root, f"tmp-step-{step}"), os.path.join(root, f"step-{step}"))
             for old in checkpoint_steps(root)[: -args.save_total_limit]:
                 shutil.rmtree(os.path.join(root, f"step-{old}"))
@@ -701,6 +774,7 @@ if __name__ == "__main__":
                 window[0] += loss.detach()
             window[1] += step_tokens
             # TRY NOT TO MODIFY: schedule, logging, eval, checkpoints, throughput
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step used (logged)
             scheduler.step()
             global_step += 1
             window_steps += 1
@@ -710,7 +784,7 @@ if __name__ == "__main__":
             if global_step % args.logging_steps == 0 or global_step == total_steps:
                 stop_if_non_finite()
                 loss_sum, tokens = accelerator.reduce(window, reduction="sum").tolist()
-                metrics = {"train/loss": loss_sum / window_steps, "train/lr": scheduler.get_last_lr()[0],
+                metrics = {"train/loss": loss_sum / window_steps, "train/lr": step_lr,
                            "train/epoch": global_step / steps_per_epoch,
                            "perf/tokens_per_s": tokens / (time.time() - clock["window"])}
                 bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")

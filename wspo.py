@@ -37,6 +37,7 @@ Offline tiny setting (CPU; run_tiny.sh trains the models it expects):
 """
 
 import argparse
+import atexit
 import gc
 import hashlib
 import json
@@ -47,7 +48,7 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from typing import Literal, NoReturn
 from urllib.parse import urlparse
@@ -63,7 +64,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 
 @dataclass
@@ -205,6 +206,8 @@ class Args:
     """(runtime) number of processes"""
     global_batch_size: int = 0
     """(runtime) micro batch x accumulation x processes"""
+    data_fingerprint: str = ""
+    """(runtime) size and modification time of the training data's files: --resume refuses changed data"""
 
 
 PRESETS = {
@@ -224,6 +227,9 @@ RESUME_SAFE = {"output_dir", "track", "wandb_project_name", "wandb_entity", "pus
                "logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume", "resume_allow_changes",
                "overwrite_output_dir", "cache_dir", "world_size", "per_device_eval_batch_size", "exp_name", "preset",
                "eval_split", "eval_dataset_name", "max_eval_samples", "trust_remote_code", "prepass_batch_size"}
+# transformers schedules that need nothing but the warm-up and the step count (get_scheduler)
+STEP_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                  "inverse_sqrt")
 
 
 def fail(message: str) -> NoReturn:
@@ -253,7 +259,10 @@ def validate(args: Args):
                 "max_eval_samples", "beta", "max_grad_norm"]
     unknown = sorted(set(args.resume_allow_changes) - set(vars(args)))
     no_held_out = args.eval_fraction is None and args.eval_dataset_name is None and args.eval_split is not None
-    checks = [(value(n) is not None and value(n) <= 0, f"--{n} must be positive (got {value(n)})") for n in positive]
+    out, floats = args.output_dir, [f.name for f in fields(Args) if isinstance(value(f.name), float)]
+    inputs = (args.strong, args.strong_ref, args.weak_ref, args.weak_aligned, args.dataset_name, args.eval_dataset_name)
+    checks = [(not math.isfinite(value(n)), f"--{n} must be a finite number (got {value(n)})") for n in floats]
+    checks += [(value(n) is not None and value(n) <= 0, f"--{n} must be positive (got {value(n)})") for n in positive]
     checks += [(value(n) < 0, f"--{n} must be non-negative (got {value(n)})")
                for n in ("learning_rate", "weight_decay", "weak_coef")]
     checks += [
@@ -277,7 +286,17 @@ def validate(args: Args):
         (args.eval_dataset_name is not None and (is_file_dataset(args.eval_dataset_name) or args.eval_split ==
          args.train_split) and os.path.abspath(args.eval_dataset_name) == os.path.abspath(args.dataset_name),
          f"--eval_dataset_name {args.eval_dataset_name} is the training data: name held-out data"),
-        (os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.resume
+        (os.path.realpath(args.weak_aligned) == os.path.realpath(args.weak_ref), f"--weak_aligned and --weak_ref are "
+         f"the same model ({args.weak_ref}): the weak log-ratio is 0 and nothing is learned; pass the weak model after "
+         "and before alignment"),
+        (args.lr_scheduler_type not in STEP_SCHEDULES, f"--lr_scheduler_type {args.lr_scheduler_type!r} is not a "
+         f"schedule of warm-up and steps alone: use one of {', '.join(STEP_SCHEDULES)}"),
+        (args.dtype == "float16", "--dtype float16 trains float16 weights without a loss scaler (the loss turns nan): "
+         "use --dtype bfloat16, or float32 weights with mixed_precision fp16 in the accelerate config"),
+        (any(n and os.path.realpath(n) == os.path.realpath(out) for n in inputs),
+         f"--output_dir {out} is an input of this run (a model or the data): pass another --output_dir"),
+        (os.path.exists(out) and not os.path.isdir(out), f"--output_dir {out} is a file: pass a folder"),
+        (os.path.isdir(out) and set(os.listdir(out)) - {".lock"} and not args.resume
          and not args.overwrite_output_dir, f"output_dir {args.output_dir} already holds files (a model, "
          "metrics.jsonl, ...); pass --overwrite_output_dir to replace them, --resume to continue that run, or another "
          "--output_dir")]
@@ -288,6 +307,7 @@ def validate(args: Args):
     args.world_size = int(os.environ.get("WORLD_SIZE", 1))
     args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
+    args.data_fingerprint = data_fingerprint(args.dataset_name)
     saved_path = os.path.join(args.output_dir, "args.json")
     if args.resume and os.path.exists(saved_path):
         saved, new = json.load(open(saved_path)), json.loads(json.dumps(vars(args)))
@@ -301,6 +321,10 @@ def validate(args: Args):
         if "completed_steps" in saved and not args.resume_allow_changes:
             print(f"run in {args.output_dir} already finished (step {saved['completed_steps']}); nothing to do")
             sys.exit(0)
+        if "completed_steps" in saved and not checkpoint_steps(os.path.join(args.output_dir, "checkpoints")):
+            fail(f"the run in {args.output_dir} finished and saved no checkpoint (--save_steps), so it cannot be "
+                 f"continued (it would retrain from scratch over its model): train further with --strong "
+                 f"{args.output_dir} into another --output_dir")
 
     from huggingface_hub import constants
 
@@ -312,6 +336,40 @@ def validate(args: Args):
     except OSError:
         fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
              "local cache, or pass a local path.")
+
+
+def data_fingerprint(name: str) -> str:
+    """Size and modification time of every file of a local dataset (a file or a folder); a hub id: its name."""
+    files = [name] if os.path.isfile(name) else sorted(os.path.join(d, f) for d, _, fs in os.walk(name) for f in fs)
+    stats = [(os.path.relpath(f, name), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+    return hashlib.sha256(repr(stats).encode()).hexdigest()[:16] if os.path.exists(name) else name
+
+
+def lock_output_dir(path: str) -> None:
+    """One run at a time per output folder: path/.lock (host and pid), created exclusively, removed at exit with the
+    folder if this run created it and left it empty. The lock of a process that is gone (a killed run) is taken over."""
+    lock, created = os.path.join(path, ".lock"), not os.path.isdir(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        host, _, pid = open(lock).read().partition(" ") if os.path.exists(lock) else ("", "", "")
+        if host == socket.gethostname() and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            os.remove(lock)
+        with open(lock, "x") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}")
+    except FileExistsError:
+        fail(f"--output_dir {path} is in use by another run (host and pid {open(lock).read()!r} in {lock}): wait for "
+             "it or pass another --output_dir (delete the lock file if that run is gone)")
+    except OSError as e:
+        fail(f"cannot write to --output_dir {path}: {e.strerror}; pass a folder you can write to")
+
+    atexit.register(lambda: os.remove(lock) or created and not os.listdir(path) and os.rmdir(path))
+
+
+def checkpoint_steps(root: str) -> list[int]:
+    """The steps of the fully written checkpoints in root, sorted (`step-12`; a half-written `tmp-step-15` is not one:
+    checkpoints are renamed into place after saving)."""
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted(int(n[5:]) for n in names if n.startswith("step-") and n[5:].isdigit())
 
 
 # ---- data ------------------------------------------------------------------------------------------------------------
@@ -661,6 +719,18 @@ def load_pretrained(auto_class, name: str, args: Args):
     return loaded
 
 
+def add_lora(model, args: Args):
+    from peft import LoraConfig, get_peft_model
+
+    targets = args.lora_target_modules.split(",") if args.lora_target_modules != "all-linear" else "all-linear"
+    try:
+        return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets,
+                                                lora_dropout=args.lora_dropout, task_type="CAUSAL_LM"))
+    except ValueError as e:  # peft: no module of the model matches
+        fail(f"--lora_target_modules {args.lora_target_modules!r}: {str(e).splitlines()[0].rstrip('.')}; name the "
+             "model's modules (e.g. q_proj,v_proj) or all-linear")
+
+
 def disable_dropout(model: torch.nn.Module):
     """Every dropout probability to 0: nn.Dropout modules (LoRA's included) and attention-dropout attributes."""
     for module in model.modules():
@@ -679,6 +749,8 @@ if __name__ == "__main__":
     args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     run_id = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     log = lambda msg: accelerator.print(f"[{args.exp_name}] {msg}")
+    if accelerator.is_main_process:
+        lock_output_dir(args.output_dir)
     sync = torch.cuda.synchronize if accelerator.device.type == "cuda" else lambda: None
     set_seed(args.seed, device_specific=True)
     tokenizer = load_pretrained(AutoTokenizer, args.strong, args)
@@ -696,6 +768,10 @@ if __name__ == "__main__":
             data_counts.update(eval_counts)
     check_tokenizers(args, tokenizer, [("train", raw_train)] + ([("eval", raw_eval)] if raw_eval is not None else []),
                      log)
+    if args.use_lora:  # the adapters' target modules, checked on an empty model before the pre-pass
+        with torch.device("meta"):
+            config = AutoConfig.from_pretrained(args.strong, trust_remote_code=args.trust_remote_code)
+            add_lora(AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code), args)
 
     rows_per_epoch = len(train_ds) // args.global_batch_size * args.global_batch_size
     steps_per_epoch = rows_per_epoch // args.global_batch_size
@@ -728,11 +804,7 @@ if __name__ == "__main__":
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if args.use_lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = args.lora_target_modules.split(",") if args.lora_target_modules != "all-linear" else "all-linear"
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets,
-                                                 lora_dropout=args.lora_dropout, task_type="CAUSAL_LM"))
+        model = add_lora(model, args)
     if args.disable_dropout:
         disable_dropout(model)
     log(f"policy: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
@@ -748,6 +820,9 @@ if __name__ == "__main__":
     # stepped by hand once per optimizer step (accelerate would step it once per process)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
                               num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
+    if not any(scheduler.lr_lambdas[0](step) for step in range(total_steps)):  # warm-up starts at a rate of 0
+        log(f"warning: the learning rate is 0 at each of the {total_steps} steps (warm-up --warmup_ratio "
+            f"{args.warmup_ratio}): no update is applied; train more steps or lower --warmup_ratio")
     model, optimizer = accelerator.prepare(model, optimizer)
     # device-side non-finite flag, read once per logging window: fused AdamW skips its update while it is 1, so a
     # non-finite step (and every later one) leaves the weights as they were
@@ -757,18 +832,22 @@ if __name__ == "__main__":
     eval_loader = None if eval_ds is None else make_loader("eval", range(len(eval_ds)), args.per_device_eval_batch_size)
 
     # checkpoints are renamed into place once fully written: only those count
-    ckpt_root = os.path.join(args.output_dir, "checkpoints")
-    step_of = lambda name: int(name.rsplit("step-", 1)[1])
-    saved_checkpoints = lambda: sorted((d for d in os.listdir(ckpt_root) if d.startswith("step-")), key=step_of)
-    global_step = 0
-    if args.resume and os.path.isdir(ckpt_root) and saved_checkpoints():
-        ckpt = os.path.join(ckpt_root, saved_checkpoints()[-1])
-        accelerator.load_state(ckpt)
-        global_step = step_of(ckpt)
+    ckpt_root, global_step = os.path.join(args.output_dir, "checkpoints"), 0
+    for step in reversed(checkpoint_steps(ckpt_root) if args.resume else []):  # the newest that loads
+        try:
+            accelerator.load_state(os.path.join(ckpt_root, f"step-{step}"))
+        except Exception as e:  # a truncated or corrupt file: the previous checkpoint is loaded over it
+            log(f"--resume: checkpoint step-{step} cannot be loaded ({str(e).splitlines()[0]}); trying the previous "
+                "one")
+            continue
+        global_step = step
         for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
             scheduler.step()
-        log(f"resumed from {ckpt} (step {global_step})")
-    elif args.resume:
+        log(f"resumed from {ckpt_root}/step-{step} (step {global_step})")
+        break
+    if args.resume and not global_step:
+        if checkpoint_steps(ckpt_root):
+            fail(f"no checkpoint in {ckpt_root} can be loaded; pass --overwrite_output_dir to start that run afresh")
         log("--resume: no checkpoint found, starting from scratch")
 
     # TRY NOT TO MODIFY: the output folder, created only now that data and models loaded
@@ -797,7 +876,8 @@ if __name__ == "__main__":
         """Reads the device-side flag (a host sync): once per logging window, and before a checkpoint or the save."""
         if nonfinite.item():
             raise SystemExit(f"non-finite loss or gradient at step {int(first_nonfinite_step.item())}; no update was "
-                             f"applied from that step on; the last good checkpoint is in {args.output_dir}/checkpoints")
+                             f"applied from that step on; checkpoints: {checkpoint_steps(ckpt_root) or 'none'} in "
+                             f"{ckpt_root}")
 
     @torch.no_grad()
     def evaluate_and_log(step: int, extra: dict | None = None) -> float:
@@ -817,6 +897,9 @@ if __name__ == "__main__":
         means = {f"eval/{k}": torch.cat([p[k] for p in parts]).double().mean().item() for k in parts[0]}
         log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
         log_metrics({**means, **(extra or {})}, step)
+        if not math.isfinite(means["eval/loss"]):
+            raise SystemExit(f"eval/loss is {means['eval/loss']} at step {step}: the model is not saved (checkpoints: "
+                             f"{checkpoint_steps(ckpt_root) or 'none'} in {ckpt_root})")
         sync()
         return time.time() - start
 
@@ -827,10 +910,11 @@ if __name__ == "__main__":
         start, tmp = time.time(), os.path.join(ckpt_root, f"tmp-step-{step}")
         accelerator.save_state(tmp)
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if accelerator.is_main_process:  # a step saved before (resumed from an earlier checkpoint) is replaced
+            shutil.rmtree(os.path.join(ckpt_root, f"step-{step}"), ignore_errors=True)
             os.replace(tmp, os.path.join(ckpt_root, f"step-{step}"))
-            for old in saved_checkpoints()[: -args.save_total_limit]:
-                shutil.rmtree(os.path.join(ckpt_root, old))
+            for old in checkpoint_steps(ckpt_root)[: -args.save_total_limit]:
+                shutil.rmtree(os.path.join(ckpt_root, f"step-{old}"))
         accelerator.wait_for_everyone()
         return time.time() - start
 
@@ -877,6 +961,7 @@ if __name__ == "__main__":
                 steady["examples"] += len(batch["row"])
             if not accelerator.sync_gradients:
                 continue
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step used (logged)
             scheduler.step()
             global_step += 1
             bar.update(1)
@@ -888,7 +973,7 @@ if __name__ == "__main__":
                 sums = {k: accelerator.reduce(v, reduction="sum") for k, v in running.items()}
                 tokens = accelerator.reduce(torch.tensor(float(window_tokens), device=accelerator.device), "sum")
                 out = {f"train/{k}": (v / sums["examples"]).item() for k, v in sums.items() if k != "examples"}
-                out.update({"train/lr": scheduler.get_last_lr()[0], "train/epoch": global_step / steps_per_epoch,
+                out.update({"train/lr": step_lr, "train/epoch": global_step / steps_per_epoch,
                             "perf/tokens_per_s": tokens.item() / (time.time() - window_start)})
                 bar.set_postfix(loss=f"{out['train/loss']:.4f}")
                 log_metrics(out, global_step)
