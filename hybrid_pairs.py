@@ -492,9 +492,12 @@ if __name__ == "__main__":
         log(f"{split}: {len(kept)} pairs from {len(ds)} prompts ({args.num_samples} samples each"
             f"{' + the existing responses' if args.include_existing else ''}); {len(rows) - len(kept)} prompts dropped"
             f" ({', '.join(f'{n} {r}' for r, n in sorted(dropped.items())) or 'none'}), {empty} empty samples dropped")
-        if not kept:
+        if not kept and set(dropped) == {"every score ties"}:
             fail(f"no pair could be built for the {split} split: every prompt's candidates score the same; check the "
                  "reward model, or sample more (--num_samples, --temperature)")
+        if not kept:
+            fail(f"no pair could be built for the {split} split ({dict(dropped)}); check the prompts and "
+                 "--max_prompt_length")
         built[split] = Dataset.from_list(kept)
 
     # TRY NOT TO MODIFY: write to a temporary folder, then rename: a run that stops early leaves nothing behind
