@@ -128,7 +128,7 @@ class Args:
     eval_fraction: float | None = None
     """hold out this fraction of the training pairs for eval (seeded by --seed)"""
     prompt_column: str = "prompt"
-    """prompt column: a string (used when chosen/rejected are strings) or a message list"""
+    """prompt column: a string or a message list (unused when chosen/rejected hold whole conversations)"""
     chosen_column: str = "chosen"
     """chosen response: a message list ending in the assistant turn, or a string"""
     rejected_column: str = "rejected"
@@ -272,17 +272,22 @@ def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[i
 
 
 def split_pair(ex: dict, args: Args) -> tuple[list[dict], str, str]:
-    """(prompt messages, chosen text, rejected text) from message lists or plain strings."""
+    """(prompt messages, chosen text, rejected text) from TRL's formats: strings (standard), a prompt message list and
+    one assistant message each (conversational), whole conversations (implicit prompt; UltraFeedback's). A prompt
+    must end with a user message: the response follows it."""
     chosen, rejected = ex[args.chosen_column], ex[args.rejected_column]
     if isinstance(chosen, list) and isinstance(rejected, list):
         if not chosen or not rejected or {chosen[-1].get("role"), rejected[-1].get("role")} != {"assistant"}:
             raise ValueError("chosen/rejected must end with an assistant message")
         if chosen[:-1] != rejected[:-1]:
             raise ValueError("chosen and rejected have different prompts")
-        prompt = chosen[:-1] or [{"role": "user", "content": ex[args.prompt_column]}]
-        return prompt, chosen[-1]["content"], rejected[-1]["content"]
-    prompt = ex[args.prompt_column]
-    return (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]), chosen, rejected
+        prompt, chosen, rejected = chosen[:-1] or ex[args.prompt_column], chosen[-1]["content"], rejected[-1]["content"]
+    else:
+        prompt = ex[args.prompt_column]
+    prompt = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    if not prompt or prompt[-1].get("role") != "user":
+        raise ValueError("the prompt does not end with a user message")
+    return prompt, chosen, rejected
 
 
 def fit_prompt(tokenizer, prompt: list[dict], max_tokens: int) -> tuple[list[int], bool] | None:

@@ -19,11 +19,14 @@ github.com/wzhouad/WPO (README: the "hybrid" HB / HB-v2 data). For each prompt x
 Output (save_to_disk, HuggingFaceH4/ultrafeedback_binarized schema, one split per input split): `prompt`,
 `prompt_id`, `chosen` / `rejected` (message lists ending in the assistant turn), `messages` (= chosen),
 `score_chosen` / `score_rejected`, plus `candidates` / `candidate_scores` (every scored response) and
-`args.json` (these arguments). Sampled prompts are cut from the left to --max_prompt_length tokens, as
-training cuts them; the reward model reads at most --max_length tokens (the last ones) per conversation,
-left-padded with positions counted from each sequence's first token, so a batched score equals the score
-of the conversation alone. Prompts are sharded across processes (accelerate); each process samples with
-its own seed (set_seed(seed, device_specific=True)), so the samples depend on the number of processes.
+`args.json` (these arguments). A prompt longer than --max_prompt_length tokens is cut as dpo.py and wpo.py cut
+it (whole earlier turns first, then the start of the oldest user text; the system message and role headers kept),
+so the policy samples from the context it is then trained on; a prompt must end with a user message (others are
+dropped and counted, as dpo.py, wpo.py and wspo.py skip them). The reward model reads at most --max_length tokens
+(the last ones) per conversation, left-padded with positions counted from each sequence's first token, so a
+batched score equals the score of the conversation alone; a model that loads without a trained score head (a
+causal LM) is refused. Prompts are sharded across processes (accelerate); each process samples with its own seed
+(set_seed(seed, device_specific=True)), so the samples depend on the number of processes.
 
 Paper scale (GPU, hub; Llama-3-8B-Instruct scored by ArmoRM, as the WPO README's HB-v2 models):
     accelerate launch hybrid_pairs.py --output_dir data/llama3-hybrid --trust_remote_code \
@@ -47,6 +50,7 @@ import random
 import shutil
 import socket
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, NoReturn
 from urllib.parse import urlparse
@@ -84,7 +88,7 @@ class Args:
     tokenizer_name: str | None = None
     """the policy's tokenizer, hub id or path (default: --model_name_or_path)"""
     reward_model_name_or_path: str = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
-    """reward model (AutoModelForSequenceClassification with a chat template; ArmoRM needs --trust_remote_code)"""
+    """reward model: a trained AutoModelForSequenceClassification with a chat template (ArmoRM: --trust_remote_code)"""
     trust_remote_code: bool = False
     """allow custom modelling code from the hub (off: only code shipped with transformers runs)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -114,7 +118,7 @@ class Args:
     max_length: int = 2048
     """the reward model reads at most this many tokens per conversation (the last ones)"""
     max_prompt_length: int = 1800
-    """sampling prompts keep their last this many tokens (as wpo.py / dpo.py cut them)"""
+    """prompt tokens the policy samples from; longer prompts are cut as dpo.py / wpo.py cut them (whole turns first)"""
 
     # sampling and pairs
     num_samples: int = 5
@@ -263,6 +267,31 @@ def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[i
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
+def fit_prompt(tokenizer, prompt: list[dict], max_tokens: int) -> tuple[list[int], bool] | None:
+    """The prompt's ids (generation prompt included) within max_tokens, and whether it was cut: whole earlier turns
+    are dropped first (a system message is kept), then the oldest user text loses its start, never the role
+    header the template writes around it. None if even an empty user text does not fit."""
+    ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
+    if len(ids) <= max_tokens:
+        return ids, False
+    system, turns = (prompt[:1], prompt[1:]) if prompt[0].get("role") == "system" else ([], prompt)
+    too_long = lambda msgs: len(chat_ids(tokenizer, msgs, add_generation_prompt=True)) > max_tokens
+    while len(turns) > 1 and (turns[0]["role"] != "user" or too_long(system + turns)):
+        turns = turns[1:]
+    ids = chat_ids(tokenizer, system + turns, add_generation_prompt=True)
+    if len(ids) <= max_tokens:
+        return ids, True
+    text = tokenizer(turns[0]["content"], add_special_tokens=False)["input_ids"]
+    shortened = lambda keep: [{**turns[0], "content": tokenizer.decode(text[len(text) - keep :])}]
+    fits = lambda keep: chat_ids(tokenizer, system + shortened(keep) + turns[1:], add_generation_prompt=True)
+    low, high = 0, len(text)  # the most user-text tokens (from the end) that fit: binary search
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if len(fits(mid)) <= max_tokens else (low, mid - 1)
+    ids = fits(low)
+    return (ids, True) if len(ids) <= max_tokens else None
+
+
 def as_messages(prompt) -> list[dict]:
     return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
 
@@ -331,11 +360,9 @@ def left_pad(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def sample_responses(model, tokenizer, prompts: list[list[dict]], args: Args) -> list[list[str]]:
-    """`num_samples` responses per prompt in one batched `generate`; prompts left-padded, cut from the left
-    to max_prompt_length as in training."""
-    input_ids, mask = left_pad([chat_ids(tokenizer, p, add_generation_prompt=True)[-args.max_prompt_length:]
-                                for p in prompts], tokenizer.pad_token_id, model.device)
+def sample_responses(model, tokenizer, prompt_ids: list[list[int]], args: Args) -> list[list[str]]:
+    """`num_samples` responses per prompt (its ids, as fit_prompt cut them) in one batched `generate`, left-padded."""
+    input_ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id, model.device)
     eos = model.generation_config.eos_token_id
     out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
                          top_p=args.top_p, top_k=0, max_new_tokens=args.max_new_tokens,  # top-k off (transformers: 50)
@@ -357,22 +384,30 @@ def reward_scores(rm, rm_tokenizer, convs: list[list[dict]], max_length: int) ->
 
 
 def hybrid_pairs(exs: list[dict], keys: list[str], model, tokenizer, rm, rm_tokenizer, args: Args) -> tuple[list, int]:
-    """One preference row per example (None where every candidate's score ties), and the number of empty
-    samples dropped. `keys` seed v1's random choice per prompt, so the result does not depend on sharding."""
+    """One preference row per example (where there is none: why, a string), and the number of empty samples
+    dropped. `keys` seed v1's random choice per prompt, so the result does not depend on sharding."""
     prompts, existing = zip(*(prompt_and_existing(ex, args) for ex in exs))
-    samples = sample_responses(model, tokenizer, prompts, args)
+    ends_with_user = [bool(p) and p[-1].get("role") == "user" for p in prompts]
+    # the policy samples from the prompt as dpo.py / wpo.py train on it (None: it cannot be)
+    fitted = [fit_prompt(tokenizer, p, args.max_prompt_length) if ok else None
+              for p, ok in zip(prompts, ends_with_user)]
+    todo = [i for i, f in enumerate(fitted) if f is not None]
+    sampled = iter(sample_responses(model, tokenizer, [fitted[i][0] for i in todo], args) if todo else [])
+    samples = [next(sampled) if f is not None else [] for f in fitted]
     # ALGO LOGIC: candidates = the existing responses + the policy's samples, all scored by one reward model;
     # an empty sample cannot be trained on and is dropped
-    candidates = [[t for t in list(old) + new if t.strip()] for old, new in zip(existing, samples)]
+    candidates = [[t for t in list(old) + new if t.strip()] if f is not None else []
+                  for old, new, f in zip(existing, samples, fitted)]
     convs = [p + [{"role": "assistant", "content": t}] for p, cands in zip(prompts, candidates) for t in cands]
     flat_scores = reward_scores(rm, rm_tokenizer, convs, args.max_length) if convs else []
     rows = []
-    for ex, key, prompt, cands in zip(exs, keys, prompts, candidates):
+    for ex, key, prompt, cands, ok, f in zip(exs, keys, prompts, candidates, ends_with_user, fitted):
         scores, flat_scores = flat_scores[: len(cands)], flat_scores[len(cands) :]
         lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in cands]  # length = policy tokens
         pair = pick_pair(scores, lengths, args.pair_rule, random.Random(key)) if cands else None
         if pair is None:
-            rows.append(None)
+            rows.append("every score ties" if f is not None else "prompt too long to cut (system message)" if ok
+                        else "the prompt does not end with a user message")
             continue
         chosen, rejected = (prompt + [{"role": "assistant", "content": cands[i]}] for i in pair)
         text = ex.get(args.prompt_column)
@@ -380,7 +415,8 @@ def hybrid_pairs(exs: list[dict], keys: list[str], model, tokenizer, rm, rm_toke
                      "prompt_id": str(ex.get("prompt_id", key)), "chosen": chosen, "rejected": rejected,
                      "messages": chosen, "score_chosen": scores[pair[0]], "score_rejected": scores[pair[1]],
                      "candidates": cands, "candidate_scores": scores})
-    return rows, sum(len(old) + len(new) - len(c) for old, new, c in zip(existing, samples, candidates))
+    return rows, sum(len(old) + len(new) - len(c) for old, new, c, f in zip(existing, samples, candidates, fitted)
+                     if f is not None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,8 +468,13 @@ if __name__ == "__main__":
     rm_tokenizer = load_tokenizer(args.reward_model_name_or_path, "the reward model's tokenizer", args)
     model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, "the policy", args, dtype=dtype,
                             attn_implementation=args.attn_implementation)
-    rm = load_pretrained(AutoModelForSequenceClassification, args.reward_model_name_or_path, "the reward model", args,
-                         dtype=dtype)
+    rm, loading = load_pretrained(AutoModelForSequenceClassification, args.reward_model_name_or_path,
+                                  "the reward model", args, dtype=dtype, output_loading_info=True)
+    if loading["missing_keys"] or loading["mismatched_keys"]:  # e.g. a causal LM: its score head would be random
+        fail(f"the reward model '{args.reward_model_name_or_path}' has no trained weights for "
+             f"{sorted(loading['missing_keys'] or [k[0] for k in loading['mismatched_keys']])[:3]}: it is not a "
+             "reward model (a causal LM gets a randomly initialised score head); pass a sequence-classification reward "
+             "model")
     rm.config.pad_token_id = rm_tokenizer.pad_token_id  # the classifier reads the last non-pad token
     model, rm = model.to(accelerator.device).eval(), rm.to(accelerator.device).eval()
     log(f"policy {args.model_name_or_path}, reward model {args.reward_model_name_or_path}, {dtype}, "
@@ -451,13 +492,17 @@ if __name__ == "__main__":
                 got, n_empty = hybrid_pairs([ds[i] for i in idx], keys, model, tokenizer, rm, rm_tokenizer, args)
                 rows, empty = rows + list(zip(idx, got)), empty + n_empty
         rows, empty = sorted(gather_object(rows), key=lambda r: r[0]), sum(gather_object([empty]))
-        kept = [r for _, r in rows if r is not None]
+        kept = [r for _, r in rows if isinstance(r, dict)]
+        dropped = Counter(r for _, r in rows if isinstance(r, str))
         log(f"{split}: {len(kept)} pairs from {len(ds)} prompts ({args.num_samples} samples each"
-            f"{' + the existing responses' if args.include_existing else ''}); {len(rows) - len(kept)} prompts dropped "
-            f"(every score ties), {empty} empty samples dropped")
-        if not kept:
+            f"{' + the existing responses' if args.include_existing else ''}); {len(rows) - len(kept)} prompts dropped"
+            f" ({', '.join(f'{n} {r}' for r, n in sorted(dropped.items())) or 'none'}), {empty} empty samples dropped")
+        if not kept and set(dropped) == {"every score ties"}:
             fail(f"no pair could be built for the {split} split: every prompt's candidates score the same; check the "
                  "reward model, or sample more (--num_samples, --temperature)")
+        if not kept:
+            fail(f"no pair could be built for the {split} split ({dict(dropped)}); check the prompts and "
+                 "--max_prompt_length")
         built[split] = Dataset.from_list(kept)
 
     # TRY NOT TO MODIFY: write to a temporary folder, then rename: a run that stops early leaves nothing behind

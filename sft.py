@@ -125,7 +125,8 @@ class Args:
     eval_fraction: float | None = None
     """hold out this fraction of the training data (seeded by --seed) as the eval split"""
     messages_column: str = "messages"
-    """column with the conversation: a list of {"role", "content"} messages"""
+    """column with the conversation: a list of {"role", "content"} messages (without it, TRL's `prompt` and
+    `completion` columns: each a string or a message list, loss on the completion)"""
     max_length: int = 4096
     """tokens per conversation; longer ones are cut (counted in the log)"""
     max_train_samples: int | None = None
@@ -382,6 +383,8 @@ def load_split(name: str, config: str | None, split: str, column: str):
         except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
             fail(f"could not load split {split!r} of dataset {name!r}: {e}\nWith no network, use a local copy "
                  "(python -m tiny --out data/tiny writes the offline tiny setting; then --preset tiny).")
+    if column not in ds.column_names and {"prompt", "completion"} <= set(ds.column_names):
+        return ds  # TRL's prompt-completion format: see conversation()
     if column not in ds.column_names:
         fail((name.endswith(".jsonl") and locate_file_error(name)) or f"{name} has no column {column!r} (columns: "
              f"{ds.column_names}); pass --messages_column with the column that holds the list of {{role, content}} "
@@ -401,17 +404,28 @@ def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[i
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
-def tokenize_conversation(tokenizer, messages, max_length: int) -> dict:
-    """input_ids + labels (-100 outside assistant turns) for one conversation, or a skip reason."""
+def conversation(ex: dict, column: str) -> tuple[list, int]:
+    """A row's messages and the index of the first one trained on: the messages column (every assistant turn), or
+    TRL's prompt-completion format (a string is a user / assistant message; only the completion is trained on)."""
+    if column in ex:
+        return ex[column], 0
+    as_list = lambda x, role: x if isinstance(x, list) else [{"role": role, "content": x}]
+    prompt = as_list(ex["prompt"], "user")
+    return prompt + as_list(ex["completion"], "assistant"), len(prompt)
+
+
+def tokenize_conversation(tokenizer, messages, max_length: int, first: int = 0) -> dict:
+    """input_ids + labels (-100 outside assistant turns, and before message `first`) for one conversation, or a
+    skip reason."""
     malformed = lambda m: not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str)
     skip = ("empty conversation" if not isinstance(messages, list) or not messages
             else "malformed message (needs role and string content)" if any(map(malformed, messages))
-            else "" if any(m["role"] == "assistant" for m in messages) else "no assistant turn")
+            else "" if any(m["role"] == "assistant" for m in messages[first:]) else "no assistant turn")
     if skip:
         return {"input_ids": [], "labels": [], "skip": skip}
     ids, eot = chat_ids(tokenizer, messages), tokenizer.eos_token_id
     labels = [-100] * len(ids)
-    for i in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
+    for i in (i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first):
         # ALGO LOGIC: an assistant turn = [ids(messages[:i] + generation prompt), ids(messages[:i+1])), from its
         # first content token through its end-of-turn token (the template's trailing newline is not trained)
         start = len(chat_ids(tokenizer, messages[:i], add_generation_prompt=True))
@@ -448,7 +462,8 @@ def load_data(args: Args, tokenizer, log) -> tuple[object, object, dict]:
     for ds, limit, what in ((train, args.max_train_samples, "train"), (evals, args.max_eval_samples, "eval")):
         if ds is not None:
             ds = ds.select(range(min(limit or len(ds), len(ds))))
-            ds = ds.map(lambda ex: tokenize_conversation(tokenizer, ex[column], args.max_length),
+            tokenize = lambda messages, first: tokenize_conversation(tokenizer, messages, args.max_length, first)
+            ds = ds.map(lambda ex: tokenize(*conversation(ex, column)),
                         remove_columns=ds.column_names, desc=f"tokenizing {what}")
             reasons = dict(sorted(Counter(reason for reason in ds["skip"] if reason).items()))
             kept = ds.filter(lambda ex: ex["skip"] in ("", "truncated")).remove_columns("skip")

@@ -137,7 +137,7 @@ class Args:
     response_column: str = "chosen"
     """the responses to imitate: a message list ending in the assistant turn (`chosen`, `messages`), or a string"""
     prompt_column: str = "prompt"
-    """prompt column, used when the responses are plain strings"""
+    """prompt column (a string or a message list), used when each response is a string or a lone assistant message"""
     rejected_column: str = "rejected"
     """eval only: rejected responses for the held-out reward accuracy (skipped if absent)"""
     max_length: int = 4096
@@ -492,10 +492,12 @@ def tokenize_example(tokenizer, ex: dict, args: Args, with_rejected: bool) -> di
     if isinstance(conv, list):
         if not conv or not isinstance(conv[-1], dict) or conv[-1].get("role") != "assistant":
             return {**out, "skip": "response is not a conversation ending in an assistant turn"}
-        prompt, text = conv[:-1] or [{"role": "user", "content": ex[args.prompt_column]}], conv[-1].get("content")
+        prompt, text = conv[:-1] or ex.get(args.prompt_column), conv[-1].get("content")
     else:
-        p = ex.get(args.prompt_column)
-        prompt, text = (p if isinstance(p, list) else [{"role": "user", "content": p}]), conv
+        prompt, text = ex.get(args.prompt_column), conv
+    prompt = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    if not prompt or not isinstance(prompt[-1], dict) or prompt[-1].get("role") != "user":
+        return {**out, "skip": "the prompt does not end with a user message"}
     if not isinstance(text, str) or not text.strip():
         return {**out, "skip": "empty response"}
     rejected = ex[args.rejected_column] if with_rejected else None

