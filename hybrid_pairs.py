@@ -465,7 +465,7 @@ if __name__ == "__main__":
             check_columns(splits[split], args, split)
     tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path,
                                "the policy's tokenizer" if args.tokenizer_name else "the policy", args)
-    rm_tokenizer = load_tokenizer(args.reward_model_name_or_path, "the reward model's tokenizer", args)
+    rm_tokenizer = load_tokenizer(args.reward_model_name_or_path, "the reward model", args)
     model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, "the policy", args, dtype=dtype,
                             attn_implementation=args.attn_implementation)
     rm, loading = load_pretrained(AutoModelForSequenceClassification, args.reward_model_name_or_path,

@@ -647,7 +647,7 @@ def plot(res: dict, path: Path, title: str) -> None:
     names = ["weak", f"w2s ({res['loss']})", "strong ceiling"]
     accs = [res["weak_acc"], res["w2s_acc"], res["strong_ceiling_acc"]]
     bars = ax.bar(names, accs, color=["tab:gray", "tab:orange", "tab:blue"])
-    pgr = "n/a" if res["pgr"] is None else f"{res['pgr']:.2f}"
+    pgr = "undefined (strong <= weak)" if res["pgr"] is None else f"{res['pgr']:.2f}"
     ax.text(bars[1].get_x() + bars[1].get_width() / 2, accs[1] + 0.005, f"PGR {pgr}", ha="center", va="bottom")
     ax.set_ylim(max(0.0, min(accs) - 0.1), min(1.0, max(accs) + 0.05))
     ax.set_ylabel("test accuracy")
@@ -767,7 +767,7 @@ if __name__ == "__main__":
     ceiling_acc, w2s_acc = ceiling["test"][-1], w2s["test"][-1]
     gap = ceiling_acc - weak_acc
     # ALGO LOGIC: performance gap recovered (Burns et al. 2023, section 3)
-    pgr = (w2s_acc - weak_acc) / gap if gap != 0 else None
+    pgr = (w2s_acc - weak_acc) / gap if gap > 0 else None  # undefined when the strong ceiling is not above the weak
     skipped = {args.split: int((~torch.as_tensor(keep)).sum())}  # per split: unreadable images, counted and left out
     if not own_head:
         skipped[args.weak_head_split] = int((~head_feats["ok"]).sum())
@@ -791,7 +791,7 @@ if __name__ == "__main__":
     plot(res, out / "results.png", f"{Path(args.dataset).name}: weak {names[0]} -> strong {names[1]}")
     print("\n" + "=" * 60)
     for k in ("weak_acc", "strong_ceiling_acc", "w2s_acc", "pgr", "agreement"):
-        print(f"{k:<22}{'n/a' if res[k] is None else f'{res[k]:.4f}'}")
+        print(f"{k:<22}{'undefined (strong <= weak)' if res[k] is None else f'{res[k]:.4f}'}")
     print(f"skipped unreadable images: {skipped}; wrote {out / 'results.json'} and {out / 'results.png'}")
     if tracker is not None:
         for i in range(args.probe_epochs):

@@ -178,7 +178,7 @@ def test_user_errors_exit_2_and_write_nothing(tiny, small_sft, reward_model, tmp
         (["--model_name_or_path", str(empty)], f"could not load the policy '{empty}': an empty folder; pass one "
          "holding a saved model"),
         (["--reward_model_name_or_path", str(tmp_path / "no_rm")],
-         f"could not load the reward model's tokenizer '{tmp_path / 'no_rm'}': no such local folder"),
+         f"could not load the reward model '{tmp_path / 'no_rm'}': no such local folder"),  # not 'its tokenizer'
     ]
     flat_rm = tmp_path / "flat_rm"  # a reward model that scores every response 0: every prompt's candidates tie
     rm = Qwen2ForSequenceClassification.from_pretrained(reward_model)
