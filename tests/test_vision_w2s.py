@@ -57,10 +57,11 @@ def test_end_to_end(offline_run):
     assert "pretrain weak (resnet)" in p.stdout and "pretrain strong (resnet)" in p.stdout
     for k in ("weak_acc", "strong_ceiling_acc", "w2s_acc", "agreement", "ceiling_agreement", "weak_acc_all"):
         assert 0.0 <= res[k] <= 1.0, k
+    # thresholds below the minimum over seeds 0-5 (docs/results.md): weak 0.588, ceiling - weak 0.087, PGR 0.224
     assert res["weak_acc"] > 0.3  # well above chance (1/8): the weak supervisor learned something
-    assert res["strong_ceiling_acc"] > res["weak_acc"] + 0.08  # the capability gap the experiment needs
+    assert res["strong_ceiling_acc"] > res["weak_acc"] + 0.04  # the capability gap the experiment needs
     assert res["pgr"] == pytest.approx((res["w2s_acc"] - res["weak_acc"]) / (res["strong_ceiling_acc"] - res["weak_acc"]), abs=1e-9)
-    assert res["pgr"] > 0  # the student recovers part of the gap
+    assert res["pgr"] > 0.1  # the student recovers part of the gap
     assert res["n_train"] == 1400 and res["n_test"] == 600 and res["n_classes"] == 8
     assert res["skipped_images"] == {"test": 0}
     assert len(res["curves"]["w2s"]) == len(res["curves"]["ceiling"]) == 60
