@@ -64,7 +64,14 @@ def test_seeds_table_means_minimum_and_claims(tmp_path):
     assert claims["strong WSPO held-out preference accuracy"]["holds_in"] == 3
     text = seeds.table(summary)
     assert "| weak DPO - weak SFT, gold reward | 0.05 |" in text and "NO: 2 of 3 seeds" in text
-    assert "WSPO recovers 0.92 +- 0.24" in text
+    assert "WSPO recovers 0.92 +- 0.24 of the strong alignment gap on gold reward (mean +- std over the 3 of 3" in text
+    # no gap to recover in a seed (strong DPO not above strong SFT): its share is undefined and left out of the mean
+    runs[4] = fake_results(4, {**base, "strong DPO": 0.9}, 0.8)
+    summary = seeds.aggregate(runs)
+    assert summary["wspo_share"]["per_seed"]["4"] is None and summary["wspo_share"]["n_defined"] == 3
+    assert summary["wspo_share"]["mean"] == pytest.approx((0.75 + 0.75 + 1.25) / 3)
+    assert "| 4 | 0.400 | 0.600 | 1.000 | 1.300 | 0.900 | 1.500 | undefined |" in seeds.table(summary)
+    del runs[4]
 
     cli = subprocess.run([sys.executable, "-m", "tiny.seeds", "--runs", *(str(tmp_path / f"seed-{s}") for s in runs),
                           "--out", str(tmp_path / "results.json"), "--table", str(tmp_path / "results.md"),

@@ -96,9 +96,10 @@ def evaluate(path, data, split, n_prompts, samples, temperature, top_p, seed, re
 
 
 def gap_recovered(results: list[dict]) -> float | None:
-    """(WSPO - strong SFT) / (strong DPO - strong SFT) on gold reward, when those three rows exist."""
+    """(WSPO - strong SFT) / (strong DPO - strong SFT) on gold reward, when those three rows exist and strong DPO is
+    above strong SFT (with no gap to recover the share is undefined)."""
     by = {r["name"]: r["gold_reward_mean"] for r in results}
-    if not {"strong SFT", "strong DPO", "strong WSPO"} <= set(by):
+    if not {"strong SFT", "strong DPO", "strong WSPO"} <= set(by) or by["strong DPO"] <= by["strong SFT"]:
         return None
     return (by["strong WSPO"] - by["strong SFT"]) / (by["strong DPO"] - by["strong SFT"])
 

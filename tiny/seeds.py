@@ -46,15 +46,21 @@ def aggregate(runs: dict[int, list[dict]]) -> dict:
             mu, sd = mean_std(xs)
             stats[key] = {"mean": mu, "std": sd, "min": min(xs), "per_seed": dict(zip(map(str, seeds), xs))}
         models[m] = stats
-    share = {str(s): gap_recovered(runs[s]) for s in seeds}
+    share = {str(s): gap_recovered(runs[s]) for s in seeds}  # None where strong DPO is not above strong SFT
+    defined = [v for v in share.values() if v is not None]
     claims = []
     for text, value, bound in CLAIMS:
         vals = {str(s): value({m: by[s][m]["gold_reward_mean"] for m in MODELS},
                               {m: by[s][m]["pref_accuracy"] for m in MODELS}) for s in seeds}
         claims.append({"claim": text, "bound": bound, "per_seed": vals, "min": min(vals.values()),
                        "holds_in": sum(v >= bound for v in vals.values()), "n_seeds": len(seeds)})
-    return {"seeds": seeds, "models": models, "wspo_share": {"per_seed": share, "mean": mean_std(list(share.values()))[0],
-            "std": mean_std(list(share.values()))[1]}, "claims": claims}
+    mean, std = mean_std(defined) if defined else (None, None)
+    return {"seeds": seeds, "models": models, "claims": claims,
+            "wspo_share": {"per_seed": share, "mean": mean, "std": std, "n_defined": len(defined)}}
+
+
+def fmt(share: float | None) -> str:
+    return "undefined" if share is None else f"{share:.2f}"
 
 
 def table(summary: dict) -> str:
@@ -72,9 +78,10 @@ def table(summary: dict) -> str:
             "", "| seed | " + " | ".join(models) + " | WSPO share |", "| --- |" + " --- |" * (len(models) + 1)]
     for s in map(str, seeds):
         out.append(f"| {s} | " + " | ".join(f"{st['gold_reward_mean']['per_seed'][s]:.3f}" for st in models.values())
-                   + f" | {share['per_seed'][s]:.2f} |")
-    out += ["", f"WSPO recovers {share['mean']:.2f} +- {share['std']:.2f} of the strong alignment gap on gold reward "
-            f"(mean +- std over {n} seeds).", "", "| claim | must be at least | per seed | min | holds |",
+                   + f" | {fmt(share['per_seed'][s])} |")
+    out += ["", f"WSPO recovers {fmt(share['mean'])} +- {fmt(share['std'])} of the strong alignment gap on gold reward "
+            f"(mean +- std over the {share['n_defined']} of {n} seeds where strong DPO is above strong SFT).", "",
+            "| claim | must be at least | per seed | min | holds |",
             "| --- | --- | --- | --- | --- |"]
     for c in summary["claims"]:
         per = " ".join(f"{v:+.3f}" for v in c["per_seed"].values())
