@@ -469,7 +469,8 @@ if __name__ == "__main__":
     model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, "the policy", args, dtype=dtype,
                             attn_implementation=args.attn_implementation)
     rm, loading = load_pretrained(AutoModelForSequenceClassification, args.reward_model_name_or_path,
-                                  "the reward model", args, dtype=dtype, output_loading_info=True)
+                                  "the reward model", args, dtype=dtype, output_loading_info=True,
+                                  ignore_mismatched_sizes=True)  # a head of another shape: reported just below
     if loading["missing_keys"] or loading["mismatched_keys"]:  # e.g. a causal LM: its score head would be random
         fail(f"the reward model '{args.reward_model_name_or_path}' has no trained weights for "
              f"{sorted(loading['missing_keys'] or [k[0] for k in loading['mismatched_keys']])[:3]}: it is not a "
