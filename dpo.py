@@ -449,9 +449,9 @@ class TokenLogps(torch.autograd.Function):
         z = logits.float()
         m = z.max(-1, keepdim=True).values
         e = (z - m).exp_()
-        s = e.sum(-1)
-        ctx.save_for_backward(logits, targets, m, s.log())
-        return z.gather(-1, targets[:, None])[:, 0] - m[:, 0] - s.log()
+        log_s = e.sum(-1).log()
+        ctx.save_for_backward(logits, targets, m, log_s)
+        return z.gather(-1, targets[:, None])[:, 0] - m[:, 0] - log_s
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, *_):

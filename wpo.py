@@ -465,14 +465,14 @@ class TokenLogps(torch.autograd.Function):
         z = logits.float()
         m = z.max(-1, keepdim=True).values
         e = (z - m).exp_()
-        s = e.sum(-1)
+        log_s = e.sum(-1).log()
         # ALGO LOGIC: log sum_v p_v^2 = log sum_v e_v^2 - 2 log sum_v e_v, e = exp(z - max z): WPO's per-token term
         # from the same fp32 exponentials, no probabilities materialised (TRL: log(sq_sum_exp) - 2 log(sum_exp));
         # it only feeds the weight, so it carries no gradient
-        log_sum_sq = e.square_().sum(-1).log() - 2 * s.log()
-        ctx.save_for_backward(logits, targets, m, s.log())
+        log_sum_sq = e.square_().sum(-1).log() - 2 * log_s
+        ctx.save_for_backward(logits, targets, m, log_s)
         ctx.mark_non_differentiable(log_sum_sq)
-        return z.gather(-1, targets[:, None])[:, 0] - m[:, 0] - s.log(), log_sum_sq
+        return z.gather(-1, targets[:, None])[:, 0] - m[:, 0] - log_s, log_sum_sq
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, *_):
