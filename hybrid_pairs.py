@@ -406,8 +406,9 @@ def hybrid_pairs(exs: list[dict], keys: list[str], model, tokenizer, rm, rm_toke
         lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in cands]  # length = policy tokens
         pair = pick_pair(scores, lengths, args.pair_rule, random.Random(key)) if cands else None
         if pair is None:
-            rows.append("every score ties" if f is not None else "prompt too long to cut (system message)" if ok
-                        else "the prompt does not end with a user message")
+            rows.append("the prompt does not end with a user message" if not ok
+                        else "prompt too long to cut (system message)" if f is None
+                        else "fewer than two non-empty candidates" if len(cands) < 2 else "every score ties")
             continue
         chosen, rejected = (prompt + [{"role": "assistant", "content": cands[i]}] for i in pair)
         text = ex.get(args.prompt_column)
@@ -502,8 +503,8 @@ if __name__ == "__main__":
             fail(f"no pair could be built for the {split} split: every prompt's candidates score the same; check the "
                  "reward model, or sample more (--num_samples, --temperature)")
         if not kept:
-            fail(f"no pair could be built for the {split} split ({dict(dropped)}); check the prompts and "
-                 "--max_prompt_length")
+            fail(f"no pair could be built for the {split} split ({dict(dropped)}); check the prompts, the existing "
+                 "responses and --max_prompt_length, or sample more (--num_samples)")
         built[split] = Dataset.from_list(kept)
 
     # TRY NOT TO MODIFY: write to a temporary folder, then rename: a run that stops early leaves nothing behind
