@@ -526,8 +526,8 @@ def sequence_logps(model, batch: dict,
         out = model(input_ids=part["input_ids"], attention_mask=part.get("attention_mask"),
                     position_ids=part.get("position_ids"), logits_to_keep=torch.zeros_like(mask),
                     output_hidden_states=True, use_cache=False)
-        logps.append(token_logps(lm_head, out.hidden_states[-1][mask], part["targets"][mask],
-                                 fp32_weight_grad=fp32_lm_head_grad))
+        hidden, targets = out.hidden_states[-1][mask], part["targets"][mask]  # the response positions
+        logps.append(token_logps(lm_head, hidden, targets, fp32_weight_grad=fp32_lm_head_grad))
         seq_id.append(part["seq_id"][mask])
     logps, seq_id = torch.cat(logps), torch.cat(seq_id)
     n = batch["n_seqs"]
