@@ -99,6 +99,8 @@ class Args:
     """attention kernel: sdpa, eager, flash_attention_2"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
+    fp32_lm_head_grad: bool = False
+    """under bf16, sum the chunked LM head's weight gradient in fp32 (off: not measured on a GPU, docs/benchmarks.md)"""
     disable_dropout: bool = True
     """set every dropout probability to 0 in the policy (LoRA dropout included), as TRL's DPOTrainer does"""
 
@@ -449,9 +451,9 @@ class TokenLogps(torch.autograd.Function):
         z = logits.float()
         m = z.max(-1, keepdim=True).values
         e = (z - m).exp_()
-        s = e.sum(-1)
-        ctx.save_for_backward(logits, targets, m, s.log())
-        return z.gather(-1, targets[:, None])[:, 0] - m[:, 0] - s.log()
+        log_s = e.sum(-1).log()
+        ctx.save_for_backward(logits, targets, m, log_s)
+        return z.gather(-1, targets[:, None])[:, 0] - m[:, 0] - log_s
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, *_):
@@ -512,7 +514,8 @@ def per_sequence_sum(values: torch.Tensor, seq_id: torch.Tensor, n_seqs: int) ->
     return torch.zeros(n_seqs, device=values.device, dtype=values.dtype).index_add(0, seq_id, values)
 
 
-def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model, batch: dict,
+                   fp32_lm_head_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of every sequence in the batch, and the response lengths; one forward per part.
     The model returns its final hidden states (no logits: logits_to_keep selects no position); the LM head module
     (DDP / FSDP2 / peft wrapping aside, the model's own) is applied to the response positions only."""
@@ -523,7 +526,8 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(input_ids=part["input_ids"], attention_mask=part.get("attention_mask"),
                     position_ids=part.get("position_ids"), logits_to_keep=torch.zeros_like(mask),
                     output_hidden_states=True, use_cache=False)
-        logps.append(token_logps(lm_head, out.hidden_states[-1][mask], part["targets"][mask]))
+        hidden, targets = out.hidden_states[-1][mask], part["targets"][mask]  # the response positions
+        logps.append(token_logps(lm_head, hidden, targets, fp32_weight_grad=fp32_lm_head_grad))
         seq_id.append(part["seq_id"][mask])
     logps, seq_id = torch.cat(logps), torch.cat(seq_id)
     n = batch["n_seqs"]
@@ -934,7 +938,7 @@ def main(args: Args):
     def policy_pass(batch: dict, split: str) -> tuple[torch.Tensor, dict]:
         # ALGO LOGIC: logp_pi of both responses in one pass, the cached logp_ref, the DPO loss (eq. 7)
         with accelerator.autocast():
-            policy_logps, lengths = sequence_logps(model, batch)
+            policy_logps, lengths = sequence_logps(model, batch, args.fp32_lm_head_grad)
         n = len(batch["row"])
         return compute_loss(policy_logps[:n], policy_logps[n:], ref_cache[split]["chosen"][batch["row"]],
                             ref_cache[split]["rejected"][batch["row"]], lengths[:n], lengths[n:], args)

@@ -406,8 +406,9 @@ def hybrid_pairs(exs: list[dict], keys: list[str], model, tokenizer, rm, rm_toke
         lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in cands]  # length = policy tokens
         pair = pick_pair(scores, lengths, args.pair_rule, random.Random(key)) if cands else None
         if pair is None:
-            rows.append("every score ties" if f is not None else "prompt too long to cut (system message)" if ok
-                        else "the prompt does not end with a user message")
+            rows.append("the prompt does not end with a user message" if not ok
+                        else "prompt too long to cut (system message)" if f is None
+                        else "fewer than two non-empty candidates" if len(cands) < 2 else "every score ties")
             continue
         chosen, rejected = (prompt + [{"role": "assistant", "content": cands[i]}] for i in pair)
         text = ex.get(args.prompt_column)
@@ -469,7 +470,8 @@ if __name__ == "__main__":
     model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, "the policy", args, dtype=dtype,
                             attn_implementation=args.attn_implementation)
     rm, loading = load_pretrained(AutoModelForSequenceClassification, args.reward_model_name_or_path,
-                                  "the reward model", args, dtype=dtype, output_loading_info=True)
+                                  "the reward model", args, dtype=dtype, output_loading_info=True,
+                                  ignore_mismatched_sizes=True)  # a head of another shape: reported just below
     if loading["missing_keys"] or loading["mismatched_keys"]:  # e.g. a causal LM: its score head would be random
         fail(f"the reward model '{args.reward_model_name_or_path}' has no trained weights for "
              f"{sorted(loading['missing_keys'] or [k[0] for k in loading['mismatched_keys']])[:3]}: it is not a "
@@ -501,8 +503,8 @@ if __name__ == "__main__":
             fail(f"no pair could be built for the {split} split: every prompt's candidates score the same; check the "
                  "reward model, or sample more (--num_samples, --temperature)")
         if not kept:
-            fail(f"no pair could be built for the {split} split ({dict(dropped)}); check the prompts and "
-                 "--max_prompt_length")
+            fail(f"no pair could be built for the {split} split ({dict(dropped)}); check the prompts, the existing "
+                 "responses and --max_prompt_length, or sample more (--num_samples)")
         built[split] = Dataset.from_list(kept)
 
     # TRY NOT TO MODIFY: write to a temporary folder, then rename: a run that stops early leaves nothing behind

@@ -865,8 +865,7 @@ if __name__ == "__main__":
     no_gap = [seed for seed, r in per_seed.items() if r["strong_acc"] <= r["weak_acc"]]
     summary = {"mean": {k: None if None in v else float(np.mean(v)) for k, v in values.items()},
                "std": {k: None if None in v else float(np.std(v)) for k, v in values.items()},
-               "pgr_undefined": f"PGR undefined: the strong ceiling is not above the weak model in seed(s) {no_gap}, "
-               "so there is no gap to recover" if no_gap else None,
+               "pgr_undefined": no_gap,  # the seeds without a gap to recover (w2s_sweep.py: the pairs)
                "n_seeds": args.n_seeds, "per_seed": per_seed, "args": vars(args)}
     files = (Path(args.output_dir) / "results.json", Path(args.output_dir) / "results.png")
     if accelerator.is_main_process:
@@ -881,7 +880,8 @@ if __name__ == "__main__":
         for k, v in summary["mean"].items():
             print(f"{k:<24}" + (f"{'undefined':>16}" if v is None else f"{v:>8.4f}{summary['std'][k]:>8.4f}"))
         if no_gap:
-            print(summary["pgr_undefined"])
+            print(f"PGR undefined: the strong ceiling is not above the weak model in seed(s) {no_gap}, so there is no "
+                  "gap to recover")
         print(f"wrote {files[0]} and {files[1]}")
         if tracker is not None:
             tracker.summary.update({f"eval/{k}": v for k, v in summary["mean"].items() if v is not None})

@@ -110,6 +110,8 @@ class Args:
     """attention kernel: sdpa, eager, flash_attention_2"""
     gradient_checkpointing: bool = True
     """recompute activations in backward to save memory"""
+    fp32_lm_head_grad: bool = False
+    """under bf16, sum the chunked LM head's weight gradient in fp32 (off: not measured on a GPU, docs/benchmarks.md)"""
     disable_dropout: bool = True
     """set every dropout probability to 0 in the policy (LoRA dropout included), as TRL's DPOTrainer does"""
 
@@ -465,14 +467,14 @@ class TokenLogps(torch.autograd.Function):
         z = logits.float()
         m = z.max(-1, keepdim=True).values
         e = (z - m).exp_()
-        s = e.sum(-1)
+        log_s = e.sum(-1).log()
         # ALGO LOGIC: log sum_v p_v^2 = log sum_v e_v^2 - 2 log sum_v e_v, e = exp(z - max z): WPO's per-token term
         # from the same fp32 exponentials, no probabilities materialised (TRL: log(sq_sum_exp) - 2 log(sum_exp));
         # it only feeds the weight, so it carries no gradient
-        log_sum_sq = e.square_().sum(-1).log() - 2 * s.log()
-        ctx.save_for_backward(logits, targets, m, s.log())
+        log_sum_sq = e.square_().sum(-1).log() - 2 * log_s
+        ctx.save_for_backward(logits, targets, m, log_s)
         ctx.mark_non_differentiable(log_sum_sq)
-        return z.gather(-1, targets[:, None])[:, 0] - m[:, 0] - s.log(), log_sum_sq
+        return z.gather(-1, targets[:, None])[:, 0] - m[:, 0] - log_s, log_sum_sq
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, *_):
@@ -535,7 +537,8 @@ def per_sequence_sum(values: torch.Tensor, seq_id: torch.Tensor, n_seqs: int) ->
     return torch.zeros(n_seqs, device=values.device, dtype=values.dtype).index_add(0, seq_id, values)
 
 
-def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sequence_logps(model, batch: dict,
+                   fp32_lm_head_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed response log-probs of every sequence in the batch, the response lengths and the summed
     log sum_v p_v^2 (for the weight); one forward per part.
     The model returns its final hidden states (no logits: logits_to_keep selects no position); the LM head module
@@ -547,7 +550,8 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torc
         out = model(input_ids=part["input_ids"], attention_mask=part.get("attention_mask"),
                     position_ids=part.get("position_ids"), logits_to_keep=torch.zeros_like(mask),
                     output_hidden_states=True, use_cache=False)
-        part_logps, part_log_sum_sq = token_logps(lm_head, out.hidden_states[-1][mask], part["targets"][mask])
+        hidden, targets = out.hidden_states[-1][mask], part["targets"][mask]  # the response positions
+        part_logps, part_log_sum_sq = token_logps(lm_head, hidden, targets, fp32_weight_grad=fp32_lm_head_grad)
         logps.append(part_logps)
         log_sum_sq.append(part_log_sum_sq)
         seq_id.append(part["seq_id"][mask])
@@ -983,7 +987,7 @@ def main(args: Args):
     def policy_pass(batch: dict, split: str) -> tuple[torch.Tensor, dict]:
         # ALGO LOGIC: logp_pi of both responses in one pass, the cached logp_ref, the DPO loss (eq. 7)
         with accelerator.autocast():
-            policy_logps, lengths, log_sum_sq = sequence_logps(model, batch)
+            policy_logps, lengths, log_sum_sq = sequence_logps(model, batch, args.fp32_lm_head_grad)
         n = len(batch["row"])
         # ALGO LOGIC: the pair weight comes from this same forward of the policy, detached
         weight = wpo_weight(policy_logps, lengths, log_sum_sq, args.clamp_weight, args.weight_sum_sq)

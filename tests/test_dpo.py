@@ -259,6 +259,55 @@ def test_step0_rewards_are_exactly_zero_and_the_cache_equals_a_live_reference(ti
         assert torch.equal(cached["chosen"].float(), live[0]) and torch.equal(cached["rejected"].float(), live[1])
 
 
+def test_fp32_lm_head_grad_trains_under_bf16_with_the_plain_forward_and_reference_cache(tiny, small_sft, tmp_path,
+                                                                                         monkeypatch):
+    """--fp32_lm_head_grad routes the policy's LM head through ChunkedTokenLogps in dpo.py and wpo.py: the same
+    log-probs bit for bit (only the weight gradient's sum is fp32), so the reference cache is shared (not in cache_key)
+    and a 2-step bf16-autocast run starts at rewards exactly 0; it changes gradients, so --resume does not accept a
+    new value silently (not in RESUME_SAFE)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    wpo = load_script("wpo")
+    tok = AutoTokenizer.from_pretrained(small_sft)
+    args = dataclasses.replace(dpo.PRESETS["tiny"], dataset_name=str(tiny / "ultrafeedback"), max_eval_samples=16,
+                               max_train_samples=8)
+    ds = dpo.load_data(args, tok, lambda _: None)[1]
+    batch = dpo.collate([ds[i] for i in range(16)], tok.pad_token_id, False, args.length_groups)
+    model = AutoModelForCausalLM.from_pretrained(small_sft)
+    for script in (dpo, wpo):
+        chunked = []
+        apply = script.ChunkedTokenLogps.apply
+        monkeypatch.setattr(script.ChunkedTokenLogps, "apply", lambda *a: chunked.append(len(a[0])) or apply(*a))
+        logps, grads = [], []
+        for flag in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logps.append(script.sequence_logps(model, batch, flag)[0])
+            logps[-1].sum().backward()
+            grads.append(model.lm_head.weight.grad)
+            model.zero_grad()
+        assert sum(chunked) == sum(int(part["loss_mask"].sum()) for part in batch["parts"]), script  # every position
+        assert torch.equal(logps[0], logps[1]), script
+        assert 0 < (grads[1] - grads[0]).norm() < 2e-2 * grads[0].norm(), script  # bf16 rounding apart, not equal
+        assert "fp32_lm_head_grad" not in script.RESUME_SAFE
+        keys = {script.cache_key(dataclasses.replace(script.PRESETS["tiny"], fp32_lm_head_grad=flag), str(small_sft),
+                                 ds, "eval", SimpleNamespace(mixed_precision="bf16")) for flag in (False, True)}
+        assert len(keys) == 1, script
+
+    out = tmp_path / "o"
+    run_script(*dpo_args(tiny, small_sft, out, tmp_path / "c", "--max_steps", "2", "--logging_steps", "1",
+                         "--max_eval_samples", "64", "--max_train_samples", "128", "--fp32_lm_head_grad"),
+               env={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    train, evals = ([r for r in metrics(out) if f"{split}/loss" in r] for split in ("train", "eval"))
+    assert [r["step"] for r in train] == [1, 2] and json.load(open(out / "args.json"))["fp32_lm_head_grad"] is True
+    assert train[0]["train/rewards/margins"] == 0.0 and train[0]["train/loss"] == pytest.approx(0.693147, abs=1e-6)
+    # the second step's update (the first has lr 0, warm-up) moved the policy: measured eval loss 0.69281
+    assert [r["step"] for r in evals] == [0, 2] and evals[1]["eval/rewards/margins"] != 0.0
+    assert evals[1]["eval/loss"] < evals[0]["eval/loss"] == pytest.approx(0.693147, abs=1e-6)
+    assert (out / "model.safetensors").exists()
+
+
 def test_dropout_is_off_in_the_policy_lora_included(tiny, small_sft, tmp_path):
     """A model with attention dropout 0.5 and LoRA dropout 0.5: with --disable_dropout (default) the first step's
     rewards are exactly 0 (policy = reference); with it off, dropout makes them non-zero."""

@@ -187,6 +187,17 @@ def test_user_errors_exit_2_and_write_nothing(tiny, small_sft, reward_model, tmp
     AutoTokenizer.from_pretrained(reward_model).save_pretrained(flat_rm)
     cases.append((["--reward_model_name_or_path", str(flat_rm)], "no pair could be built for the train_prefs split: "
                   "every prompt's candidates score the same"))
+    wide_rm = tmp_path / "wide_rm"  # a score head of another shape (3 labels) under a 1-label config
+    rm.score = torch.nn.Linear(rm.config.hidden_size, 3, bias=False)
+    rm.save_pretrained(wide_rm)
+    AutoTokenizer.from_pretrained(reward_model).save_pretrained(wide_rm)
+    cases.append((["--reward_model_name_or_path", str(wide_rm)], f"the reward model '{wide_rm}' has no trained "
+                  "weights for ['score.weight']: it is not a reward model"))
+    no_existing = tmp_path / "no_existing.jsonl"  # empty existing responses and one sample: under two candidates
+    no_existing.write_text("".join(json.dumps({"prompt": f"copy one two {k}", "chosen": "", "rejected": ""}) + "\n"
+                                   for k in range(4)))
+    cases.append((["--dataset_name", str(no_existing), "--eval_split", "None", "--num_samples", "1"],
+                  "no pair could be built for the train_prefs split ({'fewer than two non-empty candidates': 4})"))
     for extra, message in cases:
         out = [] if "--output_dir" in extra else ["--output_dir", str(tmp_path / "out")]
         p = run_script(*build_args(tiny, small_sft, reward_model, tmp_path / "out", *out, "--max_train_samples", "4",
