@@ -34,6 +34,17 @@ def run_script(*args: str, cwd: Path = ROOT, check: bool = True, env: dict | Non
     return p
 
 
+def not_a_model_folders(tmp_path: Path) -> tuple[Path, Path]:
+    """Two folders that exist but hold no saved model: an empty one, and a training checkpoint
+    (run/checkpoints/step-4 with the files accelerate's save_state writes)."""
+    empty, checkpoint = tmp_path / "empty", tmp_path / "run" / "checkpoints" / "step-4"
+    empty.mkdir()
+    checkpoint.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):
+        (checkpoint / name).write_bytes(b"state")
+    return empty, checkpoint
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
     """The tiny setting (tokenizer, ultrachat, ultrafeedback, cls), smaller than the default."""

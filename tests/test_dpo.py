@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from conftest import ROOT, load_script, run_script
+from conftest import ROOT, load_script, run_script, not_a_model_folders
 
 dpo = load_script("dpo")
 
@@ -424,11 +424,7 @@ def test_bad_model_path_names_the_model(tiny, tmp_path):
 
 def test_empty_or_checkpoint_folder_as_model_is_named_for_what_it_is(tiny, tmp_path):
     """issue 26 case 15: a folder that exists but holds no saved model, said so (not "the backend tokenizer")."""
-    empty, checkpoint = tmp_path / "empty", tmp_path / "run" / "checkpoints" / "step-4"
-    empty.mkdir()
-    checkpoint.mkdir(parents=True)
-    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):  # what accelerate's save_state writes
-        (checkpoint / name).write_bytes(b"state")
+    empty, checkpoint = not_a_model_folders(tmp_path)
     for folder, why in ((empty, "it is empty; pass a folder holding a saved model (a run's output folder) or a hub id"),
                         (checkpoint, "it holds a training checkpoint (optimizer state), not a saved model; pass the "
                                      "run's output folder, which holds its final model")):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, load_script, run_script
+from conftest import ROOT, load_script, run_script, not_a_model_folders
 
 gen = load_script("generate")
 FIELDS = {"arena_hard": ["question_id", "answer_id", "model_id", "choices", "tstamp"],
@@ -216,11 +216,7 @@ def test_bad_prompts_and_models_exit_2(prompts, tiny_sft, tmp_path):
     folder = tmp_path / "prompt_folder"  # a --prompts folder holding a broken file (issue 26 case 12)
     folder.mkdir()
     (folder / "questions.jsonl").write_text(bad_line.read_text())
-    empty, checkpoint = tmp_path / "empty", tmp_path / "checkpoints" / "step-4"  # issue 26 case 15: folders that exist
-    empty.mkdir()
-    checkpoint.mkdir(parents=True)
-    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):  # what accelerate's save_state writes
-        (checkpoint / name).write_bytes(b"state")
+    empty, checkpoint = not_a_model_folders(tmp_path)  # issue 26 case 15: folders that exist
     cases += [
         ("mt_bench", ["--prompts", str(folder)], f"{folder / 'questions.jsonl'}, line 2: not valid JSON"),
         ("alpaca_eval", ["--model_name_or_path", str(empty)],

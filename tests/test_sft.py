@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-from conftest import SMALL, load_script, run_script
+from conftest import SMALL, load_script, run_script, not_a_model_folders
 from tiny import lang
 
 sft = load_script("sft")
@@ -506,11 +506,7 @@ def test_bad_model_path_names_the_model_with_a_fitting_hint(tiny, tmp_path):
     assert "tokenizer" not in errors[0] and "pass --preset tiny" not in errors[0]  # --preset tiny was passed
     assert not (tmp_path / "o").exists()
     # issue 26 case 15: a folder that exists but holds no saved model is named for what it is
-    empty, checkpoint = tmp_path / "empty", tmp_path / "run" / "checkpoints" / "step-4"
-    empty.mkdir()
-    checkpoint.mkdir(parents=True)
-    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):  # what accelerate's save_state writes
-        (checkpoint / name).write_bytes(b"state")
+    empty, checkpoint = not_a_model_folders(tmp_path)
     for folder, why in ((empty, "it is empty; pass a folder holding a saved model"),
                         (checkpoint, "it holds a training checkpoint (optimizer state), not a saved model")):
         p = run_script(*tiny_args(tiny, tmp_path / "o", "--model_name_or_path", str(folder)), check=False)

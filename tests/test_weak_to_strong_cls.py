@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from conftest import load_script, run_script
+from conftest import load_script, run_script, not_a_model_folders
 from datasets import load_from_disk
 from safetensors.torch import load_file
 
@@ -515,11 +515,7 @@ def test_inputs_are_checked_before_any_stage_runs(tiny, corpus, tmp_path):
     the preset's steps), and nothing is written; case 15: an empty or checkpoint folder as a model is named as one."""
     out, broken = tmp_path / "out", tmp_path / "data.jsonl"
     broken.write_text('{"text": "good", "label": 1}\n{"text": "bad", "label": 0\n')
-    empty, checkpoint = tmp_path / "empty", tmp_path / "run" / "checkpoints" / "step-4"
-    empty.mkdir()
-    checkpoint.mkdir(parents=True)
-    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):  # what accelerate's save_state writes
-        (checkpoint / name).write_bytes(b"state")
+    empty, checkpoint = not_a_model_folders(tmp_path)
     cases = [
         (["--ds_name", str(broken)], f"error: {broken} line 2: not valid JSON"),
         (["--weak_model_name_or_path", "runs/nowhere"],

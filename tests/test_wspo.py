@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-from conftest import ROOT, load_script, run_script
+from conftest import ROOT, load_script, run_script, not_a_model_folders
 
 wspo = load_script("wspo")
 
@@ -444,11 +444,7 @@ def test_bad_model_path_names_the_model_with_a_fitting_hint(tiny, four, tmp_path
     assert "no such local folder" in p.stderr and "run_tiny.sh" in p.stderr and "tokenizer" not in p.stderr
     assert "pass --preset tiny" not in p.stderr and not (tmp_path / "o").exists()
     # issue 26 case 15: a folder that exists but holds no saved model is named for what it is
-    empty, checkpoint = tmp_path / "empty", tmp_path / "run" / "checkpoints" / "step-4"
-    empty.mkdir()
-    checkpoint.mkdir(parents=True)
-    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):  # what accelerate's save_state writes
-        (checkpoint / name).write_bytes(b"state")
+    empty, checkpoint = not_a_model_folders(tmp_path)
     for folder, why in ((empty, "the folder is empty"), (checkpoint, "that folder holds a training checkpoint "
                                                                      "(optimizer state), not a saved model")):
         p = run_wspo(tiny, four, tmp_path, "--strong", str(folder))
