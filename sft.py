@@ -306,8 +306,10 @@ def compare_with_saved_run(args: Args) -> int | None:
 
 
 def data_fingerprint(name: str) -> str:
-    """Size and modification time of every file of a local dataset (a file or a folder); a hub id: its name."""
-    files = [name] if os.path.isfile(name) else sorted(os.path.join(d, f) for d, _, fs in os.walk(name) for f in fs)
+    """Size and modification time of every file of a local dataset (a file or a folder); a hub id: its name. The
+    cache-*/tmp* files that map/filter write next to a save_to_disk dataset are left out (a resume must match)."""
+    files = [name] if os.path.isfile(name) else sorted(os.path.join(d, f) for d, _, fs in os.walk(name) for f in fs
+                                                       if not f.startswith(("cache-", "tmp")))
     stats = [(os.path.relpath(f, name), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
     return hashlib.sha256(repr(stats).encode()).hexdigest()[:16] if os.path.exists(name) else name
 

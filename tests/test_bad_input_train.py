@@ -185,6 +185,23 @@ def test_lock_warm_up_and_extending_a_run_without_checkpoints(tmp_path, script, 
 
 
 @pytest.fixture(scope="module")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_on_a_save_to_disk_dataset(tmp_path, script, tiny, small_sft, weak_aligned):
+    # map/filter write cache-*.arrow files into a save_to_disk folder (hybrid_pairs.py's output): not a data change
+    from datasets import load_dataset
+
+    out, data = tmp_path / "o", tmp_path / "data"
+    load_dataset(str(tiny / ("ultrachat" if script == "sft" else "ultrafeedback"))).save_to_disk(data)
+    run = lambda *extra: run_script(*script_args(script, tiny, small_sft, weak_aligned, out, "--dataset_name",
+                                                 str(data), "--save_steps", "1", *extra), check=False)
+    assert run("--max_steps", "1").returncode == 0
+    assert any(f.name.startswith("cache-") for f in data.rglob("*"))  # written by the first run
+    p = run("--max_steps", "2", "--resume", "--resume_allow_changes", "max_steps")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "(step 1)" in p.stdout + p.stderr and [r["step"] for r in metrics(out) if "train/loss" in r] == [1, 2]
+
+
+@pytest.fixture(scope="module")
 def nan_model(small_sft, tmp_path_factory):
     """small_sft with one nan weight: every loss it gives is nan."""
     out = shutil.copytree(small_sft, tmp_path_factory.mktemp("nan") / "m")
