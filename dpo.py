@@ -34,6 +34,7 @@ Offline tiny setting (CPU):
 
 import argparse
 import atexit
+import fcntl
 import hashlib
 import json
 import math
@@ -43,7 +44,7 @@ import shutil
 import socket
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, fields
 from typing import Literal, NoReturn
 from urllib.parse import urlparse
@@ -731,23 +732,28 @@ def data_fingerprint(name: str) -> str:
 
 
 def lock_output_dir(path: str) -> None:
-    """One run at a time per output folder: path/.lock (host and pid), created exclusively, removed at exit with the
-    folder if this run created it and left it empty. The lock of a process that is gone (a killed run) is taken over."""
+    """One run at a time per output folder: a kernel lock (flock) on path/.lock, released when the process ends however
+    it ends (a killed run leaves the file, not the lock). At exit the file goes, and the folder if this run created it
+    and left it empty."""
     lock, created = os.path.join(path, ".lock"), not os.path.isdir(path)
     try:
         os.makedirs(path, exist_ok=True)
-        host, _, pid = open(lock).read().partition(" ") if os.path.exists(lock) else ("", "", "")
-        if host == socket.gethostname() and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            os.remove(lock)
-        with open(lock, "x") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}")
-    except FileExistsError:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR)  # kept open while the process lives: that is the lock
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode())
+    except BlockingIOError:
         fail(f"--output_dir {path} is in use by another run (host and pid {open(lock).read()!r} in {lock}): wait for "
-             "it or pass another --output_dir (delete the lock file if that run is gone)")
+             "it or pass another --output_dir")
     except OSError as e:
         fail(f"cannot write to --output_dir {path}: {e.strerror}; pass a folder you can write to")
 
-    atexit.register(lambda: os.remove(lock) or created and not os.listdir(path) and os.rmdir(path))
+    def release():
+        with suppress(OSError):
+            os.remove(lock)
+            created and not os.listdir(path) and os.rmdir(path)
+
+    atexit.register(release)
 
 
 def check_network(args: Args) -> None:

@@ -2,12 +2,12 @@
 exit code 2, before the work starts where it is knowable, with nothing written or changed; and a run killed at any
 point (mid-training, mid-checkpoint, after the final save) resumes to the uninterrupted run's weights bit for bit."""
 
+import fcntl
 import json
 import math
 import os
 import shutil
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -152,16 +152,17 @@ def test_lock_warm_up_and_extending_a_run_without_checkpoints(tmp_path, script, 
     shutil.copytree(tiny / ("ultrachat" if script == "sft" else "ultrafeedback"), data)
     run = lambda *extra: run_script(*script_args(script, tiny, small_sft, weak_aligned, out, "--dataset_name",
                                                  str(data), *extra), check=False)
-    # case 9: a folder locked by a live run (this test's process) is refused, the lock left as it was
+    # case 9: a folder locked by a live run (this test's process holds the flock) is refused, the lock left as it was
     out.mkdir()
-    (out / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}")
+    fd = os.open(out / ".lock", os.O_CREAT | os.O_RDWR)
+    os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode())
+    fcntl.flock(fd, fcntl.LOCK_EX)
     p = run("--max_steps", "1")
-    assert f"--output_dir {out} is in use by another run" in one_error_line(p)
+    err = one_error_line(p)
+    assert f"--output_dir {out} is in use by another run" in err and f"{socket.gethostname()} {os.getpid()}" in err
     assert os.listdir(out) == [".lock"] and (out / ".lock").read_text().endswith(str(os.getpid()))
-    # the lock of a killed run (a process that is gone) is taken over, and removed at the end
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    (out / ".lock").write_text(f"{socket.gethostname()} {gone.pid}")
+    # a run that is gone (killed: the kernel released its lock) leaves the file: the next run proceeds, removes it
+    os.close(fd)
     # case 7: one step inside the warm-up: a warning, and the rate logged is the one the step used, 0
     p = run("--max_steps", "1")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -184,7 +185,6 @@ def test_lock_warm_up_and_extending_a_run_without_checkpoints(tmp_path, script, 
     assert json.loads((out / "args.json").read_text())["data_fingerprint"] not in ("", str(data))
 
 
-@pytest.fixture(scope="module")
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_resume_on_a_save_to_disk_dataset(tmp_path, script, tiny, small_sft, weak_aligned):
     # map/filter write cache-*.arrow files into a save_to_disk folder (hybrid_pairs.py's output): not a data change
