@@ -949,20 +949,27 @@ def main(args: Args):
     global_step, root = 0, os.path.join(args.output_dir, "checkpoints")
     saved = sorted(s for s in map(checkpoint_step, os.listdir(root) if args.resume and os.path.isdir(root) else [])
                    if s is not None)
+    errors = []
     for step in reversed(saved):  # the newest that loads
         try:
             accelerator.load_state(os.path.join(root, f"step-{step}"))
+            global_step = step
+            break
         except Exception as e:  # a truncated or corrupt file: the previous checkpoint is loaded over it
-            log(f"--resume: checkpoint step-{step} cannot be loaded ({str(e).splitlines()[0]}); trying the previous "
-                "one")
-            continue
-        global_step = step
-        for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
-            scheduler.step()
-        log(f"resumed from {root}/step-{step} (step {global_step})")
-        break
+            errors.append((str(e).splitlines() or [repr(e)])[0])
+            log(f"--resume: checkpoint step-{step} cannot be loaded ({errors[-1]}); trying the previous one")
+    # one step on every process: the newest that all loaded (a process that loaded a newer one reloads that step)
+    agreed = -int(accelerator.reduce(torch.tensor(-global_step, device=accelerator.device), reduction="max"))
+    if agreed and agreed != global_step:
+        accelerator.load_state(os.path.join(root, f"step-{agreed}"))
+    global_step = agreed
+    for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
+        scheduler.step()
+    if global_step:
+        log(f"resumed from {root}/step-{global_step} (step {global_step})")
     if saved and not global_step:
-        fail(f"no checkpoint in {root} can be loaded; pass --overwrite_output_dir to start that run afresh")
+        fail(f"no checkpoint in {root} can be loaded (newest: {(errors or ['another process failed'])[0]}); "
+             "restore them, or start afresh with --overwrite_output_dir (discards them)")
     if args.resume and not saved:
         log("--resume: no checkpoint found, starting from scratch")
 

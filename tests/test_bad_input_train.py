@@ -303,3 +303,10 @@ def test_killed_runs_resume_to_the_same_weights_bit_for_bit(tmp_path, script, ti
     expected = [0.0] + [peak * 0.5 * (1 + math.cos(math.pi * s / 7)) for s in range(7)]
     assert [r["train/lr"] for r in metrics(full) if "train/lr" in r] == pytest.approx(expected, rel=1e-12)
     assert json.loads((cut / "args.json").read_text())["completed_steps"] == 8 and not (cut / ".lock").exists()
+    # no checkpoint loads: one line naming the newest one's error and what --overwrite_output_dir does
+    for step in sorted(os.listdir(cut / "checkpoints")):
+        (cut / "checkpoints" / step / "model.safetensors").write_bytes(b"")
+    p = run_script(*argv, "--resume", "--max_steps", "9", "--resume_allow_changes", "max_steps", check=False)
+    err = one_error_line(p)
+    assert f"no checkpoint in {cut / 'checkpoints'} can be loaded (newest: " in err
+    assert err.endswith("restore them, or start afresh with --overwrite_output_dir (discards them)")
