@@ -741,8 +741,8 @@ if __name__ == "__main__":
         log(f"step {step}: eval/loss {eval_loss:.4f}")
         log_metrics({"eval/loss": eval_loss}, step)
         if not math.isfinite(eval_loss):
-            raise SystemExit(f"eval/loss is {eval_loss} at step {step}: the model is not saved (checkpoints: "
-                             f"{checkpoint_steps(root) or 'none'} in {root})")
+            raise SystemExit(f"eval/loss is {eval_loss} at step {step}: the model is not saved (newest "
+                             f"checkpoint: {newest_checkpoint(args.output_dir) or 'none'})")
 
     first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
     skip_update = torch.zeros((), device=accelerator.device)  # fused AdamW skips its update while this is 1 (adam.py)
@@ -752,7 +752,7 @@ if __name__ == "__main__":
         # one host read per logging window, checkpoint and final save, not one per step
         if bad := int(accelerator.reduce(first_bad_step, reduction="max")):
             raise SystemExit(f"non-finite loss or gradient at step {bad}: no update was applied from that step on; "
-                             f"checkpoints: {checkpoint_steps(root) or 'none'} in {root}")
+                             f"newest checkpoint: {newest_checkpoint(args.output_dir) or 'none'}")
 
     def save_checkpoint(step: int):
         # written to a temporary folder, then renamed: a crash mid-save never leaves a checkpoint resume would pick

@@ -890,12 +890,13 @@ if __name__ == "__main__":
             if args.track:
                 wandb.log(metrics, step=step)
 
+    newest = lambda: next((f"{ckpt_root}/step-{s}" for s in checkpoint_steps(ckpt_root)[-1:]), "none")  # for messages
+
     def check_finite():
         """Reads the device-side flag (a host sync): once per logging window, and before a checkpoint or the save."""
         if nonfinite.item():
-            raise SystemExit(f"non-finite loss or gradient at step {int(first_nonfinite_step.item())}; no update was "
-                             f"applied from that step on; checkpoints: {checkpoint_steps(ckpt_root) or 'none'} in "
-                             f"{ckpt_root}")
+            raise SystemExit(f"non-finite loss or gradient at step {int(first_nonfinite_step.item())}: no update was "
+                             f"applied from that step on; newest checkpoint: {newest()}")
 
     @torch.no_grad()
     def evaluate_and_log(step: int, extra: dict | None = None) -> float:
@@ -916,8 +917,8 @@ if __name__ == "__main__":
         log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
         log_metrics({**means, **(extra or {})}, step)
         if not math.isfinite(means["eval/loss"]):
-            raise SystemExit(f"eval/loss is {means['eval/loss']} at step {step}: the model is not saved (checkpoints: "
-                             f"{checkpoint_steps(ckpt_root) or 'none'} in {ckpt_root})")
+            raise SystemExit(f"eval/loss is {means['eval/loss']} at step {step}: the model is not saved (newest "
+                             f"checkpoint: {newest()})")
         sync()
         return time.time() - start
 

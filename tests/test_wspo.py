@@ -504,5 +504,5 @@ def test_non_finite_loss_stops_without_updating_or_saving(tiny, four, tmp_path):
     save_file(w, nan_weak / "model.safetensors", metadata={"format": "pt"})
     p = run_wspo(tiny, four, tmp_path, "--weak_aligned", str(nan_weak), "--save_steps", "2", "--logging_steps", "3",
                  "--max_steps", "4", "--eval_split", "None")
-    assert p.returncode == 1 and "non-finite loss or gradient at step 1; no update was applied" in p.stderr
+    assert p.returncode == 1 and "non-finite loss or gradient at step 1: no update was applied" in p.stderr
     assert not (tmp_path / "o" / "model.safetensors").exists() and not (tmp_path / "o" / "checkpoints").exists()
