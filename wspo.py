@@ -313,14 +313,14 @@ def validate(args: Args):
     saved_path = os.path.join(args.output_dir, "args.json")
     if args.resume and os.path.exists(saved_path):
         saved, new = json.load(open(saved_path)), json.loads(json.dumps(vars(args)))
-        refused = [k for k in new if k not in RESUME_SAFE and k in saved and saved[k] != new[k]
-                   and k not in args.resume_allow_changes]
+        changed = [k for k in new if k not in RESUME_SAFE and k in saved and saved[k] != new[k]]
+        refused = [k for k in changed if k not in args.resume_allow_changes]
         if refused:
             fail(f"--resume with arguments that differ from {saved_path}: "
                  + "; ".join(f"{k}: {saved[k]!r} -> {new[k]!r}" for k in refused)
                  + ". Resume with the saved values, or allow the change with --resume_allow_changes "
                  + " ".join(refused))
-        if "completed_steps" in saved and not args.resume_allow_changes:
+        if "completed_steps" in saved and not changed:  # as dpo.py: allowed but unchanged arguments change nothing
             print(f"run in {args.output_dir} already finished (step {saved['completed_steps']}); nothing to do")
             sys.exit(0)
         if "completed_steps" in saved and not checkpoint_steps(os.path.join(args.output_dir, "checkpoints")):
