@@ -924,7 +924,7 @@ def main(args: Args):
     if args.resume and not saved:
         log("--resume: no checkpoint found, starting from scratch")
 
-    # TRY NOT TO MODIFY: the output folder is written from here on (nothing before: a failed start leaves nothing)
+    # TRY NOT TO MODIFY: the run's files are written from here on (before: only the lock, gone again if the start fails)
     metrics_file = None
     if accelerator.is_main_process:
         if args.overwrite_output_dir:

@@ -696,7 +696,7 @@ if __name__ == "__main__":
                  "restore them, or start afresh with --overwrite_output_dir (discards them)")
         log("--resume: no checkpoint found, starting from scratch")
 
-    # TRY NOT TO MODIFY: the output folder is written from here on (nothing before: a failed start leaves nothing)
+    # TRY NOT TO MODIFY: the run's files are written from here on (before: only the lock, gone again if the start fails)
     metrics_file = None
     if accelerator.is_main_process:
         if args.overwrite_output_dir:

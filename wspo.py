@@ -868,7 +868,7 @@ if __name__ == "__main__":
                  "restore them, or start afresh with --overwrite_output_dir (discards them)")
         log("--resume: no checkpoint found, starting from scratch")
 
-    # TRY NOT TO MODIFY: the output folder, created only now that data and models loaded
+    # TRY NOT TO MODIFY: the run's files are written from here on (before: only the lock, gone again if the start fails)
     save_args = lambda **extra: json.dump({**vars(args), "run_id": run_id, **extra},
                                           open(os.path.join(args.output_dir, "args.json"), "w"), indent=2)
     if accelerator.is_main_process:
