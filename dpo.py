@@ -34,6 +34,7 @@ Offline tiny setting (CPU):
 
 import argparse
 import atexit
+import fcntl
 import hashlib
 import json
 import math
@@ -43,7 +44,7 @@ import shutil
 import socket
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, fields
 from typing import Literal, NoReturn
 from urllib.parse import urlparse
@@ -726,30 +727,37 @@ def compare_with_saved_run(args: Args) -> int | None:
 
 
 def data_fingerprint(name: str) -> str:
-    """Size and modification time of every file of a local dataset (a file or a folder); a hub id: its name."""
-    files = [name] if os.path.isfile(name) else sorted(os.path.join(d, f) for d, _, fs in os.walk(name) for f in fs)
+    """Size and modification time of every file of a local dataset (a file or a folder); a hub id: its name. The
+    cache-*/tmp* files that map/filter write next to a save_to_disk dataset are left out (a resume must match)."""
+    files = [name] if os.path.isfile(name) else sorted(os.path.join(d, f) for d, _, fs in os.walk(name) for f in fs
+                                                       if not f.startswith(("cache-", "tmp")))
     stats = [(os.path.relpath(f, name), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
     return hashlib.sha256(repr(stats).encode()).hexdigest()[:16] if os.path.exists(name) else name
 
 
 def lock_output_dir(path: str) -> None:
-    """One run at a time per output folder: path/.lock (host and pid), created exclusively, removed at exit with the
-    folder if this run created it and left it empty. The lock of a process that is gone (a killed run) is taken over."""
+    """One run at a time per output folder: a kernel lock (flock) on path/.lock, released when the process ends however
+    it ends (a killed run leaves the file, not the lock). At exit the file goes, and the folder if this run created it
+    and left it empty."""
     lock, created = os.path.join(path, ".lock"), not os.path.isdir(path)
     try:
         os.makedirs(path, exist_ok=True)
-        host, _, pid = open(lock).read().partition(" ") if os.path.exists(lock) else ("", "", "")
-        if host == socket.gethostname() and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            os.remove(lock)
-        with open(lock, "x") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}")
-    except FileExistsError:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR)  # kept open while the process lives: that is the lock
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode())
+    except BlockingIOError:
         fail(f"--output_dir {path} is in use by another run (host and pid {open(lock).read()!r} in {lock}): wait for "
-             "it or pass another --output_dir (delete the lock file if that run is gone)")
+             "it or pass another --output_dir")
     except OSError as e:
         fail(f"cannot write to --output_dir {path}: {e.strerror}; pass a folder you can write to")
 
-    atexit.register(lambda: os.remove(lock) or created and not os.listdir(path) and os.rmdir(path))
+    def release():
+        with suppress(OSError):
+            os.remove(lock)
+            created and not os.listdir(path) and os.rmdir(path)
+
+    atexit.register(release)
 
 
 def check_network(args: Args) -> None:
@@ -896,24 +904,31 @@ def main(args: Args):
     global_step, root = 0, os.path.join(args.output_dir, "checkpoints")
     saved = sorted(s for s in map(checkpoint_step, os.listdir(root) if args.resume and os.path.isdir(root) else [])
                    if s is not None)
+    errors = []
     for step in reversed(saved):  # the newest that loads
         try:
             accelerator.load_state(os.path.join(root, f"step-{step}"))
+            global_step = step
+            break
         except Exception as e:  # a truncated or corrupt file: the previous checkpoint is loaded over it
-            log(f"--resume: checkpoint step-{step} cannot be loaded ({str(e).splitlines()[0]}); trying the previous "
-                "one")
-            continue
-        global_step = step
-        for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
-            scheduler.step()
-        log(f"resumed from {root}/step-{step} (step {global_step})")
-        break
+            errors.append((str(e).splitlines() or [repr(e)])[0])
+            log(f"--resume: checkpoint step-{step} cannot be loaded ({errors[-1]}); trying the previous one")
+    # one step on every process: the newest that all loaded (a process that loaded a newer one reloads that step)
+    agreed = -int(accelerator.reduce(torch.tensor(-global_step, device=accelerator.device), reduction="max"))
+    if agreed and agreed != global_step:
+        accelerator.load_state(os.path.join(root, f"step-{agreed}"))
+    global_step = agreed
+    for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
+        scheduler.step()
+    if global_step:
+        log(f"resumed from {root}/step-{global_step} (step {global_step})")
     if saved and not global_step:
-        fail(f"no checkpoint in {root} can be loaded; pass --overwrite_output_dir to start that run afresh")
+        fail(f"no checkpoint in {root} can be loaded (newest: {(errors or ['another process failed'])[0]}); "
+             "restore them, or start afresh with --overwrite_output_dir (discards them)")
     if args.resume and not saved:
         log("--resume: no checkpoint found, starting from scratch")
 
-    # TRY NOT TO MODIFY: the output folder is written from here on (nothing before: a failed start leaves nothing)
+    # TRY NOT TO MODIFY: the run's files are written from here on (before: only the lock, gone again if the start fails)
     metrics_file = None
     if accelerator.is_main_process:
         if args.overwrite_output_dir:

@@ -30,6 +30,7 @@ Offline tiny setting (CPU, no network; a model built from a config):
 
 import argparse
 import atexit
+import fcntl
 import hashlib
 import json
 import math
@@ -40,7 +41,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields
 from itertools import islice
 from typing import Literal, NoReturn
@@ -306,30 +307,37 @@ def compare_with_saved_run(args: Args) -> int | None:
 
 
 def data_fingerprint(name: str) -> str:
-    """Size and modification time of every file of a local dataset (a file or a folder); a hub id: its name."""
-    files = [name] if os.path.isfile(name) else sorted(os.path.join(d, f) for d, _, fs in os.walk(name) for f in fs)
+    """Size and modification time of every file of a local dataset (a file or a folder); a hub id: its name. The
+    cache-*/tmp* files that map/filter write next to a save_to_disk dataset are left out (a resume must match)."""
+    files = [name] if os.path.isfile(name) else sorted(os.path.join(d, f) for d, _, fs in os.walk(name) for f in fs
+                                                       if not f.startswith(("cache-", "tmp")))
     stats = [(os.path.relpath(f, name), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
     return hashlib.sha256(repr(stats).encode()).hexdigest()[:16] if os.path.exists(name) else name
 
 
 def lock_output_dir(path: str) -> None:
-    """One run at a time per output folder: path/.lock (host and pid), created exclusively, removed at exit with the
-    folder if this run created it and left it empty. The lock of a process that is gone (a killed run) is taken over."""
+    """One run at a time per output folder: a kernel lock (flock) on path/.lock, released when the process ends however
+    it ends (a killed run leaves the file, not the lock). At exit the file goes, and the folder if this run created it
+    and left it empty."""
     lock, created = os.path.join(path, ".lock"), not os.path.isdir(path)
     try:
         os.makedirs(path, exist_ok=True)
-        host, _, pid = open(lock).read().partition(" ") if os.path.exists(lock) else ("", "", "")
-        if host == socket.gethostname() and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            os.remove(lock)
-        with open(lock, "x") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}")
-    except FileExistsError:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR)  # kept open while the process lives: that is the lock
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode())
+    except BlockingIOError:
         fail(f"--output_dir {path} is in use by another run (host and pid {open(lock).read()!r} in {lock}): wait for "
-             "it or pass another --output_dir (delete the lock file if that run is gone)")
+             "it or pass another --output_dir")
     except OSError as e:
         fail(f"cannot write to --output_dir {path}: {e.strerror}; pass a folder you can write to")
 
-    atexit.register(lambda: os.remove(lock) or created and not os.listdir(path) and os.rmdir(path))
+    def release():
+        with suppress(OSError):
+            os.remove(lock)
+            created and not os.listdir(path) and os.rmdir(path)
+
+    atexit.register(release)
 
 
 # ---- data: read, check, tokenize with the assistant-only mask, collate -----------------------------------------------
@@ -664,24 +672,31 @@ if __name__ == "__main__":
         eval_ds, args.per_device_eval_batch_size, collate_fn=lambda rows: collate(rows, tokenizer.pad_token_id, False)))
 
     global_step, root = 0, os.path.join(args.output_dir, "checkpoints")
+    errors = []
     for step in reversed(checkpoint_steps(root) if args.resume else []):  # the newest that loads
         try:
             accelerator.load_state(os.path.join(root, f"step-{step}"))
+            global_step = step
+            break
         except Exception as e:  # a truncated or corrupt file: the previous checkpoint is loaded over it
-            log(f"--resume: checkpoint step-{step} cannot be loaded ({str(e).splitlines()[0]}); trying the previous "
-                "one")
-            continue
-        global_step = step
-        for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
-            scheduler.step()
-        log(f"resumed from {root}/step-{step} (step {global_step})")
-        break
+            errors.append((str(e).splitlines() or [repr(e)])[0])
+            log(f"--resume: checkpoint step-{step} cannot be loaded ({errors[-1]}); trying the previous one")
+    # one step on every process: the newest that all loaded (a process that loaded a newer one reloads that step)
+    agreed = -int(accelerator.reduce(torch.tensor(-global_step, device=accelerator.device), reduction="max"))
+    if agreed and agreed != global_step:
+        accelerator.load_state(os.path.join(root, f"step-{agreed}"))
+    global_step = agreed
+    for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
+        scheduler.step()
+    if global_step:
+        log(f"resumed from {root}/step-{global_step} (step {global_step})")
     if args.resume and not global_step:
         if checkpoint_steps(root):
-            fail(f"no checkpoint in {root} can be loaded; pass --overwrite_output_dir to start that run afresh")
+            fail(f"no checkpoint in {root} can be loaded (newest: {(errors or ['another process failed'])[0]}); "
+                 "restore them, or start afresh with --overwrite_output_dir (discards them)")
         log("--resume: no checkpoint found, starting from scratch")
 
-    # TRY NOT TO MODIFY: the output folder is written from here on (nothing before: a failed start leaves nothing)
+    # TRY NOT TO MODIFY: the run's files are written from here on (before: only the lock, gone again if the start fails)
     metrics_file = None
     if accelerator.is_main_process:
         if args.overwrite_output_dir:
@@ -726,8 +741,8 @@ if __name__ == "__main__":
         log(f"step {step}: eval/loss {eval_loss:.4f}")
         log_metrics({"eval/loss": eval_loss}, step)
         if not math.isfinite(eval_loss):
-            raise SystemExit(f"eval/loss is {eval_loss} at step {step}: the model is not saved (checkpoints: "
-                             f"{checkpoint_steps(root) or 'none'} in {root})")
+            raise SystemExit(f"eval/loss is {eval_loss} at step {step}: the model is not saved (newest "
+                             f"checkpoint: {newest_checkpoint(args.output_dir) or 'none'})")
 
     first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
     skip_update = torch.zeros((), device=accelerator.device)  # fused AdamW skips its update while this is 1 (adam.py)
@@ -737,7 +752,7 @@ if __name__ == "__main__":
         # one host read per logging window, checkpoint and final save, not one per step
         if bad := int(accelerator.reduce(first_bad_step, reduction="max")):
             raise SystemExit(f"non-finite loss or gradient at step {bad}: no update was applied from that step on; "
-                             f"checkpoints: {checkpoint_steps(root) or 'none'} in {root}")
+                             f"newest checkpoint: {newest_checkpoint(args.output_dir) or 'none'}")
 
     def save_checkpoint(step: int):
         # written to a temporary folder, then renamed: a crash mid-save never leaves a checkpoint resume would pick

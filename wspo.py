@@ -38,6 +38,7 @@ Offline tiny setting (CPU; run_tiny.sh trains the models it expects):
 
 import argparse
 import atexit
+import fcntl
 import gc
 import hashlib
 import json
@@ -48,6 +49,7 @@ import shutil
 import socket
 import sys
 import time
+from contextlib import suppress
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Literal, NoReturn
@@ -311,14 +313,14 @@ def validate(args: Args):
     saved_path = os.path.join(args.output_dir, "args.json")
     if args.resume and os.path.exists(saved_path):
         saved, new = json.load(open(saved_path)), json.loads(json.dumps(vars(args)))
-        refused = [k for k in new if k not in RESUME_SAFE and k in saved and saved[k] != new[k]
-                   and k not in args.resume_allow_changes]
+        changed = [k for k in new if k not in RESUME_SAFE and k in saved and saved[k] != new[k]]
+        refused = [k for k in changed if k not in args.resume_allow_changes]
         if refused:
             fail(f"--resume with arguments that differ from {saved_path}: "
                  + "; ".join(f"{k}: {saved[k]!r} -> {new[k]!r}" for k in refused)
                  + ". Resume with the saved values, or allow the change with --resume_allow_changes "
                  + " ".join(refused))
-        if "completed_steps" in saved and not args.resume_allow_changes:
+        if "completed_steps" in saved and not changed:  # as dpo.py: allowed but unchanged arguments change nothing
             print(f"run in {args.output_dir} already finished (step {saved['completed_steps']}); nothing to do")
             sys.exit(0)
         if "completed_steps" in saved and not checkpoint_steps(os.path.join(args.output_dir, "checkpoints")):
@@ -339,30 +341,37 @@ def validate(args: Args):
 
 
 def data_fingerprint(name: str) -> str:
-    """Size and modification time of every file of a local dataset (a file or a folder); a hub id: its name."""
-    files = [name] if os.path.isfile(name) else sorted(os.path.join(d, f) for d, _, fs in os.walk(name) for f in fs)
+    """Size and modification time of every file of a local dataset (a file or a folder); a hub id: its name. The
+    cache-*/tmp* files that map/filter write next to a save_to_disk dataset are left out (a resume must match)."""
+    files = [name] if os.path.isfile(name) else sorted(os.path.join(d, f) for d, _, fs in os.walk(name) for f in fs
+                                                       if not f.startswith(("cache-", "tmp")))
     stats = [(os.path.relpath(f, name), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
     return hashlib.sha256(repr(stats).encode()).hexdigest()[:16] if os.path.exists(name) else name
 
 
 def lock_output_dir(path: str) -> None:
-    """One run at a time per output folder: path/.lock (host and pid), created exclusively, removed at exit with the
-    folder if this run created it and left it empty. The lock of a process that is gone (a killed run) is taken over."""
+    """One run at a time per output folder: a kernel lock (flock) on path/.lock, released when the process ends however
+    it ends (a killed run leaves the file, not the lock). At exit the file goes, and the folder if this run created it
+    and left it empty."""
     lock, created = os.path.join(path, ".lock"), not os.path.isdir(path)
     try:
         os.makedirs(path, exist_ok=True)
-        host, _, pid = open(lock).read().partition(" ") if os.path.exists(lock) else ("", "", "")
-        if host == socket.gethostname() and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            os.remove(lock)
-        with open(lock, "x") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}")
-    except FileExistsError:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR)  # kept open while the process lives: that is the lock
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode())
+    except BlockingIOError:
         fail(f"--output_dir {path} is in use by another run (host and pid {open(lock).read()!r} in {lock}): wait for "
-             "it or pass another --output_dir (delete the lock file if that run is gone)")
+             "it or pass another --output_dir")
     except OSError as e:
         fail(f"cannot write to --output_dir {path}: {e.strerror}; pass a folder you can write to")
 
-    atexit.register(lambda: os.remove(lock) or created and not os.listdir(path) and os.rmdir(path))
+    def release():
+        with suppress(OSError):
+            os.remove(lock)
+            created and not os.listdir(path) and os.rmdir(path)
+
+    atexit.register(release)
 
 
 def checkpoint_steps(root: str) -> list[int]:
@@ -835,24 +844,31 @@ if __name__ == "__main__":
 
     # checkpoints are renamed into place once fully written: only those count
     ckpt_root, global_step = os.path.join(args.output_dir, "checkpoints"), 0
+    errors = []
     for step in reversed(checkpoint_steps(ckpt_root) if args.resume else []):  # the newest that loads
         try:
             accelerator.load_state(os.path.join(ckpt_root, f"step-{step}"))
+            global_step = step
+            break
         except Exception as e:  # a truncated or corrupt file: the previous checkpoint is loaded over it
-            log(f"--resume: checkpoint step-{step} cannot be loaded ({str(e).splitlines()[0]}); trying the previous "
-                "one")
-            continue
-        global_step = step
-        for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
-            scheduler.step()
-        log(f"resumed from {ckpt_root}/step-{step} (step {global_step})")
-        break
+            errors.append((str(e).splitlines() or [repr(e)])[0])
+            log(f"--resume: checkpoint step-{step} cannot be loaded ({errors[-1]}); trying the previous one")
+    # one step on every process: the newest that all loaded (a process that loaded a newer one reloads that step)
+    agreed = -int(accelerator.reduce(torch.tensor(-global_step, device=accelerator.device), reduction="max"))
+    if agreed and agreed != global_step:
+        accelerator.load_state(os.path.join(ckpt_root, f"step-{agreed}"))
+    global_step = agreed
+    for _ in range(global_step):  # the schedule is a function of the step: replayed, never unpickled
+        scheduler.step()
+    if global_step:
+        log(f"resumed from {ckpt_root}/step-{global_step} (step {global_step})")
     if args.resume and not global_step:
         if checkpoint_steps(ckpt_root):
-            fail(f"no checkpoint in {ckpt_root} can be loaded; pass --overwrite_output_dir to start that run afresh")
+            fail(f"no checkpoint in {ckpt_root} can be loaded (newest: {(errors or ['another process failed'])[0]}); "
+                 "restore them, or start afresh with --overwrite_output_dir (discards them)")
         log("--resume: no checkpoint found, starting from scratch")
 
-    # TRY NOT TO MODIFY: the output folder, created only now that data and models loaded
+    # TRY NOT TO MODIFY: the run's files are written from here on (before: only the lock, gone again if the start fails)
     save_args = lambda **extra: json.dump({**vars(args), "run_id": run_id, **extra},
                                           open(os.path.join(args.output_dir, "args.json"), "w"), indent=2)
     if accelerator.is_main_process:
@@ -874,12 +890,13 @@ if __name__ == "__main__":
             if args.track:
                 wandb.log(metrics, step=step)
 
+    newest = lambda: next((f"{ckpt_root}/step-{s}" for s in checkpoint_steps(ckpt_root)[-1:]), "none")  # for messages
+
     def check_finite():
         """Reads the device-side flag (a host sync): once per logging window, and before a checkpoint or the save."""
         if nonfinite.item():
-            raise SystemExit(f"non-finite loss or gradient at step {int(first_nonfinite_step.item())}; no update was "
-                             f"applied from that step on; checkpoints: {checkpoint_steps(ckpt_root) or 'none'} in "
-                             f"{ckpt_root}")
+            raise SystemExit(f"non-finite loss or gradient at step {int(first_nonfinite_step.item())}: no update was "
+                             f"applied from that step on; newest checkpoint: {newest()}")
 
     @torch.no_grad()
     def evaluate_and_log(step: int, extra: dict | None = None) -> float:
@@ -900,8 +917,8 @@ if __name__ == "__main__":
         log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
         log_metrics({**means, **(extra or {})}, step)
         if not math.isfinite(means["eval/loss"]):
-            raise SystemExit(f"eval/loss is {means['eval/loss']} at step {step}: the model is not saved (checkpoints: "
-                             f"{checkpoint_steps(ckpt_root) or 'none'} in {ckpt_root})")
+            raise SystemExit(f"eval/loss is {means['eval/loss']} at step {step}: the model is not saved (newest "
+                             f"checkpoint: {newest()})")
         sync()
         return time.time() - start
 

@@ -2,12 +2,12 @@
 exit code 2, before the work starts where it is knowable, with nothing written or changed; and a run killed at any
 point (mid-training, mid-checkpoint, after the final save) resumes to the uninterrupted run's weights bit for bit."""
 
+import fcntl
 import json
 import math
 import os
 import shutil
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -152,16 +152,17 @@ def test_lock_warm_up_and_extending_a_run_without_checkpoints(tmp_path, script, 
     shutil.copytree(tiny / ("ultrachat" if script == "sft" else "ultrafeedback"), data)
     run = lambda *extra: run_script(*script_args(script, tiny, small_sft, weak_aligned, out, "--dataset_name",
                                                  str(data), *extra), check=False)
-    # case 9: a folder locked by a live run (this test's process) is refused, the lock left as it was
+    # case 9: a folder locked by a live run (this test's process holds the flock) is refused, the lock left as it was
     out.mkdir()
-    (out / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}")
+    fd = os.open(out / ".lock", os.O_CREAT | os.O_RDWR)
+    os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode())
+    fcntl.flock(fd, fcntl.LOCK_EX)
     p = run("--max_steps", "1")
-    assert f"--output_dir {out} is in use by another run" in one_error_line(p)
+    err = one_error_line(p)
+    assert f"--output_dir {out} is in use by another run" in err and f"{socket.gethostname()} {os.getpid()}" in err
     assert os.listdir(out) == [".lock"] and (out / ".lock").read_text().endswith(str(os.getpid()))
-    # the lock of a killed run (a process that is gone) is taken over, and removed at the end
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    (out / ".lock").write_text(f"{socket.gethostname()} {gone.pid}")
+    # a run that is gone (killed: the kernel released its lock) leaves the file: the next run proceeds, removes it
+    os.close(fd)
     # case 7: one step inside the warm-up: a warning, and the rate logged is the one the step used, 0
     p = run("--max_steps", "1")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -182,6 +183,22 @@ def test_lock_warm_up_and_extending_a_run_without_checkpoints(tmp_path, script, 
     assert "data_fingerprint: " in one_error_line(p) and "--resume_allow_changes" in p.stderr
     assert {f: (out / f).read_bytes() for f in os.listdir(out) if (out / f).is_file()} == files  # nothing changed
     assert json.loads((out / "args.json").read_text())["data_fingerprint"] not in ("", str(data))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_on_a_save_to_disk_dataset(tmp_path, script, tiny, small_sft, weak_aligned):
+    # map/filter write cache-*.arrow files into a save_to_disk folder (hybrid_pairs.py's output): not a data change
+    from datasets import load_dataset
+
+    out, data = tmp_path / "o", tmp_path / "data"
+    load_dataset(str(tiny / ("ultrachat" if script == "sft" else "ultrafeedback"))).save_to_disk(data)
+    run = lambda *extra: run_script(*script_args(script, tiny, small_sft, weak_aligned, out, "--dataset_name",
+                                                 str(data), "--save_steps", "1", *extra), check=False)
+    assert run("--max_steps", "1").returncode == 0
+    assert any(f.name.startswith("cache-") for f in data.rglob("*"))  # written by the first run
+    p = run("--max_steps", "2", "--resume", "--resume_allow_changes", "max_steps")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "(step 1)" in p.stdout + p.stderr and [r["step"] for r in metrics(out) if "train/loss" in r] == [1, 2]
 
 
 @pytest.fixture(scope="module")
@@ -206,15 +223,16 @@ def test_non_finite_eval_loss_fails_the_run_without_saving_a_model(tmp_path, scr
     assert not (out / "model.safetensors").exists() and not (out / ".lock").exists()
 
 
-@pytest.mark.parametrize("script", ["sft", "dpo", "wpo"])
-def test_non_finite_step_names_no_checkpoint_that_does_not_exist(tmp_path, script, tiny, small_sft, weak_aligned):
-    # case 11: a run that diverges before its first checkpoint says there is none (not a folder that does not exist)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_non_finite_step_names_no_checkpoint_that_does_not_exist(tmp_path, script, tiny, small_sft, nan_model):
+    # case 11: a run that diverges before its first checkpoint says there is none (not a folder that does not exist);
+    # wspo.py's weak aligned model is the nan one (with both weak models equal its loss is 0 at any rate)
     out = tmp_path / "o"
-    p = run_script(*script_args(script, tiny, small_sft, weak_aligned, out, "--learning_rate", "1e30",
+    p = run_script(*script_args(script, tiny, small_sft, nan_model, out, "--learning_rate", "1e30",
                                 "--warmup_ratio", "0", "--max_steps", "6", "--logging_steps", "3"), check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     line = next(line for line in p.stderr.splitlines() if "non-finite loss or gradient at step" in line)
-    assert line.endswith(("checkpoints: none in " + str(out / "checkpoints"), "newest checkpoint: none"))
+    assert line.endswith("no update was applied from that step on; newest checkpoint: none")
     assert not (out / "checkpoints").exists() and not (out / "model.safetensors").exists()
 
 
@@ -286,3 +304,10 @@ def test_killed_runs_resume_to_the_same_weights_bit_for_bit(tmp_path, script, ti
     expected = [0.0] + [peak * 0.5 * (1 + math.cos(math.pi * s / 7)) for s in range(7)]
     assert [r["train/lr"] for r in metrics(full) if "train/lr" in r] == pytest.approx(expected, rel=1e-12)
     assert json.loads((cut / "args.json").read_text())["completed_steps"] == 8 and not (cut / ".lock").exists()
+    # no checkpoint loads: one line naming the newest one's error and what --overwrite_output_dir does
+    for step in sorted(os.listdir(cut / "checkpoints")):
+        (cut / "checkpoints" / step / "model.safetensors").write_bytes(b"")
+    p = run_script(*argv, "--resume", "--max_steps", "9", "--resume_allow_changes", "max_steps", check=False)
+    err = one_error_line(p)
+    assert f"no checkpoint in {cut / 'checkpoints'} can be loaded (newest: " in err
+    assert err.endswith("restore them, or start afresh with --overwrite_output_dir (discards them)")

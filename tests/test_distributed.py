@@ -115,3 +115,33 @@ def test_wspo_two_processes_equal_one_and_share_the_prepass(tiny, small_sft, tmp
         a, b = load_file(tmp_path / "c1" / f), load_file(tmp_path / "c2" / f)
         assert torch.equal(a["offsets"], b["offsets"]) and torch.allclose(a["values"], b["values"], atol=TOL)
     compare(tmp_path / "one", tmp_path / "two")
+
+
+ONE_RANK_FAILS = """import os, runpy, sys
+from accelerate import Accelerator
+load_state = Accelerator.load_state
+def load_state_failing_on_rank_1(self, path, *args, **kwargs):
+    if os.environ["RANK"] == "1" and path.endswith("step-4"):
+        raise OSError("rank 1 cannot read it")
+    return load_state(self, path, *args, **kwargs)
+Accelerator.load_state = load_state_failing_on_rank_1
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_resume_agrees_on_one_step_when_one_rank_cannot_load_the_newest_checkpoint(tiny, tmp_path):
+    # rank 0 loads step-4, rank 1 cannot: both resume at step 2 (not at different steps, which would hang or diverge)
+    common = ["sft.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrachat"), "--tokenizer_name",
+              str(tiny / "tokenizer"), "--config_overrides", SMALL, "--logging_steps", "1", "--max_train_samples",
+              "128", "--per_device_train_batch_size", "4", "--eval_split", "None", "--save_steps", "2", "--output_dir",
+              str(tmp_path / "o")]
+    torchrun(*common, "--max_steps", "4", port=29546)
+    wrapper = tmp_path / "one_rank_fails.py"
+    wrapper.write_text(ONE_RANK_FAILS)
+    p = torchrun(str(wrapper), *common, "--max_steps", "5", "--resume", "--resume_allow_changes", "max_steps",
+                 port=29547)
+    assert f"resumed from {tmp_path / 'o' / 'checkpoints'}/step-2 (step 2)" in p.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
+    new = [r["step"] for r in rows if r["run_id"] != rows[0]["run_id"] and "train/loss" in r]
+    assert new == [3, 4, 5] and json.loads((tmp_path / "o" / "args.json").read_text())["completed_steps"] == 5

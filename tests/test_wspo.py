@@ -377,9 +377,10 @@ def test_resume_refuses_changed_arguments_and_a_finished_run_exits_0(tiny, four,
     p = run_wspo(tiny, four, root, *same, "--resume", "--learning_rate", "1e-3")
     assert p.returncode == 2 and "learning_rate: 0.0005 -> 0.001" in p.stderr
     assert "--resume_allow_changes learning_rate" in p.stderr
-    p = run_wspo(tiny, four, root, *same, "--resume")
-    assert p.returncode == 0 and f"run in {root / 'o'} already finished (step 4); nothing to do" in p.stdout
-    assert "pre-pass" not in p.stdout and snapshot(root / "o") == before
+    for allow in ((), ("--resume_allow_changes", "learning_rate")):  # allowed but unchanged: as dpo.py, nothing to do
+        p = run_wspo(tiny, four, root, *same, "--resume", *allow)
+        assert p.returncode == 0 and f"run in {root / 'o'} already finished (step 4); nothing to do" in p.stdout
+        assert "pre-pass" not in p.stdout and snapshot(root / "o") == before
 
 
 def test_resume_with_allowed_change_continues_and_never_passes_max_steps(tiny, four, finished, tmp_path):
@@ -500,5 +501,5 @@ def test_non_finite_loss_stops_without_updating_or_saving(tiny, four, tmp_path):
     save_file(w, nan_weak / "model.safetensors", metadata={"format": "pt"})
     p = run_wspo(tiny, four, tmp_path, "--weak_aligned", str(nan_weak), "--save_steps", "2", "--logging_steps", "3",
                  "--max_steps", "4", "--eval_split", "None")
-    assert p.returncode == 1 and "non-finite loss or gradient at step 1; no update was applied" in p.stderr
+    assert p.returncode == 1 and "non-finite loss or gradient at step 1: no update was applied" in p.stderr
     assert not (tmp_path / "o" / "model.safetensors").exists() and not (tmp_path / "o" / "checkpoints").exists()
