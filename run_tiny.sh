@@ -12,6 +12,7 @@
 # (mean +- std, minimum, per seed, and whether each claimed ordering holds in every seed) and the plot.
 set -euo pipefail
 cd "$(dirname "$0")"
+SELF="$PWD/$(basename "$0")"
 if [ "${USE_CURRENT_PYTHON:-0}" != 1 ]; then
   if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
@@ -34,7 +35,7 @@ fi
 if [ -n "${SEEDS:-}" ]; then
   runs=()
   for s in $SEEDS; do
-    SEEDS="" SEED="$s" OUT="$OUT/seed-$s" USE_CURRENT_PYTHON=1 bash "$0"
+    SEEDS="" SEED="$s" OUT="$OUT/seed-$s" USE_CURRENT_PYTHON=1 bash "$SELF"
     runs+=("$OUT/seed-$s")
   done
   python -m tiny.seeds --runs "${runs[@]}" --out "$OUT/results.json" --table "$OUT/results.md" --plot "$OUT/results.png"
