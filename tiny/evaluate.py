@@ -118,7 +118,9 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: str) -> None:
+def plot(results: list[dict], path: str, title: str = "held-out gold reward (mean +- std over samples)",
+         dots: list[list[float]] | None = None) -> None:
+    """Bars of gold_reward_mean with gold_reward_std error bars; `dots`: extra values per bar (e.g. one per seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,8 +130,10 @@ def plot(results: list[dict], path: str) -> None:
     names = [r["name"] for r in results]
     ax.bar(names, [r["gold_reward_mean"] for r in results], yerr=[r["gold_reward_std"] for r in results], capsize=4,
            color=["#9ecae1" if n.startswith("weak") else "#3182bd" for n in names])
+    for i, values in enumerate(dots or []):
+        ax.plot([i] * len(values), values, "k.", alpha=0.6)
     ax.set_ylabel("gold reward of sampled responses")
-    ax.set_title("tiny setting: held-out gold reward (mean +- std over samples)")
+    ax.set_title(f"tiny setting: {title}")
     ax.tick_params(axis="x", rotation=20)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

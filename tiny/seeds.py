@@ -14,6 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
+from tiny import evaluate
 from tiny.evaluate import gap_recovered
 
 MODELS = ["weak SFT", "weak DPO", "strong SFT", "strong WSPO", "strong DPO", "strong WPO"]
@@ -91,24 +92,10 @@ def table(summary: dict) -> str:
 
 
 def plot(summary: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = summary["models"]
-    names = list(models)
-    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 4))
-    gold = [models[m]["gold_reward_mean"] for m in names]
-    ax.bar(names, [g["mean"] for g in gold], yerr=[g["std"] for g in gold], capsize=4,
-           color=["#9ecae1" if m.startswith("weak") else "#3182bd" for m in names])
-    for i, g in enumerate(gold):  # every seed as a dot
-        ax.plot([i] * len(g["per_seed"]), list(g["per_seed"].values()), "k.", alpha=0.6)
-    ax.set_ylabel("gold reward of sampled responses")
-    ax.set_title(f"tiny setting: held-out gold reward, mean +- std over {len(summary['seeds'])} seeds (dots: seeds)")
-    ax.tick_params(axis="x", rotation=20)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    gold = {m: st["gold_reward_mean"] for m, st in summary["models"].items()}
+    evaluate.plot([{"name": m, "gold_reward_mean": g["mean"], "gold_reward_std": g["std"]} for m, g in gold.items()],
+                  path, f"held-out gold reward, mean +- std over {len(summary['seeds'])} seeds (dots: seeds)",
+                  dots=[list(g["per_seed"].values()) for g in gold.values()])
 
 
 def main():
