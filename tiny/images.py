@@ -11,13 +11,26 @@ ClassLabel}. The README's YAML has no `configs:` on purpose: with one, datasets 
 imagefolder under a hash of the file patterns only, so a rewritten folder would load stale rows;
 without it the splits are inferred from the folder names and the cache follows the files.
 Deterministic: the same seed writes the same bytes.
+
+`write_models` writes the tiny setting's "pretrained" networks, the offline stand-ins for AlexNet and DINO:
+`models/resnet-weak` and `models/resnet-strong`, two transformers ResNets (a small and a larger one) trained
+with ground truth on the `train` split, which the probes of vision_w2s.py never see. They load with
+`from_pretrained` like any hub model; `--preset tiny` names them.
 """
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+# the two networks of --preset tiny: transformers ResNet configs, weak = 2 stages, strong = 3 stages
+MODELS = {
+    "resnet-weak": dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"),
+    "resnet-strong": dict(embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic"),
+}
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 CLASSES = ["disc", "square", "ring", "frame", "plus", "cross", "stripes", "checker"]
 SIZE = 32
@@ -97,3 +110,44 @@ def write(out_dir: Path, seed: int) -> None:
     about = (f"Tiny procedural images (tiny/images.py): {SIZE}x{SIZE} RGB, classes {', '.join(CLASSES)}; "
              f"splits {', '.join(f'{s} ({n})' for s, n in N_PER_SPLIT.items())}.")
     (out_dir / "README.md").write_text("\n".join(yaml + ["---", "", about, ""]))
+
+
+def write_models(out: Path, seed: int, epochs: int = 15, batch_size: int = 64, lr: float = 3e-3) -> None:
+    """Write out/models/resnet-weak and resnet-strong (safetensors), each set to `seed`, built from its config and
+    trained on out/images' `train` split (written first if absent): AdamW, 10% warm-up, cosine, `epochs` epochs."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoConfig, AutoModelForImageClassification, get_scheduler, set_seed
+
+    out = Path(out)
+    if not (out / "images" / "README.md").exists():
+        write(out / "images", seed)
+    ds = load_dataset(str(out / "images"), split="train")
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    # the published preprocessing at 32x32 (no resize, no crop): ToTensor + Normalize, one image at a time
+    pixels = [(torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1) - mean) / std
+              for im in ds["image"]]
+    labels = torch.as_tensor(np.asarray(ds["label"], dtype=np.int64))
+    n_classes = ds.features["label"].num_classes
+    for name, overrides in MODELS.items():
+        set_seed(seed)
+        model = AutoModelForImageClassification.from_config(AutoConfig.for_model("resnet", num_labels=n_classes,
+                                                                                 **overrides))
+        loader = torch.utils.data.DataLoader(list(range(len(ds))), batch_size=batch_size, shuffle=True,
+                                             collate_fn=torch.tensor)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        n_steps = max(1, epochs * len(loader))
+        scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=int(0.1 * n_steps), num_training_steps=n_steps)
+        model.train()
+        for _ in range(epochs):
+            correct = 0
+            for idx in loader:
+                output = model(pixel_values=torch.stack([pixels[i] for i in idx]), labels=labels[idx])
+                output.loss.backward()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                correct += int((output.logits.argmax(-1) == labels[idx]).sum())
+        model.save_pretrained(out / "models" / name)  # safetensors
+        stats = {"split": "train", "epochs": epochs, "train_acc": correct / len(ds) if epochs else None}
+        (out / "models" / name / "pretrain_stats.json").write_text(json.dumps(stats))
