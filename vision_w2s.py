@@ -30,13 +30,10 @@ The probe has no dropout. Preprocessing matches torchvision's transforms, writte
 Presets: `--preset paper` (the default) is the published setting: ImageNet validation, 40k / 10k, AlexNet -> DINO
 ViT-B/8, Linear(d, 1000) probes with Adam lr 1e-3, no weight decay, batch 100, cosine stepped per iteration with
 T_max = the epoch count (official, so the lr cycles), 5 epochs (20 for ResNet-50). `--preset tiny` (or
-`--preset=tiny`) is the offline setting: `python -m tiny` writes 32x32 procedural images (tiny/images.py). No
-pretrained weights exist offline, so the weak and strong models are two ResNets built from transformers configs (a
-small and a larger one), each "pretrained" by a short supervised run on the disjoint `train` split, then frozen: a
-stand-in for AlexNet's ImageNet training and DINO's self-supervised pretraining, not a reproduction of either. The
-weak network keeps its head (its softmax gives the weak labels, as AlexNet's ImageNet head does); the strong one
-gives embeddings. Every flag given overrides the preset; a model named with --weak_model / --strong_model replaces
-the preset's scratch network.
+`--preset=tiny`) is the offline setting: `python -m tiny` writes 32x32 procedural images and two small transformers
+ResNets (tiny/images.py) pre-trained with ground truth on the disjoint `train` split, a stand-in for AlexNet's ImageNet
+training and DINO's self-supervised pretraining (not a reproduction of either). The preset names them as --weak_model
+(its head gives the weak labels, as AlexNet's does) and --strong_model. Every flag given overrides the preset.
     python -m tiny --out data/tiny
     OMP_NUM_THREADS=1 python vision_w2s.py --preset tiny   # one thread: tiny convolutions on a busy CPU
     python vision_w2s.py --preset tiny --loss logconf --output_dir output/vision_w2s_tiny_logconf  # cached
@@ -51,7 +48,6 @@ output_dir that already holds files needs --overwrite_output_dir. The cache is r
 """
 
 import argparse
-import ast
 import hashlib
 import importlib.util
 import io
@@ -59,15 +55,14 @@ import json
 import math
 import os
 import re
-import socket
 import sys
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal, NoReturn
-from urllib.parse import urlparse
 
+import httpx
 import matplotlib
 
 matplotlib.use("Agg")
@@ -84,7 +79,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, get_scheduler
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 
 @dataclass
@@ -92,15 +87,15 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 0
-    """seed of the train/test shuffle, the probes and the pretraining (rank r seeds torch with seed + r)"""
+    """seed of the train/test shuffle and of the probes (rank r seeds torch with seed + r)"""
     preset: Literal["paper", "tiny"] = "paper"
-    """paper: the published setting; tiny: the offline one (data/tiny/images, small ResNets from configs); flags win"""
+    """paper: the published setting; tiny: the offline one (data/tiny: images and two small ResNets); flags win"""
     output_dir: str = "output/vision_w2s"
     """results.json and results.png go here"""
     overwrite_output_dir: bool = False
     """replace the results.json and results.png an earlier run wrote in output_dir (other files are kept)"""
     cache_dir: str = "output/vision_w2s_cache"
-    """embeddings, weak labels (safetensors) and pretrained scratch networks, keyed by model, preprocessing, data"""
+    """embeddings and weak labels (safetensors), keyed by model, preprocessing and data"""
     track: bool = False
     """log to Weights and Biases"""
     wandb_project_name: str = "weak_to_strong"
@@ -132,33 +127,15 @@ class Args:
     num_workers: int = 4
     """data loader processes decoding images"""
 
-    # models: a name (pretrained) or a transformers model type + config overrides (built from scratch)
+    # models: pretrained, frozen
     trust_remote_code: bool = False
     """allow models whose code comes from outside transformers (torch.hub DINO ResNet-50 runs its repo's code)"""
-    weak_model: str | None = "alexnet"
-    """alexnet (torchvision), a transformers image classifier (hub id / path), a body + --weak_head_split, or None"""
-    weak_model_type: str | None = None
-    """weak model built from scratch: a transformers vision model type, e.g. resnet, vit"""
-    weak_config_overrides: str | None = None
-    """weak model from scratch: config overrides, e.g. "embedding_size=8,hidden_sizes=[8,16],depths=[1,1]" """
+    weak_model: str = "alexnet"
+    """alexnet (torchvision), a transformers image classifier (hub id / folder), or a body + --weak_head_split"""
     weak_head_split: str | None = None
     """split of a ground-truth probe on the weak model's embeddings (its softmax: the weak labels); None: own head"""
-    strong_model: str | None = "facebook/dino-vitb8"
-    """frozen strong body: a transformers hub id / path, dino_resnet50, dino_vitb8, ... (torch.hub), or None"""
-    strong_model_type: str | None = None
-    """strong model built from scratch: a transformers vision model type"""
-    strong_config_overrides: str | None = None
-    """strong model from scratch: config overrides"""
-
-    # pretraining of the models built from scratch (the offline stand-in; no published counterpart)
-    pretrain_split: str = "train"
-    """split on which a model built from scratch is trained with ground truth before it is frozen"""
-    pretrain_epochs: int = 15
-    """epochs of that run (0: frozen random features)"""
-    pretrain_lr: float = 3e-3
-    """AdamW peak lr of that run (10% warm-up, cosine)"""
-    pretrain_batch_size: int = 64
-    """global batch of that run (per-device batch x processes)"""
+    strong_model: str = "facebook/dino-vitb8"
+    """frozen strong body: a transformers hub id / folder, or dino_resnet50, dino_vitb8, ... (torch.hub)"""
 
     # probe (vision/run_weak_strong.py train_logreg)
     probe_epochs: int = 5
@@ -189,16 +166,12 @@ PRESETS = {
     "paper": Args(),
     "tiny": Args(  # the offline setting written by `python -m tiny --out data/tiny`
         preset="tiny", dataset="data/tiny/images", resize=32, crop=32, embed_batch_size=256, num_workers=0,
-        split="test", n_train=1400,  # 2000 images: 1400 probe train / 600 test; the 1500 `train` images pretrain
+        split="test", n_train=1400,  # 2000 images: 1400 probe train / 600 test (the models learned on `train`)
         probe_epochs=60, output_dir="output/vision_w2s_tiny", cache_dir="output/vision_w2s_tiny_cache",
-        weak_model=None, weak_model_type="resnet",
-        weak_config_overrides="embedding_size=8,hidden_sizes=[8,16],depths=[1,1],layer_type=basic",
-        strong_model=None, strong_model_type="resnet",
-        strong_config_overrides="embedding_size=16,hidden_sizes=[16,32,64],depths=[1,1,1],layer_type=basic"),
+        weak_model="data/tiny/models/resnet-weak", strong_model="data/tiny/models/resnet-strong"),
 }
 IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 TORCH_HUB_DINO = ("dino_resnet50", "dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8")
-MODEL_FLAGS = tuple(f"{s}_{what}" for s in ("weak", "strong") for what in ("model", "model_type", "config_overrides"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,25 +186,10 @@ def parse_args() -> Args:
     """`--preset NAME` (or `--preset=NAME`) picks the defaults; every flag given overrides them."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--preset")
-    for flag in MODEL_FLAGS:  # only to tell a model the user named from the preset's
-        pre.add_argument(f"--{flag}")
-    known = pre.parse_known_args()[0]
-    if known.preset is not None and known.preset not in PRESETS:
-        fail(f"unknown --preset {known.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
-    args = tyro.cli(Args, default=PRESETS[known.preset or "paper"], use_underscores=True)
-    given = {flag for flag in MODEL_FLAGS if getattr(known, flag) is not None}
-    for side in ("weak", "strong"):  # a pretrained model and a scratch network: the one named on the command line wins
-        model, scratch_flags = f"{side}_model", {f"{side}_model_type", f"{side}_config_overrides"}
-        if getattr(args, model) is None or getattr(args, f"{side}_model_type") is None:
-            continue
-        if model in given and scratch_flags & given:
-            fail(f"--{side}_model loads a pretrained network and --{side}_model_type / --{side}_config_overrides "
-                 f"build one from scratch: pass one of them (--{side}_model None to build from scratch)")
-        if model in given:
-            setattr(args, f"{side}_model_type", None)
-            setattr(args, f"{side}_config_overrides", None)
-        elif scratch_flags & given:
-            setattr(args, model, None)
+    preset = pre.parse_known_args()[0].preset
+    if preset is not None and preset not in PRESETS:
+        fail(f"unknown --preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    args = tyro.cli(Args, default=PRESETS[preset or "paper"], use_underscores=True)
     validate(args)
     return args
 
@@ -239,9 +197,9 @@ def parse_args() -> Args:
 def validate(args: Args) -> None:
     """Every check that needs no data and no model, so that a wrong argument costs seconds, not a pre-pass."""
     checks = [(name, lambda v: v > 0, "must be positive") for name in (
-        "n_train", "resize", "crop", "embed_batch_size", "pretrain_batch_size", "probe_epochs", "probe_batch_size")]
+        "n_train", "resize", "crop", "embed_batch_size", "probe_epochs", "probe_batch_size")]
     checks += [(name, lambda v: v >= 0, "must be non-negative")  # `not v >= 0` also catches nan
-               for name in ("num_workers", "pretrain_epochs", "pretrain_lr", "probe_lr", "probe_weight_decay")]
+               for name in ("num_workers", "probe_lr", "probe_weight_decay")]
     checks += [(name, lambda v: 0 <= v <= 1, "must be in [0, 1]")
                for name in ("logconf_aux_coef", "logconf_warmup_frac")]
     for name, ok, rule in checks:
@@ -251,36 +209,21 @@ def validate(args: Args) -> None:
         fail(f"--n_classes must be at least 2 (got {args.n_classes}); drop it to use the weak head's or the data's")
     if args.crop > args.resize:
         fail(f"--crop {args.crop} is larger than --resize {args.resize}: the center crop must fit in the resized image")
-    scratch = []
-    for side in ("weak", "strong"):
-        model, model_type, overrides = (getattr(args, flag) for flag in MODEL_FLAGS if flag.startswith(side))
-        if (model is None) == (model_type is None):
-            fail(f"give exactly one of --{side}_model (pretrained) and --{side}_model_type (built from scratch); "
-                 f"to build from scratch pass --{side}_model None")
-        if model is None:
-            scratch.append(side)
-            try:
-                scratch_config(model_type, overrides, 2)
-            except ValueError as e:
-                fail(f"--{side}_model_type {model_type} / --{side}_config_overrides {overrides!r}: {e}")
-        elif overrides is not None:
-            fail(f"--{side}_config_overrides applies to a network built from scratch, not to --{side}_model "
-                 f"{model}: drop it, or pass --{side}_model None --{side}_model_type TYPE")
+    for side, model in (("weak", args.weak_model), ("strong", args.strong_model)):
         if model in TORCH_HUB_DINO and not args.trust_remote_code:
             fail(f"--{side}_model {model} comes from torch.hub, which runs the code of "
                  "github.com/facebookresearch/dino; pass --trust_remote_code to allow it, or use facebook/dino-vitb8 "
                  "(transformers)")
     if args.weak_head_split is None and args.weak_model in TORCH_HUB_DINO:
         fail(f"{args.weak_model} has no classification head to give weak labels: pass --weak_head_split <split>")
+    if args.weak_head_split == args.split:
+        fail(f"--weak_head_split must differ from --split {args.split!r}: the experiment split's labels would leak")
     needs_torchvision = sorted({args.weak_model, args.strong_model} & {"alexnet", *TORCH_HUB_DINO})
+    if args.preprocessing == "processor" and needs_torchvision:
+        fail("--preprocessing processor needs transformers hub models on both sides; use --preprocessing published")
     if needs_torchvision and importlib.util.find_spec("torchvision") is None:
         fail(f"torchvision is not installed, and {' and '.join(needs_torchvision)} needs it: install the torchvision "
              "build matching your torch, or name transformers models (--weak_model, --strong_model), or --preset tiny")
-    for flag in ("weak_head_split", "pretrain_split"):
-        if (flag == "weak_head_split" or scratch) and getattr(args, flag) == args.split:
-            fail(f"--{flag} must differ from --split {args.split!r}: the experiment split's labels would leak")
-    if args.preprocessing == "processor" and (scratch or needs_torchvision):
-        fail("--preprocessing processor needs transformers hub models on both sides; use --preprocessing published")
     out, cache = Path(args.output_dir), Path(args.cache_dir)
     if out.resolve() == cache.resolve():
         fail(f"--output_dir and --cache_dir are the same folder {out}: pass two folders")
@@ -290,16 +233,15 @@ def validate(args: Args) -> None:
         held = sorted(f.name for f in out.iterdir())
         fail(f"output_dir {out} already holds files ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); pass "
              "--overwrite_output_dir to replace them, or another --output_dir")
-    # with HF_HUB_OFFLINE unset and a name that is not a local path: one 3-second connect to the hub, so that no
+    # with HF_HUB_OFFLINE unset and a hub id (not a local path): one 3-second connect to the hub, so that no
     # network is reported at once instead of after a minute of retries
-    remote = [name for name in [args.dataset] + [args.weak_model, args.strong_model] if name is not None
+    remote = [name for name in (args.dataset, args.weak_model, args.strong_model) if name.count("/") <= 1
               and name not in ("alexnet", *TORCH_HUB_DINO) and not os.path.exists(name)]
     if not remote or hub_constants.HF_HUB_OFFLINE:
         return
-    url = urlparse(hub_constants.ENDPOINT)
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
-    except OSError:
+        httpx.head(hub_constants.ENDPOINT, timeout=3)
+    except httpx.TransportError:
         fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
              "local cache, or pass a local path.")
 
@@ -335,12 +277,6 @@ def collate(idx: list[int], ds, image_column: str, preprocess) -> tuple[torch.Te
     good = [im for im in ims if im is not None]
     ok = torch.tensor([im is not None for im in ims], dtype=torch.bool)
     return torch.tensor(idx), ok, preprocess(good) if good else torch.zeros(0, 3, 1, 1)
-
-
-def image_loader(ds, batch_size: int, preprocess, args: Args, shuffle: bool = False) -> DataLoader:
-    """Batches of collate() over every row of ds."""
-    return DataLoader(list(range(len(ds))), batch_size=batch_size, shuffle=shuffle, num_workers=args.num_workers,
-                      collate_fn=partial(collate, ds=ds, image_column=args.image_column, preprocess=preprocess))
 
 
 def load_split(args: Args, split: str, flag: str):
@@ -381,10 +317,10 @@ def row_name(ds, image_column: str, i: int) -> str:
     return f"row {i} ({path})" if path else f"row {i}"
 
 
-def pretrained(loader, name: str, **kwargs):
+def pretrained(loader, name: str):
     """`loader.from_pretrained(name)`, with a model that cannot be loaded reported by its name and the fix."""
     try:
-        return loader.from_pretrained(name, **kwargs)
+        return loader.from_pretrained(name)
     except (OSError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         where = "a local folder" if os.path.exists(name) else "no such local folder and not a cached hub id"
@@ -392,14 +328,12 @@ def pretrained(loader, name: str, **kwargs):
              f"a hub id (with network, or cached when HF_HUB_OFFLINE=1)")
 
 
-def load_data(args: Args, scratch: list[str]) -> tuple[dict, dict, int]:
+def load_data(args: Args) -> tuple[dict, dict, int]:
     """Every split the run needs, their labels (int64) and the probe's class count; a missing or non-integer label,
     or one outside the head, is an error naming its row and file, here, before any model runs."""
     flags = {args.split: "split"}
     if args.weak_head_split is not None:
-        flags.setdefault(args.weak_head_split, "weak_head_split")
-    if scratch:
-        flags.setdefault(args.pretrain_split, "pretrain_split")
+        flags[args.weak_head_split] = "weak_head_split"
     data, labels = {split: load_split(args, split, flag) for split, flag in flags.items()}, {}
     is_id = lambda v: isinstance(v, (int, np.integer, float)) and not isinstance(v, bool) and float(v).is_integer()
     for split, ds in data.items():
@@ -416,11 +350,11 @@ def load_data(args: Args, scratch: list[str]) -> tuple[dict, dict, int]:
     # every transformers model named loads its config here: a wrong path is reported before any model runs or any
     # cache is written
     configs = {m: pretrained(AutoConfig, m) for m in (args.weak_model, args.strong_model)
-               if m is not None and m != "alexnet" and m not in TORCH_HUB_DINO}
-    head = None  # size of the weak model's own head, when it has one that is not built here
+               if m not in ("alexnet", *TORCH_HUB_DINO)}
+    head = None  # size of the weak model's own head, when it gives the weak labels
     if args.weak_head_split is None and args.weak_model == "alexnet":
         head = 1000
-    elif args.weak_head_split is None and args.weak_model is not None:
+    elif args.weak_head_split is None:
         config = configs[args.weak_model]
         if not any(a.endswith("ForImageClassification") for a in config.architectures or []):
             fail(f"{args.weak_model} is not an image classifier ({config.architectures}): its head would be random; "
@@ -459,64 +393,8 @@ def pooled(out, model_type: str) -> torch.Tensor:
     return out.pooler_output.flatten(1)
 
 
-def scratch_config(model_type: str, overrides: str | None, n_classes: int):
-    """A transformers config from a model type and "key=value,..." overrides (values are Python literals)."""
-    try:
-        known = AutoConfig.for_model(model_type).to_dict()
-    except ValueError:
-        raise ValueError(f"{model_type!r} is not a transformers model type (vision ones: resnet, vit, convnext, ...)"
-                         ) from None
-    pattern = r"(\w+)=(\[[^\]]*\]|[^,]*)"
-    leftover = re.sub(pattern, "", overrides or "").replace(",", "").strip()
-    if leftover:
-        raise ValueError(f"cannot read {leftover!r}: write the overrides as key=value,key=[1,2],...")
-    kwargs = {}
-    for key, value in re.findall(pattern, overrides or ""):
-        if key not in known:
-            raise ValueError(f"config override {key!r} is not a field of a {model_type} config; fields: "
-                             f"{', '.join(sorted(known))}")
-        try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[key] = value  # a bare string, e.g. layer_type=basic
-    return AutoConfig.for_model(model_type, num_labels=n_classes, **kwargs)
-
-
-def pretrain(model, ds, labels: torch.Tensor, preprocess, args: Args, accelerator: Accelerator, desc: str) -> dict:
-    """The offline stand-in for pretraining: a short supervised run of the whole network on a split
-    disjoint from the experiment's (AdamW, 10% warm-up, cosine). Returns its statistics."""
-    # TRY NOT TO MODIFY: pretrain_batch_size = per-device batch x num_processes
-    loader = image_loader(ds, max(1, args.pretrain_batch_size // accelerator.num_processes), preprocess, args, True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    n_steps = max(1, args.pretrain_epochs * len(loader))
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=int(0.1 * n_steps), num_training_steps=n_steps)
-    model.train()
-    stats = {"split": args.pretrain_split, "epochs": args.pretrain_epochs, "train_acc": None, "skipped_images": None}
-    for epoch in tqdm(range(args.pretrain_epochs), desc=desc, disable=not accelerator.is_main_process):
-        correct = seen = skipped = 0
-        for idx, ok, px in loader:
-            skipped += int((~ok).sum())
-            if len(px) == 0:
-                continue
-            with accelerator.autocast():
-                out = model(pixel_values=px, labels=labels[idx[ok].cpu()].to(px.device))
-            accelerator.backward(out.loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            correct += int((out.logits.argmax(-1).cpu() == labels[idx[ok].cpu()]).sum())
-            seen += len(px)
-        totals = accelerator.reduce(torch.tensor([correct, seen, skipped], device=accelerator.device), "sum").tolist()
-        stats.update(train_acc=totals[0] / max(1, totals[1]), skipped_images=int(totals[2]))
-        accelerator.print(f"{desc} epoch {epoch}: train acc {stats['train_acc']:.3f}")
-    return stats
-
-
-def load_model(side: str, spec: dict, want: Literal["probs", "emb"], data: dict, labels: dict, preprocess, args: Args,
-               accelerator: Accelerator):
+def load_model(name: str, want: Literal["probs", "emb"], accelerator: Accelerator):
     """A frozen function pixel_values -> class probabilities (its own head) or embeddings."""
-    name = spec["name"]
     if name == "alexnet":
         import torchvision  # lazily: only the published weak model needs it (validate() checked it is there)
 
@@ -527,30 +405,10 @@ def load_model(side: str, spec: dict, want: Literal["probs", "emb"], data: dict,
     elif name in TORCH_HUB_DINO:
         model = torch.hub.load("facebookresearch/dino:main", name, trust_repo=True)  # its hubconf imports torchvision
         fn = model
-    elif name is not None:  # a transformers hub id or local path
+    else:  # a transformers hub id or local folder
         model = pretrained(AutoModelForImageClassification if want == "probs" else AutoModel, name)
-        body = model
-    else:  # built from scratch, pretrained once on --pretrain_split, cached under cache_dir/models
-        folder = Path(args.cache_dir) / "models" / f"{spec['model_type']}-{spec['hash']}"
-        if (folder / "config.json").exists():
-            accelerator.print(f"reusing pretrained {side} network {folder}")
-            model = AutoModelForImageClassification.from_pretrained(folder)
-        else:
-            set_seed(args.seed)  # the same init on every rank (DDP also broadcasts it)
-            config = scratch_config(spec["model_type"], spec["overrides"], spec["n_classes"])
-            model = AutoModelForImageClassification.from_config(config)
-            stats = pretrain(model, data[args.pretrain_split], torch.as_tensor(labels[args.pretrain_split]), preprocess,
-                             args, accelerator, f"pretrain {side} ({spec['model_type']})")
-            model = accelerator.unwrap_model(model)
-            if accelerator.is_main_process:
-                model.save_pretrained(folder)  # safetensors
-                (folder / "pretrain_stats.json").write_text(json.dumps(stats))
-            accelerator.wait_for_everyone()
-            set_seed(args.seed, device_specific=True)
-        body = model.base_model  # the network without its classification head
-    if name not in ("alexnet", *TORCH_HUB_DINO):  # transformers models
         fn = (lambda px: model(pixel_values=px).logits.softmax(-1)) if want == "probs" else \
-            (lambda px: pooled(body(pixel_values=px), model.config.model_type))
+            (lambda px: pooled(model(pixel_values=px), model.config.model_type))
     model.eval().requires_grad_(False).to(accelerator.device)
     return fn
 
@@ -559,7 +417,9 @@ def load_model(side: str, spec: dict, want: Literal["probs", "emb"], data: dict,
 def extract(fn, ds, preprocess, args: Args, accelerator: Accelerator, desc: str) -> dict[str, torch.Tensor]:
     """fn over every image of ds, sharded over the processes and gathered; unreadable rows: zeros, ok=False."""
     dim = fn(preprocess([Image.new("RGB", (args.crop, args.crop))]).to(accelerator.device)).shape[1]
-    loader = accelerator.prepare(image_loader(ds, args.embed_batch_size, preprocess, args))
+    loader = DataLoader(list(range(len(ds))), batch_size=args.embed_batch_size, num_workers=args.num_workers,
+                        collate_fn=partial(collate, ds=ds, image_column=args.image_column, preprocess=preprocess))
+    loader = accelerator.prepare(loader)
     out, ok_all = torch.zeros(len(ds), dim), torch.zeros(len(ds), dtype=torch.bool)
     start = time.time()
     for idx, ok, px in tqdm(loader, desc=desc, disable=not accelerator.is_main_process):
@@ -665,7 +525,6 @@ def plot(res: dict, path: Path, title: str) -> None:
 
 if __name__ == "__main__":
     args = parse_args()  # presets, then every check that needs no data or model (exit code 2, nothing written)
-    scratch = [side for side in ("weak", "strong") if getattr(args, f"{side}_model") is None]
     own_head = args.weak_head_split is None  # published: AlexNet's own ImageNet head gives the weak labels
 
     # TRY NOT TO MODIFY: setup
@@ -674,7 +533,7 @@ if __name__ == "__main__":
     args.run_name = f"{args.exp_name}__{Path(args.dataset).name}__{args.seed}__{int(time.time())}"
 
     # 1. data: every split needed, labels checked against the head size before any model runs
-    data, labels, n_classes = load_data(args, scratch)
+    data, labels, n_classes = load_data(args)
     accelerator.print(f"{args.dataset}: " + ", ".join(f"{s} {len(d)} images" for s, d in data.items())
                       + f"; {n_classes} classes")
     tracker = None
@@ -693,26 +552,18 @@ if __name__ == "__main__":
         return fn, {"resize": args.resize, "crop": args.crop, "mean": IMAGENET_MEAN.tolist(),
                     "std": IMAGENET_STD.tolist()}
 
-    specs = {side: {"name": getattr(args, f"{side}_model")} for side in ("weak", "strong")}
-    for side in scratch:  # identity of a scratch network = its config and its whole pretraining
-        specs[side] |= {"model_type": getattr(args, f"{side}_model_type"),
-                        "overrides": getattr(args, f"{side}_config_overrides"), "n_classes": n_classes,
-                        "pretrain": {k: getattr(args, k) for k in ("dataset", "pretrain_split", "pretrain_epochs",
-                                                                   "pretrain_lr", "pretrain_batch_size", "seed")},
-                        "pretrain_data": data[args.pretrain_split]._fingerprint,
-                        "preprocessing": preprocess_for(None)[1]}
-        specs[side]["hash"] = hashlib.sha256(json.dumps(specs[side], sort_keys=True).encode()).hexdigest()[:12]
-
     def features(side, want, split):
         """Cached {values, ok} of one model on one split: its own head's probabilities or its embeddings."""
-        spec, ds = specs[side], data[split]
-        preprocess, prep_key = preprocess_for(spec["name"])
-        key = {"model": spec, "want": want, "preprocessing": prep_key, "dataset": args.dataset, "split": split,
+        name, ds = getattr(args, f"{side}_model"), data[split]
+        preprocess, prep_key = preprocess_for(name)
+        # a local folder's weight files are part of the key: rewritten weights are never served from the cache
+        weights = sorted(Path(name).glob("*.safetensors")) if os.path.isdir(name) else []
+        key = {"model": name, "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weights],
+               "want": want, "preprocessing": prep_key, "dataset": args.dataset, "split": split,
                "fingerprint": ds._fingerprint, "rows": len(ds), "image_column": args.image_column}
-        compute = lambda: extract(load_model(side, spec, want, data, labels, preprocess, args, accelerator), ds,
-                                  preprocess, args, accelerator, f"{side} {want} on {split}")
-        label = spec["name"] or f"{spec['model_type']}-{spec['hash']}"
-        return cached(key, f"{label}__{Path(args.dataset).name}__{split}__{want}", compute, args, accelerator)
+        compute = lambda: extract(load_model(name, want, accelerator), ds, preprocess, args, accelerator,
+                                  f"{side} {want} on {split}")
+        return cached(key, f"{name}__{Path(args.dataset).name}__{split}__{want}", compute, args, accelerator)
 
     # ALGO LOGIC: 2. weak labels = softmax of the weak model's own head (run_weak_strong.py get_embeddings: AlexNet's
     # ImageNet logits), or of a ground-truth probe on its embeddings when the classes are not its head's
@@ -771,24 +622,19 @@ if __name__ == "__main__":
     skipped = {args.split: int((~torch.as_tensor(keep)).sum())}  # per split: unreadable images, counted and left out
     if not own_head:
         skipped[args.weak_head_split] = int((~head_feats["ok"]).sum())
-    stats_files = {side: Path(args.cache_dir) / "models" / f"{specs[side]['model_type']}-{specs[side]['hash']}" /
-                   "pretrain_stats.json" for side in scratch}
     res = {
         "weak_acc": weak_acc, "strong_ceiling_acc": ceiling_acc, "w2s_acc": w2s_acc, "pgr": pgr,
         "agreement": w2s["agreement"][-1], "ceiling_agreement": ceiling["agreement"][-1],
         "weak_acc_all": (weak_hard[keep] == y[keep]).float().mean().item(),  # the official print: the whole split
         "loss": args.loss, "n_train": len(train_idx), "n_test": len(test_idx), "n_classes": n_classes,
         "skipped_images": skipped,
-        "pretrain": {side: json.loads(f.read_text()) if f.exists() else None for side, f in stats_files.items()},
         "curves": {"ceiling": ceiling["test"], "w2s": w2s["test"], "w2s_agreement": w2s["agreement"]},
         "run_id": args.run_name, "args": vars(args),
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=2))
-    names = [getattr(args, f"{side}_model") or f"{getattr(args, f'{side}_model_type')} (scratch)"
-             for side in ("weak", "strong")]
-    plot(res, out / "results.png", f"{Path(args.dataset).name}: weak {names[0]} -> strong {names[1]}")
+    plot(res, out / "results.png", f"{Path(args.dataset).name}: weak {args.weak_model} -> strong {args.strong_model}")
     print("\n" + "=" * 60)
     for k in ("weak_acc", "strong_ceiling_acc", "w2s_acc", "pgr", "agreement"):
         print(f"{k:<22}{'undefined (strong <= weak)' if res[k] is None else f'{res[k]:.4f}'}")

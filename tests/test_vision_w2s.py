@@ -1,5 +1,5 @@
-"""vision_w2s.py on the tiny image set: end to end, cache reuse, distributed extraction, torchvision
-absent, unreadable images and bad labels, and the math (preprocessing, probe losses)."""
+"""vision_w2s.py on the tiny image set and the tiny ResNets (tiny/images.py): end to end, cache reuse, distributed
+extraction, torchvision absent, unreadable images and bad labels, and the math (preprocessing, probe losses)."""
 
 import hashlib
 import json
@@ -21,6 +21,8 @@ from PIL import Image
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SCRIPT = str(Path(__file__).resolve().parents[1] / "vision_w2s.py")
 WRITE_IMAGES = "import pathlib, sys; from tiny import images; images.write(pathlib.Path(sys.argv[1]), int(sys.argv[2]))"
+WRITE_MODELS = ("import pathlib, sys; from tiny import images; "
+                "images.write_models(pathlib.Path(sys.argv[1]), int(sys.argv[2]), *map(int, sys.argv[3:]))")
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +41,60 @@ def image_set(tmp_path_factory) -> Path:
     return out
 
 
-def tiny_run(image_set: Path, out: Path, *flags: str, env: dict, script: tuple = ("vision_w2s.py",), check: bool = True):
+@pytest.fixture(scope="module")
+def tiny_models(image_set) -> Path:
+    """The tiny setting's two pretrained ResNets, written next to the image set by tiny.images.write_models."""
+    run_script("-c", WRITE_MODELS, str(image_set.parent), "0", env=SINGLE_THREAD)
+    return image_set.parent / "models"
+
+
+def model_flags(models: Path) -> tuple:
+    """The preset's models, from `models` instead of data/tiny/models (tests run in other folders)."""
+    return "--weak_model", str(models / "resnet-weak"), "--strong_model", str(models / "resnet-strong")
+
+
+def tiny_run(image_set: Path, out: Path, *flags: str, env: dict, models: Path, script: tuple = ("vision_w2s.py",),
+             check: bool = True):
     return run_script(*script, "--preset", "tiny", "--dataset", str(image_set), "--output_dir", str(out / "out"),
-                      "--cache_dir", str(out / "cache"), *flags, env=env, check=check)
+                      "--cache_dir", str(out / "cache"), *model_flags(models), *flags, env=env, check=check)
 
 
 @pytest.fixture(scope="module")
-def offline_run(image_set, no_torchvision, tmp_path_factory):
+def offline_run(image_set, tiny_models, no_torchvision, tmp_path_factory):
     """The offline command, once, with torchvision blocked."""
     out = tmp_path_factory.mktemp("run")
-    p = tiny_run(image_set, out, env=no_torchvision)
+    p = tiny_run(image_set, out, env=no_torchvision, models=tiny_models)
     return out, p, json.loads((out / "out" / "results.json").read_text())
+
+
+def test_write_models(tiny_models):
+    """Two classifiers with the image set's 8 classes, in safetensors, learned on the `train` split."""
+    from transformers import AutoConfig
+
+    for name, stages in (("resnet-weak", 2), ("resnet-strong", 3)):
+        config = AutoConfig.from_pretrained(tiny_models / name)
+        assert config.architectures == ["ResNetForImageClassification"] and config.num_labels == 8
+        assert len(config.hidden_sizes) == stages and (tiny_models / name / "model.safetensors").exists()
+        assert not list((tiny_models / name).glob("*.bin")) and not list((tiny_models / name).glob("*.pt"))
+        stats = json.loads((tiny_models / name / "pretrain_stats.json").read_text())
+        assert stats["split"] == "train" and stats["epochs"] == 15 and stats["train_acc"] > 0.3
+
+
+def test_write_models_deterministic(image_set, tmp_path):
+    """The same seed writes the same weights (one epoch, to keep it short)."""
+    from safetensors.torch import load_file
+
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "images").symlink_to(image_set)
+        run_script("-c", WRITE_MODELS, str(tmp_path / run), "0", "1", env=SINGLE_THREAD)
+    for name in ("resnet-weak", "resnet-strong"):
+        a, b = (load_file(tmp_path / run / "models" / name / "model.safetensors") for run in ("a", "b"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_end_to_end(offline_run):
     out, p, res = offline_run
-    assert "pretrain weak (resnet)" in p.stdout and "pretrain strong (resnet)" in p.stdout
     for k in ("weak_acc", "strong_ceiling_acc", "w2s_acc", "agreement", "ceiling_agreement", "weak_acc_all"):
         assert 0.0 <= res[k] <= 1.0, k
     # thresholds below the minimum over seeds 0-5 (docs/results.md): weak 0.588, ceiling - weak 0.087, PGR 0.224
@@ -66,19 +106,16 @@ def test_end_to_end(offline_run):
     assert res["skipped_images"] == {"test": 0}
     assert len(res["curves"]["w2s"]) == len(res["curves"]["ceiling"]) == 60
     assert res["curves"]["ceiling"][-1] == res["strong_ceiling_acc"]
-    for side in ("weak", "strong"):
-        assert res["pretrain"][side]["skipped_images"] == 0 and res["pretrain"][side]["train_acc"] > 0.3
     with Image.open(out / "out" / "results.png") as im:
         assert im.size[0] > 500
     assert len(list((out / "cache").glob("*.safetensors"))) == 2  # weak probabilities, strong embeddings
-    assert len(list((out / "cache" / "models").glob("*/model.safetensors"))) == 2  # the two pretrained networks
 
 
-def test_cache_reused_on_rerun(offline_run, image_set, no_torchvision):
+def test_cache_reused_on_rerun(offline_run, image_set, tiny_models, no_torchvision):
     out, _, first = offline_run
     before = {f: f.stat().st_mtime_ns for f in (out / "cache").rglob("*") if f.is_file()}
     p = run_script("vision_w2s.py", "--preset", "tiny", "--dataset", str(image_set), "--output_dir", str(out / "logconf"),
-                   "--cache_dir", str(out / "cache"), "--loss", "logconf", env=no_torchvision)
+                   "--cache_dir", str(out / "cache"), *model_flags(tiny_models), "--loss", "logconf", env=no_torchvision)
     assert p.stdout.count("reusing cached") == 2 and "pretrain" not in p.stdout
     assert {f: f.stat().st_mtime_ns for f in (out / "cache").rglob("*") if f.is_file()} == before  # nothing recomputed
     res = json.loads((out / "logconf" / "results.json").read_text())
@@ -87,14 +124,13 @@ def test_cache_reused_on_rerun(offline_run, image_set, no_torchvision):
     assert res["pgr"] == pytest.approx((res["w2s_acc"] - res["weak_acc"]) / (res["strong_ceiling_acc"] - res["weak_acc"]), abs=1e-9)
 
 
-def test_distributed_extraction_matches(offline_run, image_set, no_torchvision, tmp_path):
+def test_distributed_extraction_matches(offline_run, image_set, tiny_models, no_torchvision, tmp_path):
     """Two CPU processes extract the same embeddings (sharded, gathered) as one: same results."""
     out, _, first = offline_run
-    shutil.copytree(out / "cache" / "models", tmp_path / "cache" / "models")  # pretrained networks, no embeddings
-    p = tiny_run(image_set, tmp_path, env=no_torchvision,
+    p = tiny_run(image_set, tmp_path, env=no_torchvision, models=tiny_models,
                  script=("-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1", "--cpu",
                          "--mixed_precision", "no", "--dynamo_backend", "no", "vision_w2s.py"))
-    assert p.stdout.count("reusing pretrained") == 2 and "reusing cached" not in p.stdout
+    assert "reusing cached" not in p.stdout
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     for k in ("weak_acc", "strong_ceiling_acc", "w2s_acc", "agreement"):
         assert res[k] == pytest.approx(first[k], abs=0.005), k
@@ -107,23 +143,21 @@ def test_runs_without_torchvision(no_torchvision):
     assert "--weak_head_split" in p.stdout and "--weak-head-split" not in p.stdout  # one flag spelling: snake_case
 
 
-def test_unreadable_images_counted_and_skipped(image_set, tmp_path):
+def test_unreadable_images_counted_and_skipped(image_set, tiny_models, tmp_path):
     data = tmp_path / "images"
     shutil.copytree(image_set, data)
     tests = sorted((data / "test").rglob("*.png"))
     tests[0].write_bytes(b"not an image at all")
     tests[1].write_bytes(tests[1].read_bytes()[:200])  # truncated PNG
     tests[2].write_bytes(b"")
-    next((data / "train").rglob("*.png")).write_bytes(b"\x89PNG garbage")
-    p = tiny_run(data, tmp_path, "--pretrain_epochs", "1", "--probe_epochs", "3", env=SINGLE_THREAD)
+    p = tiny_run(data, tmp_path, "--probe_epochs", "3", env=SINGLE_THREAD, models=tiny_models)
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["skipped_images"] == {"test": 3}
     assert res["n_train"] + res["n_test"] == 2000 - 3
-    assert res["pretrain"]["weak"]["skipped_images"] == res["pretrain"]["strong"]["skipped_images"] == 1
     assert "3 unreadable skipped" in p.stdout
 
 
-def test_no_readable_image_is_said_so(no_torchvision, tmp_path):
+def test_no_readable_image_is_said_so(no_torchvision, tiny_models, tmp_path):
     """issue 26 case 16: a split whose images are all unreadable is named as such, not "pass a smaller --n_train"."""
     from datasets import Dataset, DatasetDict, Image as ImageFeature
 
@@ -131,16 +165,18 @@ def test_no_readable_image_is_said_so(no_torchvision, tmp_path):
     DatasetDict({"train": Dataset.from_dict({"image": [good] * 4, "label": [0, 1, 0, 1]}),
                  "test": Dataset.from_dict({"image": [bad] * 4, "label": [0, 1, 1, 0]})}
                 ).cast_column("image", ImageFeature()).save_to_disk(str(tmp_path / "ds"))
-    p = tiny_run(tmp_path / "ds", tmp_path, "--n_train", "2", "--pretrain_epochs", "1", "--probe_epochs", "1",
-                 env=no_torchvision, check=False)
+    p = tiny_run(tmp_path / "ds", tmp_path, "--n_train", "2", "--probe_epochs", "1", env=no_torchvision,
+                 models=tiny_models, check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert error_line(p.stderr) == (f"error: none of the 4 images in split 'test' of {tmp_path / 'ds'} is readable "
                                     "(corrupt, truncated or empty files): replace them, or pass another --split")
     assert not (tmp_path / "out").exists()
 
 
-def test_label_beyond_head_size_is_a_clear_error(image_set, tmp_path):
-    p = tiny_run(image_set, tmp_path, "--n_classes", "4", env=SINGLE_THREAD, check=False)
+def test_label_beyond_head_size_is_a_clear_error(image_set, tiny_models, tmp_path):
+    # a weak probe sets the head size (the tiny weak model's own head has the 8 classes)
+    p = tiny_run(image_set, tmp_path, "--n_classes", "4", "--weak_head_split", "train", env=SINGLE_THREAD,
+                 models=tiny_models, check=False)
     assert p.returncode != 0
     assert "label id 7 in split 'test'" in p.stderr and "beyond the head size 4" in p.stderr and "--n_classes 8" in p.stderr
     assert not (tmp_path / "cache").exists()  # caught before any model ran
@@ -234,16 +270,13 @@ def test_presets_both_spellings_and_flags_override(vw, parse, monkeypatch):
     assert parse("--preset", "paper") == vw.Args()
     tiny = vw.PRESETS["tiny"]
     assert parse("--preset", "tiny") == parse("--preset=tiny") == tiny
-    assert tiny.preset == "tiny" and tiny.dataset == "data/tiny/images" and tiny.weak_model is None
+    assert tiny.preset == "tiny" and tiny.dataset == "data/tiny/images"
+    # the preset names the model folders `python -m tiny` writes (tiny.images.write_models)
+    assert (tiny.weak_model, tiny.strong_model) == ("data/tiny/models/resnet-weak", "data/tiny/models/resnet-strong")
     args = parse("--preset=tiny", "--probe_epochs", "7", "--n_train=900")
     assert (args.probe_epochs, args.n_train, args.probe_lr, args.split) == (7, 900, 1e-3, "test")
-    # a pretrained model named on the command line replaces the preset's network built from scratch ...
-    args = parse("--preset", "tiny", "--weak_model", "some/classifier")
-    assert (args.weak_model, args.weak_model_type, args.weak_config_overrides) == ("some/classifier", None, None)
-    assert args.strong_model is None and args.strong_model_type == "resnet"  # the other side keeps the preset's
-    # ... and a model type named on the command line replaces the paper preset's pretrained model
-    args = parse("--strong_model_type=vit", "--weak_model", "x/y")
-    assert (args.strong_model, args.strong_model_type, args.weak_model) == (None, "vit", "x/y")
+    args = parse("--preset", "tiny", "--weak_model", "some/classifier")  # a model named replaces the preset's
+    assert (args.weak_model, args.strong_model) == ("some/classifier", "data/tiny/models/resnet-strong")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -251,36 +284,22 @@ def test_presets_both_spellings_and_flags_override(vw, parse, monkeypatch):
     (("--preset=tiny", "--probe_batch_size", "0"), "--probe_batch_size must be positive (got 0)"),
     (("--preset", "tiny", "--n_train", "-5"), "--n_train must be positive (got -5)"),
     (("--preset", "tiny", "--embed_batch_size", "0"), "--embed_batch_size must be positive (got 0)"),
-    (("--preset", "tiny", "--pretrain_batch_size", "-1"), "--pretrain_batch_size must be positive (got -1)"),
     (("--preset", "tiny", "--probe_epochs", "0"), "--probe_epochs must be positive (got 0)"),
     (("--preset", "tiny", "--resize", "0"), "--resize must be positive (got 0)"),
-    (("--preset", "tiny", "--pretrain_epochs", "-1"), "--pretrain_epochs must be non-negative (got -1)"),
     (("--preset", "tiny", "--num_workers", "-2"), "--num_workers must be non-negative (got -2)"),
     (("--preset", "tiny", "--probe_lr", "-0.001"), "--probe_lr must be non-negative (got -0.001)"),
-    (("--preset", "tiny", "--pretrain_lr", "nan"), "--pretrain_lr must be non-negative (got nan)"),
+    (("--preset", "tiny", "--probe_lr", "nan"), "--probe_lr must be non-negative (got nan)"),
     (("--preset", "tiny", "--probe_weight_decay", "-1"), "--probe_weight_decay must be non-negative (got -1.0)"),
     (("--preset", "tiny", "--logconf_aux_coef", "1.5"), "--logconf_aux_coef must be in [0, 1] (got 1.5)"),
     (("--preset", "tiny", "--logconf_warmup_frac", "-0.1"), "--logconf_warmup_frac must be in [0, 1] (got -0.1)"),
     (("--preset", "tiny", "--n_classes", "1"), "--n_classes must be at least 2 (got 1)"),
     (("--preset", "tiny", "--crop", "64"), "--crop 64 is larger than --resize 32"),
-    (("--preset", "tiny", "--weak_model", "a/b", "--weak_model_type", "vit"),
-     "--weak_model loads a pretrained network and --weak_model_type / --weak_config_overrides build one from scratch"),
-    (("--strong_model", "a/b", "--strong_config_overrides", "x=1"),
-     "--strong_config_overrides applies to a network built from scratch, not to --strong_model a/b"),
-    (("--preset", "tiny", "--weak_model_type", "None"),
-     "give exactly one of --weak_model (pretrained) and --weak_model_type"),
-    (("--weak_config_overrides", "x=1"), "--weak_config_overrides applies to a network built from scratch"),
-    (("--preset", "tiny", "--strong_model_type", "nope"), "'nope' is not a transformers model type"),
-    (("--preset", "tiny", "--weak_config_overrides", "nonsense"),
-     "cannot read 'nonsense': write the overrides as key=value"),
-    (("--preset", "tiny", "--weak_config_overrides", "depth=[1]"),
-     "config override 'depth' is not a field of a resnet config"),
     (("--preset", "tiny", "--strong_model", "dino_resnet50"), "pass --trust_remote_code to allow it"),
     (("--weak_model", "dino_vitb8", "--trust_remote_code"),
      "dino_vitb8 has no classification head to give weak labels"),
     (("--preset", "tiny", "--weak_head_split", "test"), "--weak_head_split must differ from --split 'test'"),
-    (("--preset", "tiny", "--pretrain_split", "test"), "--pretrain_split must differ from --split 'test'"),
-    (("--preset", "tiny", "--preprocessing", "processor"), "--preprocessing processor needs transformers hub models"),
+    (("--preset", "tiny", "--strong_model", "dino_vitb8", "--trust_remote_code", "--preprocessing", "processor"),
+     "--preprocessing processor needs transformers hub models"),
     (("--preset", "tiny", "--output_dir", "same", "--cache_dir", "same"), "--output_dir and --cache_dir are the same"),
 ])
 def test_bad_arguments_are_one_line_exit_2_nothing_written(parse, capsys, tmp_path, argv, message):
@@ -344,24 +363,25 @@ def save_images(path: Path, labels: dict, image=None) -> Path:
     (lambda d: d / "folder", ("--weak_model", "missing_model_folder"), "could not load model 'missing_model_folder'"),
     (lambda d: d / "folder", ("--strong_model", "missing_model_folder"), "could not load model 'missing_model_folder'"),
 ])
-def test_data_errors_name_the_source_and_the_fix(vw, parse, capsys, tmp_path, make, flags, message):
+def test_data_errors_name_the_source_and_the_fix(vw, parse, capsys, tiny_models, tmp_path, make, flags, message):
     source = make(tmp_path)
     if source.name == "folder":
         source = save_images(source, {"train": [0, 1], "test": [0, 1, 1, 0]})
     args = parse("--preset", "tiny", "--dataset", str(source), "--n_train", "2", "--output_dir", str(tmp_path / "out"),
-                 "--cache_dir", str(tmp_path / "cache"), *flags)
-    scratch = [s for s in ("weak", "strong") if getattr(args, f"{s}_model") is None]
+                 "--cache_dir", str(tmp_path / "cache"), *model_flags(tiny_models), *flags)  # the flags given win
     with pytest.raises(SystemExit) as e:
-        vw.load_data(args, scratch)
+        vw.load_data(args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and error_line(err).startswith("error: ") and message in error_line(err), err
     assert "Traceback" not in err and not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
-def test_data_error_names_the_image_file(vw, parse, capsys, image_set, tmp_path):
-    args = parse("--preset", "tiny", "--dataset", str(image_set), "--n_classes", "7")
+def test_data_error_names_the_image_file(vw, parse, capsys, image_set, tiny_models, tmp_path):
+    # a weak probe sets the head size (the tiny weak model's own head has the 8 classes)
+    args = parse("--preset", "tiny", "--dataset", str(image_set), "--n_classes", "7", "--weak_head_split", "train",
+                 *model_flags(tiny_models))
     with pytest.raises(SystemExit) as e:
-        vw.load_data(args, ["weak", "strong"])
+        vw.load_data(args)
     err = capsys.readouterr().err
     line = error_line(err)
     assert e.value.code == 2 and line.startswith(f"error: label id 7 in split 'test' (column 'label') of {image_set} ")
@@ -375,7 +395,7 @@ def test_data_error_names_the_image_file(vw, parse, capsys, image_set, tmp_path)
 def test_empty_split_is_a_clear_error(vw, parse, capsys, image_set):
     args = parse("--preset", "tiny", "--dataset", str(image_set), "--split", "test[:0]")
     with pytest.raises(SystemExit) as e:
-        vw.load_data(args, ["weak", "strong"])
+        vw.load_data(args)
     assert e.value.code == 2 and error_line(capsys.readouterr().err) == (
         f"error: split 'test[:0]' (--split) of {image_set} holds no images: add images, or pass another --split")
 
@@ -388,27 +408,28 @@ def test_corrupt_or_empty_dataset_folder(vw, parse, capsys, tmp_path):
     for source in (broken, empty):
         args = parse("--preset", "tiny", "--dataset", str(source), "--n_train", "2")
         with pytest.raises(SystemExit) as e:
-            vw.load_data(args, ["weak", "strong"])
+            vw.load_data(args)
         err = capsys.readouterr().err
         assert e.value.code == 2
         assert error_line(err).startswith(f"error: could not load split 'test' (--split) of --dataset {source}")
         assert "check that it is an image folder" in err and "Traceback" not in err
 
 
-def test_non_classifier_weak_model_is_a_clear_error(vw, parse, capsys, tmp_path):
+def test_non_classifier_weak_model_is_a_clear_error(vw, parse, capsys, tiny_models, tmp_path):
     from transformers import AutoConfig
 
     AutoConfig.for_model("resnet").save_pretrained(tmp_path / "body")  # no *ForImageClassification architecture
     data = save_images(tmp_path / "ds", {"train": [0, 1], "test": [0, 1, 1, 0]})
-    args = parse("--preset", "tiny", "--dataset", str(data), "--n_train", "2", "--weak_model", str(tmp_path / "body"))
+    args = parse("--preset", "tiny", "--dataset", str(data), "--n_train", "2", *model_flags(tiny_models),
+                 "--weak_model", str(tmp_path / "body"))
     with pytest.raises(SystemExit) as e:
-        vw.load_data(args, ["strong"])
+        vw.load_data(args)
     assert e.value.code == 2 and "is not an image classifier" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
 # the same errors from the command line: the real exit code, no traceback, nothing written
-def test_cli_errors_exit_2_before_anything_is_written(image_set, no_torchvision, tmp_path):
+def test_cli_errors_exit_2_before_anything_is_written(image_set, tiny_models, no_torchvision, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     cases = [  # (flags, environment, message)
         (("--preset=tiny", "--probe_batch_size", "0"), no_torchvision, "error: --probe_batch_size must be positive"),
@@ -418,7 +439,8 @@ def test_cli_errors_exit_2_before_anything_is_written(image_set, no_torchvision,
          {**no_torchvision, "HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"},
          "error: no network: cannot reach the Hugging Face Hub for 'someone/images'. Set HF_HUB_OFFLINE=1"),
         # a wrong --strong_model: said before the weak model's features are computed and cached (issue 26 case 13)
-        (("--preset", "tiny", "--dataset", str(image_set), "--strong_model", "no_such_model"), no_torchvision,
+        (("--preset", "tiny", "--dataset", str(image_set), *model_flags(tiny_models), "--strong_model",
+          "no_such_model"), no_torchvision,
          "error: could not load model 'no_such_model' (no such local folder and not a cached hub id)"),
     ]
     for flags, env, message in cases:
@@ -428,12 +450,12 @@ def test_cli_errors_exit_2_before_anything_is_written(image_set, no_torchvision,
         assert sorted(tmp_path.iterdir()) == [], flags  # no output, no cache, no wandb folder
 
 
-def test_rerun_into_an_output_dir_needs_overwrite(offline_run, image_set, no_torchvision):
+def test_rerun_into_an_output_dir_needs_overwrite(offline_run, image_set, tiny_models, no_torchvision):
     out, _, first = offline_run
     before = (out / "out" / "results.json").read_bytes()
-    p = tiny_run(image_set, out, "--loss", "logconf", env=no_torchvision, check=False)
+    p = tiny_run(image_set, out, "--loss", "logconf", env=no_torchvision, models=tiny_models, check=False)
     assert p.returncode == 2 and "already holds files (results.json, results.png)" in p.stderr
     assert (out / "out" / "results.json").read_bytes() == before  # nothing lost
-    tiny_run(image_set, out, "--loss", "logconf", "--overwrite_output_dir", env=no_torchvision)
+    tiny_run(image_set, out, "--loss", "logconf", "--overwrite_output_dir", env=no_torchvision, models=tiny_models)
     res = json.loads((out / "out" / "results.json").read_text())
     assert res["loss"] == "logconf" and res["run_id"] != first["run_id"] and res["weak_acc"] == first["weak_acc"]

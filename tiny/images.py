@@ -112,17 +112,20 @@ def write(out_dir: Path, seed: int) -> None:
     (out_dir / "README.md").write_text("\n".join(yaml + ["---", "", about, ""]))
 
 
-def write_models(out: Path, seed: int, epochs: int = 15, batch_size: int = 64, lr: float = 3e-3) -> None:
-    """Write out/models/resnet-weak and resnet-strong (safetensors), each set to `seed`, built from its config and
-    trained on out/images' `train` split (written first if absent): AdamW, 10% warm-up, cosine, `epochs` epochs."""
+def write_models(out: Path, seed: int, epochs: int = 15, batch_size: int = 64, lr: float = 3e-3,
+                 images: Path | None = None) -> None:
+    """Write out/models/resnet-weak and resnet-strong (safetensors): each initialised from its config with `seed`,
+    then trained on the `train` split of `images` (default out/images, written with `seed` if absent): AdamW, 10%
+    warm-up, cosine, `epochs` epochs."""
     import torch
     from datasets import load_dataset
     from transformers import AutoConfig, AutoModelForImageClassification, get_scheduler, set_seed
 
     out = Path(out)
-    if not (out / "images" / "README.md").exists():
-        write(out / "images", seed)
-    ds = load_dataset(str(out / "images"), split="train")
+    images = Path(images or out / "images")
+    if not (images / "README.md").exists():
+        write(images, seed)
+    ds = load_dataset(str(images), split="train")
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     # the published preprocessing at 32x32 (no resize, no crop): ToTensor + Normalize, one image at a time
     pixels = [(torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1) - mean) / std
@@ -130,7 +133,7 @@ def write_models(out: Path, seed: int, epochs: int = 15, batch_size: int = 64, l
     labels = torch.as_tensor(np.asarray(ds["label"], dtype=np.int64))
     n_classes = ds.features["label"].num_classes
     for name, overrides in MODELS.items():
-        set_seed(seed)
+        set_seed(seed)  # seeded init, then the shuffled order: the same seed gives the same weights
         model = AutoModelForImageClassification.from_config(AutoConfig.for_model("resnet", num_labels=n_classes,
                                                                                  **overrides))
         loader = torch.utils.data.DataLoader(list(range(len(ds))), batch_size=batch_size, shuffle=True,
