@@ -136,6 +136,19 @@ def test_distributed_extraction_matches(offline_run, image_set, tiny_models, no_
         assert res[k] == pytest.approx(first[k], abs=0.005), k
 
 
+def test_rewritten_model_weights_are_not_served_from_the_cache(image_set, tiny_models, no_torchvision, tmp_path):
+    """A local model folder is keyed by its weight files too: new weights under the same path are extracted again."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    tiny_run(image_set, tmp_path, "--probe_epochs", "1", env=no_torchvision, models=models)
+    weights = models / "resnet-strong" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))  # as if rewritten
+    p = tiny_run(image_set, tmp_path, "--probe_epochs", "1", "--overwrite_output_dir", env=no_torchvision,
+                 models=models)
+    assert p.stdout.count("reusing cached") == 1 and "strong emb on test: 2000 images" in p.stdout
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3  # weak probs, strong emb before and after
+
+
 def test_runs_without_torchvision(no_torchvision):
     p = run_script("-c", "import torchvision", env=no_torchvision, check=False)
     assert p.returncode != 0 and "torchvision" in p.stderr  # the block works (the end-to-end runs used it too)
