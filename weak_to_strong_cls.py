@@ -24,16 +24,13 @@ optimizer step (micro batches hold equal numbers of examples), and logconf's qua
 batch too (all micro batches, all processes), so any split of a batch gives the same step. Adam without weight
 decay, cosine to 0, no warm-up, dropout off (the official train_with_dropout=False).
 
-Offline setting (tiny/cls.py): sentiment of a review of sentiment words, filler words and negations ("not" flips
-the next word); label = sign of the flipped sum. A strong model must see negation, a 1-layer bag of words cannot.
-The students are *pretrained*, as in the paper: tiny/ writes them as model folders (data/tiny/models/cls/tiny-s,
-tiny-m, tiny-l: qwen2, 1 layer hidden 8, 2 layers hidden 16, 2 layers hidden 32), pre-trained with next-token
-prediction on an unlabeled corpus of terse reviews, each followed by a verdict word that follows its sentiment
-("gladly" ... "ugh"): the strong LM learns the concept with no label given and no test text in the corpus. The
-preset fine-tunes tiny-s -> tiny-l at lr 3e-3 / 1e-4, 2 epochs, batch 32 (a pretrained student at a gentle lr keeps
-its own concept; at 1e-3 it copies its teacher, PGR ~0.1).
-Measured, 5 seeds (CPU): weak 0.736 +- 0.020, ceiling 0.957 +- 0.006, PGR xent 0.29 +- 0.09, logconf 0.38 +- 0.10,
-product 0.28 +- 0.09; agreement with the teacher xent 0.84, logconf 0.80 (docs/cls_tiny.png).
+Offline setting (tiny/cls.py): sentiment of reviews of sentiment words, filler words and negations ("not" flips the
+next word); a strong model must see negation, a 1-layer bag of words cannot. The students are *pretrained*, as in
+the paper: tiny/ writes tiny-s, tiny-m and tiny-l (qwen2, hidden 8 / 16 / 32) as model folders in data/tiny/models/cls,
+pre-trained on an unlabeled corpus that carries the concept but no label and no test text. The preset fine-tunes
+tiny-s -> tiny-l at lr 3e-3 / 1e-4, 2 epochs, batch 32 (a pretrained student at a gentle lr keeps its own concept;
+at 1e-3 it copies its teacher, PGR ~0.1). Measured, 5 seeds (CPU): weak 0.736 +- 0.020, ceiling 0.957 +- 0.006, PGR
+xent 0.29 +- 0.09, logconf 0.38 +- 0.10, product 0.28 +- 0.09; agreement with the teacher xent 0.84, logconf 0.80.
     python -m tiny --out data/tiny --no_images   # the data and the pre-trained students
     OMP_NUM_THREADS=1 python weak_to_strong_cls.py --preset tiny --n_seeds 5   # one thread: tiny matrices
 Published setting (gpt2 family on sciq, 3 seeds; any GPU count; amazon_polarity, boolq, cosmos_qa, anthropic_hh too):
@@ -43,7 +40,6 @@ Published setting (gpt2 family on sciq, 3 seeds; any GPU count; amazon_polarity,
 
 import argparse
 import contextlib
-import csv
 import hashlib
 import inspect
 import json
@@ -69,6 +65,7 @@ import tyro
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from datasets import Dataset, load_dataset, load_dataset_builder, load_from_disk
+from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -218,13 +215,15 @@ class DataError(ValueError):
 
 
 def read_rows(file: str) -> list[tuple[dict, int]]:
-    """The rows of one .jsonl/.json/.csv/.parquet file with their line number (1-based; a csv's header is line 1, a
-    parquet's rows count from 1), in file order; a bad line is named by file and line."""
+    """The rows of one .jsonl/.json/.csv/.parquet file with their line number (a csv's header is line 1; the rows of
+    a JSON array or a parquet file count from 1), in file order; a bad JSON line is named by file and line."""
     ext = file.rsplit(".", 1)[-1].lower()
+    if ext not in ("jsonl", "json", "csv", "parquet"):
+        raise DataError(f"{file}: unknown file type; use .jsonl, .json, .csv or .parquet files")
+    rows = []
     if ext in ("jsonl", "json"):
         text = Path(file).read_text()
         array = ext == "json" and text.lstrip().startswith("[")  # a JSON array: one object per element
-        rows = []
         for n, line in [(1, text)] if array else enumerate(text.splitlines(), 1):
             try:
                 rows += [(json.loads(line), n)] if line.strip() else []
@@ -233,15 +232,12 @@ def read_rows(file: str) -> list[tuple[dict, int]]:
                     f"line {n}: not valid JSON ({e.msg}): {line[:80]!r}"
                 raise DataError(f"{file} {shown}; fix or remove that line") from None
         rows = list(zip(rows[0][0], range(1, len(rows[0][0]) + 1))) if array else rows
-    elif ext == "csv":
-        with open(file, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = [(row, reader.line_num) for row in reader]
-    elif ext == "parquet":
-        table = load_dataset("parquet", data_files=file, split="train")
-        rows = list(zip(table, range(1, len(table) + 1)))
-    else:
-        raise DataError(f"{file}: unknown file type; use .jsonl, .json, .csv or .parquet files")
+    else:  # datasets reads a csv or parquet file with the column types it holds (csv.DictReader's are all strings)
+        try:
+            table = load_dataset(ext, data_files=file, split="train")
+        except Exception as e:  # a csv with a header only, a broken file
+            raise DataError(f"{file}: no rows could be read ({type(e).__name__}: {e})") from None
+        rows = list(zip(table, range(2 if ext == "csv" else 1, len(table) + 2)))
     if not rows:
         raise DataError(f"{file} is empty: it holds no rows; write the examples one JSON object per line")
     for row, n in rows:
@@ -654,8 +650,6 @@ def validate(args: Args) -> None:
              "stages is reused as a cache: a stage with the same settings is skipped, others are added)")
     # with HF_HUB_OFFLINE unset and some name not a local path: one 3-second connection to the hub, so that no
     # network is reported at once instead of after a minute of retries
-    from huggingface_hub import constants
-
     names = [HUB_DATASETS[args.ds_name][0] if args.ds_name in HUB_DATASETS else args.ds_name, args.tokenizer_name,
              args.weak_model_name_or_path, args.strong_model_name_or_path]
     remote = [n for n in names if n and not os.path.exists(n)]

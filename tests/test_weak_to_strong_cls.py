@@ -329,6 +329,25 @@ def test_missing_columns_and_unknown_names(tmp_path):
         w2s.load_cls_dataset(str(tmp_path / "nowhere"), 100, 10, 0)
 
 
+def test_csv_json_array_and_parquet_files_load_with_their_types(tmp_path):
+    """A csv's labels are integers (csv.DictReader's strings were refused as labels), and a bad row is named by its
+    line (the header is line 1); a JSON array and a parquet file load as well."""
+    from datasets import Dataset
+
+    rows = good_rows(40)
+    (tmp_path / "data.csv").write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    (tmp_path / "data.json").write_text(json.dumps(rows))
+    Dataset.from_list(rows).to_parquet(tmp_path / "data.parquet")
+    for ext in ("csv", "json", "parquet"):
+        ds = w2s.load_cls_dataset(str(tmp_path / f"data.{ext}"), 100, 10, 0)
+        assert ds["train"].num_rows == 30 and ds["test"].num_rows == 10
+        assert sorted([*ds["train"]["text"], *ds["test"]["text"]]) == sorted(r["text"] for r in rows)
+        assert sum([*ds["train"]["label"], *ds["test"]["label"]]) == 20
+    (tmp_path / "bad.csv").write_text("text,label\n" + "good film,1\n" * 30 + "good film,2\n")
+    with pytest.raises(w2s.DataError, match=re.escape("bad.csv line 32: label 2 is not 0 or 1")):
+        w2s.load_cls_dataset(str(tmp_path / "bad.csv"), 100, 1, 0)
+
+
 def test_too_small_to_split(tmp_path):
     ds = w2s.load_cls_dataset(str(write_jsonl(tmp_path / "data.jsonl", good_rows(50))), 100, 10, 0)
     assert ds["train"].num_rows == 40 and ds["test"].num_rows == 10
