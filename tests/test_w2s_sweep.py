@@ -79,7 +79,7 @@ from pathlib import Path
 argv = sys.argv[1:]
 flag = lambda name: argv[len(argv) - 1 - argv[::-1].index(name) + 1]
 acc = {"big": 0.9, "small": 0.7}
-weak, strong = acc[flag("--weak_model_name_or_path")], acc[flag("--strong_model_name_or_path")]
+weak, strong = (acc[flag(f"--{side}_model_name_or_path").split("/")[-1]] for side in ("weak", "strong"))
 res = {"weak_acc": weak, "strong_acc": strong, "weak_label_acc": weak, "transfer_acc_xent": 0.8,
        "pgr_xent": (0.8 - weak) / (strong - weak) if strong > weak else None, "agreement_xent": 0.9}
 Path(flag("--output_dir")).mkdir(parents=True, exist_ok=True)
@@ -108,3 +108,16 @@ def test_pgr_is_undefined_for_a_pair_whose_strong_model_is_not_better(tmp_path, 
     monkeypatch.setattr(sweep_script.plt.Axes, "text", lambda ax, x, y, s, **kw: texts.append(s))
     sweep_script.sweep_plot(sweep, ["big", "small"], ["xent"], tmp_path / "again.png", "title")
     assert texts == ["PGR undefined (strong <= weak): big->small"]
+
+
+def test_models_are_named_by_their_folder_unless_two_share_a_name(tmp_path):
+    """Pairs, sweep.json, the table and the plot name a model by the last part of its path or hub id, or by the whole
+    name when two models share that part."""
+    (tmp_path / "w2s_sweep.py").write_text((ROOT / "w2s_sweep.py").read_text())
+    (tmp_path / "weak_to_strong_cls.py").write_text(FAKE_TRAINING_SCRIPT)
+    for models, names in [(["runs/big", "hub-org/small"], ["big", "small"]), (["a/big", "b/big"], ["a/big", "b/big"])]:
+        out = tmp_path / names[1].replace("/", "_")
+        run_script(str(tmp_path / "w2s_sweep.py"), "--models", *models, "--output_dir", str(out))
+        sweep = json.loads((out / "sweep.json").read_text())
+        assert sweep["models"] == names and sweep["args"]["models"] == models
+        assert list(sweep["mean"]) == [f"{names[0]}->{names[0]}", f"{names[0]}->{names[1]}", f"{names[1]}->{names[1]}"]
