@@ -135,9 +135,9 @@ class Args:
     eval_batch_size: int = 32
     """batch size per device for predictions"""
     weak_lr: float | None = None
-    """weak model lr; default: the model's lr in DEFAULT_LR (published: 5e-5 for gpt2 and gpt2-medium, else 1e-5)"""
+    """weak model lr; default: by model name (5e-5 for gpt2 and gpt2-medium, 1e-5 larger, DEFAULT_LR)"""
     strong_lr: float | None = None
-    """strong ceiling lr; default: the model's lr in DEFAULT_LR"""
+    """strong ceiling lr; default: by model name, as --weak_lr"""
     transfer_lr: float | None = None
     """weak-to-strong lr; default: strong_lr"""
     gt_epochs: int = 2
@@ -246,8 +246,8 @@ def read_rows(file: str) -> list[tuple[dict, int]]:
     return rows
 
 
-def read_local(path: str, columns: tuple[str, ...]) -> dict[str, list[dict]]:
-    """Rows of a local dataset per split, each with `columns` plus `where` ("FILE line N"), in file order. A single
+def read_local(path: str) -> dict[str, list[dict]]:
+    """Rows of a local dataset per split, each with text, label and `where` ("FILE line N"), in file order. A single
     file is the `train` split; a folder resolves like `load_dataset(folder)` (its README's configs, or file names)."""
     try:
         split_files = {"train": [path]} if os.path.isfile(path) else {
@@ -259,11 +259,11 @@ def read_local(path: str, columns: tuple[str, ...]) -> dict[str, list[dict]]:
     for split, files in split_files.items():
         for file in files:
             for row, n in read_rows(file):
-                missing = [c for c in columns if c not in row]
+                missing = [c for c in ("text", "label") if c not in row]
                 if missing:
                     raise DataError(f"{file} line {n}: no {' / '.join(f'`{c}`' for c in missing)} field (it has "
                                     f"{sorted(row)}); --ds_name needs `text` and 0/1 `label` columns: rename them")
-                out[split].append({**{c: row[c] for c in columns}, "where": f"{file} line {n}"})
+                out[split].append({"text": row["text"], "label": row["label"], "where": f"{file} line {n}"})
     return out
 
 
@@ -283,7 +283,7 @@ def load_cls_dataset(ds_name: str, n_docs: int, n_test_docs: int, seed: int) -> 
                for split, n, rng in (("train", n_docs, random.Random(seed)),
                                      ("test", n_test_docs, random.Random(seed)))}
     elif os.path.exists(ds_name):
-        raw = read_local(ds_name, ("text", "label"))
+        raw = read_local(ds_name)
         if "train" not in raw:
             raise DataError(f"--ds_name {ds_name} has splits {sorted(raw)} but no `train` split; name a file "
                             "train.jsonl")
