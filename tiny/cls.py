@@ -170,8 +170,6 @@ def write_models(out: Path, seed: int, sizes: tuple[str, ...] = tuple(SIZES), st
 
 def main():
     import argparse
-    import json
-    from pathlib import Path
 
     from tiny.__main__ import write_dataset
 
