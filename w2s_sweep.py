@@ -4,18 +4,20 @@ Burns et al. 2023, "Weak-to-Strong Generalization: Eliciting Strong Capabilities
 (arXiv:2312.09390); official code: openai/weak-to-strong sweep.py, which launches train_weak_to_strong.py once per
 pair. Likewise this script runs weak_to_strong_cls.py once per pair (i <= j) of --models, listed from small to
 large, all with the same --output_dir: the training script caches each stage there (keyed by its settings), so
-one pre-training, one weak model and one strong ceiling per size and seed are trained and the other pairs reuse
-them. It collects each pair's results.json and writes sweep.json (per seed, mean and std per pair) and sweep.png:
+one weak model and one strong ceiling per size and seed are trained and the other pairs reuse them. A model is
+named by the last part of its path or hub id (the whole name where two would share one). It collects each pair's
+results.json and writes sweep.json (per seed, mean and std per pair) and sweep.png:
 test accuracy against the strong model with one line per weak model, the strong ceiling in black, and PGR per pair
 (a pair of a model with itself, self-training, has no PGR, nor has a pair whose strong ceiling is not above its
 weak model: sweep.json lists those under pgr_undefined). Every flag it does not know (--preset, --ds_name,
---losses, --n_seeds, ...) goes to weak_to_strong_cls.py unchanged; the --weak_* / --strong_* models are set here.
+--losses, --n_seeds, ...) goes to weak_to_strong_cls.py unchanged; the --weak_* / --strong_* models are set here,
+each fine-tuned at its default lr (weak_to_strong_cls.py DEFAULT_LR).
 
-Offline setting (tiny/cls.py, see weak_to_strong_cls.py): the sizes tiny-s (1 layer, hidden 8, 300 pre-training
-steps, fine-tuning lr 3e-3), tiny-m (2 layers, hidden 16, 2000 steps, 3e-4), tiny-l (2 layers, hidden 32, 4000
-steps, 1e-4), qwen2 models built from configs and pre-trained on the unlabeled corpus (docs/cls_sweep.png):
-    python -m tiny --out data/tiny --no_images && python -m tiny.cls --out data/tiny
-    OMP_NUM_THREADS=1 python w2s_sweep.py --preset tiny --models tiny-s tiny-m tiny-l --n_seeds 3
+Offline setting (tiny/cls.py, see weak_to_strong_cls.py): the pre-trained students tiny-s (1 layer, hidden 8,
+fine-tuning lr 3e-3), tiny-m (2 layers, hidden 16, 3e-4) and tiny-l (2 layers, hidden 32, 1e-4) (docs/cls_sweep.png):
+    python -m tiny --out data/tiny --no_images   # the data and the pre-trained students
+    OMP_NUM_THREADS=1 python w2s_sweep.py --preset tiny --n_seeds 3 \\
+        --models data/tiny/models/cls/tiny-s data/tiny/models/cls/tiny-m data/tiny/models/cls/tiny-l
 
 Published setting (gpt2 family on sciq, 3 seeds, the published per-model learning rates; any GPU count):
     python w2s_sweep.py --accelerate --ds_name sciq --models gpt2 gpt2-medium gpt2-large gpt2-xl \\
@@ -53,22 +55,9 @@ class Args:
 
     # models
     models: tuple[str, ...] = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-    """the models, small to large: hub ids / local paths, or the offline sizes tiny-s, tiny-m, tiny-l"""
-    pretrain_steps: tuple[int, ...] = ()
-    """pre-training steps of each offline size, in --models order (default: each size's own)"""
+    """the models, small to large: hub ids or local paths"""
     accelerate: bool = False
     """run each pair with `accelerate launch` (the GPUs of the accelerate config) instead of one process"""
-
-
-# the offline model sizes (as in weak_to_strong_cls.py): qwen2 configs, pre-training steps, fine-tuning lr
-TINY_SIZES = {
-    "tiny-s": ("hidden_size=8,intermediate_size=16,num_hidden_layers=1,num_attention_heads=1,num_key_value_heads=1,"
-               "max_position_embeddings=64", 300, 3e-3),
-    "tiny-m": ("hidden_size=16,intermediate_size=32,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=2,"
-               "max_position_embeddings=64", 2000, 3e-4),
-    "tiny-l": ("hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=4,"
-               "max_position_embeddings=64", 4000, 1e-4),
-}
 
 
 def fail(message: str) -> NoReturn:
@@ -82,28 +71,14 @@ def parse_args() -> tuple[Args, list[str]]:
     args, passthrough = tyro.cli(Args, use_underscores=True, return_unknown_args=True)
     if len(args.models) < 2 or len(set(args.models)) != len(args.models):
         fail(f"--models {' '.join(args.models)}: give at least two different models, small to large")
-    if args.pretrain_steps and len(args.pretrain_steps) != len(args.models):
-        fail(f"--pretrain_steps gives {len(args.pretrain_steps)} numbers for {len(args.models)} --models: give one "
-             "per model")
-    if any(steps < 0 for steps in args.pretrain_steps):
-        fail(f"--pretrain_steps {' '.join(map(str, args.pretrain_steps))}: must not be negative")
-    for name in args.models:
-        if name.startswith("tiny-") and name not in TINY_SIZES:
-            fail(f"--models: unknown offline size {name!r}; the sizes are {', '.join(TINY_SIZES)}")
     for flag in passthrough:
         if flag.startswith(("--weak_", "--strong_", "--weak-", "--strong-")):
             fail(f"{flag.split('=')[0]}: the sweep sets each pair's models and learning rates from --models")
     return args, passthrough
 
 
-def model_flags(side: str, name: str, pretrain_steps: int | None) -> list[str]:
-    """weak_to_strong_cls.py's flags for one side of a pair: an offline size built from its config, pre-trained
-    and fine-tuned at its own lr, or a hub id / path at its published lr."""
-    if name in TINY_SIZES:
-        overrides, steps, lr = TINY_SIZES[name]
-        steps = steps if pretrain_steps is None else pretrain_steps
-        return [f"--{side}_model_name_or_path", "None", f"--{side}_model_type", "qwen2",
-                f"--{side}_config_overrides", overrides, f"--{side}_pretrain_steps", str(steps), f"--{side}_lr", str(lr)]
+def model_flags(side: str, name: str) -> list[str]:
+    """weak_to_strong_cls.py's flags for one side of a pair: the hub id / path, fine-tuned at its default lr."""
     return [f"--{side}_model_name_or_path", name, f"--{side}_model_type", "None", f"--{side}_config_overrides", "None",
             f"--{side}_lr", "None"]
 
@@ -160,16 +135,17 @@ if __name__ == "__main__":
     launcher = [sys.executable, "-m", "accelerate.commands.launch"] if args.accelerate else [sys.executable]
     tracking = ["--track", "--wandb_project_name", args.wandb_project_name] if args.track else []
     tracking += ["--wandb_entity", args.wandb_entity] if args.track and args.wandb_entity else []
-    steps = args.pretrain_steps or [None] * len(args.models)
+    labels = [name.rstrip("/").split("/")[-1] for name in args.models]  # the names in sweep.json, tables and plot
+    labels = labels if len(set(labels)) == len(labels) else list(args.models)
 
     # one run of the training script per pair (weak i, strong j >= i); stages already in output_dir are reused
     per_seed, run_args, no_gap = {}, None, []  # no_gap: pairs whose strong ceiling is not above the weak model
     for i, weak in enumerate(args.models):
         for j in range(i, len(args.models)):
-            pair = f"{weak}->{args.models[j]}"
+            pair = f"{labels[i]}->{labels[j]}"
             print(f"=== sweep pair {pair}", flush=True)
             command = [*launcher, script, *passthrough, "--output_dir", str(out), *tracking,
-                       *model_flags("weak", weak, steps[i]), *model_flags("strong", args.models[j], steps[j])]
+                       *model_flags("weak", weak), *model_flags("strong", args.models[j])]
             returncode = subprocess.run(command).returncode
             if returncode:
                 sys.exit(returncode)  # the training script said what failed
@@ -186,12 +162,12 @@ if __name__ == "__main__":
 
     by_pair = {pair: summarize({s: r[pair] for s, r in per_seed.items()}) for pair in next(iter(per_seed.values()))}
     summary = {"mean": {p: v["mean"] for p, v in by_pair.items()}, "std": {p: v["std"] for p, v in by_pair.items()},
-               "models": list(args.models), "pgr_undefined": no_gap, "n_seeds": run_args["n_seeds"],
+               "models": labels, "pgr_undefined": no_gap, "n_seeds": run_args["n_seeds"],
                "per_seed": per_seed, "args": {**vars(args), "passthrough": passthrough}, "run_args": run_args}
     files = (out / "sweep.json", out / "sweep.png")
     files[0].write_text(json.dumps(summary, indent=2))
     losses = run_args["losses"]
-    sweep_plot(summary, list(args.models), losses, files[1],
+    sweep_plot(summary, labels, losses, files[1],
                f"{Path(run_args['ds_name']).name}, {run_args['n_seeds']} seed(s)")
     header = "".join(f"{'w2s ' + loss:>13}{'PGR':>7}" for loss in losses)
     print(f"\n{'weak -> strong':<24}{'weak':>7}{'strong':>8}{header}")

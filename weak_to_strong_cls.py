@@ -22,21 +22,16 @@ logconf = CE(p, (1 - c) y + c h), h = p hardened at the quantile of p(0) that gi
 balance, c ramping to 0.5 over the first 10% of training. Every loss is a mean over the examples of the whole
 optimizer step (micro batches hold equal numbers of examples), and logconf's quantile is taken over that whole
 batch too (all micro batches, all processes), so any split of a batch gives the same step. Adam without weight
-decay, cosine to 0, no warm-up, dropout off (the official train_with_dropout=False); pre-training divides the summed
-token losses by the token count of the whole optimizer step.
+decay, cosine to 0, no warm-up, dropout off (the official train_with_dropout=False).
 
-Offline setting (tiny/cls.py): sentiment of a review of sentiment words, filler words and negations ("not" flips
-the next word); label = sign of the flipped sum. A strong model must see negation, a 1-layer bag of words cannot.
-The students are *pretrained*, as in the paper: stage 0 pre-trains each model built from a config with next-token
-prediction on an unlabeled corpus (python -m tiny.cls) of terse reviews, each followed by a verdict word that follows
-its sentiment ("gladly" ... "ugh"): the strong LM learns the concept with no label given, no classification text
-ending with a verdict and no test text in the corpus. Cached in output_dir/pretrain, shared by the seeds. Models:
-tiny-s (1 layer, hidden 8, 300 steps: a bag of words), tiny-m (2 layers, hidden 16, 2000 steps), tiny-l (2 layers,
-hidden 32, 4000 steps), batch 64, lr 3e-3; the preset fine-tunes tiny-s -> tiny-l at lr 3e-3 / 1e-4, 2 epochs,
-batch 32 (a pretrained student at a gentle lr keeps its own concept; at 1e-3 it copies its teacher, PGR ~0.1).
-Measured, 5 seeds (CPU): weak 0.736 +- 0.020, ceiling 0.957 +- 0.006, PGR xent 0.29 +- 0.09, logconf 0.38 +- 0.10,
-product 0.28 +- 0.09; agreement with the teacher xent 0.84, logconf 0.80 (docs/cls_tiny.png).
-    python -m tiny --out data/tiny --no_images && python -m tiny.cls --out data/tiny
+Offline setting (tiny/cls.py): sentiment of reviews of sentiment words, filler words and negations ("not" flips the
+next word); a strong model must see negation, a 1-layer bag of words cannot. The students are *pretrained*, as in
+the paper: tiny/ writes tiny-s, tiny-m and tiny-l (qwen2, hidden 8 / 16 / 32) as model folders in data/tiny/models/cls,
+pre-trained on an unlabeled corpus that carries the concept but no label and no test text. The preset fine-tunes
+tiny-s -> tiny-l at lr 3e-3 / 1e-4, 2 epochs, batch 32 (a pretrained student at a gentle lr keeps its own concept;
+at 1e-3 it copies its teacher, PGR ~0.1). Measured, 5 seeds (CPU): weak 0.736 +- 0.020, ceiling 0.957 +- 0.006, PGR
+xent 0.29 +- 0.09, logconf 0.38 +- 0.10, product 0.28 +- 0.09; agreement with the teacher xent 0.84, logconf 0.80.
+    python -m tiny --out data/tiny --no_images   # the data and the pre-trained students
     OMP_NUM_THREADS=1 python weak_to_strong_cls.py --preset tiny --n_seeds 5   # one thread: tiny matrices
 Published setting (gpt2 family on sciq, 3 seeds; any GPU count; amazon_polarity, boolq, cosmos_qa, anthropic_hh too):
     accelerate launch weak_to_strong_cls.py --ds_name sciq --weak_model_name_or_path gpt2 \\
@@ -45,7 +40,6 @@ Published setting (gpt2 family on sciq, 3 seeds; any GPU count; amazon_polarity,
 
 import argparse
 import contextlib
-import csv
 import hashlib
 import inspect
 import json
@@ -71,6 +65,7 @@ import tyro
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from datasets import Dataset, load_dataset, load_dataset_builder, load_from_disk
+from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -86,7 +81,7 @@ class Args:
     n_seeds: int = 1
     """runs with seeds seed, seed+1, ...; the report gives mean +- std over them"""
     preset: Literal["paper", "tiny"] = "paper"
-    """`tiny`: the offline setting (data/tiny, tiny Qwen2 models pre-trained on data/tiny/cls_corpus); flags win"""
+    """`tiny`: the offline setting (data/tiny and its pre-trained students data/tiny/models/cls); flags win"""
     output_dir: str = "output/weak_to_strong_cls"
     """stages (models, weak labels, predictions), results.json and results.png go here"""
     force_retrain: bool = False
@@ -132,20 +127,6 @@ class Args:
     linear_probe: bool = False
     """freeze the LM body and train only the linear head"""
 
-    # pre-training of models built from scratch (the offline stand-in for pretrained hub checkpoints)
-    pretrain_corpus: str | None = None
-    """unlabeled corpus (local folder or file with a `text` column) for next-token pre-training; None: none"""
-    weak_pretrain_steps: int = 0
-    """pre-training steps of the weak model built from scratch (0, or no --pretrain_corpus: none)"""
-    strong_pretrain_steps: int = 0
-    """pre-training steps of the strong model built from scratch (0, or no --pretrain_corpus: none)"""
-    pretrain_lr: float = 3e-3
-    """pre-training peak lr (linear warm-up over 5% of the steps, then cosine to 0)"""
-    pretrain_batch_size: int = 64
-    """pre-training documents per optimizer step"""
-    pretrain_seed: int = 0
-    """seed of pre-training (one pretrained model serves every seed, like a hub checkpoint)"""
-
     # optimization (openai/weak-to-strong defaults)
     batch_size: int = 32
     """global batch size per optimizer step (the published learning rates were tuned at 32)"""
@@ -154,9 +135,9 @@ class Args:
     eval_batch_size: int = 32
     """batch size per device for predictions"""
     weak_lr: float | None = None
-    """weak model lr; default: published per-model lr (5e-5 for gpt2 and gpt2-medium, 1e-5 for larger)"""
+    """weak model lr; default: by model name (5e-5 for gpt2 and gpt2-medium, 1e-5 larger, DEFAULT_LR)"""
     strong_lr: float | None = None
-    """strong ceiling lr; default: published per-model lr"""
+    """strong ceiling lr; default: by model name, as --weak_lr"""
     transfer_lr: float | None = None
     """weak-to-strong lr; default: strong_lr"""
     gt_epochs: int = 2
@@ -183,28 +164,16 @@ class Args:
     """name of the wandb run"""
 
 
-# the offline model sizes: qwen2 configs, pre-training steps on --pretrain_corpus, fine-tuning lr
-TINY_SIZES = {
-    "tiny-s": ("hidden_size=8,intermediate_size=16,num_hidden_layers=1,num_attention_heads=1,num_key_value_heads=1,"
-               "max_position_embeddings=64", 300, 3e-3),
-    "tiny-m": ("hidden_size=16,intermediate_size=32,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=2,"
-               "max_position_embeddings=64", 2000, 3e-4),
-    "tiny-l": ("hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=4,"
-               "max_position_embeddings=64", 4000, 1e-4),
-}
-(WEAK_TINY, WEAK_STEPS, WEAK_LR), (STRONG_TINY, STRONG_STEPS, STRONG_LR) = TINY_SIZES["tiny-s"], TINY_SIZES["tiny-l"]
 PRESETS = {
     "paper": Args(),
-    "tiny": Args(  # the offline setting: `python -m tiny --out data/tiny --no_images && python -m tiny.cls`
+    "tiny": Args(  # the offline setting: `python -m tiny --out data/tiny --no_images` (the students: tiny/cls.py)
         preset="tiny", ds_name="data/tiny/cls", n_docs=8000, n_test_docs=400, max_ctx=64, eval_batch_size=128,
-        tokenizer_name="data/tiny/tokenizer", pretrain_corpus="data/tiny/cls_corpus", gt_epochs=2,
-        weak_model_name_or_path=None, weak_model_type="qwen2", weak_config_overrides=WEAK_TINY,
-        weak_pretrain_steps=WEAK_STEPS, weak_lr=WEAK_LR,
-        strong_model_name_or_path=None, strong_model_type="qwen2", strong_config_overrides=STRONG_TINY,
-        strong_pretrain_steps=STRONG_STEPS, strong_lr=STRONG_LR,
+        weak_model_name_or_path="data/tiny/models/cls/tiny-s", strong_model_name_or_path="data/tiny/models/cls/tiny-l",
         losses=("xent", "logconf", "product"), output_dir="output/weak_to_strong_cls_tiny"),
 }
-PUBLISHED_LR = {"gpt2": 5e-5, "gpt2-medium": 5e-5}  # train_weak_to_strong.py MODEL_CONFIGS; larger models: 1e-5
+# fine-tuning lr per model name, at batch 32: train_weak_to_strong.py MODEL_CONFIGS (larger models: 1e-5), and the
+# tiny setting's pre-trained students (tiny/cls.py)
+DEFAULT_LR = {"gpt2": 5e-5, "gpt2-medium": 5e-5, "tiny-s": 3e-3, "tiny-m": 3e-4, "tiny-l": 1e-4}
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,13 +215,15 @@ class DataError(ValueError):
 
 
 def read_rows(file: str) -> list[tuple[dict, int]]:
-    """The rows of one .jsonl/.json/.csv/.parquet file with their line number (1-based; a csv's header is line 1, a
-    parquet's rows count from 1), in file order; a bad line is named by file and line."""
+    """The rows of one .jsonl/.json/.csv/.parquet file with their line number (a csv's header is line 1; the rows of
+    a JSON array or a parquet file count from 1), in file order; a bad JSON line is named by file and line."""
     ext = file.rsplit(".", 1)[-1].lower()
+    if ext not in ("jsonl", "json", "csv", "parquet"):
+        raise DataError(f"{file}: unknown file type; use .jsonl, .json, .csv or .parquet files")
+    rows = []
     if ext in ("jsonl", "json"):
         text = Path(file).read_text()
         array = ext == "json" and text.lstrip().startswith("[")  # a JSON array: one object per element
-        rows = []
         for n, line in [(1, text)] if array else enumerate(text.splitlines(), 1):
             try:
                 rows += [(json.loads(line), n)] if line.strip() else []
@@ -261,15 +232,12 @@ def read_rows(file: str) -> list[tuple[dict, int]]:
                     f"line {n}: not valid JSON ({e.msg}): {line[:80]!r}"
                 raise DataError(f"{file} {shown}; fix or remove that line") from None
         rows = list(zip(rows[0][0], range(1, len(rows[0][0]) + 1))) if array else rows
-    elif ext == "csv":
-        with open(file, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = [(row, reader.line_num) for row in reader]
-    elif ext == "parquet":
-        table = load_dataset("parquet", data_files=file, split="train")
-        rows = list(zip(table, range(1, len(table) + 1)))
-    else:
-        raise DataError(f"{file}: unknown file type; use .jsonl, .json, .csv or .parquet files")
+    else:  # datasets reads a csv or parquet file with the column types it holds (csv.DictReader's are all strings)
+        try:
+            table = load_dataset(ext, data_files=file, split="train")
+        except Exception as e:  # a csv with a header only, a broken file
+            raise DataError(f"{file}: no rows could be read ({type(e).__name__}: {e})") from None
+        rows = list(zip(table, range(2 if ext == "csv" else 1, len(table) + 2)))
     if not rows:
         raise DataError(f"{file} is empty: it holds no rows; write the examples one JSON object per line")
     for row, n in rows:
@@ -278,8 +246,8 @@ def read_rows(file: str) -> list[tuple[dict, int]]:
     return rows
 
 
-def read_local(path: str, columns: tuple[str, ...]) -> dict[str, list[dict]]:
-    """Rows of a local dataset per split, each with `columns` plus `where` ("FILE line N"), in file order. A single
+def read_local(path: str) -> dict[str, list[dict]]:
+    """Rows of a local dataset per split, each with text, label and `where` ("FILE line N"), in file order. A single
     file is the `train` split; a folder resolves like `load_dataset(folder)` (its README's configs, or file names)."""
     try:
         split_files = {"train": [path]} if os.path.isfile(path) else {
@@ -291,11 +259,11 @@ def read_local(path: str, columns: tuple[str, ...]) -> dict[str, list[dict]]:
     for split, files in split_files.items():
         for file in files:
             for row, n in read_rows(file):
-                missing = [c for c in columns if c not in row]
+                missing = [c for c in ("text", "label") if c not in row]
                 if missing:
                     raise DataError(f"{file} line {n}: no {' / '.join(f'`{c}`' for c in missing)} field (it has "
                                     f"{sorted(row)}); --ds_name needs `text` and 0/1 `label` columns: rename them")
-                out[split].append({**{c: row[c] for c in columns}, "where": f"{file} line {n}"})
+                out[split].append({"text": row["text"], "label": row["label"], "where": f"{file} line {n}"})
     return out
 
 
@@ -315,7 +283,7 @@ def load_cls_dataset(ds_name: str, n_docs: int, n_test_docs: int, seed: int) -> 
                for split, n, rng in (("train", n_docs, random.Random(seed)),
                                      ("test", n_test_docs, random.Random(seed)))}
     elif os.path.exists(ds_name):
-        raw = read_local(ds_name, ("text", "label"))
+        raw = read_local(ds_name)
         if "train" not in raw:
             raise DataError(f"--ds_name {ds_name} has splits {sorted(raw)} but no `train` split; name a file "
                             "train.jsonl")
@@ -402,10 +370,10 @@ class CausalLMWithHead(torch.nn.Module):
         return self.score(last.to(self.score.weight.dtype))
 
 
-def build_model(spec: dict, args: Args, head: bool = True, check: bool = False) -> tuple:
-    """Tokenizer and CausalLMWithHead (the LM's body with a fresh head; head=False: the causal LM itself), from a
-    hub id / local path, or from scratch (run_clm.py's --model_type + --config_overrides). check=True: the tokenizer
-    and the config only, so that a model that cannot load is reported before any stage runs."""
+def build_model(spec: dict, args: Args, check: bool = False) -> tuple:
+    """Tokenizer and CausalLMWithHead (the LM's body with a fresh head), from a hub id / local path, or from scratch
+    (run_clm.py's --model_type + --config_overrides). check=True: the tokenizer and the config only, so that a model
+    that cannot load is reported before any stage runs."""
     what, name = ("tokenizer", spec["tokenizer"]) if spec["tokenizer"] else ("model", spec["name_or_path"])
     try:  # what failed to load and why, with a hint that fits what was passed
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
@@ -436,79 +404,7 @@ def build_model(spec: dict, args: Args, head: bool = True, check: bool = False) 
             overrides |= {k: getattr(parsed, k) for k in keys}
         config = AutoConfig.for_model(spec["model_type"], **overrides)
         lm = config if check else AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
-    return tokenizer, CausalLMWithHead(lm.base_model, args.linear_probe) if head and not check else lm
-
-
-def pretrain_lm(spec: dict, steps: int, args: Args, accelerator) -> str:
-    """Unsupervised pre-training of a model built from a config: next-token prediction on --pretrain_corpus (the
-    offline stand-in for a pretrained hub checkpoint); warm-up over 5% of the steps, then cosine to 0. Cached under
-    output_dir/pretrain/ keyed by its settings and the corpus' text; returns the model folder."""
-    docs = [r for split_rows in read_local(args.pretrain_corpus, ("text",)).values() for r in split_rows]
-    for r in docs:
-        if not isinstance(r["text"], str) or not r["text"].strip():
-            raise DataError(f"{r['where']}: empty text in the pre-training corpus; drop or fill the empty rows")
-    corpus = [r["text"] for r in docs]
-    digest = hashlib.sha256("\n".join(corpus).encode()).hexdigest()[:16]
-    key = json.dumps({"model": spec, "corpus": digest, "steps": steps, "lr": args.pretrain_lr,
-                      "batch_size": args.pretrain_batch_size, "max_ctx": args.max_ctx, "seed": args.pretrain_seed},
-                     sort_keys=True)
-    out = Path(args.output_dir) / "pretrain" / f"lm_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
-    if (out / "results.json").exists() and not args.force_retrain:
-        accelerator.print(f"pretrain: cached in {out}, skipped (--force_retrain to retrain)")
-        return str(out)
-    set_seed(args.pretrain_seed, device_specific=True)
-    tokenizer, lm = build_model(spec, args, head=False)
-    ids = [x for x in tokenizer(corpus)["input_ids"] if 1 < len(x) < args.max_ctx]
-    g, per_step = torch.Generator().manual_seed(args.pretrain_seed), args.pretrain_batch_size
-    order = torch.cat([torch.randperm(len(ids), generator=g) for _ in range(-(-steps * per_step // len(ids)))])
-    rows = [ids[i] for i in order[: steps * per_step]]
-    # ALGO LOGIC: token mean over the whole optimizer step: every micro batch divides by the step's token count
-    step_tokens = [sum(len(x) - 1 for x in rows[s: s + per_step]) for s in range(0, len(rows), per_step)]
-
-    def collate_lm(rows):  # right padding; labels are the ids with padding set to -100
-        length = max(len(x) for x in rows)
-        ids = torch.tensor([x + [tokenizer.pad_token_id] * (length - len(x)) for x in rows])
-        mask = torch.tensor([[1] * len(x) + [0] * (length - len(x)) for x in rows])
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-    warmup = steps // 20  # linear warm-up, then cosine to 0
-    schedule = lambda s: ((s + 1) / warmup if s < warmup
-                          else 0.5 * (1 + np.cos(np.pi * (s - warmup) / max(1, steps - warmup))))
-    scale = args.gradient_accumulation_steps * accelerator.num_processes  # undoes accelerate's and DDP's means
-    loader = DataLoader(rows, per_step // scale, collate_fn=collate_lm)
-    optimizer = torch.optim.Adam(lm.parameters(), lr=args.pretrain_lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    lm, optimizer, loader = accelerator.prepare(lm, optimizer, loader)
-    lm.train()
-    start, step, loss_sum = time.time(), 0, 0.0
-    bar = tqdm(total=steps, desc="pretrain", disable=not accelerator.is_main_process)
-    for batch in loader:
-        with accelerator.accumulate(lm):
-            logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            token_losses = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                           ignore_index=-100, reduction="sum")
-            accelerator.backward(token_losses * scale / step_tokens[step])
-            optimizer.step()
-            optimizer.zero_grad()
-        loss_sum += token_losses.detach()
-        if accelerator.sync_gradients:
-            loss_step = accelerator.gather(loss_sum).sum().item() / step_tokens[step]
-            scheduler.step()
-            step, loss_sum = step + 1, 0.0
-            bar.update()
-            bar.set_postfix(loss=f"{loss_step:.3f}")
-    bar.close()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(lm).save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        results = {"final_loss": loss_step, "steps": steps, "n_docs": len(ids), "train_time_s": time.time() - start}
-        (out / "settings.json").write_text(key)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-    accelerator.wait_for_everyone()
-    accelerator.free_memory()
-    accelerator.print(f"pretrain: {steps} steps, final loss {loss_step:.4f} ({time.time() - start:.0f}s) -> {out}")
-    return str(out)
+    return tokenizer, lm if check else CausalLMWithHead(lm.base_model, args.linear_probe)
 
 
 # --------------------------------------------------------------------------------------------
@@ -708,15 +604,10 @@ def parse_args() -> Args:
     preset = pre.parse_known_args()[0].preset
     default = PRESETS[preset] if preset else Args()
     args = tyro.cli(Args, default=default, use_underscores=True)
-    for side in ("weak", "strong"):  # a model given on the command line wins over the preset's other kind of model
-        path_flag, type_flag = f"{side}_model_name_or_path", f"{side}_model_type"
-        path, model_type = getattr(args, path_flag), getattr(args, type_flag)
-        if path is not None and model_type is not None:
-            if model_type == getattr(default, type_flag) and path != getattr(default, path_flag):
-                setattr(args, type_flag, None)  # an explicit path: not the preset's model built from a config
-                setattr(args, f"{side}_config_overrides", None)
-            elif path == getattr(default, path_flag) and model_type != getattr(default, type_flag):
-                setattr(args, path_flag, None)  # an explicit model type: not the preset's pretrained model
+    for side in ("weak", "strong"):  # a model type given on the command line replaces the preset's pretrained model
+        path_flag = f"{side}_model_name_or_path"
+        if getattr(args, f"{side}_model_type") is not None and getattr(args, path_flag) == getattr(default, path_flag):
+            setattr(args, path_flag, None)
     validate(args)
     return args
 
@@ -724,10 +615,9 @@ def parse_args() -> Args:
 def validate(args: Args) -> None:
     checks = [(name, lambda v: v <= 0, "must be a positive integer") for name in (
         "n_seeds", "n_docs", "n_test_docs", "max_ctx", "batch_size", "gradient_accumulation_steps", "eval_batch_size",
-        "gt_epochs", "transfer_epochs", "pretrain_batch_size")]
+        "gt_epochs", "transfer_epochs")]
     checks += [(name, lambda v: v < 0, "must not be negative") for name in (
-        "weak_lr", "strong_lr", "transfer_lr", "pretrain_lr", "logconf_warmup_frac", "product_alpha", "product_beta",
-        "weak_pretrain_steps", "strong_pretrain_steps")]
+        "weak_lr", "strong_lr", "transfer_lr", "logconf_warmup_frac", "product_alpha", "product_beta")]
     checks += [("logconf_aux_coef", lambda v: not 0 <= v <= 1, "a mixing weight, must lie in [0, 1]")]
     for name, bad, message in checks:
         if getattr(args, name) is not None and bad(getattr(args, name)):
@@ -748,13 +638,10 @@ def validate(args: Args) -> None:
             fail(f"--{side}_config_overrides only applies to a model built from scratch (--{side}_model_type)")
         if path is None and getattr(args, f"{side}_lr") is None:
             fail(f"a model built from scratch has no published learning rate: set --{side}_lr")
-    if args.pretrain_corpus is not None and not os.path.exists(args.pretrain_corpus):
-        fail(f"--pretrain_corpus {args.pretrain_corpus}: no such file or folder; write the tiny one with "
-             "`python -m tiny.cls --out data/tiny` (after `python -m tiny --out data/tiny --no_images`)")
     out = Path(args.output_dir)
     if out.is_file():
         fail(f"--output_dir {out} is a file; pass a folder")
-    ours = {"results.json", "results.png", "sweep.json", "sweep.png", "pretrain"}  # sweep.*: w2s_sweep.py's
+    ours = {"results.json", "results.png", "sweep.json", "sweep.png"}  # sweep.*: w2s_sweep.py's
     foreign = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith("seed_")) \
         if out.is_dir() else []
     if foreign and not args.overwrite_output_dir:
@@ -763,8 +650,6 @@ def validate(args: Args) -> None:
              "stages is reused as a cache: a stage with the same settings is skipped, others are added)")
     # with HF_HUB_OFFLINE unset and some name not a local path: one 3-second connection to the hub, so that no
     # network is reported at once instead of after a minute of retries
-    from huggingface_hub import constants
-
     names = [HUB_DATASETS[args.ds_name][0] if args.ds_name in HUB_DATASETS else args.ds_name, args.tokenizer_name,
              args.weak_model_name_or_path, args.strong_model_name_or_path]
     remote = [n for n in names if n and not os.path.exists(n)]
@@ -786,9 +671,9 @@ if __name__ == "__main__":
             name_or_path = getattr(args, f"{side}_model_name_or_path")
             if getattr(args, f"{side}_lr") is None:  # validate(): a model built from scratch has its lr set
                 if args.batch_size != 32:
-                    fail(f"the published learning rates were tuned at --batch_size 32, not {args.batch_size}: set "
+                    fail(f"the default learning rates were tuned at --batch_size 32, not {args.batch_size}: set "
                          f"--{side}_lr")
-                setattr(args, f"{side}_lr", PUBLISHED_LR.get(name_or_path.rstrip("/").split("/")[-1], 1e-5))
+                setattr(args, f"{side}_lr", DEFAULT_LR.get(name_or_path.rstrip("/").split("/")[-1], 1e-5))
         args.transfer_epochs = args.gt_epochs if args.transfer_epochs is None else args.transfer_epochs
         accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
         n_micro = args.gradient_accumulation_steps * accelerator.num_processes
@@ -821,14 +706,6 @@ if __name__ == "__main__":
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name,
                        config=vars(args), save_code=True)
             tracker = wandb
-
-        # ALGO LOGIC: 0. (offline only) next-token pre-training of the models built from scratch; a hub id / path
-        # is used as it is
-        for side, spec in specs.items():
-            steps = getattr(args, f"{side}_pretrain_steps") if args.pretrain_corpus else 0
-            if spec["name_or_path"] is None and steps > 0:
-                specs[side] = {"name_or_path": pretrain_lm(spec, steps, args, accelerator), "model_type": None,
-                               "config_overrides": None, "tokenizer": args.tokenizer_name}
         weak_spec, strong_spec = specs["weak"], specs["strong"]
 
         per_seed = {}
@@ -870,10 +747,8 @@ if __name__ == "__main__":
     files = (Path(args.output_dir) / "results.json", Path(args.output_dir) / "results.png")
     if accelerator.is_main_process:
         files[0].write_text(json.dumps(summary, indent=2))
-        names = [getattr(args, f"{side}_model_name_or_path") or f"{getattr(args, f'{side}_model_type')} " + (
-            f"({getattr(args, f'{side}_pretrain_steps')} pre-training steps)"
-            if args.pretrain_corpus and getattr(args, f"{side}_pretrain_steps") else "(scratch)")
-            for side in ("weak", "strong")]
+        names = [getattr(args, f"{side}_model_name_or_path") or f"{getattr(args, f'{side}_model_type')} (scratch)"
+                 for side in ("weak", "strong")]
         plot(summary, args.losses, files[1], f"{Path(args.ds_name).name}: {names[0]} -> {names[1]}, "
              f"{args.n_seeds} seed(s)")
         print(f"\n{'metric':<24}{'mean':>8}{'std':>8}")

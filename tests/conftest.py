@@ -85,6 +85,16 @@ def corpus(tiny) -> Path:
     return tiny / "cls_corpus"
 
 
+@pytest.fixture(scope="session")
+def cls_models(corpus) -> Path:
+    """The pre-trained classification students (tiny/cls.py write_models) at 20 pre-training steps each, on the
+    corpus above: a folder holding tiny-s, tiny-m and tiny-l."""
+    from tiny import cls
+
+    cls.write_models(corpus.parent, 0, steps=20)
+    return corpus.parent / "models" / "cls"
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "real: on the real chat model SmolLM2-135M-Instruct (tests/real_model.py); "
                                        "select with -m real")

@@ -16,15 +16,14 @@ SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def cli(tiny: Path, out: Path, *extra: str) -> list[str]:
-    """The tiny preset on the test's data, models trained from scratch unless `extra` names a --pretrain_corpus."""
-    return ["w2s_sweep.py", "--preset", "tiny", "--ds_name", str(tiny / "cls"), "--tokenizer_name",
-            str(tiny / "tokenizer"), "--output_dir", str(out), "--pretrain_corpus", "None", *extra]
+    """The tiny preset on the test's data; `extra` names the models."""
+    return ["w2s_sweep.py", "--preset", "tiny", "--ds_name", str(tiny / "cls"), "--output_dir", str(out), *extra]
 
 
-def test_sweep_end_to_end_and_cached(tiny, corpus, tmp_path):
-    out = tmp_path / "sweep"
-    args = cli(tiny, out, "--pretrain_corpus", str(corpus), "--models", "tiny-s", "tiny-m",
-               "--pretrain_steps", "20", "20", "--n_docs", "512", "--n_test_docs", "100", "--gt_epochs", "2",
+def test_sweep_end_to_end_and_cached(tiny, cls_models, tmp_path):
+    out = tmp_path / "sweep"  # the students pre-trained 20 steps (conftest.cls_models), named by their folders
+    args = cli(tiny, out, "--models", str(cls_models / "tiny-s"), str(cls_models / "tiny-m"),
+               "--n_docs", "512", "--n_test_docs", "100", "--gt_epochs", "2",
                "--losses", "xent", "logconf", "--no_save_models")
     first = run_script(*args, env=SINGLE_THREAD)
     sweep = json.loads((out / "sweep.json").read_text())
@@ -41,22 +40,18 @@ def test_sweep_end_to_end_and_cached(tiny, corpus, tmp_path):
                                                     / (pair["strong_acc"] - pair["weak_acc"]))
         assert r["tiny-s->tiny-s"][f"pgr_{loss}"] is None and r["tiny-m->tiny-m"][f"pgr_{loss}"] is None
         assert sweep["mean"]["tiny-s->tiny-m"][f"transfer_acc_{loss}"] == r["tiny-s->tiny-m"][f"transfer_acc_{loss}"]
-    assert len(list((out / "pretrain").glob("lm_*/model.safetensors"))) == 2
     assert "tiny-s->tiny-m" in first.stdout and "wrote" in first.stdout
     png = (out / "sweep.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     second = run_script(*args, env=SINGLE_THREAD)
-    # one run of weak_to_strong_cls.py per pair, each fully cached: 2 pre-trainings + weak + ceiling + 2 losses
-    assert len(re.findall(r"cached in .*, skipped", second.stdout)) == 3 * 6
+    # one run of weak_to_strong_cls.py per pair, each fully cached: weak + ceiling + 2 losses
+    assert len(re.findall(r"cached in .*, skipped", second.stdout)) == 3 * 4
     assert "test acc" not in second.stdout and "final loss" not in second.stdout  # nothing trained again
     assert json.loads((out / "sweep.json").read_text())["per_seed"] == sweep["per_seed"]
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--models", "tiny-s", "tiny-xl"], "--models: unknown offline size 'tiny-xl'; the sizes are tiny-s,"),
     (["--models", "tiny-s"], "--models tiny-s: give at least two different models, small to large"),
-    (["--models", "tiny-s", "tiny-m", "--pretrain_steps", "20"],
-     "--pretrain_steps gives 1 numbers for 2 --models: give one per model"),
     (["--models", "tiny-s", "tiny-m", "--weak_lr", "0.1"],
      "--weak_lr: the sweep sets each pair's models and learning rates from --models"),
 ])
@@ -84,7 +79,7 @@ from pathlib import Path
 argv = sys.argv[1:]
 flag = lambda name: argv[len(argv) - 1 - argv[::-1].index(name) + 1]
 acc = {"big": 0.9, "small": 0.7}
-weak, strong = acc[flag("--weak_model_name_or_path")], acc[flag("--strong_model_name_or_path")]
+weak, strong = (acc[flag(f"--{side}_model_name_or_path").split("/")[-1]] for side in ("weak", "strong"))
 res = {"weak_acc": weak, "strong_acc": strong, "weak_label_acc": weak, "transfer_acc_xent": 0.8,
        "pgr_xent": (0.8 - weak) / (strong - weak) if strong > weak else None, "agreement_xent": 0.9}
 Path(flag("--output_dir")).mkdir(parents=True, exist_ok=True)
@@ -113,3 +108,16 @@ def test_pgr_is_undefined_for_a_pair_whose_strong_model_is_not_better(tmp_path, 
     monkeypatch.setattr(sweep_script.plt.Axes, "text", lambda ax, x, y, s, **kw: texts.append(s))
     sweep_script.sweep_plot(sweep, ["big", "small"], ["xent"], tmp_path / "again.png", "title")
     assert texts == ["PGR undefined (strong <= weak): big->small"]
+
+
+def test_models_are_named_by_their_folder_unless_two_share_a_name(tmp_path):
+    """Pairs, sweep.json, the table and the plot name a model by the last part of its path or hub id, or by the whole
+    name when two models share that part."""
+    (tmp_path / "w2s_sweep.py").write_text((ROOT / "w2s_sweep.py").read_text())
+    (tmp_path / "weak_to_strong_cls.py").write_text(FAKE_TRAINING_SCRIPT)
+    for models, names in [(["runs/big", "hub-org/small"], ["big", "small"]), (["a/big", "b/big"], ["a/big", "b/big"])]:
+        out = tmp_path / names[1].replace("/", "_")
+        run_script(str(tmp_path / "w2s_sweep.py"), "--models", *models, "--output_dir", str(out))
+        sweep = json.loads((out / "sweep.json").read_text())
+        assert sweep["models"] == names and sweep["args"]["models"] == models
+        assert list(sweep["mean"]) == [f"{names[0]}->{names[0]}", f"{names[0]}->{names[1]}", f"{names[1]}->{names[1]}"]

@@ -1,7 +1,7 @@
 """weak_to_strong_cls.py: the three losses against REFERENCE.md, last-token pooling, bad input,
 gradient accumulation and distributed equivalence (logconf's whole-batch threshold included), seeds
 aggregation, the offline pipeline end to end (weak < strong ceiling, PGR, JSON and PNG, cache reuse), and the
-unlabeled pre-training corpus and stage (cached, reused). The size sweep: test_w2s_sweep.py."""
+unlabeled pre-training corpus and the pre-trained students of tiny/cls.py. The size sweep: test_w2s_sweep.py."""
 
 import json
 import re
@@ -14,6 +14,9 @@ from accelerate.state import AcceleratorState, GradientState
 from conftest import load_script, run_script, not_a_model_folders
 from datasets import load_from_disk
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tiny import cls
 
 w2s = load_script("weak_to_strong_cls")
 
@@ -22,10 +25,25 @@ SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 QWEN_SMALL = "hidden_size=16,intermediate_size=32,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=1"
 
 
+def overrides(size: str) -> str:
+    """A tiny/cls.py student's config as --X_config_overrides."""
+    return ",".join(f"{k}={v}" for k, v in cls.SIZES[size][0].items())
+
+
 def cli(tiny: Path, out: Path, *extra: str) -> list[str]:
-    """The tiny preset on the test's data, models trained from scratch unless `extra` names a --pretrain_corpus."""
+    """The tiny preset on the test's data, its students (tiny-s -> tiny-l) built from their configs without
+    pre-training, at the preset's learning rates."""
     return ["weak_to_strong_cls.py", "--preset", "tiny", "--ds_name", str(tiny / "cls"), "--tokenizer_name",
-            str(tiny / "tokenizer"), "--output_dir", str(out), "--pretrain_corpus", "None", *extra]
+            str(tiny / "tokenizer"), "--output_dir", str(out), "--weak_model_type", "qwen2", "--weak_config_overrides",
+            overrides("tiny-s"), "--weak_lr", "3e-3", "--strong_model_type", "qwen2", "--strong_config_overrides",
+            overrides("tiny-l"), "--strong_lr", "1e-4", *extra]
+
+
+def cli_pretrained(tiny: Path, models: Path, out: Path, *extra: str) -> list[str]:
+    """The tiny preset on the test's data with pre-trained students (conftest.cls_models): the preset's code path."""
+    return ["weak_to_strong_cls.py", "--preset", "tiny", "--ds_name", str(tiny / "cls"), "--output_dir", str(out),
+            "--weak_model_name_or_path", str(models / "tiny-s"), "--strong_model_name_or_path", str(models / "tiny-l"),
+            *extra]
 
 
 def scratch_spec(tiny: Path, model_type: str = "qwen2", overrides: str = QWEN_SMALL) -> dict:
@@ -311,6 +329,25 @@ def test_missing_columns_and_unknown_names(tmp_path):
         w2s.load_cls_dataset(str(tmp_path / "nowhere"), 100, 10, 0)
 
 
+def test_csv_json_array_and_parquet_files_load_with_their_types(tmp_path):
+    """A csv's labels are integers (csv.DictReader's strings were refused as labels), and a bad row is named by its
+    line (the header is line 1); a JSON array and a parquet file load as well."""
+    from datasets import Dataset
+
+    rows = good_rows(40)
+    (tmp_path / "data.csv").write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    (tmp_path / "data.json").write_text(json.dumps(rows))
+    Dataset.from_list(rows).to_parquet(tmp_path / "data.parquet")
+    for ext in ("csv", "json", "parquet"):
+        ds = w2s.load_cls_dataset(str(tmp_path / f"data.{ext}"), 100, 10, 0)
+        assert ds["train"].num_rows == 30 and ds["test"].num_rows == 10
+        assert sorted([*ds["train"]["text"], *ds["test"]["text"]]) == sorted(r["text"] for r in rows)
+        assert sum([*ds["train"]["label"], *ds["test"]["label"]]) == 20
+    (tmp_path / "bad.csv").write_text("text,label\n" + "good film,1\n" * 30 + "good film,2\n")
+    with pytest.raises(w2s.DataError, match=re.escape("bad.csv line 32: label 2 is not 0 or 1")):
+        w2s.load_cls_dataset(str(tmp_path / "bad.csv"), 100, 1, 0)
+
+
 def test_too_small_to_split(tmp_path):
     ds = w2s.load_cls_dataset(str(write_jsonl(tmp_path / "data.jsonl", good_rows(50))), 100, 10, 0)
     assert ds["train"].num_rows == 40 and ds["test"].num_rows == 10
@@ -381,7 +418,7 @@ def test_logconf_threshold_over_the_whole_batch(tiny):
 
 
 # ------------------------------------------------------------------------------------------------
-# pre-training: the unlabeled corpus and the cached stage (issue 17)
+# pre-training: the unlabeled corpus (issue 17) and the pre-trained students (tiny/cls.py)
 def read_jsonl_folder(folder: Path) -> list[dict]:
     return [json.loads(line) for f in sorted(folder.glob("*.jsonl")) for line in f.read_text().splitlines()]
 
@@ -405,28 +442,29 @@ def test_corpus_has_the_concept_but_no_label_and_no_test_text(tiny, corpus):
     assert sum(cls.NEGATOR in r.split() for r in reviews) > 5000  # negations are common
 
 
-def test_pretraining_is_cached_and_reused(tiny, corpus, tmp_path, capsys):
-    args = w2s.Args(pretrain_corpus=str(corpus), max_ctx=64, output_dir=str(tmp_path), pretrain_batch_size=16)
-    spec = scratch_spec(tiny, overrides=w2s.TINY_SIZES["tiny-s"][0])
-    AcceleratorState._reset_state(True)
-    accelerator = w2s.Accelerator()
-    first = Path(w2s.pretrain_lm(spec, 30, args, accelerator))
-    results = json.loads((first / "results.json").read_text())
-    assert first.parent == tmp_path / "pretrain" and results["steps"] == 30 and results["n_docs"] == 20000
-    assert results["final_loss"] < 5.9  # next-token loss fell from ln(vocab) = 6.2 (measured: 5.59 after 30 steps)
-    weights = first / "model.safetensors"
-    mtime = weights.stat().st_mtime_ns
-    assert w2s.pretrain_lm(spec, 30, args, accelerator) == str(first)  # the same settings: reused
-    assert f"pretrain: cached in {first}, skipped" in capsys.readouterr().out and weights.stat().st_mtime_ns == mtime
-    other = Path(w2s.pretrain_lm(spec, 31, args, accelerator))  # other settings: another stage
-    assert other != first and weights.stat().st_mtime_ns == mtime
-    # the pretrained LM loads as a model path: its body, with a fresh zero head, is what fine-tuning starts from
-    _, model = w2s.build_model({"name_or_path": str(first), "model_type": None, "config_overrides": None,
-                                "tokenizer": None}, w2s.Args())
-    body = load_file(weights)
+def test_write_models_writes_pretrained_students_that_load_as_model_paths(tiny, cls_models, tmp_path):
+    """tiny/cls.py write_models (20 steps each here): a save_pretrained folder per student (safetensors, config,
+    tokenizer, its pre-training settings), the next-token loss fallen, the same weights again from the same seed; the
+    folder loads as a --weak / --strong model: its body, with a fresh zero head, is what fine-tuning starts from."""
+    for size, (config, _) in cls.SIZES.items():
+        settings = json.loads((cls_models / size / "pretraining.json").read_text())
+        assert settings["steps"] == 20 and settings["n_docs"] == 20000 and settings["seed"] == 0
+        assert settings["final_loss"] < 5.9  # next-token loss fell from ln(vocab) = 6.2
+        lm = AutoModelForCausalLM.from_pretrained(cls_models / size)
+        assert {k: getattr(lm.config, k) for k in config} == config
+        assert not list((cls_models / size).glob("*.bin")) and not list((cls_models / size).glob("*.pkl"))
+    again = tmp_path / "again"  # the same tokenizer and corpus in another folder: the same weights, bit for bit
+    again.mkdir()
+    for name in ("tokenizer", "cls_corpus"):
+        (again / name).symlink_to(tiny / name)
+    cls.write_models(again, 0, sizes=("tiny-s",), steps=20)
+    first, second = (load_file(d / "tiny-s" / "model.safetensors") for d in (cls_models, again / "models" / "cls"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    spec = {"name_or_path": str(cls_models / "tiny-l"), "model_type": None, "config_overrides": None, "tokenizer": None}
+    _, model = w2s.build_model(spec, w2s.Args())
+    body = load_file(cls_models / "tiny-l" / "model.safetensors")
     torch.testing.assert_close(model.body.embed_tokens.weight, body["model.embed_tokens.weight"])
     assert torch.count_nonzero(model.score.weight) == 0
-    AcceleratorState._reset_state(True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,8 +476,8 @@ def test_pretraining_is_cached_and_reused(tiny, corpus, tmp_path, capsys):
     (["--logconf_aux_coef", "1.5"], "--logconf_aux_coef 1.5: a mixing weight, must lie in [0, 1]"),
     (["--batch_size", "32", "--gradient_accumulation_steps", "3"],
      "--batch_size 32 must be a multiple of --gradient_accumulation_steps 3"),
-    (["--pretrain_corpus", "nowhere/corpus"], "--pretrain_corpus nowhere/corpus: no such file or folder"),
-    (["--weak_model_type", "None"], "give exactly one of --weak_model_name_or_path"),
+    (["--weak_model_type", "None", "--weak_model_name_or_path", "None"], "give exactly one of --weak_model_name_or_path"),
+    (["--weak_model_name_or_path", "runs/lm"], "give exactly one of --weak_model_name_or_path"),  # and a model type
 ])
 def test_bad_arguments_exit_2_before_anything(tiny, tmp_path, extra, message, monkeypatch, capsys):
     out = tmp_path / "out"
@@ -463,12 +501,13 @@ def test_foreign_output_dir_is_refused(tiny, tmp_path):
 def test_preset_with_equals_and_flags_override(monkeypatch):
     parsed = {}
     for argv in (["--preset", "tiny"], ["--preset=tiny"]):
-        monkeypatch.setattr("sys.argv", ["weak_to_strong_cls.py", *argv, "--pretrain_corpus", "None"])
+        monkeypatch.setattr("sys.argv", ["weak_to_strong_cls.py", *argv])
         parsed[argv[-1]] = w2s.parse_args()
     assert parsed["tiny"] == parsed["--preset=tiny"] and parsed["tiny"].ds_name == "data/tiny/cls"
-    # an explicit model path wins over the preset's model built from a config
-    monkeypatch.setattr("sys.argv", ["weak_to_strong_cls.py", "--preset", "tiny", "--pretrain_corpus", "None",
-                                     "--strong_model_name_or_path", "runs/some-lm"])
+    # a model type on the command line replaces the preset's pretrained model; an explicit path is kept as given
+    monkeypatch.setattr("sys.argv", ["weak_to_strong_cls.py", "--preset", "tiny", "--strong_model_name_or_path",
+                                     "runs/some-lm", "--weak_model_type", "qwen2", "--tokenizer_name", "tok",
+                                     "--weak_lr", "1e-3"])
     args = w2s.parse_args()
     assert args.strong_model_name_or_path == "runs/some-lm" and args.strong_model_type is None
     assert args.strong_config_overrides is None and args.weak_model_type == "qwen2"
@@ -495,24 +534,24 @@ def test_data_errors_name_file_and_line(tiny, tmp_path, lines, message):
         assert not (tmp_path / "out").exists()
 
 
-def test_bad_model_path_and_no_network_say_what_failed(tiny, tmp_path):
+def test_bad_model_path_and_no_network_say_what_failed(tiny, cls_models, tmp_path):
     out = tmp_path / "out"
-    p = run_script(*cli(tiny, out, "--weak_model_name_or_path", "runs/nowhere", "--n_docs", "512"), check=False,
-                   env=SINGLE_THREAD)
+    p = run_script(*cli_pretrained(tiny, cls_models, out, "--weak_model_name_or_path", "runs/nowhere", "--n_docs",
+                                   "512"), check=False, env=SINGLE_THREAD)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert "error: could not load model 'runs/nowhere': no such local folder and not a hub id" in p.stderr
     assert not out.exists()
     # no network and HF_HUB_OFFLINE unset: said at once (a closed loopback port refuses the connection)
-    p = run_script(*cli(tiny, out, "--weak_model_name_or_path", "some-org/some-model"), check=False,
-                   env={**SINGLE_THREAD, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    p = run_script(*cli_pretrained(tiny, cls_models, out, "--weak_model_name_or_path", "some-org/some-model"),
+                   check=False, env={**SINGLE_THREAD, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
     assert p.returncode == 2 and "error: no network: cannot reach the Hugging Face Hub for 'some-org/some-model'. " \
         "Set HF_HUB_OFFLINE=1" in p.stderr, p.stderr
     assert not out.exists()
 
 
-def test_inputs_are_checked_before_any_stage_runs(tiny, corpus, tmp_path):
-    """issue 26 case 13: a broken data file or a wrong model path is reported before pre-training (about 90 s with
-    the preset's steps), and nothing is written; case 15: an empty or checkpoint folder as a model is named as one."""
+def test_inputs_are_checked_before_any_stage_runs(tiny, cls_models, tmp_path):
+    """issue 26 case 13: a broken data file or a wrong model path is reported before any stage trains, and nothing
+    is written; case 15: an empty or checkpoint folder as a model is named as one."""
     out, broken = tmp_path / "out", tmp_path / "data.jsonl"
     broken.write_text('{"text": "good", "label": 1}\n{"text": "bad", "label": 0\n')
     empty, checkpoint = not_a_model_folders(tmp_path)
@@ -525,8 +564,8 @@ def test_inputs_are_checked_before_any_stage_runs(tiny, corpus, tmp_path):
         (["--strong_model_name_or_path", str(checkpoint)], f"error: could not load model '{checkpoint}' from that "
          "folder: it holds a training checkpoint (optimizer state), not a saved model"),
     ]
-    for extra, message in cases:  # the preset's pre-training (300 and 4000 steps) would run first without the checks
-        p = run_script(*cli(tiny, out, "--pretrain_corpus", str(corpus), *extra), check=False, env=SINGLE_THREAD)
+    for extra, message in cases:  # the weak model's stage would train first without the checks
+        p = run_script(*cli_pretrained(tiny, cls_models, out, *extra), check=False, env=SINGLE_THREAD)
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, (extra, p.stderr[-2000:])
         assert "pretrain:" not in p.stdout + p.stderr and not out.exists(), extra  # no stage ran, nothing written
 

@@ -10,9 +10,28 @@ The unlabeled pre-training corpus (`python -m tiny.cls --out data/tiny`, after `
 (sentiment words and negations, no filler words: random fillers drown the one informative token in noise) each
 followed by one verdict word whose wording follows the sentiment. Predicting the verdict needs the concept,
 negations included, so a strong enough LM learns it; no label is given, and no test text is in the corpus.
+
+The classification students, pre-trained on that corpus and written as model folders as if from a hub
+(`write_models`; weak_to_strong_cls.py --preset tiny and w2s_sweep.py load them with from_pretrained):
+
+    data/tiny/models/cls/tiny-s/   qwen2, 1 layer, hidden 8, 300 pre-training steps (a bag of words)
+    data/tiny/models/cls/tiny-m/   qwen2, 2 layers, hidden 16, 2000 steps
+    data/tiny/models/cls/tiny-l/   qwen2, 2 layers, hidden 32, 4000 steps
+
+Pre-training: next-token prediction on cls_corpus, batch 64, lr 3e-3 with linear warm-up over 5% of the steps then
+cosine to 0, Adam, the summed token losses divided by the batch's token count. Each folder holds the config,
+model.safetensors, the tiny tokenizer and pretraining.json (settings and final loss).
 """
 
+import json
 import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 POSITIVE = ["good", "great", "lovely", "superb"]
 NEGATIVE = ["bad", "awful", "poor", "dull"]
@@ -86,10 +105,71 @@ def review_of(document: str) -> str:
     return document.rsplit(" ", 1)[0]
 
 
+# --------------------------------------------------------------------------------------------
+# the pre-trained students: qwen2 configs and pre-training steps
+SIZES = {
+    "tiny-s": (dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1,
+                    num_key_value_heads=1, max_position_embeddings=64), 300),
+    "tiny-m": (dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, max_position_embeddings=64), 2000),
+    "tiny-l": (dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=4, max_position_embeddings=64), 4000),
+}
+PRETRAIN = dict(batch_size=64, lr=3e-3, max_ctx=64)  # documents of max_ctx tokens or more are left out
+
+
+def pretrain(lm, tokenizer, corpus: list[str], steps: int, seed: int) -> float:
+    """Next-token pre-training (warm-up over 5% of the steps, then cosine to 0); returns the last step's loss."""
+    ids = [x for x in tokenizer(corpus)["input_ids"] if 1 < len(x) < PRETRAIN["max_ctx"]]
+    g, per_step = torch.Generator().manual_seed(seed), PRETRAIN["batch_size"]
+    order = torch.cat([torch.randperm(len(ids), generator=g) for _ in range(-(-steps * per_step // len(ids)))])
+    warmup = steps // 20
+    schedule = lambda s: ((s + 1) / warmup if s < warmup
+                          else 0.5 * (1 + np.cos(np.pi * (s - warmup) / max(1, steps - warmup))))
+    optimizer = torch.optim.Adam(lm.parameters(), lr=PRETRAIN["lr"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    lm.train()
+    for step in range(steps):
+        rows = [ids[i] for i in order[step * per_step: (step + 1) * per_step]]
+        length = max(len(x) for x in rows)  # right padding; labels are the ids with padding set to -100
+        input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (length - len(x)) for x in rows])
+        mask = torch.tensor([[1] * len(x) + [0] * (length - len(x)) for x in rows])
+        labels = input_ids.masked_fill(mask == 0, -100)
+        logits = lm(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+        # the token mean over the batch: summed token losses / the batch's count of predicted tokens
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                               reduction="sum") / sum(len(x) - 1 for x in rows)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    return loss.item()
+
+
+def write_models(out: Path, seed: int, sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None) -> None:
+    """The pre-trained students under out/models/cls/, from out/tokenizer and out/cls_corpus (`python -m tiny`).
+    `sizes` and `steps` (all sizes the same, instead of each size's own) serve quick checks and tests."""
+    out = Path(out)
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    corpus = [json.loads(line)["text"] for f in sorted((out / "cls_corpus").glob("*.jsonl"))
+              for line in f.read_text().splitlines() if line.strip()]
+    for size in sizes:
+        config, size_steps = SIZES[size]
+        size_steps = size_steps if steps is None else steps
+        set_seed(seed)  # the initial weights: those from_config draws right after set_seed(seed)
+        lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+            "qwen2", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **config))
+        final_loss = pretrain(lm, tokenizer, corpus, size_steps, seed)
+        folder = out / "models" / "cls" / size
+        lm.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        settings = {"steps": size_steps, **PRETRAIN, "seed": seed, "n_docs": len(corpus), "final_loss": final_loss}
+        (folder / "pretraining.json").write_text(json.dumps(settings, indent=2))
+        print(f"wrote {folder} ({size_steps} pre-training steps, final loss {final_loss:.4f})")
+
+
 def main():
     import argparse
-    import json
-    from pathlib import Path
 
     from tiny.__main__ import write_dataset
 
