@@ -66,7 +66,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (wandb run name prefix)"""
     seed: int = 1
-    """seed of the experiment (model init, data order, --eval_fraction split)"""
+    """seed of the experiment (LoRA init, dropout, data order, --eval_fraction split)"""
     output_dir: str = "runs/sft"
     """where the final model, checkpoints and metrics.jsonl go"""
     preset: Literal["tiny"] | None = None
@@ -296,9 +296,8 @@ def data_fingerprint(name: str) -> str:
 
 
 def lock_output_dir(path: str) -> None:
-    """One run at a time per output folder: a kernel lock (flock) on path/.lock, released when the process ends however
-    it ends (a killed run leaves the file, not the lock). At exit the file goes, and the folder if this run created it
-    and left it empty."""
+    """One run at a time per output folder: a kernel lock (flock) on path/.lock, released however the process ends. At
+    exit the file goes, and the folder if this run created it and left it empty."""
     lock, created = os.path.join(path, ".lock"), not os.path.isdir(path)
     try:
         os.makedirs(path, exist_ok=True)
@@ -396,8 +395,7 @@ def conversation(ex: dict, column: str) -> tuple[list, int]:
 
 
 def tokenize_conversation(tokenizer, messages, max_length: int, first: int = 0) -> dict:
-    """input_ids + labels (-100 outside assistant turns, and before message `first`) for one conversation, or a
-    skip reason."""
+    """input_ids + labels (-100 outside assistant turns and before message `first`), or a skip reason."""
     malformed = lambda m: not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str)
     skip = ("empty conversation" if not isinstance(messages, list) or not messages
             else "malformed message (needs role and string content)" if any(map(malformed, messages))
@@ -443,7 +441,8 @@ def load_data(args: Args, tokenizer, log) -> tuple[object, object, dict]:
     for ds, limit, what in ((train, args.max_train_samples, "train"), (evals, args.max_eval_samples, "eval")):
         if ds is not None:
             ds = ds.select(range(min(limit or len(ds), len(ds))))
-            tokenize = lambda messages, first: tokenize_conversation(tokenizer, messages, args.max_length, first)
+            max_length = args.max_length  # not args itself in the function: datasets hashes it for its cache key
+            tokenize = lambda messages, first: tokenize_conversation(tokenizer, messages, max_length, first)
             ds = ds.map(lambda ex: tokenize(*conversation(ex, column)),
                         remove_columns=ds.column_names, desc=f"tokenizing {what}")
             reasons = dict(sorted(Counter(reason for reason in ds["skip"] if reason).items()))
@@ -560,8 +559,7 @@ def load_model(args: Args, tokenizer):
 
 
 def checkpoint_steps(root: str) -> list[int]:
-    """The steps of the fully written checkpoints in root, sorted (`step-12`; a half-written `tmp-step-15` is not one:
-    checkpoints are renamed into place after saving)."""
+    """The steps of the fully written checkpoints in root, sorted (`step-12`, not a half-written `tmp-step-15`)."""
     names = os.listdir(root) if os.path.isdir(root) else []
     return sorted(int(n[5:]) for n in names if n.startswith("step-") and n[5:].isdigit())
 
@@ -589,7 +587,7 @@ if __name__ == "__main__":
         lock_output_dir(args.output_dir)
     run_id = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     check_network(args)
-    set_seed(args.seed)  # same model init on every process
+    set_seed(args.seed)  # the same LoRA init on every process
     tokenizer = load_tokenizer(args)
     model = load_model(args, tokenizer)
     set_seed(args.seed, device_specific=True)  # per-rank streams from here on
