@@ -93,7 +93,7 @@ def main():
     ap.add_argument("--n_test", type=int, default=400, help="rows in each test split")
     ap.add_argument("--n_cls_corpus", type=int, default=100_000, help="unlabeled documents in cls_corpus (pre-training)")
     ap.add_argument("--no_images", action="store_true", help="skip the image set")
-    ap.add_argument("--models", default="lm,cls,vision", help="comma-separated model folders to write: lm, cls, vision")
+    ap.add_argument("--models", default="lm,cls,vision", help="model folders to write: lm,cls,vision")
     ap.add_argument("--init_seed", type=int, default=1, help="seed of the models' initialisation (folders ...-initN)")
     a = ap.parse_args()
     wanted = set(a.models.split(",")) - {""}
