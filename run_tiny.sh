@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The main job on the offline tiny setting (CPU, no network), calling only the scripts' command lines:
-#   1. the tiny tokenizer and data;  2. weak and strong SFT models from configs (sft.py);
+#   1. the tiny tokenizer, data and random-init weak / strong Qwen2 (python -m tiny);  2. weak and strong SFT (sft.py);
 #   3. weak DPO (dpo.py);  4. strong alignment: WSPO from the weak pair (wspo.py), and as references
 #   DPO (the strong ceiling) and WPO;  5. every model evaluated the same way (tiny/evaluate.py);
 #   6. a table, a PNG plot and the fraction of the alignment gap WSPO recovers.
 # Creates .venv on first use (set USE_CURRENT_PYTHON=1 to use the active environment instead).
 # Knobs for a quicker run: OUT, SFT_EPOCHS, N_PROMPTS, SAMPLES. A second run into the same OUT is refused (each
 # script protects its output folder); OVERWRITE=1 replaces the earlier run's models and metrics.
-# Seeds: SEED=N (default 1) seeds every stage's training and the evaluation's sampling (the tiny data stay fixed);
+# Seeds: SEED=N (default 1) seeds the models' initialisation, every stage's training and the evaluation's sampling
+# (the tiny data stay fixed);
 # SEEDS="1 2 3 4 5" runs the pipeline once per seed into OUT/seed-N, then tiny/seeds.py writes the table over seeds
 # (mean +- std, minimum, per seed, and whether each claimed ordering holds in every seed) and the plot.
 set -euo pipefail
@@ -24,7 +25,6 @@ fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=${OUT:-runs/tiny}; DATA=${DATA:-data/tiny}; SFT_EPOCHS=${SFT_EPOCHS:-3}
 N_PROMPTS=${N_PROMPTS:-200}; SAMPLES=${SAMPLES:-4}; SEED=${SEED:-1}
-WEAK="hidden_size=64,intermediate_size=192,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2,max_position_embeddings=512,tie_word_embeddings=True"
 over=()
 if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
   if [ "${OVERWRITE:-0}" != 1 ]; then
@@ -45,11 +45,11 @@ fi
 common=(--preset tiny --seed "$SEED" --cache_dir "$OUT/cache" "${over[@]}")
 t0=$(date +%s)
 
-python -m tiny --out "$DATA" --no_images
+python -m tiny --out "$DATA" --no_images --models lm --init_seed "$SEED"
 python sft.py --preset tiny --seed "$SEED" --dataset_name "$DATA/ultrachat" --tokenizer_name "$DATA/tokenizer" --num_train_epochs "$SFT_EPOCHS" \
-  --config_overrides "$WEAK" --output_dir "$OUT/sft-weak" "${over[@]}"
+  --model_name_or_path "$DATA/models/qwen2-weak-init$SEED" --output_dir "$OUT/sft-weak" "${over[@]}"
 python sft.py --preset tiny --seed "$SEED" --dataset_name "$DATA/ultrachat" --tokenizer_name "$DATA/tokenizer" --num_train_epochs "$SFT_EPOCHS" \
-  --output_dir "$OUT/sft-strong" "${over[@]}"
+  --model_name_or_path "$DATA/models/qwen2-strong-init$SEED" --output_dir "$OUT/sft-strong" "${over[@]}"
 # weak DPO at half the preset's lr for two epochs: at lr 1e-4 the 0.13M-parameter weak model's DPO lowers the likelihood
 # of both responses and moves the freed probability onto tokens outside the language (docs/results.md); larger steps
 # made that chaotic (2 epochs at 1e-4: one seed in four fell below weak SFT), smaller ones give the same gain smoothly

@@ -23,7 +23,7 @@ Paper-scale run (GPU, hub):
         --output_dir runs/qwen2-7b-sft
     # LoRA: --use_lora --learning_rate 2e-5 --num_train_epochs 3
 
-Offline tiny setting (CPU, no network; a model built from a config):
+Offline tiny setting (CPU, no network; the random-init Qwen2 that python -m tiny writes to data/tiny/models):
     python -m tiny --out data/tiny
     python sft.py --preset tiny --output_dir runs/sft-tiny
 """
@@ -41,7 +41,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, fields
 from itertools import islice
 from typing import Literal, NoReturn
@@ -57,7 +57,7 @@ from datasets import load_dataset, load_from_disk
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 
 @dataclass
@@ -66,11 +66,11 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (wandb run name prefix)"""
     seed: int = 1
-    """seed of the experiment (model init, data order, --eval_fraction split)"""
+    """seed of the experiment (LoRA init, dropout, data order, --eval_fraction split)"""
     output_dir: str = "runs/sft"
     """where the final model, checkpoints and metrics.jsonl go"""
     preset: Literal["tiny"] | None = None
-    """named defaults: `tiny` = the offline tiny setting (data/tiny, a model built from a config); flags override"""
+    """named defaults: `tiny` = the offline tiny setting (data/tiny and its model folders); flags override"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project_name: str = "w2s-alignment"
@@ -83,12 +83,8 @@ class Args:
     """repo id for --push_to_hub (default: the output_dir's name)"""
 
     # model
-    model_name_or_path: str | None = "Qwen/Qwen2-7B"
-    """hub id or local path of the model to fine-tune (given explicitly, it wins over a preset's --model_type)"""
-    model_type: str | None = None
-    """build a fresh model of this type from a config instead of loading weights (e.g. qwen2), as in run_clm.py"""
-    config_overrides: str | None = None
-    """with --model_type: comma-separated config fields, e.g. "hidden_size=128,num_hidden_layers=4\""""
+    model_name_or_path: str = "Qwen/Qwen2-7B"
+    """hub id or local path of the model to fine-tune"""
     tokenizer_name: str | None = None
     """tokenizer hub id or path (default: --model_name_or_path)"""
     trust_remote_code: bool = False
@@ -126,8 +122,7 @@ class Args:
     eval_fraction: float | None = None
     """hold out this fraction of the training data (seeded by --seed) as the eval split"""
     messages_column: str = "messages"
-    """column with the conversation: a list of {"role", "content"} messages (without it, TRL's `prompt` and
-    `completion` columns: each a string or a message list, loss on the completion)"""
+    """column with a list of {role, content} messages (without it: TRL's prompt / completion columns)"""
     max_length: int = 4096
     """tokens per conversation; longer ones are cut (counted in the log)"""
     max_train_samples: int | None = None
@@ -175,22 +170,20 @@ class Args:
     overwrite_output_dir: bool = False
     """replace an earlier run in output_dir: its checkpoints/ are deleted, metrics.jsonl restarts, other files stay"""
 
-    # filled in at runtime
-    world_size: int = 1
-    """(runtime) number of processes"""
-    global_batch_size: int = 0
-    """(runtime) micro batch x accumulation x processes"""
-    data_fingerprint: str = ""
-    """(runtime) size and modification time of the training data's files: --resume refuses changed data"""
-
+    # filled in at runtime (not flags)
+    world_size: tyro.conf.Suppress[int] = 1
+    """number of processes"""
+    global_batch_size: tyro.conf.Suppress[int] = 0
+    """micro batch x accumulation x processes"""
+    data_fingerprint: tyro.conf.Suppress[str] = ""
+    """size and modification time of the training data's files: --resume refuses changed data"""
 
 
 PRESETS = {"tiny": Args(
     preset="tiny", output_dir="runs/sft-tiny", dataset_name="data/tiny/ultrachat", tokenizer_name="data/tiny/tokenizer",
-    model_name_or_path=None, model_type="qwen2", config_overrides="hidden_size=128,intermediate_size=384,"
-    "num_hidden_layers=4,num_attention_heads=4,num_key_value_heads=2,max_position_embeddings=512,"
-    "tie_word_embeddings=True", max_length=128, learning_rate=3e-3, num_train_epochs=1, per_device_train_batch_size=32,
-    gradient_accumulation_steps=1, per_device_eval_batch_size=64, max_eval_samples=400, logging_steps=20,
+    model_name_or_path="data/tiny/models/qwen2-strong-init1", max_length=128, learning_rate=3e-3, num_train_epochs=1,
+    per_device_train_batch_size=32, gradient_accumulation_steps=1, per_device_eval_batch_size=64, max_eval_samples=400,
+    logging_steps=20,
 )}
 # arguments that change neither the training math nor the data order: --resume accepts new values for these
 RESUME_SAFE = {"exp_name", "output_dir", "preset", "track", "wandb_project_name", "wandb_entity", "push_to_hub",
@@ -214,17 +207,8 @@ def parse_args() -> Args:
     """`--preset NAME` (or `--preset=NAME`) picks the defaults; every flag given overrides them."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--preset", choices=sorted(PRESETS))
-    for name in ("--model_name_or_path", "--model_type", "--config_overrides"):
-        pre.add_argument(name)
-    given = pre.parse_known_args()[0]
-    args = tyro.cli(Args, default=PRESETS[given.preset] if given.preset else Args(), use_underscores=True)
-    if given.model_name_or_path is not None:  # an explicit path wins over a preset's model-from-config
-        if given.model_type is not None or given.config_overrides is not None:
-            fail("--model_name_or_path loads a model, --model_type / --config_overrides build one from a config: "
-                 "pass one or the other")
-        args.model_type = args.config_overrides = None
-    elif args.model_type is not None:
-        args.model_name_or_path = None
+    preset = pre.parse_known_args()[0].preset
+    args = tyro.cli(Args, default=PRESETS[preset] if preset else Args(), use_underscores=True)
     validate(args)
     return args
 
@@ -250,10 +234,6 @@ def validate(args: Args) -> None:
         (not 0 <= args.lora_dropout < 1, f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})"),
         (args.eval_fraction is not None and not 0 < args.eval_fraction < 1,
          f"--eval_fraction must be in (0, 1) (got {args.eval_fraction})"),
-        (args.model_name_or_path is None and args.model_type is None,
-         "no model: pass --model_name_or_path (hub id or folder) or --model_type (a fresh model from a config)"),
-        (args.config_overrides and args.model_type is None,
-         "--config_overrides applies to a model built from a config: add --model_type (e.g. qwen2)"),
         (args.resume and args.overwrite_output_dir,
          "--resume continues the run in output_dir, --overwrite_output_dir replaces it: pass one of them"),
         (args.resume_allow_changes and not args.resume, "--resume_allow_changes only applies with --resume"),
@@ -316,9 +296,8 @@ def data_fingerprint(name: str) -> str:
 
 
 def lock_output_dir(path: str) -> None:
-    """One run at a time per output folder: a kernel lock (flock) on path/.lock, released when the process ends however
-    it ends (a killed run leaves the file, not the lock). At exit the file goes, and the folder if this run created it
-    and left it empty."""
+    """One run at a time per output folder: a kernel lock (flock) on path/.lock, released however the process ends. At
+    exit the file goes, and the folder if this run created it and left it empty."""
     lock, created = os.path.join(path, ".lock"), not os.path.isdir(path)
     try:
         os.makedirs(path, exist_ok=True)
@@ -342,30 +321,23 @@ def lock_output_dir(path: str) -> None:
 
 # ---- data: read, check, tokenize with the assistant-only mask, collate -----------------------------------------------
 def locate_file_error(path: str) -> str:
-    """The first bad line of a .json/.jsonl file (1-based, in file order), or what else is wrong; "" if none found."""
-    lines = open(path, encoding="utf-8", errors="replace").read().splitlines()
-    if not any(line.strip() for line in lines):
+    """The first bad line of a .jsonl file (1-based), or that it is empty; "" if none is found."""
+    lines = [(n, line) for n, line in enumerate(open(path, encoding="utf-8", errors="replace"), 1) if line.strip()]
+    if not lines:
         return f"{path} is empty: it holds no rows"
-    if path.endswith(".json") and lines[0].lstrip().startswith("["):
-        try:
-            json.load(open(path))
-        except json.JSONDecodeError as e:
-            return f"{path}, line {e.lineno}: not valid JSON ({e.msg}); fix that line"
-        return f"{path}: rows with differing columns or value types; every row needs the same columns and types"
-    first = None  # (line number, {column: type name}) of the first row
-    for number, line in ((n, line) for n, line in enumerate(lines, 1) if line.strip()):
+    seen = {}  # column: (type name, line) where a value of it was first seen
+    for number, line in lines:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             return f"{path}, line {number}: not valid JSON ({e.msg}); fix or remove that line"
         if not isinstance(row, dict):
             return f"{path}, line {number}: a JSON object per line is expected, got {type(row).__name__}"
-        types = {k: type(v).__name__ for k, v in row.items() if v is not None}
-        first = first or (number, types)
-        for key, kind in types.items():
-            if first[1].get(key, kind) != kind:
-                return (f"{path}, line {number}: column {key!r} holds type {kind} here but type {first[1][key]} on "
-                        f"line {first[0]}; every row needs the same value types")
+        for key, kind in ((k, type(v).__name__) for k, v in row.items() if v is not None):
+            first_kind, first_line = seen.setdefault(key, (kind, number))
+            if kind != first_kind:
+                return (f"{path}, line {number}: column {key!r} holds type {kind} here but type {first_kind} on "
+                        f"line {first_line}; every row needs the same value types")
     return ""
 
 
@@ -379,7 +351,7 @@ def load_split(name: str, config: str | None, split: str, column: str):
         try:
             ds = load_dataset(kind, data_files={"rows": name}, split="rows")
         except Exception as e:  # datasets reports a bad row as a long traceback: find its line ourselves
-            fail((kind == "json" and locate_file_error(name))
+            fail((name.endswith(".jsonl") and locate_file_error(name))
                  or f"cannot read {name}: {(str(e).splitlines() or [e])[0]}")
         if len(ds) == 0:
             fail(f"{name} is empty: it holds no rows")
@@ -423,8 +395,7 @@ def conversation(ex: dict, column: str) -> tuple[list, int]:
 
 
 def tokenize_conversation(tokenizer, messages, max_length: int, first: int = 0) -> dict:
-    """input_ids + labels (-100 outside assistant turns, and before message `first`) for one conversation, or a
-    skip reason."""
+    """input_ids + labels (-100 outside assistant turns and before message `first`), or a skip reason."""
     malformed = lambda m: not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str)
     skip = ("empty conversation" if not isinstance(messages, list) or not messages
             else "malformed message (needs role and string content)" if any(map(malformed, messages))
@@ -470,7 +441,8 @@ def load_data(args: Args, tokenizer, log) -> tuple[object, object, dict]:
     for ds, limit, what in ((train, args.max_train_samples, "train"), (evals, args.max_eval_samples, "eval")):
         if ds is not None:
             ds = ds.select(range(min(limit or len(ds), len(ds))))
-            tokenize = lambda messages, first: tokenize_conversation(tokenizer, messages, args.max_length, first)
+            max_length = args.max_length  # not args itself in the function: datasets hashes it for its cache key
+            tokenize = lambda messages, first: tokenize_conversation(tokenizer, messages, max_length, first)
             ds = ds.map(lambda ex: tokenize(*conversation(ex, column)),
                         remove_columns=ds.column_names, desc=f"tokenizing {what}")
             reasons = dict(sorted(Counter(reason for reason in ds["skip"] if reason).items()))
@@ -521,8 +493,7 @@ def assistant_nll_sum(model, batch: dict, per_sequence: bool = False) -> tuple[t
 
 # ---- model and checkpoints -------------------------------------------------------------------------------------------
 def check_network(args: Args) -> None:
-    """With HF_HUB_OFFLINE unset and some name not a local path: one 3-second connection to the hub, so that no
-    network is reported at once instead of after a minute of retries."""
+    """One 3-second connection to the hub if a name is not a local path: no network fails at once, not after retries."""
     from huggingface_hub import constants
 
     remote = [n for n in (args.model_name_or_path, args.tokenizer_name, args.dataset_name, args.eval_dataset_name)
@@ -550,9 +521,9 @@ def from_pretrained(auto_class, what: str, name: str, args: Args, **kwargs):
             fail(f"could not load {what} {name!r} from that folder: {why}")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
     cache = " in the local cache (HF_HUB_OFFLINE is set)" if offline else ""
-    hint = (" Pass a folder written by sft.py or python -m tiny, or leave --model_name_or_path out to build the "
-            "preset's model from its config." if args.preset else " With no network, build the offline tiny setting "
-            "(python -m tiny --out data/tiny) and pass --preset tiny.")
+    hint = (" Write the tiny setting's models with python -m tiny, or pass a folder written by sft.py."
+            if args.preset else " With no network, build the offline tiny setting (python -m tiny --out data/tiny) "
+            "and pass --preset tiny.")
     fail(f"could not load {what} {name!r}: no such local folder and not a hub id{cache}.{hint}")
 
 
@@ -567,23 +538,8 @@ def load_tokenizer(args: Args):
 
 
 def load_model(args: Args, tokenizer):
-    kwargs = {"dtype": getattr(torch, args.dtype), "attn_implementation": args.attn_implementation}
-    if args.model_type is not None:  # a fresh model from a config, as transformers' run_clm.py does
-        overrides = {}
-        if args.config_overrides:  # parsed and type-checked by transformers (as in run_clm.py), then passed to the
-            parsed = AutoConfig.for_model(args.model_type)  # constructor, so that derived fields (layer_types) follow
-            try:
-                parsed.update_from_string(args.config_overrides)
-            except ValueError as e:
-                fail(f"--config_overrides {args.config_overrides!r}: {e}; give comma-separated key=value pairs of "
-                     f"{args.model_type} config fields")
-            overrides = {k: getattr(parsed, k) for k in (kv.split("=")[0] for kv in args.config_overrides.split(","))}
-        overrides |= {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,  # the tokenizer's ids win
-                      "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
-        config = AutoConfig.for_model(args.model_type, **overrides)
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
-    else:
-        model = from_pretrained(AutoModelForCausalLM, "model", args.model_name_or_path, args, **kwargs)
+    model = from_pretrained(AutoModelForCausalLM, "model", args.model_name_or_path, args,
+                            dtype=getattr(torch, args.dtype), attn_implementation=args.attn_implementation)
     model.generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -603,8 +559,7 @@ def load_model(args: Args, tokenizer):
 
 
 def checkpoint_steps(root: str) -> list[int]:
-    """The steps of the fully written checkpoints in root, sorted (`step-12`; a half-written `tmp-step-15` is not one:
-    checkpoints are renamed into place after saving)."""
+    """The steps of the fully written checkpoints in root, sorted (`step-12`, not a half-written `tmp-step-15`)."""
     names = os.listdir(root) if os.path.isdir(root) else []
     return sorted(int(n[5:]) for n in names if n.startswith("step-") and n[5:].isdigit())
 
@@ -632,7 +587,7 @@ if __name__ == "__main__":
         lock_output_dir(args.output_dir)
     run_id = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     check_network(args)
-    set_seed(args.seed)  # same model init on every process
+    set_seed(args.seed)  # the same LoRA init on every process
     tokenizer = load_tokenizer(args)
     model = load_model(args, tokenizer)
     set_seed(args.seed, device_specific=True)  # per-rank streams from here on
@@ -709,7 +664,7 @@ if __name__ == "__main__":
             import wandb
 
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_id, config=vars(args),
-                       dir=args.output_dir)
+                       dir=args.output_dir, save_code=True)
 
     def log_metrics(metrics: dict, step: int):
         if accelerator.is_main_process:
@@ -717,42 +672,19 @@ if __name__ == "__main__":
             if args.track:
                 wandb.log(metrics, step=step)
 
-    device_sync = torch.cuda.synchronize if accelerator.device.type == "cuda" else lambda: None
-    clock = {"window": time.time(), "steady": None}  # start times; eval and checkpoint time is moved out of both
-
-    @contextmanager
-    def paused():
-        device_sync()
-        start = time.time()
-        yield
-        device_sync()
-        for k in clock:
-            clock[k] = clock[k] and clock[k] + time.time() - start
-
     @torch.no_grad()
     def evaluate_and_log(step: int):
         # token-weighted mean over the split; gather_for_metrics drops the duplicates that even out the last batch
-        with paused():
-            model.eval()
-            nll_sums, counts = zip(*(accelerator.gather_for_metrics(assistant_nll_sum(model, batch, per_sequence=True))
-                                     for batch in eval_loader))
-            model.train()
-            eval_loss = (torch.cat(nll_sums).sum() / torch.cat(counts).sum()).item()
+        model.eval()
+        nll_sums, counts = zip(*(accelerator.gather_for_metrics(assistant_nll_sum(model, batch, per_sequence=True))
+                                 for batch in eval_loader))
+        model.train()
+        eval_loss = (torch.cat(nll_sums).sum() / torch.cat(counts).sum()).item()
         log(f"step {step}: eval/loss {eval_loss:.4f}")
         log_metrics({"eval/loss": eval_loss}, step)
         if not math.isfinite(eval_loss):
             raise SystemExit(f"eval/loss is {eval_loss} at step {step}: the model is not saved (newest "
                              f"checkpoint: {newest_checkpoint(args.output_dir) or 'none'})")
-
-    first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    skip_update = torch.zeros((), device=accelerator.device)  # fused AdamW skips its update while this is 1 (adam.py)
-    optimizer.optimizer.found_inf = skip_update
-
-    def stop_if_non_finite():
-        # one host read per logging window, checkpoint and final save, not one per step
-        if bad := int(accelerator.reduce(first_bad_step, reduction="max")):
-            raise SystemExit(f"non-finite loss or gradient at step {bad}: no update was applied from that step on; "
-                             f"newest checkpoint: {newest_checkpoint(args.output_dir) or 'none'}")
 
     def save_checkpoint(step: int):
         # written to a temporary folder, then renamed: a crash mid-save never leaves a checkpoint resume would pick
@@ -772,15 +704,11 @@ if __name__ == "__main__":
 
     model.train()
     bar = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="sft")
-    first_step, warmup = global_step, min(3, total_steps // 2)  # the first steps of this run are not steady state
     window = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # sum of step losses, input tokens
-    steady_tokens, window_steps = torch.zeros_like(window[0]), 0
+    window_steps, window_start = 0, time.time()
     while global_step < total_steps:
         loader = epoch_loader(*divmod(global_step, steps_per_epoch))
         for micro_batches in islice(zip(*[iter(loader)] * accum), total_steps - global_step):  # one optimizer step
-            if clock["steady"] is None and global_step - first_step == warmup:
-                device_sync()
-                clock["steady"] = time.time()
             # ALGO LOGIC: N = the assistant tokens of the whole step (all micro-batches, all processes), counted first
             n_loss_tokens = accelerator.reduce(sum((b["loss_labels"] != -100).sum() for b in micro_batches), "sum")
             # input tokens (not padding), a device scalar: counted without a host sync
@@ -794,11 +722,12 @@ if __name__ == "__main__":
                     # accelerate divides by the accumulation steps and DDP / FSDP average over processes: undone here
                     accelerator.backward(loss * accum * accelerator.num_processes)
                     if accelerator.sync_gradients:
-                        # TRY NOT TO MODIFY: clip, skip the update from the first non-finite step on (no host sync)
+                        # TRY NOT TO MODIFY: clip; a non-finite loss or gradient stops the run before its update
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                        bad = (first_bad_step == 0) & ~torch.isfinite(grad_norm)
-                        first_bad_step.copy_(torch.where(bad, global_step + 1, first_bad_step))
-                        skip_update.fill_(0).add_((first_bad_step > 0).float())
+                        if not torch.isfinite(grad_norm):
+                            raise SystemExit(f"non-finite loss or gradient at step {global_step + 1}: no update was "
+                                             f"applied from that step on; newest checkpoint: "
+                                             f"{newest_checkpoint(args.output_dir) or 'none'}")
                     optimizer.step()
                     optimizer.zero_grad()
                 window[0] += loss.detach()
@@ -809,36 +738,25 @@ if __name__ == "__main__":
             global_step += 1
             window_steps += 1
             bar.update(1)
-            if clock["steady"] is not None:
-                steady_tokens += step_tokens
             if global_step % args.logging_steps == 0 or global_step == total_steps:
-                stop_if_non_finite()
                 loss_sum, tokens = accelerator.reduce(window, reduction="sum").tolist()
+                seconds = time.time() - window_start  # eval and checkpoint time included: benchmarks/ skips them
                 metrics = {"train/loss": loss_sum / window_steps, "train/lr": step_lr,
-                           "train/epoch": global_step / steps_per_epoch,
-                           "perf/tokens_per_s": tokens / (time.time() - clock["window"])}
+                           "train/epoch": global_step / steps_per_epoch, "perf/tokens_per_s": tokens / seconds,
+                           "perf/examples_per_s": window_steps * args.global_batch_size / seconds}
                 bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
                 log_metrics(metrics, global_step)
                 window.zero_()
-                window_steps, clock["window"] = 0, time.time()
+                window_steps, window_start = 0, time.time()
             if eval_loader is not None and args.eval_steps and global_step % args.eval_steps == 0 \
                     and global_step != total_steps:
                 evaluate_and_log(global_step)
             if args.save_steps and global_step % args.save_steps == 0:
-                with paused():
-                    stop_if_non_finite()
-                    save_checkpoint(global_step)
+                save_checkpoint(global_step)
     bar.close()
-    device_sync()
-    perf = {"perf/peak_memory_gb": (torch.cuda.max_memory_allocated() if accelerator.device.type == "cuda"
-                                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9}
-    if clock["steady"] is not None:  # steady state: the steps after the first `warmup` of this run
-        steady_s, steady_steps = time.time() - clock["steady"], global_step - first_step - warmup
-        perf.update({"perf/steady_tokens_per_s": accelerator.reduce(steady_tokens, reduction="sum").item() / steady_s,
-                     "perf/steady_examples_per_s": steady_steps * args.global_batch_size / steady_s,
-                     "perf/steady_steps": steady_steps, "perf/steady_s": steady_s})
-    log_metrics(perf, global_step)
-    stop_if_non_finite()
+    log_metrics({"perf/peak_memory_gb": (torch.cuda.max_memory_allocated() if accelerator.device.type == "cuda"
+                                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9},
+                global_step)
     if eval_loader is not None:
         evaluate_and_log(global_step)
 

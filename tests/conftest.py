@@ -55,17 +55,28 @@ def tiny(tmp_path_factory) -> Path:
 
 
 # a 1-layer, hidden-32 Qwen2: the smallest model the tests train
-SMALL = ("hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=1,"
-         "max_position_embeddings=256,tie_word_embeddings=True")
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+             max_position_embeddings=256, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="session")
-def small_sft(tiny, tmp_path_factory) -> Path:
+def small_init(tiny) -> Path:
+    """A SMALL Qwen2 with random weights (seed 1), written the way python -m tiny writes the tiny setting's models."""
+    from tiny.models import write_lm
+    from transformers import AutoTokenizer
+
+    folder = tiny / "models" / "qwen2-small-init1"
+    write_lm(folder, AutoTokenizer.from_pretrained(tiny / "tokenizer"), SMALL, seed=1)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_sft(tiny, small_init, tmp_path_factory) -> Path:
     """A SMALL model after 60 SFT steps on the tiny language: a policy / reference starting point."""
     out = tmp_path_factory.mktemp("small_sft")
     run_script("sft.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrachat"), "--tokenizer_name",
-               str(tiny / "tokenizer"), "--output_dir", str(out), "--config_overrides", SMALL, "--max_steps", "60",
-               "--eval_split", "None")
+               str(tiny / "tokenizer"), "--output_dir", str(out), "--model_name_or_path", str(small_init),
+               "--max_steps", "60", "--eval_split", "None")
     return out
 
 
@@ -74,7 +85,8 @@ def tiny_sft(tiny, tmp_path_factory) -> Path:
     """The tiny preset's model after 60 SFT steps: it answers in the tiny language, its tone is random."""
     out = tmp_path_factory.mktemp("tiny_sft") / "sft"  # answer files are named after the folder: sft.jsonl
     run_script("sft.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrachat"), "--tokenizer_name",
-               str(tiny / "tokenizer"), "--output_dir", str(out), "--max_steps", "60", "--eval_split", "None")
+               str(tiny / "tokenizer"), "--model_name_or_path", str(tiny / "models" / "qwen2-strong-init1"),
+               "--output_dir", str(out), "--max_steps", "60", "--eval_split", "None")
     return out
 
 

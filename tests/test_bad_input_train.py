@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import SMALL, load_script, run_script
+from conftest import load_script, run_script
 
 SCRIPTS = ["sft", "dpo", "wpo", "wspo"]
 MODULES = {name: load_script(name) for name in SCRIPTS}
@@ -29,13 +29,12 @@ def weak_aligned(small_sft, tmp_path_factory):
 
 def script_args(script, tiny, small_sft, wal, out, *extra):
     """A small run of each script on the tiny setting: 64 examples, batches of 8, no eval, a metrics row per step;
-    sft.py trains small_sft if given, else a SMALL model from its config."""
+    sft.py trains small_sft."""
     small = ("--max_train_samples", "64", "--per_device_train_batch_size", "8", "--logging_steps", "1",
              "--eval_split", "None", "--output_dir", str(out), *extra)
     if script == "sft":
-        model = ("--model_name_or_path", str(small_sft)) if small_sft else ("--config_overrides", SMALL)
         return ["sft.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrachat"), "--tokenizer_name",
-                str(tiny / "tokenizer"), *model, *small]
+                str(tiny / "tokenizer"), "--model_name_or_path", str(small_sft), *small]
     data = ("--dataset_name", str(tiny / "ultrafeedback"), "--cache_dir", str(out.parent / "cache"))
     if script == "wspo":
         return ["wspo.py", "--preset", "tiny", *data, "--strong", str(small_sft), "--weak_ref", str(small_sft),

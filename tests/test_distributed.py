@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, SMALL, run_script
+from conftest import ROOT, run_script
 
 TOL = 1e-5
 
@@ -67,11 +67,11 @@ def compare(one, two):
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_sft_two_processes_equal_one_big_batch(tiny, tmp_path, mode):
+def test_sft_two_processes_equal_one_big_batch(tiny, small_init, tmp_path, mode):
     common = ["sft.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrachat"), "--tokenizer_name",
-              str(tiny / "tokenizer"), "--config_overrides", SMALL, "--max_steps", "4", "--logging_steps", "1",
-              "--max_train_samples", "256", "--max_eval_samples", "37", "--per_device_eval_batch_size", "8",
-              "--gradient_accumulation_steps", "1"]
+              str(tiny / "tokenizer"), "--model_name_or_path", str(small_init), "--max_steps", "4",
+              "--logging_steps", "1", "--max_train_samples", "256", "--max_eval_samples", "37",
+              "--per_device_eval_batch_size", "8", "--gradient_accumulation_steps", "1"]
     run_script(*common, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one"))
     p = torchrun(*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "two"),
                  port=29541 if mode == "ddp" else 29544, env_extra=FSDP if mode == "fsdp" else None)
@@ -130,12 +130,12 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_resume_agrees_on_one_step_when_one_rank_cannot_load_the_newest_checkpoint(tiny, tmp_path):
+def test_resume_agrees_on_one_step_when_one_rank_cannot_load_the_newest_checkpoint(tiny, small_init, tmp_path):
     # rank 0 loads step-4, rank 1 cannot: both resume at step 2 (not at different steps, which would hang or diverge)
     common = ["sft.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrachat"), "--tokenizer_name",
-              str(tiny / "tokenizer"), "--config_overrides", SMALL, "--logging_steps", "1", "--max_train_samples",
-              "128", "--per_device_train_batch_size", "4", "--eval_split", "None", "--save_steps", "2", "--output_dir",
-              str(tmp_path / "o")]
+              str(tiny / "tokenizer"), "--model_name_or_path", str(small_init), "--logging_steps", "1",
+              "--max_train_samples", "128", "--per_device_train_batch_size", "4", "--eval_split", "None",
+              "--save_steps", "2", "--output_dir", str(tmp_path / "o")]
     torchrun(*common, "--max_steps", "4", port=29546)
     wrapper = tmp_path / "one_rank_fails.py"
     wrapper.write_text(ONE_RANK_FAILS)

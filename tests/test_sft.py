@@ -13,15 +13,23 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-from conftest import SMALL, load_script, run_script, not_a_model_folders
+from conftest import load_script, run_script, not_a_model_folders
 from tiny import lang
 
 sft = load_script("sft")
 
 
 def tiny_args(tiny, out, *extra):
+    """The tiny preset on the test's tiny setting, with its strong random-init model unless extra names another."""
+    model = () if "--model_name_or_path" in extra else ("--model_name_or_path", tiny / "models" / "qwen2-strong-init1")
     return ["sft.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrachat"), "--tokenizer_name",
-            str(tiny / "tokenizer"), "--output_dir", str(out), *extra]
+            str(tiny / "tokenizer"), *map(str, model), "--output_dir", str(out), *extra]
+
+
+@pytest.fixture
+def small(small_init):
+    """The flags that train the SMALL random-init model (conftest.py)."""
+    return ("--model_name_or_path", str(small_init))
 
 
 def metrics(out):
@@ -71,22 +79,10 @@ def test_skips_and_truncation_are_reported(tiny):
     assert cut["skip"] == "truncated" and len(cut["input_ids"]) == 30 and sum(x != -100 for x in cut["labels"]) > 0
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ("hidden_sise=64", "key hidden_sise isn't in the original config dict"),  # a typo is refused, never ignored
-    ("hidden_size", "give comma-separated key=value pairs of qwen2 config fields"),
-    ("tie_word_embeddings=maybe", "can't derive true or false from maybe"),
-])
-def test_config_overrides_are_parsed_and_checked_by_transformers(tiny, capsys, overrides, message):
-    args = dataclasses.replace(sft.PRESETS["tiny"], tokenizer_name=str(tiny / "tokenizer"), config_overrides=overrides)
-    with pytest.raises(SystemExit) as e:
-        sft.load_model(args, AutoTokenizer.from_pretrained(tiny / "tokenizer"))
-    assert e.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_packed_logits_and_loss_equal_padded(tiny):
+def test_packed_logits_and_loss_equal_padded(tiny, small_init):
     tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
-    torch.manual_seed(0)
-    args = dataclasses.replace(sft.PRESETS["tiny"], tokenizer_name=str(tiny / "tokenizer"), config_overrides=SMALL)
+    args = dataclasses.replace(sft.PRESETS["tiny"], tokenizer_name=str(tiny / "tokenizer"),
+                               model_name_or_path=str(small_init))
     model = sft.load_model(args, tok).eval()
     convs = [
         [{"role": "user", "content": "sort three one two"},
@@ -119,10 +115,12 @@ def test_sft_end_to_end_learns_saves_and_generates(tiny, tmp_path):
     evals = [r["eval/loss"] for r in m if "eval/loss" in r]
     assert len(evals) == 2 and evals[0] > 5.0 and evals[1] < 2.0  # from chance (ln 488 ~ 6.2) to < 2 nats
     assert all(r["perf/tokens_per_s"] > 0 for r in m if "perf/tokens_per_s" in r)
-    perf = [r for r in m if "perf/peak_memory_gb" in r]  # once, at the end: steady state = steps 4..60
-    assert len(perf) == 1 and perf[0]["step"] == 60 and perf[0]["perf/steady_steps"] == 57
-    assert 0.05 < perf[0]["perf/peak_memory_gb"] < 50 and perf[0]["perf/steady_tokens_per_s"] > 0
-    assert perf[0]["perf/steady_examples_per_s"] * perf[0]["perf/steady_s"] == pytest.approx(57 * 32)
+    perf = [r for r in m if "perf/peak_memory_gb" in r]  # once, at the end
+    assert len(perf) == 1 and perf[0]["step"] == 60 and 0.05 < perf[0]["perf/peak_memory_gb"] < 50
+    # throughput per logging window of 10 steps x 32 conversations (benchmarks/ takes the steady state from these)
+    windows = [r for r in m if "perf/examples_per_s" in r]
+    assert [r["step"] for r in windows] == [10, 20, 30, 40, 50, 60]
+    assert all(r["perf/tokens_per_s"] > 10 * r["perf/examples_per_s"] > 0 for r in windows)
     assert m[0]["data/train_conversations"] == 2000 and m[0]["data/eval_conversations"] == 200
     for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "args.json"):
         assert (out / f).exists(), f
@@ -134,17 +132,17 @@ def test_sft_end_to_end_learns_saves_and_generates(tiny, tmp_path):
     assert text and text[0] in lang.OPENERS  # the tiny language's answer format
 
 
-def test_lora_merges_into_a_plain_model(tiny, tmp_path):
+def test_lora_merges_into_a_plain_model(tiny, small, tmp_path):
     out = tmp_path / "lora"
-    run_script(*tiny_args(tiny, out, "--config_overrides", SMALL, "--use_lora", "--lora_r", "4", "--max_steps", "3",
+    run_script(*tiny_args(tiny, out, *small, "--use_lora", "--lora_r", "4", "--max_steps", "3",
                           "--eval_split", "None"))
     sd = load_file(out / "model.safetensors")
     assert not any("lora" in k for k in sd) and any("q_proj" in k for k in sd)
     assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == 32
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path):
-    common = ("--config_overrides", SMALL, "--max_steps", "8", "--logging_steps", "1", "--eval_split", "None",
+def test_resume_reproduces_the_uninterrupted_run(tiny, small, tmp_path):
+    common = (*small, "--max_steps", "8", "--logging_steps", "1", "--eval_split", "None",
               "--max_train_samples", "400", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2")
     full = tmp_path / "full"
     run_script(*tiny_args(tiny, full, *common, "--save_steps", "4", "--save_total_limit", "5"))
@@ -179,7 +177,7 @@ def write_jsonl(path, rows):
     return path
 
 
-def test_bad_rows_are_counted_not_fatal(tiny, tmp_path):
+def test_bad_rows_are_counted_not_fatal(tiny, small, tmp_path):
     good = [{"messages": [{"role": "user", "content": "copy one"},
                           {"role": "assistant", "content": "ok one done"}]}] * 8
     bad = [{"messages": []}, {"messages": [{"role": "user", "content": "copy one"}]},
@@ -187,7 +185,7 @@ def test_bad_rows_are_counted_not_fatal(tiny, tmp_path):
                          {"role": "assistant", "content": "ok"}]}]
     data = write_jsonl(tmp_path / "mixed.jsonl", good + bad)
     p = run_script(*tiny_args(tiny, tmp_path / "o", "--dataset_name", str(data), "--train_split", "train",
-                              "--eval_split", "None", "--config_overrides", SMALL, "--per_device_train_batch_size", "4",
+                              "--eval_split", "None", *small, "--per_device_train_batch_size", "4",
                               "--max_steps", "1"))
     assert ("train: 8 of 11 conversations kept; 1 empty conversation, 1 no assistant token within max_length, "
             "1 no assistant turn") in p.stdout
@@ -212,14 +210,15 @@ def test_unreachable_hub_model_fails_fast_pointing_offline(tmp_path):
 
 def test_help_documents_every_flag():
     p = run_script("sft.py", "--help")
+    runtime = ("world_size", "global_batch_size", "data_fingerprint")  # filled in at runtime: not flags
     for f in dataclasses.fields(sft.Args):
-        assert f"--{f.name}" in p.stdout, f.name
+        assert (f"--{f.name}" in p.stdout) == (f.name not in runtime), f.name
     assert "peak learning rate" in p.stdout
 
 
-def test_track_writes_an_offline_wandb_run(tiny, tmp_path):
+def test_track_writes_an_offline_wandb_run(tiny, small, tmp_path):
     out = tmp_path / "tracked"
-    run_script(*tiny_args(tiny, out, "--config_overrides", SMALL, "--max_steps", "4", "--logging_steps", "2", "--track",
+    run_script(*tiny_args(tiny, out, *small, "--max_steps", "4", "--logging_steps", "2", "--track",
                           "--max_eval_samples", "32"), env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
@@ -228,8 +227,8 @@ def test_track_writes_an_offline_wandb_run(tiny, tmp_path):
         assert key in log, key
 
 
-def test_same_seed_same_loss_curve_bit_for_bit(tiny, tmp_path):
-    common = ("--config_overrides", SMALL, "--max_steps", "6", "--logging_steps", "1", "--eval_split", "None",
+def test_same_seed_same_loss_curve_bit_for_bit(tiny, small, tmp_path):
+    common = (*small, "--max_steps", "6", "--logging_steps", "1", "--eval_split", "None",
               "--max_train_samples", "256", "--per_device_train_batch_size", "8")
     run_script(*tiny_args(tiny, tmp_path / "a", *common))
     run_script(*tiny_args(tiny, tmp_path / "b", *common))
@@ -239,7 +238,7 @@ def test_same_seed_same_loss_curve_bit_for_bit(tiny, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-NAN_RUN = ("--config_overrides", SMALL, "--learning_rate", "1e30", "--warmup_ratio", "0", "--max_steps", "6",
+NAN_RUN = ("--learning_rate", "1e30", "--warmup_ratio", "0", "--max_steps", "6",
            "--eval_split", "None", "--max_train_samples", "256", "--per_device_train_batch_size", "8")
 
 
@@ -249,9 +248,9 @@ def non_finite_step(p) -> int:
     return int(msg[0].split("at step ")[1].split(":")[0])
 
 
-def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tiny, tmp_path):
+def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tiny, small, tmp_path):
     out = tmp_path / "nan"
-    p = run_script(*tiny_args(tiny, out, *NAN_RUN, "--save_steps", "1"), check=False)
+    p = run_script(*tiny_args(tiny, out, *small, *NAN_RUN, "--save_steps", "1"), check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     bad_step = non_finite_step(p)
     assert bad_step >= 2
@@ -276,16 +275,16 @@ def test_template_that_rewrites_earlier_turns_is_a_clear_error(tiny, capsys):
 # ---------------------------------------------------------------------------------------------
 # the loss normaliser, precision, the non-finite flag (issue 14, 19)
 # ---------------------------------------------------------------------------------------------
-SPLIT = ("--config_overrides", SMALL, "--max_steps", "4", "--logging_steps", "1", "--eval_split", "None",
+SPLIT = ("--max_steps", "4", "--logging_steps", "1", "--eval_split", "None",
          "--max_train_samples", "256")
 
 
-def test_token_mean_over_the_step_does_not_depend_on_the_split(tiny, tmp_path):
+def test_token_mean_over_the_step_does_not_depend_on_the_split(tiny, small, small_init, tmp_path):
     """8 x 1 and 4 x 2 give the same loss curve and weights (the normaliser counts the whole step's assistant
     tokens); the logged step-1 loss is the token mean over the step's 8 conversations, computed here independently."""
-    run_script(*tiny_args(tiny, tmp_path / "8x1", *SPLIT, "--per_device_train_batch_size", "8",
+    run_script(*tiny_args(tiny, tmp_path / "8x1", *small, *SPLIT, "--per_device_train_batch_size", "8",
                           "--gradient_accumulation_steps", "1"))
-    run_script(*tiny_args(tiny, tmp_path / "4x2", *SPLIT, "--per_device_train_batch_size", "4",
+    run_script(*tiny_args(tiny, tmp_path / "4x2", *small, *SPLIT, "--per_device_train_batch_size", "4",
                           "--gradient_accumulation_steps", "2"))
     la, lb = train_losses(tmp_path / "8x1"), train_losses(tmp_path / "4x2")
     assert len(la) == 4 and max(abs(a - b) for a, b in zip(la, lb)) < 1e-5
@@ -293,7 +292,8 @@ def test_token_mean_over_the_step_does_not_depend_on_the_split(tiny, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     # step 1 by hand: the same data order and initial weights as the script
     args = sft.Args(**{**vars(sft.PRESETS["tiny"]), "dataset_name": str(tiny / "ultrachat"), "eval_split": None,
-                       "tokenizer_name": str(tiny / "tokenizer"), "config_overrides": SMALL, "max_train_samples": 256})
+                       "tokenizer_name": str(tiny / "tokenizer"), "model_name_or_path": str(small_init),
+                       "max_train_samples": 256})
     tok = sft.load_tokenizer(args)
     train_ds = sft.load_data(args, tok, lambda msg: None)[0]
     order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(args.seed))[:8].tolist()
@@ -309,10 +309,11 @@ def test_token_mean_over_the_step_does_not_depend_on_the_split(tiny, tmp_path):
     assert la[0] == pytest.approx(token_mean, abs=1e-5) and lb[0] == pytest.approx(token_mean, abs=1e-5)
 
 
-def test_bf16_autocast_run_is_finite_and_close_to_fp32(tiny, tmp_path):
+def test_bf16_autocast_run_is_finite_and_close_to_fp32(tiny, small, tmp_path):
     """ACCELERATE_MIXED_PRECISION=bf16 on the CPU: the forwards really run in bf16 (the losses differ from fp32),
     stay finite and within 0.03 nats of fp32; the eval forward too."""
-    common = (*SPLIT, "--per_device_train_batch_size", "8", "--eval_split", "test_sft", "--max_eval_samples", "32")
+    common = (*small, *SPLIT, "--per_device_train_batch_size", "8", "--eval_split", "test_sft", "--max_eval_samples",
+              "32")
     run_script(*tiny_args(tiny, tmp_path / "fp32", *common), env={"ACCELERATE_MIXED_PRECISION": "no"})
     run_script(*tiny_args(tiny, tmp_path / "bf16", *common), env={"ACCELERATE_MIXED_PRECISION": "bf16"})
     for key in ("train/loss", "eval/loss"):
@@ -321,26 +322,10 @@ def test_bf16_autocast_run_is_finite_and_close_to_fp32(tiny, tmp_path):
         assert 0 < max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.03, (key, fp32, bf16)
 
 
-def test_fused_adamw_skips_the_update_while_found_inf_is_set():
-    """The mechanism sft.py uses to skip a non-finite step without a host sync: weights, moments and step count
-    stay as they were."""
-    p = torch.nn.Parameter(torch.ones(3))
-    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
-    opt.found_inf = torch.zeros(())
-    p.grad = torch.ones(3)
-    opt.step()
-    before = (p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["step"].clone())
-    assert not torch.equal(before[0], torch.ones(3))
-    opt.found_inf.fill_(1)
-    p.grad = torch.full((3,), float("nan"))
-    opt.step()
-    assert all(torch.equal(x, y) for x, y in zip(before, (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["step"])))
-
-
-def test_non_finite_step_found_at_the_window_end_stops_with_the_same_step(tiny, tmp_path):
-    """Without checkpoints the flag is read once per logging window: the run still names the first bad step, exits 1
-    with the clear message, and saves no model."""
-    p = run_script(*tiny_args(tiny, tmp_path / "nan", *NAN_RUN, "--logging_steps", "6"), check=False)
+def test_non_finite_step_found_at_the_window_end_stops_with_the_same_step(tiny, small, tmp_path):
+    """Without checkpoints and with one logging window of 6 steps: the run names the first bad step, exits 1 with the
+    clear message, and saves no model."""
+    p = run_script(*tiny_args(tiny, tmp_path / "nan", *small, *NAN_RUN, "--logging_steps", "6"), check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert non_finite_step(p) == 2  # the same step as with a checkpoint (and a check) after every step
     assert not (tmp_path / "nan" / "model.safetensors").exists()
@@ -366,16 +351,13 @@ def parse_error(monkeypatch, capsys, *argv) -> str:
 def test_presets_are_flags_and_an_explicit_model_path_wins(monkeypatch, capsys, tmp_path):
     out = ("--output_dir", str(tmp_path / "o"))
     spaced, equals = parse(monkeypatch, "--preset", "tiny", *out), parse(monkeypatch, "--preset=tiny", *out)
-    assert spaced == equals and equals.learning_rate == 3e-3 and equals.model_type == "qwen2"
-    assert equals.model_name_or_path is None
+    assert spaced == equals and equals.learning_rate == 3e-3
+    assert equals.model_name_or_path == "data/tiny/models/qwen2-strong-init1"  # the folder python -m tiny writes
     assert parse(monkeypatch, *out).learning_rate == 2e-6  # no preset: the paper's defaults
     assert parse(monkeypatch, "--preset=tiny", "--learning_rate", "1e-4", *out).learning_rate == 1e-4
     path = parse(monkeypatch, "--preset", "tiny", "--model_name_or_path", "runs/x", *out)
-    assert (path.model_name_or_path, path.model_type, path.config_overrides) == ("runs/x", None, None)
+    assert path.model_name_or_path == "runs/x"
     assert path.max_length == 128  # the rest of the preset stays
-    err = parse_error(monkeypatch, capsys, "--preset", "tiny", "--model_name_or_path", "runs/x", "--model_type",
-                      "qwen2", *out)
-    assert "pass one or the other" in err
     with pytest.raises(SystemExit) as e:
         parse(monkeypatch, "--preset=huge", *out)
     assert e.value.code == 2 and "invalid choice: 'huge'" in capsys.readouterr().err
@@ -395,7 +377,6 @@ def test_presets_are_flags_and_an_explicit_model_path_wins(monkeypatch, capsys, 
     (("--resume", "--overwrite_output_dir"), "pass one of them"),
     (("--resume_allow_changes", "learning_rate"), "--resume_allow_changes only applies with --resume"),
     (("--resume", "--resume_allow_changes", "lr"), "no such argument ['lr']"),
-    (("--model_name_or_path", "x", "--config_overrides", "hidden_size=8"), "pass one or the other"),
 ])
 def test_bad_arguments_fail_in_one_line_before_anything(monkeypatch, capsys, tmp_path, flags, message):
     err = parse_error(monkeypatch, capsys, "--preset", "tiny", "--output_dir", str(tmp_path / "o"), *flags)
@@ -409,9 +390,9 @@ def test_bad_argument_exits_2_writing_nothing(tiny, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_output_folder_is_protected_and_overwrite_starts_afresh(tiny, tmp_path, monkeypatch, capsys):
+def test_output_folder_is_protected_and_overwrite_starts_afresh(tiny, small, tmp_path, monkeypatch, capsys):
     out = tmp_path / "o"
-    common = ("--config_overrides", SMALL, "--max_steps", "2", "--eval_split", "None", "--max_train_samples", "64",
+    common = (*small, "--max_steps", "2", "--eval_split", "None", "--max_train_samples", "64",
               "--per_device_train_batch_size", "8", "--logging_steps", "1")
     run_script(*tiny_args(tiny, out, *common, "--save_steps", "1"))
     before = (out / "metrics.jsonl").read_text()
@@ -428,9 +409,9 @@ def test_output_folder_is_protected_and_overwrite_starts_afresh(tiny, tmp_path, 
     assert json.loads((out / "args.json").read_text())["learning_rate"] == 1e-3
 
 
-def test_resume_refuses_changes_and_a_finished_run_does_nothing(tiny, tmp_path):
+def test_resume_refuses_changes_and_a_finished_run_does_nothing(tiny, small, tmp_path):
     out = tmp_path / "o"
-    common = ("--config_overrides", SMALL, "--max_steps", "3", "--eval_split", "None", "--max_train_samples", "64",
+    common = (*small, "--max_steps", "3", "--eval_split", "None", "--max_train_samples", "64",
               "--per_device_train_batch_size", "8", "--logging_steps", "1", "--save_steps", "3")
     run_script(*tiny_args(tiny, out, *common))
     saved = json.loads((out / "args.json").read_text())
@@ -457,11 +438,11 @@ def test_resume_refuses_changes_and_a_finished_run_does_nothing(tiny, tmp_path):
     assert [r["step"] for r in metrics(out) if "train/loss" in r] == [1, 2, 3, 4, 5]
 
 
-def test_single_file_needs_an_explicit_eval_source(tiny, tmp_path):
+def test_single_file_needs_an_explicit_eval_source(tiny, small, tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"copy {w}"}, {"role": "assistant", "content": f"ok {w} done"}]}
             for w in ["one", "two", "three", "four"] * 10]
     data = write_jsonl(tmp_path / "chats.jsonl", rows)
-    base = ("--dataset_name", str(data), "--train_split", "train", "--config_overrides", SMALL,
+    base = ("--dataset_name", str(data), "--train_split", "train", *small,
             "--per_device_train_batch_size", "4", "--max_steps", "1")
     p = run_script(*tiny_args(tiny, tmp_path / "o", *base), check=False)
     assert p.returncode == 2 and "is a single file" in p.stderr

@@ -7,10 +7,12 @@
     data/tiny/cls_corpus/    unlabeled pre-training corpus for weak_to_strong_cls.py (no labels, no test text)
     data/tiny/images/        labelled procedural images, splits train / test
     data/tiny/prompts/       benchmark prompt files (AlpacaEval 2, Arena-Hard, MT-Bench schemas) for generate.py
+    data/tiny/models/        model folders, as if from a hub (--models): the weak and strong random-init Qwen2
+                             (tiny/models.py), the classification students (tiny/cls.py), the ResNets (tiny/images.py)
 
 Every dataset folder is a hub-style dataset repo (jsonl files + a README whose YAML names the
 splits), so `datasets.load_dataset("data/tiny/ultrachat", split="train_sft")` works exactly like the
-hub id. Deterministic: the same seed writes the same bytes.
+hub id; every model folder loads with `from_pretrained`. Deterministic: the same seeds write the same bytes.
 """
 
 import argparse
@@ -19,7 +21,7 @@ import json
 import random
 from pathlib import Path
 
-from tiny import cls, lang, prompts
+from tiny import cls, lang, models, prompts
 
 CHAT_TEMPLATE = (  # Qwen2's template (default system turn included), in this tokenizer's words
     "{%- for message in messages %}"
@@ -84,14 +86,19 @@ def write_dataset(folder: Path, splits: dict[str, list[dict]], about: str) -> No
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="data/tiny", help="output folder")
-    ap.add_argument("--seed", type=int, default=0, help="seed of every generator")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every data generator")
     ap.add_argument("--n_sft", type=int, default=6000, help="SFT conversations in train_sft")
     ap.add_argument("--n_prefs", type=int, default=4000, help="preference pairs in train_prefs")
     ap.add_argument("--n_cls", type=int, default=8000, help="classification texts in train")
     ap.add_argument("--n_test", type=int, default=400, help="rows in each test split")
     ap.add_argument("--n_cls_corpus", type=int, default=100_000, help="unlabeled documents in cls_corpus (pre-training)")
     ap.add_argument("--no_images", action="store_true", help="skip the image set")
+    ap.add_argument("--models", default="lm,cls,vision", help="model folders to write: lm,cls,vision")
+    ap.add_argument("--init_seed", type=int, default=1, help="seed of the models' initialisation (folders ...-initN)")
     a = ap.parse_args()
+    wanted = set(a.models.split(",")) - {""}
+    if wanted - {"lm", "cls", "vision"}:
+        ap.error(f"--models {a.models}: choose from lm, cls, vision")
     out = Path(a.out)
     rng = lambda name: random.Random(f"{a.seed}-{name}")  # one independent stream per dataset
 
@@ -116,6 +123,15 @@ def main():
         from tiny import images
 
         images.write(out / "images", a.seed)
+    if "lm" in wanted:
+        models.write_models(out, a.init_seed)
+    if "cls" in wanted and hasattr(cls, "write_models"):  # tiny/cls.py's students (issue 27, wired at the merge)
+        cls.write_models(out, a.init_seed)
+    if "vision" in wanted and not a.no_images:
+        from tiny import images
+
+        if hasattr(images, "write_models"):  # tiny/images.py's ResNets (issue 27, wired at the merge)
+            images.write_models(out, a.init_seed)
     print(f"wrote the tiny setting to {out}")
 
 
