@@ -4,11 +4,13 @@
     data/tiny/ultrachat/     SFT conversations, splits train_sft / test_sft     (HuggingFaceH4/ultrachat_200k schema)
     data/tiny/ultrafeedback/ preference pairs, splits train_prefs / test_prefs (HuggingFaceH4/ultrafeedback_binarized schema)
     data/tiny/cls/           binary classification texts, splits train / test (text, label, difficulty)
-    data/tiny/cls_corpus/    unlabeled pre-training corpus for weak_to_strong_cls.py (no labels, no test text)
+    data/tiny/cls_corpus/    unlabeled pre-training corpus of the classification students (no labels, no test text)
     data/tiny/images/        labelled procedural images, splits train / test
     data/tiny/prompts/       benchmark prompt files (AlpacaEval 2, Arena-Hard, MT-Bench schemas) for generate.py
-    data/tiny/models/        model folders, as if from a hub (--models): the weak and strong random-init Qwen2
-                             (tiny/models.py), the classification students (tiny/cls.py), the ResNets (tiny/images.py)
+    data/tiny/models/        model folders, as if from a hub (--models): qwen2-weak-init1, qwen2-strong-init1 (the
+                             random-init Qwen2 that sft.py fine-tunes, tiny/models.py; written by default);
+                             cls/tiny-s, tiny-m, tiny-l (the classification students, pre-trained, tiny/cls.py: --models
+                             cls, minutes); resnet-weak, resnet-strong (pre-trained, tiny/images.py: --models vision)
 
 Every dataset folder is a hub-style dataset repo (jsonl files + a README whose YAML names the
 splits), so `datasets.load_dataset("data/tiny/ultrachat", split="train_sft")` works exactly like the
@@ -93,8 +95,9 @@ def main():
     ap.add_argument("--n_test", type=int, default=400, help="rows in each test split")
     ap.add_argument("--n_cls_corpus", type=int, default=100_000, help="unlabeled documents in cls_corpus (pre-training)")
     ap.add_argument("--no_images", action="store_true", help="skip the image set")
-    ap.add_argument("--models", default="lm,cls,vision", help="model folders to write: lm,cls,vision")
-    ap.add_argument("--init_seed", type=int, default=1, help="seed of the models' initialisation (folders ...-initN)")
+    ap.add_argument("--models", default="lm", help="model folders to write, of lm,cls,vision (cls, vision pre-train: minutes)")
+    ap.add_argument("--init_seed", type=int, default=1, help="seed of the language models' init (folders qwen2-*-initN)")
+    ap.add_argument("--pretrain_seed", type=int, default=0, help="seed of the cls students' and ResNets' pre-training")
     a = ap.parse_args()
     wanted = set(a.models.split(",")) - {""}
     if wanted - {"lm", "cls", "vision"}:
@@ -125,13 +128,12 @@ def main():
         images.write(out / "images", a.seed)
     if "lm" in wanted:
         models.write_models(out, a.init_seed)
-    if "cls" in wanted and hasattr(cls, "write_models"):  # tiny/cls.py's students (issue 27, wired at the merge)
-        cls.write_models(out, a.init_seed)
-    if "vision" in wanted and not a.no_images:
+    if "cls" in wanted:
+        cls.write_models(out, a.pretrain_seed)
+    if "vision" in wanted:  # pre-trained on out/images (written with --seed first if --no_images skipped them)
         from tiny import images
 
-        if hasattr(images, "write_models"):  # tiny/images.py's ResNets (issue 27, wired at the merge)
-            images.write_models(out, a.init_seed)
+        images.write_models(out, a.pretrain_seed)
     print(f"wrote the tiny setting to {out}")
 
 
