@@ -836,16 +836,17 @@ def load_pretrained(cls, name: str, args: Args, what: str = "model"):
              "python sft.py --preset tiny).")
 
 
-def checkpoint_step(name: str) -> int | None:
-    """`step-12` -> 12; anything else (e.g. a half-written `tmp-step-15`) -> None."""
-    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
+def saved_steps(output_dir: str) -> list[int]:
+    """The steps of the fully written checkpoints (`step-12`; not a half-written `tmp-step-15`), oldest first."""
+    root = os.path.join(output_dir, "checkpoints")
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted(int(n[5:]) for n in names if n.startswith("step-") and n[5:].isdigit())
 
 
 def newest_checkpoint(output_dir: str) -> str | None:
     """Only fully written checkpoints count: they are renamed into place after saving."""
-    root = os.path.join(output_dir, "checkpoints")
-    steps = [s for s in map(checkpoint_step, os.listdir(root) if os.path.isdir(root) else []) if s is not None]
-    return os.path.join(root, f"step-{max(steps)}") if steps else None
+    steps = saved_steps(output_dir)
+    return os.path.join(output_dir, "checkpoints", f"step-{steps[-1]}") if steps else None
 
 
 def main(args: Args):
@@ -941,8 +942,7 @@ def main(args: Args):
     del scorer  # training holds only the policy
 
     global_step, root = 0, os.path.join(args.output_dir, "checkpoints")
-    saved = sorted(s for s in map(checkpoint_step, os.listdir(root) if args.resume and os.path.isdir(root) else [])
-                   if s is not None)
+    saved = saved_steps(args.output_dir) if args.resume else []
     errors = []
     for step in reversed(saved):  # the newest that loads
         try:
@@ -1021,8 +1021,7 @@ def main(args: Args):
         if accelerator.is_main_process:  # a step saved before (resumed from an earlier checkpoint) is replaced
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            steps = sorted(s for s in map(checkpoint_step, os.listdir(root)) if s is not None)
-            for old in steps[: -args.save_total_limit]:
+            for old in saved_steps(args.output_dir)[: -args.save_total_limit]:
                 shutil.rmtree(os.path.join(root, f"step-{old}"))
         accelerator.wait_for_everyone()
 
