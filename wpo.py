@@ -5,11 +5,11 @@ Zhou et al., "WPO: Enhancing RLHF with Weighted Preference Optimization" (2024);
 likely have sampled counts fully, an unlikely one less. On-policy (hybrid, WPO-HB) pairs are built by
 hybrid_pairs.py (the policy's samples scored by a reward model); wpo.py trains on the dataset it writes.
 
-    logp(y)  = sum over response tokens of log pi(y_t | x, y_<t)          (prompt and padding masked)
-    h        = (logp_pi(y_w) - logp_ref(y_w)) - (logp_pi(y_l) - logp_ref(y_l))
-    sigmoid  : -logsigmoid(beta h) (1 - eps) - logsigmoid(-beta h) eps     (DPO eq. 7; eps = label smoothing, cDPO)
-    ipo      : (h - 1 / (2 beta))^2, with length-averaged log-probs        (Azar et al. 2023, eq. 17)
-    hinge    : relu(1 - beta h)                                            (SLiC, Zhao et al. 2023)
+    logp(y)  = sum over response tokens of log pi(y_t | x, y_<t)                  (prompt and padding masked)
+    margin   = (logp_pi(y_w) - logp_ref(y_w)) - (logp_pi(y_l) - logp_ref(y_l))   (TRL: delta_score)
+    sigmoid  : -logsigmoid(beta margin) (1 - eps) - logsigmoid(-beta margin) eps  (DPO eq. 7; eps = label smoothing)
+    ipo      : (margin - 1 / (2 beta))^2, with length-averaged log-probs          (Azar et al. 2023, eq. 17)
+    hinge    : relu(1 - beta margin)                                              (SLiC, Zhao et al. 2023)
     rewards  : beta (logp_pi - logp_ref) for y_w and y_l; accuracy = reward_w > reward_l
     a(y)     = mean over response tokens of [logp(y_t) - log sum_v p_v(t)^2]   (official "sampled alignment")
     w        = min(1, exp(a(y_w) + a(y_l))), detached, from the policy's own forward pass
@@ -55,7 +55,7 @@ import shutil
 import socket
 import sys
 import time
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, fields
 from typing import Literal, NoReturn
 from urllib.parse import urlparse
@@ -67,6 +67,7 @@ import tyro
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from datasets import load_dataset, load_from_disk
+from huggingface_hub import constants as hub_constants
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
@@ -232,22 +233,54 @@ PRESETS = {
 }
 
 
+# ---- the loss --------------------------------------------------------------------------------------------------------
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
+             loss_type: str, label_smoothing: float = 0.0, chosen_lengths=1.0, rejected_lengths=1.0):
+    """Per-pair losses and the implicit rewards beta (logp_pi - logp_ref) of the chosen and rejected responses.
+    ipo takes length-averaged log-probs (the log-ratios divided by the lengths); the rewards stay on sums."""
+    # ALGO LOGIC: the log-ratios log pi / pi_ref of each response, and their difference, the margin
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    margin = chosen_logratios / chosen_lengths - rejected_logratios / rejected_lengths  # ipo: length-averaged
+    if loss_type == "sigmoid":  # DPO eq. 7
+        losses = -F.logsigmoid(beta * margin) * (1 - label_smoothing) - F.logsigmoid(-beta * margin) * label_smoothing
+    elif loss_type == "ipo":
+        losses = (margin - 1 / (2 * beta)) ** 2  # IPO eq. 17
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * margin)  # SLiC-HF
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def compute_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                 chosen_lengths, rejected_lengths, weight: torch.Tensor, args: Args) -> tuple[torch.Tensor, dict]:
+    """The mean weighted DPO loss over the pairs, and the per-pair metrics TRL logs (per pair, for exact gathering)."""
+    lengths = (chosen_lengths, rejected_lengths) if args.loss_type == "ipo" else (1.0, 1.0)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, args.beta, args.loss_type,
+        args.label_smoothing, *lengths)
+    # ALGO LOGIC: L = -E[w * logsigmoid(beta margin)]; the official dpo_loss scales both label-smoothing terms by w
+    losses = weight * losses
+    metrics = {"loss": losses.detach(), "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+               "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+               "rewards/margins": chosen_rewards - rejected_rewards,
+               "logps/chosen": policy_chosen_logps.detach(), "logps/rejected": policy_rejected_logps.detach(),
+               "weight": weight}
+    return losses.mean(), metrics
+
+
 # ---- data ------------------------------------------------------------------------------------------------------------
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 def locate_file_error(path: str) -> str:
-    """The first bad line of a .json/.jsonl file (1-based), or what else is wrong with it; "" if nothing is found."""
+    """The first line of a .jsonl file (1-based) that is not a JSON object, or that the file is empty; "" if neither."""
     lines = open(path, encoding="utf-8", errors="replace").read().splitlines()
     if not any(line.strip() for line in lines):
         return f"{path} is empty: it holds no rows"
-    if path.endswith(".json") and lines[0].lstrip().startswith("["):
-        try:
-            json.load(open(path))
-        except json.JSONDecodeError as e:
-            return f"{path}, line {e.lineno}: not valid JSON ({e.msg}); fix that line"
-        return f"{path}: rows with differing columns or value types; every row needs the same columns and types"
-    first_seen = {}  # column -> (value type, line) where it first held a value
+    if lines[0].lstrip().startswith("["):  # a .json array, not one object per line: datasets' message is shown
+        return ""
     for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line) if line.strip() else {}
@@ -255,10 +288,6 @@ def locate_file_error(path: str) -> str:
             return f"{path}, line {number}: not valid JSON ({e.msg}); fix or remove that line"
         if not isinstance(row, dict):
             return f"{path}, line {number}: a JSON object per line is expected, got {type(row).__name__}"
-        for key, kind in ((k, type(v).__name__) for k, v in row.items() if v is not None):
-            if first_seen.setdefault(key, (kind, number))[0] != kind:
-                return (f"{path}, line {number}: column {key!r} holds a {kind} here but a {first_seen[key][0]} on "
-                        f"line {first_seen[key][1]}; every row needs the same value types")
     return ""
 
 
@@ -581,41 +610,6 @@ def weight_extremes(weight: torch.Tensor, accelerator, prefix: str) -> dict:
     return {f"{prefix}/weight_min": lo.item(), f"{prefix}/weight_max": hi.item()}
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
-             loss_type: str, label_smoothing: float = 0.0, chosen_lengths=1.0, rejected_lengths=1.0):
-    """Per-pair losses and the implicit rewards beta (logp_pi - logp_ref) of the chosen and rejected responses.
-    ipo takes length-averaged log-probs (the log-ratios divided by the lengths); the rewards stay on sums."""
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    h = chosen_logratios / chosen_lengths - rejected_logratios / rejected_lengths  # DPO eq. 7 (ipo: averaged)
-    if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
-    elif loss_type == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2  # IPO eq. 17
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * h)  # SLiC-HF
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}")
-    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
-
-
-def compute_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                 chosen_lengths, rejected_lengths, weight: torch.Tensor, args: Args) -> tuple[torch.Tensor, dict]:
-    """The mean weighted DPO loss over the pairs, and the per-pair metrics TRL logs (per pair, for exact gathering)."""
-    lengths = (chosen_lengths, rejected_lengths) if args.loss_type == "ipo" else (1.0, 1.0)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, args.beta, args.loss_type,
-        args.label_smoothing, *lengths)
-    # ALGO LOGIC: L = -E[w * logsigmoid(beta h)]; the official dpo_loss scales both label-smoothing terms by w
-    losses = weight * losses
-    metrics = {"loss": losses.detach(), "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-               "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-               "rewards/margins": chosen_rewards - rejected_rewards,
-               "logps/chosen": policy_chosen_logps.detach(), "logps/rejected": policy_rejected_logps.detach(),
-               "weight": weight}
-    return losses.mean(), metrics
-
-
 # ---- reference log-probs: a pre-pass cached on disk ------------------------------------------------------------------
 LOGPS_VERSION = "token_logps 2: max-shifted"  # changed with the log-prob code, so an older cache is not reused
 
@@ -810,15 +804,13 @@ def lock_output_dir(path: str) -> None:
 
 
 def check_network(args: Args) -> None:
-    """With HF_HUB_OFFLINE unset and some name not a local path: one 3-second connection to the hub, so that no
-    network is reported at once instead of after a minute of retries."""
-    from huggingface_hub import constants
-
+    """Some name not a local path and HF_HUB_OFFLINE unset: one 3-second connection to the hub, so that no network is
+    reported at once, not after a minute of retries."""
     remote = [n for n in (args.model_name_or_path, args.ref_model_name_or_path, args.tokenizer_name,
                           args.dataset_name, args.eval_dataset_name) if n and not os.path.exists(n)]
-    url = urlparse(constants.ENDPOINT)
+    url = urlparse(hub_constants.ENDPOINT)
     try:
-        if remote and not constants.HF_HUB_OFFLINE:
+        if remote and not hub_constants.HF_HUB_OFFLINE:
             socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 3).close()
     except OSError:
         fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
@@ -827,35 +819,34 @@ def check_network(args: Args) -> None:
 
 def load_pretrained(cls, name: str, args: Args, what: str = "model"):
     """`cls.from_pretrained`, or an error naming what failed to load, with a hint that fits what was passed."""
-    model_kwargs = {"dtype": getattr(torch, args.dtype), "attn_implementation": args.attn_implementation}
+    kwargs = {} if cls is AutoTokenizer else {"dtype": getattr(torch, args.dtype),
+                                              "attn_implementation": args.attn_implementation}
     try:
-        return cls.from_pretrained(name, trust_remote_code=args.trust_remote_code,
-                                   **({} if cls is AutoTokenizer else model_kwargs))
+        return cls.from_pretrained(name, trust_remote_code=args.trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
-        if os.path.isdir(name):  # an empty folder, or a checkpoint (accelerate state) instead of a saved model
-            held = os.listdir(name)
-            why = ("it is empty; pass a folder holding a saved model (a run's output folder) or a hub id" if not held
-                   else "it holds a training checkpoint (optimizer state), not a saved model; pass the run's output "
-                   "folder, which holds its final model" if "optimizer.bin" in held
-                   else str(e).splitlines()[0])
+        held = os.listdir(name) if os.path.isdir(name) else None  # a folder: empty, or a checkpoint (accelerate state)
+        why = ("it is empty; pass a folder holding a saved model (a run's output folder) or a hub id" if held == []
+               else "it holds a training checkpoint (optimizer state), not a saved model; pass the run's output "
+               "folder, which holds its final model" if held and "optimizer.bin" in held else str(e).splitlines()[0])
+        if held is not None:
             fail(f"could not load {what} {name!r} from that folder: {why}")
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
         fail(f"could not load {what} {name!r}: no such local folder and not a hub id"
-             + (" in the local cache (HF_HUB_OFFLINE is set)" if offline else "")
+             + (" in the local cache (HF_HUB_OFFLINE is set)" if hub_constants.HF_HUB_OFFLINE else "")
              + ". Pass a folder written by sft.py (the offline tiny setting: python -m tiny --out data/tiny, then "
              "python sft.py --preset tiny).")
 
 
-def checkpoint_step(name: str) -> int | None:
-    """`step-12` -> 12; anything else (e.g. a half-written `tmp-step-15`) -> None."""
-    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
+def saved_steps(output_dir: str) -> list[int]:
+    """The steps of the fully written checkpoints (`step-12`; not a half-written `tmp-step-15`), oldest first."""
+    root = os.path.join(output_dir, "checkpoints")
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted(int(n[5:]) for n in names if n.startswith("step-") and n[5:].isdigit())
 
 
 def newest_checkpoint(output_dir: str) -> str | None:
     """Only fully written checkpoints count: they are renamed into place after saving."""
-    root = os.path.join(output_dir, "checkpoints")
-    steps = [s for s in map(checkpoint_step, os.listdir(root) if os.path.isdir(root) else []) if s is not None]
-    return os.path.join(root, f"step-{max(steps)}") if steps else None
+    steps = saved_steps(output_dir)
+    return os.path.join(output_dir, "checkpoints", f"step-{steps[-1]}") if steps else None
 
 
 def main(args: Args):
@@ -951,8 +942,7 @@ def main(args: Args):
     del scorer  # training holds only the policy
 
     global_step, root = 0, os.path.join(args.output_dir, "checkpoints")
-    saved = sorted(s for s in map(checkpoint_step, os.listdir(root) if args.resume and os.path.isdir(root) else [])
-                   if s is not None)
+    saved = saved_steps(args.output_dir) if args.resume else []
     errors = []
     for step in reversed(saved):  # the newest that loads
         try:
@@ -990,7 +980,7 @@ def main(args: Args):
             import wandb
 
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_id, config=vars(args),
-                       dir=args.output_dir)
+                       dir=args.output_dir, save_code=True)
 
     def log_metrics(metrics: dict, step: int):
         if accelerator.is_main_process:
@@ -1009,25 +999,11 @@ def main(args: Args):
         return compute_loss(policy_logps[:n], policy_logps[n:], ref_cache[split]["chosen"][batch["row"]],
                             ref_cache[split]["rejected"][batch["row"]], lengths[:n], lengths[n:], weight, args)
 
-    device_sync = torch.cuda.synchronize if accelerator.device.type == "cuda" else lambda: None
-
-    clock = {"window": time.time(), "steady": None}  # start times; eval and checkpoint time is moved out of both
-
-    @contextmanager
-    def paused():
-        device_sync()
-        start = time.time()
-        yield
-        device_sync()
-        for k in clock:
-            clock[k] = clock[k] and clock[k] + time.time() - start
-
     @torch.no_grad()
     def evaluate_and_log(step: int):  # gather_for_metrics drops the pairs accelerate repeats to even out batches
-        with paused():
-            model.eval()
-            parts = [accelerator.gather_for_metrics(policy_pass(batch, "eval")[1]) for batch in eval_loader]
-            model.train()
+        model.eval()
+        parts = [accelerator.gather_for_metrics(policy_pass(batch, "eval")[1]) for batch in eval_loader]
+        model.train()
         metrics = {f"eval/{k}": torch.cat([p[k] for p in parts]).double().mean().item() for k in parts[0]}
         metrics.update(weight_extremes(torch.cat([p["weight"] for p in parts]), accelerator, "eval"))
         log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -1035,17 +1011,6 @@ def main(args: Args):
         if not math.isfinite(metrics["eval/loss"]):
             raise SystemExit(f"eval/loss is {metrics['eval/loss']} at step {step}: the model is not saved (newest "
                              f"checkpoint: {newest_checkpoint(args.output_dir) or 'none'})")
-
-    first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    skip_update = torch.zeros((), device=accelerator.device)  # fused AdamW skips its update while this is 1 (adam.py)
-    optimizer.optimizer.found_inf = skip_update
-
-    def stop_if_non_finite():
-        # one host read per logging window, checkpoint and final save, not one per step
-        bad = int(accelerator.reduce(first_bad_step, reduction="max"))
-        if bad:
-            raise SystemExit(f"non-finite loss or gradient at step {bad}: no update was applied from that step on; "
-                             f"newest checkpoint: {newest_checkpoint(args.output_dir) or 'none'}")
 
     def save_checkpoint(step: int):
         # written to a temporary folder, then renamed: a crash mid-save never leaves a checkpoint resume would pick
@@ -1056,8 +1021,7 @@ def main(args: Args):
         if accelerator.is_main_process:  # a step saved before (resumed from an earlier checkpoint) is replaced
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            steps = sorted(s for s in map(checkpoint_step, os.listdir(root)) if s is not None)
-            for old in steps[: -args.save_total_limit]:
+            for old in saved_steps(args.output_dir)[: -args.save_total_limit]:
                 shutil.rmtree(os.path.join(root, f"step-{old}"))
         accelerator.wait_for_everyone()
 
@@ -1068,8 +1032,7 @@ def main(args: Args):
 
     model.train()
     bar = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="wpo")
-    first_step, warmup = global_step, min(3, total_steps // 2)  # the first steps of this run are not steady state
-    window, window_pairs, window_tokens, steady_tokens = {}, 0, 0, 0
+    window, window_pairs, window_tokens, window_start = {}, 0, 0, time.time()
     weights = []  # the logging window's per-pair weights, for their min and max
     while global_step < total_steps:
         epoch, steps_done = divmod(global_step, steps_per_epoch)
@@ -1077,27 +1040,24 @@ def main(args: Args):
         if steps_done:
             loader = accelerator.skip_first_batches(loader, steps_done * args.gradient_accumulation_steps)
         for batch in loader:
-            if clock["steady"] is None and global_step - first_step == warmup:
-                device_sync()
-                clock["steady"] = time.time()
             with accelerator.accumulate(model):
-                # ALGO LOGIC: L = mean over pairs of -w logsigmoid(beta h) (WPO; DPO eq. 7; ipo / hinge: header)
+                # ALGO LOGIC: L = mean over pairs of -w logsigmoid(beta margin) (WPO; DPO eq. 7; ipo / hinge: dpo_loss)
                 loss, metrics = policy_pass(batch, "train")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    # TRY NOT TO MODIFY: clip, skip the update from the first non-finite step on (no host sync)
+                    # TRY NOT TO MODIFY: clip; stop before a non-finite update (one host sync a step, as nanoGPT)
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
-                    bad = (first_bad_step == 0) & ~(torch.isfinite(grad_norm) & torch.isfinite(loss.detach()))
-                    first_bad_step.copy_(torch.where(bad, global_step + 1, first_bad_step))
-                    skip_update.fill_(0).add_((first_bad_step > 0).float())
+                    if not torch.isfinite(accelerator.reduce(loss.detach(), reduction="sum") + grad_norm):
+                        raise SystemExit(f"non-finite loss or gradient at step {global_step + 1}: no update was applied "
+                                         f"from that step on; newest checkpoint: "
+                                         f"{newest_checkpoint(args.output_dir) or 'none'}")
                 optimizer.step()
                 optimizer.zero_grad()
-            # TRY NOT TO MODIFY: schedule, logging, eval, checkpoints, throughput
+            # TRY NOT TO MODIFY: schedule, logging, eval, checkpoints, throughput per logging window
             window = {k: window.get(k, 0) + v.double().sum() for k, v in metrics.items()}
             weights.append(metrics["weight"])
             window_pairs, window_tokens = window_pairs + len(batch["row"]), window_tokens + batch["n_tokens"]
-            steady_tokens += batch["n_tokens"] if clock["steady"] is not None else 0
             if not accelerator.sync_gradients:
                 continue
             step_lr = scheduler.get_last_lr()[0]  # the rate this step used (logged)
@@ -1105,11 +1065,10 @@ def main(args: Args):
             global_step += 1
             bar.update(1)
             if global_step % args.logging_steps == 0 or global_step == total_steps:
-                stop_if_non_finite()
                 sums = accelerator.reduce(torch.stack(list(window.values())), reduction="sum").tolist()
                 counts = accelerator.reduce(torch.tensor([window_pairs, window_tokens], dtype=torch.float64,
                                                          device=accelerator.device), reduction="sum").tolist()
-                seconds = time.time() - clock["window"]
+                seconds = time.time() - window_start
                 out = {f"train/{k}": v / counts[0] for k, v in zip(window, sums)}
                 out.update(weight_extremes(torch.cat(weights), accelerator, "train"))
                 weights.clear()
@@ -1117,28 +1076,18 @@ def main(args: Args):
                             "perf/tokens_per_s": counts[1] / seconds, "perf/pairs_per_s": counts[0] / seconds})
                 bar.set_postfix(loss=f"{out['train/loss']:.4f}", acc=f"{out['train/rewards/accuracies']:.2f}")
                 log_metrics(out, global_step)
-                window, window_pairs, window_tokens, clock["window"] = {}, 0, 0, time.time()
+                window, window_pairs, window_tokens, window_start = {}, 0, 0, time.time()
             if eval_loader is not None and args.eval_steps and global_step % args.eval_steps == 0 \
                     and global_step != total_steps:
                 evaluate_and_log(global_step)
             if args.save_steps and global_step % args.save_steps == 0:
-                with paused():
-                    stop_if_non_finite()
-                    save_checkpoint(global_step)
+                save_checkpoint(global_step)
             if global_step >= total_steps:
                 break
     bar.close()
-    device_sync()
-    perf = {"perf/peak_memory_gb": (torch.cuda.max_memory_allocated() if accelerator.device.type == "cuda"
-                                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9}
-    if clock["steady"] is not None:  # steady state: the steps after the first `warmup` of this run
-        steady_s, steady_steps = time.time() - clock["steady"], global_step - first_step - warmup
-        tokens = accelerator.reduce(torch.tensor(float(steady_tokens), device=accelerator.device), reduction="sum")
-        perf.update({"perf/steady_tokens_per_s": tokens.item() / steady_s,
-                     "perf/steady_examples_per_s": steady_steps * args.global_batch_size / steady_s,
-                     "perf/steady_steps": steady_steps, "perf/steady_s": steady_s})
-    log_metrics(perf, global_step)
-    stop_if_non_finite()
+    peak_bytes = (torch.cuda.max_memory_allocated() if accelerator.device.type == "cuda"
+                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    log_metrics({"perf/peak_memory_gb": peak_bytes / 1e9}, global_step)
     if eval_loader is not None:
         evaluate_and_log(global_step)
 

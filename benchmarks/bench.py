@@ -11,10 +11,11 @@ ChatML chat template: offline, any vocabulary size):
     theirs  python benchmarks/theirs.py trl_dpo | trl_sft | official_wspo ... (TRL 1.16 DPOTrainer and SFTTrainer with
             their defaults; the official WSPO step, four models live, re-created there)
 
-Throughput and peak memory come from each run's metrics.jsonl (the final row: perf/steady_tokens_per_s,
-perf/steady_examples_per_s, perf/peak_memory_gb, perf/steady_steps, perf/steady_s; benchmarks/theirs.py logs the
-same through a callback); the benchmark imports nothing from the scripts. Steady state = the optimizer steps after
-the first W = min(3, steps // 2). Peak memory = torch.cuda.max_memory_allocated on a GPU (the nvidia-smi peak,
+Throughput and peak memory come from each run's metrics.jsonl: the per-window rows (perf/tokens_per_s, and
+perf/pairs_per_s or perf/examples_per_s where a script logs them) and perf/peak_memory_gb; benchmarks/theirs.py logs
+the same through a callback; the benchmark imports nothing from the scripts. Steady state = the logging windows after
+the first W = min(3, steps // 2) optimizer steps (the windows are W steps long: the first one is skipped), the mean
+of their rates. Peak memory = torch.cuda.max_memory_allocated on a GPU (the nvidia-smi peak,
 sampled by this process every 0.2 s, is shown next to it), peak RSS of the process on a CPU. Model FLOPs utilisation
 MFU = 6 x parameters x non-padding tokens per second through the trained model / the device's peak (bf16 dense
 tensor-core peak on a GPU; on a CPU the matmul rate this process measures): the attention term is not included,
@@ -352,39 +353,42 @@ def gpu_memory_used_gb() -> float | None:
         return None
 
 
-def read_metrics(path: str, steps: int) -> dict:
-    """The final perf row (SPEC 6). Where a script does not log it yet: the mean of its per-window rows after the
-    warm-up (perf/tokens_per_s, perf/pairs_per_s), marked as a fallback."""
+EXAMPLE_RATES = ("perf/pairs_per_s", "perf/examples_per_s")  # per-window names: dpo.py / wpo.py, theirs.py
+
+
+def read_metrics(path: str, steps: int, examples_per_step: int, wall_s: float | None) -> dict:
+    """Steady state (SPEC 6) from the per-window rows: the windows that start at or after step W = min(3, steps // 2),
+    the mean of their rates. Examples/s where a script logs only tokens per window: the steady steps' examples over
+    wall_s, the seconds between its rows of step W and of the last step, seen from outside (CpuWindow)."""
     rows = []
     if os.path.exists(path):
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
     out = {"first_loss": next((r["train/loss"] for r in rows if "train/loss" in r), None)}
-    final = [r for r in rows if "perf/steady_examples_per_s" in r or "perf/steady_tokens_per_s" in r]
-    if final:
-        r = final[-1]
-        out.update(examples_s=r.get("perf/steady_examples_per_s"), tokens_s=r.get("perf/steady_tokens_per_s"),
-                   peak_gb=r.get("perf/peak_memory_gb"), steady_steps=r.get("perf/steady_steps"), steady_s=r.get("perf/steady_s"))
-        return out
     warm = min(3, steps // 2)
-    windows = [r for r in rows if "perf/tokens_per_s" in r and r["step"] > warm and r["step"] - warm >= 1]
-    prev = [warm] + [r["step"] for r in windows[:-1]]
-    windows = [r for r, p in zip(windows, prev) if p >= warm]
-    if windows:
-        mean = lambda k: sum(r[k] for r in windows) / len(windows) if all(k in r for r in windows) else None
-        out.update(examples_s=mean("perf/pairs_per_s"), tokens_s=mean("perf/tokens_per_s"), fallback=True,
-                   peak_gb=next((r["perf/peak_memory_gb"] for r in reversed(rows) if "perf/peak_memory_gb" in r), None))
+    windows = [r for r in rows if "perf/tokens_per_s" in r]
+    starts = [0] + [r["step"] for r in windows[:-1]]
+    windows = [r for r, start in zip(windows, starts) if start >= warm]
+    if not windows:
+        return out
+    mean = lambda k: sum(r[k] for r in windows) / len(windows)
+    rate = next((k for k in EXAMPLE_RATES if all(k in r for r in windows)), None)
+    steady_steps = windows[-1]["step"] - warm
+    out.update(tokens_s=mean("perf/tokens_per_s"), steady_steps=steady_steps, steady_s=wall_s,
+               examples_s=mean(rate) if rate else (steady_steps * examples_per_step / wall_s if wall_s else None),
+               peak_gb=next((r["perf/peak_memory_gb"] for r in reversed(rows) if "perf/peak_memory_gb" in r), None))
     return out
 
 
 class CpuWindow:
-    """The process CPU time (all its threads) spent in the steady-state window, seen from outside: from the moment
-    metrics.jsonl gets its first row at step >= W (the row written after step W) to its first row at step >= the
-    last step. On a shared machine, examples per CPU second is the cross-check of examples per wall second."""
+    """The process CPU time (all its threads) and the wall time spent in the steady-state window, seen from outside:
+    from the moment metrics.jsonl gets its first row at step >= W (the row written after step W) to its first row at
+    step >= the last step. On a shared machine, examples per CPU second is the cross-check of examples per wall
+    second."""
 
     def __init__(self, path: str, pid: int, warmup: int, steps: int):
         self.path, self.pid, self.warmup, self.steps = path, pid, warmup, steps
-        self.pos, self.start, self.end = 0, None, None
+        self.pos, self.start, self.end, self.wall = 0, None, None, [None, None]
 
     def _cpu(self) -> float | None:
         try:
@@ -408,13 +412,16 @@ class CpuWindow:
             except json.JSONDecodeError:
                 continue
             if self.start is None and step >= self.warmup:
-                self.start = self._cpu()
+                self.start, self.wall[0] = self._cpu(), time.time()
             if self.start is not None and step >= self.steps:
-                self.end = self._cpu()
+                self.end, self.wall[1] = self._cpu(), time.time()
                 break
 
     def cpu_s(self) -> float | None:
         return None if self.start is None or self.end is None else self.end - self.start
+
+    def wall_s(self) -> float | None:
+        return None if None in self.wall else self.wall[1] - self.wall[0]
 
 
 CURRENT: list = []  # the process group of the run in progress
@@ -469,7 +476,8 @@ def execute(run: Run, env: dict, timeout: float, logdir: str) -> dict:
         CURRENT.clear()
     res = {"name": run.name, "rc": status, "wall_s": time.time() - t0, "timed_out": timed_out, "log": log_path,
            "child_maxrss_gb": rusage.ru_maxrss * 1024 / 1e9, "smi_peak_gb": peak_smi[0], "window_cpu_s": window.cpu_s()}
-    res.update(read_metrics(os.path.join(out_dir, "metrics.jsonl"), steps))
+    batch = int(run.argv[run.argv.index("--per_device_train_batch_size") + 1])  # accumulation 1, one process
+    res.update(read_metrics(os.path.join(out_dir, "metrics.jsonl"), steps, batch, window.wall_s()))
     if res["window_cpu_s"] and res.get("steady_s") and res.get("examples_s"):  # per CPU second over the same window
         res["examples_cpu_s"] = res["examples_s"] * res["steady_s"] / res["window_cpu_s"]
         res["tokens_cpu_s"] = res["tokens_s"] * res["steady_s"] / res["window_cpu_s"]
@@ -659,8 +667,8 @@ def report(args: Args, sizes: list[Size], res: dict, info: dict, command: str) -
          "re-created). Same data files, same model folder, same batch, steps, max length and learning rate on both sides; "
          + ("bf16 autocast (accelerate mixed_precision=bf16) with fp32 weights on both sides."
             if info["bf16"] else "fp32 on both sides."),
-         "- Throughput and peak memory are what each run wrote to its metrics.jsonl (SPEC 6: steady state = the steps "
-         "after the first min(3, steps // 2)); pairs/s for dpo / wpo / wspo, conversations/s for SFT, tokens/s = "
+         "- Throughput and peak memory are what each run wrote to its metrics.jsonl (SPEC 6: steady state = the mean of "
+         "the logging windows after the first min(3, steps // 2) steps); pairs/s for dpo / wpo / wspo, conversations/s for SFT, tokens/s = "
          "non-padding tokens through the trained model. Peak memory: " + (
              "torch.cuda.max_memory_allocated (GB = 1e9 bytes); nvidia-smi's peak (this process samples it every 0.2 s: "
              "allocator cache and CUDA context included) next to it." if gpu else "peak RSS of the process (GB = 1e9 bytes)."),
@@ -684,7 +692,7 @@ def report(args: Args, sizes: list[Size], res: dict, info: dict, command: str) -
             gc = r.get("args", {}).get("gradient_checkpointing", r.get("gc"))
             status = ("ok" if r.get("rc") == 0 else "timed out" if r.get("timed_out") else r.get("skipped") or f"exit {r.get('rc')}")
             if r.get("fallback"):
-                status += " (per-window fallback)"
+                status += " (peak: RSS seen from outside)"
             if r.get("same_as"):
                 status = f"= {r['same_as'].split(':', 1)[1]} (same arguments)"
             L.append(f"| {name.split(':', 1)[1]} | {r.get('flags', '')} | {'-' if gc is None else 'on' if gc else 'off'} | "

@@ -20,8 +20,9 @@ official_wspo  The official WSPO step (WSPO repository, LLaMA-Factory's CustomWS
 
 Both sides: fp32 master weights (model loaded in float32), bf16 autocast through accelerate with --bf16, fused AdamW,
 gradient clipping 1.0, a sequential sampler (so the callback knows each step's tokens), logging every
---logging_steps steps. Steady state as in the scripts (SPEC 6): the optimizer steps after the first
-W = min(3, max_steps // 2) steps to the end, the device synchronised only at the window's start and end.
+--logging_steps steps. Throughput as the scripts log it: per logging window, perf/tokens_per_s and
+perf/examples_per_s (the device synchronised at each window's end), perf/peak_memory_gb in the last row;
+benchmarks/bench.py takes the steady state from these rows.
 """
 
 import argparse
@@ -35,9 +36,6 @@ import torch
 from datasets import load_dataset
 from transformers import TrainerCallback
 
-STEADY_KEYS = ("perf/peak_memory_gb", "perf/steady_tokens_per_s", "perf/steady_examples_per_s", "perf/steady_steps",
-               "perf/steady_s")
-
 
 def peak_memory_gb() -> float:
     if torch.cuda.is_available():
@@ -50,30 +48,29 @@ def sync():
         torch.cuda.synchronize()
 
 
-class Steady:
-    """The steady-state window: start before step W + 1, stop after the last step; tokens / examples per step given."""
+class Windows:
+    """Per logging window, tokens and examples per second (tokens / examples per step given), as the scripts log them;
+    the peak memory in the last row."""
 
-    def __init__(self, total_steps: int, step_work: list[tuple[int, int]]):
-        self.total, self.warmup = total_steps, min(3, total_steps // 2)
-        self.work, self.t0, self.t1 = step_work, None, None
+    def __init__(self, total_steps: int, step_work: list[tuple[int, int]], logging_steps: int, out):
+        self.total, self.work, self.every, self.out = total_steps, step_work, logging_steps, out
+        self.start, self.start_step = None, 0
 
     def before_step(self, step: int):  # step = optimizer steps done so far
-        if step == self.warmup:
+        if self.start is None:
             sync()
-            self.t0 = time.perf_counter()
+            self.start, self.start_step = time.perf_counter(), step
 
     def after_step(self, step: int):
-        if step == self.total:
-            sync()
-            self.t1 = time.perf_counter()
-
-    def row(self) -> dict:
-        steps = self.work[self.warmup : self.total]
-        secs = self.t1 - self.t0
-        return {"step": self.total, "perf/peak_memory_gb": peak_memory_gb(),
-                "perf/steady_tokens_per_s": sum(t for _, t in steps) / secs,
-                "perf/steady_examples_per_s": sum(e for e, _ in steps) / secs,
-                "perf/steady_steps": len(steps), "perf/steady_s": secs}
+        if step % self.every and step != self.total:
+            return
+        sync()
+        now = time.perf_counter()
+        steps, secs = self.work[self.start_step : step], now - self.start
+        row = {"step": step, "perf/tokens_per_s": sum(t for _, t in steps) / secs,
+               "perf/examples_per_s": sum(e for e, _ in steps) / secs}
+        self.out.write({**row, "perf/peak_memory_gb": peak_memory_gb()} if step == self.total else row)
+        self.start, self.start_step = now, step
 
 
 class MetricsFile:
@@ -87,23 +84,20 @@ class MetricsFile:
 
 
 class PerfCallback(TrainerCallback):
-    """Logs the losses and, at the end, the steady-state throughput and the peak memory, as the scripts do."""
+    """Logs the losses and, per logging window, the throughput (and at the end the peak memory), as the scripts do."""
 
-    def __init__(self, steady: Steady, out: MetricsFile):
-        self.steady, self.out = steady, out
+    def __init__(self, windows: Windows, out: MetricsFile):
+        self.windows, self.out = windows, out
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.steady.before_step(state.global_step)
+        self.windows.before_step(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.steady.after_step(state.global_step)
+        self.windows.after_step(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.out.write({"step": state.global_step, "train/loss": float(logs["loss"])})
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.out.write(self.steady.row())
 
 
 def training_args(cls, a, **extra):
@@ -143,7 +137,7 @@ def run_trl_dpo(a):
     per_pair = [min(len(p) + len(c), L) + min(len(p) + len(r), L)
                 for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"])]
     work = [(b, sum(per_pair[i * b : (i + 1) * b])) for i in range(a.max_steps)]
-    trainer.add_callback(PerfCallback(Steady(a.max_steps, work), out))
+    trainer.add_callback(PerfCallback(Windows(a.max_steps, work, a.logging_steps, out), out))
     trainer.train()
 
 
@@ -158,7 +152,7 @@ def run_trl_sft(a):
     tokens = [min(len(x), a.max_length) for x in rows["input_ids"]]
     convs = [len(s) for s in rows["seq_lengths"]] if "seq_lengths" in rows.column_names else [1] * len(tokens)
     work = [(sum(convs[i * b : (i + 1) * b]), sum(tokens[i * b : (i + 1) * b])) for i in range(a.max_steps)]
-    trainer.add_callback(PerfCallback(Steady(a.max_steps, work), out))
+    trainer.add_callback(PerfCallback(Windows(a.max_steps, work, a.logging_steps, out), out))
     trainer.train()
 
 
@@ -245,9 +239,10 @@ def run_official_wspo(a):
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=math.ceil(0.1 * a.max_steps), num_training_steps=a.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    out, steady = MetricsFile(a.output_dir), Steady(a.max_steps, work)
+    out = MetricsFile(a.output_dir)
+    windows = Windows(a.max_steps, work, a.logging_steps, out)
     for step, rows in enumerate(batches):
-        steady.before_step(step)
+        windows.before_step(step)
         batch = {k: v.to(accelerator.device) for k, v in collate(rows).items()}
         with accelerator.autocast():
             loss, metrics = compute_loss(batch)
@@ -258,8 +253,7 @@ def run_official_wspo(a):
         scheduler.step()
         if (step + 1) % a.logging_steps == 0 or step == 0:  # HF Trainer reads the loss once per logging window
             out.write({"step": step + 1, "train/loss": loss.item()})
-        steady.after_step(step + 1)
-    out.write(steady.row())
+        windows.after_step(step + 1)
 
 
 def main():

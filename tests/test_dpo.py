@@ -514,10 +514,10 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, small_sft, tmp_path):
     assert json.loads((full / "args.json").read_text())["completed_steps"] == 8
 
 
-def test_non_finite_step_applies_no_update_and_stops_at_the_next_window(tiny, small_sft, tmp_path):
-    """lr 1e30 makes step 3's loss non-finite (step 1 is warm-up at lr 0, step 2 blows the weights up): from step 3 on
-    no update is applied (fused AdamW's found_inf, set on the device, no host sync), the run stops at the next
-    logging window (step 4) naming step 3, with exit code 1, no final model, and the step-2 checkpoint kept."""
+def test_non_finite_step_stops_the_run_before_its_update(tiny, small_sft, tmp_path):
+    """lr 1e30 makes step 3's loss non-finite (step 1 is warm-up at lr 0, step 2 blows the weights up): the check
+    before optimizer.step() stops the run at step 3, before its update, naming step 3, with exit code 1, no final
+    model, and the step-2 checkpoint kept (step 4's logging window is never reached)."""
     from safetensors.torch import load_file
 
     out = tmp_path / "o"
