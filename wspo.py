@@ -555,16 +555,16 @@ def check_tokenizers(args: Args, tokenizer, raws: list, log):
     tokenizer's ids on every example; stop at the first that does not. A tokenizer whose definition (vocabulary,
     merges, normalisation, chat template, special tokens) is the strong one's gives its ids by construction."""
     definition = lambda t: (t.backend_tokenizer.to_str(), t.chat_template, t.eos_token, t.pad_token)
-    ids = lambda tok, ex: sum(map(tokenize_example(tok, ex, args, False).get, ("prompt_ids", "chosen_ids")), [])
+    ids_of = lambda tok, ex: sum(map(tokenize_example(tok, ex, args, False).get, ("prompt_ids", "chosen_ids")), [])
     for name in dict.fromkeys(n for n in (args.strong_ref, args.weak_ref, args.weak_aligned) if n != args.strong):
         tok = load_pretrained(AutoTokenizer, name, args)
         same = definition(tok) == definition(tokenizer)
         for split, raw in [] if same else raws:
             for i, ex in enumerate(raw):
-                if ids(tok, ex) != ids(tokenizer, ex):
+                if ids_of(tok, ex) != ids_of(tokenizer, ex):
                     fail(f"tokenizer mismatch: {name!r} and the strong model {args.strong!r} tokenize {split} example "
-                         f"{i} differently ({ex.get(args.prompt_column)!r}):\n  {name}: {ids(tok, ex)}\n  "
-                         f"{args.strong}: {ids(tokenizer, ex)}\nWSPO pairs the weak and strong log-probs token by "
+                         f"{i} differently ({ex.get(args.prompt_column)!r}):\n  {name}: {ids_of(tok, ex)}\n  "
+                         f"{args.strong}: {ids_of(tokenizer, ex)}\nWSPO pairs the weak and strong log-probs token by "
                          "token; all four models must share one tokenizer and chat template.")
         log(f"tokenizer check: {name} " + ("has the strong model's tokenizer (identical definition)" if same else
                                            "gives the strong tokenizer's ids on every example"))
@@ -576,27 +576,27 @@ def cached_tokens(cache: dict, rows: list[int], key_index: int = 0) -> torch.Ten
     return torch.cat([cache["values"][cache["offsets"][k]: cache["offsets"][k + 1]] for k in sequences])
 
 
-def collate(rows: list[dict], pad_id: int, padding_free: bool, keys=("chosen_ids",), cache: dict | None = None):
-    """One sequence per (key, row), keys outer: with keys=(chosen, rejected), sequence i and i+len(rows) pair up.
+def collate(examples: list[dict], pad_id: int, padding_free: bool, keys=("chosen_ids",), cache: dict | None = None):
+    """One sequence per (key, row), keys outer: with keys=(chosen, rejected), sequence i and i+len(examples) pair up.
     `loss_mask[t]` marks the positions that predict a response token (`response_targets`, in order). The response
     tokens' sequence ids, counts and cached values are built here, on the host, so the step never waits on the
     device for them. padding-free: one row, position_ids restart per sequence."""
-    seqs = [torch.tensor(r["prompt_ids"] + r[key]) for key in keys for r in rows]
-    masks = [torch.tensor([False] * (len(r["prompt_ids"]) - 1) + [True] * len(r[key]) + [False])
-             for key in keys for r in rows]
-    response_lengths = [len(r[key]) for key in keys for r in rows]
-    row_ids = [r["row"] for r in rows]
+    seqs = [torch.tensor(ex["prompt_ids"] + ex[key]) for key in keys for ex in examples]
+    masks = [torch.tensor([False] * (len(ex["prompt_ids"]) - 1) + [True] * len(ex[key]) + [False])
+             for key in keys for ex in examples]
+    response_lengths = [len(ex[key]) for key in keys for ex in examples]
+    row_ids = [ex["row"] for ex in examples]
     out = {"row": row_ids, "n_seqs": len(seqs), "n_tokens": sum(map(len, seqs)), "response_lengths": response_lengths,
            "response_seq": torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(response_lengths)),
-           "response_targets": torch.tensor([t for key in keys for r in rows for t in r[key]])}
+           "response_targets": torch.tensor([t for key in keys for ex in examples for t in ex[key]])}
     if cache is not None:  # the pre-pass's strong-reference log-probs (every response) and weak log-ratio (chosen)
         out["ref_logps"] = torch.cat([cached_tokens(cache["ref"], row_ids, k) for k in range(len(keys))])
         out["weak_logratio"] = cached_tokens(cache["weak_aligned"], row_ids) - cached_tokens(cache["weak_ref"], row_ids)
     if padding_free:
         return {**out, "input_ids": torch.cat(seqs)[None], "loss_mask": torch.cat(masks)[None],
                 "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None]}
-    n = max(len(s) for s in seqs)
-    pad = lambda xs, v: torch.stack([F.pad(x, (0, n - len(x)), value=v) for x in xs])
+    width = max(len(s) for s in seqs)
+    pad = lambda xs, v: torch.stack([F.pad(x, (0, width - len(x)), value=v) for x in xs])
     return {**out, "input_ids": pad(seqs, pad_id), "attention_mask": pad([torch.ones_like(s) for s in seqs], 0),
             "loss_mask": pad(masks, False)}
 
@@ -629,8 +629,8 @@ def wspo_loss(d_t: torch.Tensor, batch: dict, level: str) -> torch.Tensor:
     """The WSPO loss of each chosen response y from its per-token differences d_t: the official trainer's sum_t d_t^2 /
     |y| (token level), or the paper's (sum_t d_t)^2 = (beta log pi/pi_sref(y) - gamma log pi_wal/pi_wref(y))^2."""
     n, seq_id = len(batch["row"]), batch["response_seq"][: len(d_t)]
-    if level == "token":
-        return per_sequence_sum(d_t**2, seq_id, n) / torch.bincount(seq_id, minlength=n)
+    if level == "token":  # |y| as a sum of ones: counted without a host sync
+        return per_sequence_sum(d_t**2, seq_id, n) / per_sequence_sum(torch.ones_like(d_t), seq_id, n)
     return per_sequence_sum(d_t, seq_id, n) ** 2
 
 
@@ -639,7 +639,7 @@ def response_metrics(losses, d_t, strong_logratio, batch: dict, args: Args) -> d
     beta log pi/pi_sref(y); with rejected responses (eval) their reward, the margin and the held-out accuracy."""
     n, d_t, chosen_seq = len(batch["row"]), d_t.detach(), batch["response_seq"][: len(d_t)]
     if args.loss_level == "token":
-        abs_d = per_sequence_sum(d_t.abs(), chosen_seq, n) / torch.bincount(chosen_seq, minlength=n)
+        abs_d = per_sequence_sum(d_t.abs(), chosen_seq, n) / per_sequence_sum(torch.ones_like(d_t), chosen_seq, n)
     else:
         abs_d = per_sequence_sum(d_t, chosen_seq, n).abs()
     rewards = args.beta * per_sequence_sum(strong_logratio.detach(), batch["response_seq"], batch["n_seqs"])
@@ -668,9 +668,10 @@ def prepass(name: str, ds, batches: list[list[int]], keys, args: Args, accelerat
     for column in ("prompt_ids", *keys):
         for ids in ds[column]:
             token_hash.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
-    key = "\n".join([LOGPS_VERSION, name, data_fingerprint(name), token_hash.hexdigest(), args.dtype,
-                     accelerator.mixed_precision, str(args.padding_free), json.dumps(batches)])
-    path = os.path.join(args.cache_dir, f"token-logps-{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors")
+    cache_key = "\n".join([LOGPS_VERSION, name, data_fingerprint(name), token_hash.hexdigest(), args.dtype,
+                           accelerator.mixed_precision, str(args.padding_free), json.dumps(batches)])
+    digest = hashlib.sha256(cache_key.encode()).hexdigest()[:20]
+    path = os.path.join(args.cache_dir, f"token-logps-{digest}.safetensors")
     if os.path.exists(path):
         log(f"pre-pass {name}: reusing the cache {path}")
         return {**load_file(path), "n_rows": len(ds)}
