@@ -714,9 +714,8 @@ def load_pretrained(auto_class, name: str, args: Args):
                if not os.path.exists(name) and constants.HF_HUB_OFFLINE else "the folder is empty" if held == [] else
                "that folder holds a training checkpoint (optimizer state), not a saved model; pass the run's output "
                "folder" if "optimizer.bin" in (held or []) else str(e).splitlines()[0])
-        hint = ("the tiny models come from `bash run_tiny.sh` (or pass their folders)" if args.preset == "tiny" else
-                "pass a local model folder or a hub id (offline: --preset tiny after `bash run_tiny.sh`)")
-        fail(f"could not load model {name!r}: {why}. {hint}")
+        fail(f"could not load model {name!r}: {why}. Pass a local model folder or a hub id (the offline tiny models "
+             "come from `bash run_tiny.sh`)")
     if auto_class is AutoTokenizer and loaded.chat_template is None:
         fail(f"tokenizer of {name!r} has no chat template; use an instruct tokenizer or set one")
     if auto_class is AutoTokenizer and loaded.pad_token is None:
