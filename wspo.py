@@ -204,11 +204,11 @@ class Args:
     """replace an earlier run in output_dir: its checkpoints/ are deleted, metrics.jsonl restarts, other files stay"""
 
     # filled in at runtime
-    world_size: int = 1
+    world_size: tyro.conf.Suppress[int] = 1
     """(runtime) number of processes"""
-    global_batch_size: int = 0
+    global_batch_size: tyro.conf.Suppress[int] = 0
     """(runtime) micro batch x accumulation x processes"""
-    data_fingerprint: str = ""
+    data_fingerprint: tyro.conf.Suppress[str] = ""
     """(runtime) size and modification time of the training data's files: --resume refuses changed data"""
 
 
@@ -330,8 +330,7 @@ def validate(args: Args):
 
     from huggingface_hub import constants
 
-    names = [args.strong, args.strong_ref, args.weak_ref, args.weak_aligned, args.dataset_name, args.eval_dataset_name]
-    remote, url = [n for n in names if n is not None and not os.path.exists(n)], urlparse(constants.ENDPOINT)
+    remote, url = [n for n in inputs if n is not None and not os.path.exists(n)], urlparse(constants.ENDPOINT)
     try:
         if remote and not constants.HF_HUB_OFFLINE:
             socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 3).close()
@@ -341,8 +340,8 @@ def validate(args: Args):
 
 
 def data_fingerprint(name: str) -> str:
-    """Size and modification time of every file of a local dataset (a file or a folder); a hub id: its name. The
-    cache-*/tmp* files that map/filter write next to a save_to_disk dataset are left out (a resume must match)."""
+    """Size and modification time of every file of a local dataset or model (a file or a folder); a hub id: its name.
+    The cache-*/tmp* files that map/filter write next to a save_to_disk dataset are left out (a resume must match)."""
     files = [name] if os.path.isfile(name) else sorted(os.path.join(d, f) for d, _, fs in os.walk(name) for f in fs
                                                        if not f.startswith(("cache-", "tmp")))
     stats = [(os.path.relpath(f, name), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
@@ -385,24 +384,23 @@ def checkpoint_steps(root: str) -> list[int]:
 def first_bad_line(path: str) -> str | None:
     """Where a .json/.jsonl file breaks: the 1-based line of invalid JSON, a non-object, or a field whose type
     differs from its first occurrence (a .json file's records count as lines); None if nothing is found."""
-    records, seen = [], {}
+    lines, seen = enumerate(open(path), 1), {}
     if path.endswith(".json"):  # one JSON document
         try:
             document = json.load(open(path))
         except json.JSONDecodeError as e:
             return f"line {e.lineno} is not valid JSON ({e.msg})"
-        records = list(enumerate(document if isinstance(document, list) else [], 1))
-    for number, line in [] if path.endswith(".json") else enumerate(open(path), 1):
+        lines = enumerate(map(json.dumps, document if isinstance(document, list) else []), 1)
+    for number, line in lines:
         try:
-            records += [(number, json.loads(line))] if line.strip() else []
+            record = json.loads(line) if line.strip() else {}
         except json.JSONDecodeError as e:
             return f"line {number} is not valid JSON ({e.msg})"
-    for number, record in records:
         if not isinstance(record, dict):
             return f"line {number} is not a JSON object"
         for key, value in record.items():
             first = seen.setdefault(key, (type(value).__name__, number))
-            if value is not None and first[0] != "NoneType" and first[0] != type(value).__name__:
+            if value is not None and first[0] not in ("NoneType", type(value).__name__):
                 return f"line {number}: {key!r} is a {type(value).__name__}, but a {first[0]} on line {first[1]}"
     return None
 
@@ -557,16 +555,16 @@ def check_tokenizers(args: Args, tokenizer, raws: list, log):
     tokenizer's ids on every example; stop at the first that does not. A tokenizer whose definition (vocabulary,
     merges, normalisation, chat template, special tokens) is the strong one's gives its ids by construction."""
     definition = lambda t: (t.backend_tokenizer.to_str(), t.chat_template, t.eos_token, t.pad_token)
-    ids = lambda tok, ex: sum(map(tokenize_example(tok, ex, args, False).get, ("prompt_ids", "chosen_ids")), [])
+    ids_of = lambda tok, ex: sum(map(tokenize_example(tok, ex, args, False).get, ("prompt_ids", "chosen_ids")), [])
     for name in dict.fromkeys(n for n in (args.strong_ref, args.weak_ref, args.weak_aligned) if n != args.strong):
         tok = load_pretrained(AutoTokenizer, name, args)
         same = definition(tok) == definition(tokenizer)
         for split, raw in [] if same else raws:
             for i, ex in enumerate(raw):
-                if ids(tok, ex) != ids(tokenizer, ex):
+                if ids_of(tok, ex) != ids_of(tokenizer, ex):
                     fail(f"tokenizer mismatch: {name!r} and the strong model {args.strong!r} tokenize {split} example "
-                         f"{i} differently ({ex.get(args.prompt_column)!r}):\n  {name}: {ids(tok, ex)}\n  "
-                         f"{args.strong}: {ids(tokenizer, ex)}\nWSPO pairs the weak and strong log-probs token by "
+                         f"{i} differently ({ex.get(args.prompt_column)!r}):\n  {name}: {ids_of(tok, ex)}\n  "
+                         f"{args.strong}: {ids_of(tokenizer, ex)}\nWSPO pairs the weak and strong log-probs token by "
                          "token; all four models must share one tokenizer and chat template.")
         log(f"tokenizer check: {name} " + ("has the strong model's tokenizer (identical definition)" if same else
                                            "gives the strong tokenizer's ids on every example"))
@@ -578,28 +576,27 @@ def cached_tokens(cache: dict, rows: list[int], key_index: int = 0) -> torch.Ten
     return torch.cat([cache["values"][cache["offsets"][k]: cache["offsets"][k + 1]] for k in sequences])
 
 
-def collate(rows: list[dict], pad_id: int, padding_free: bool, keys=("chosen_ids",), cache: dict | None = None):
-    """One sequence per (key, row), keys outer: with keys=(chosen, rejected), sequence i and i+len(rows) pair up.
+def collate(examples: list[dict], pad_id: int, padding_free: bool, keys=("chosen_ids",), cache: dict | None = None):
+    """One sequence per (key, row), keys outer: with keys=(chosen, rejected), sequence i and i+len(examples) pair up.
     `loss_mask[t]` marks the positions that predict a response token (`response_targets`, in order). The response
     tokens' sequence ids, counts and cached values are built here, on the host, so the step never waits on the
     device for them. padding-free: one row, position_ids restart per sequence."""
-    seqs = [torch.tensor(r["prompt_ids"] + r[key]) for key in keys for r in rows]
-    masks = [torch.tensor([False] * (len(r["prompt_ids"]) - 1) + [True] * len(r[key]) + [False])
-             for key in keys for r in rows]
-    response_lengths = [len(r[key]) for key in keys for r in rows]
-    row_ids = [r["row"] for r in rows]
+    seqs = [torch.tensor(ex["prompt_ids"] + ex[key]) for key in keys for ex in examples]
+    masks = [torch.tensor([False] * (len(ex["prompt_ids"]) - 1) + [True] * len(ex[key]) + [False])
+             for key in keys for ex in examples]
+    response_lengths = [len(ex[key]) for key in keys for ex in examples]
+    row_ids = [ex["row"] for ex in examples]
     out = {"row": row_ids, "n_seqs": len(seqs), "n_tokens": sum(map(len, seqs)), "response_lengths": response_lengths,
-           "n_chosen_tokens": sum(response_lengths[: len(rows)]),
            "response_seq": torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(response_lengths)),
-           "response_targets": torch.tensor([t for key in keys for r in rows for t in r[key]])}
+           "response_targets": torch.tensor([t for key in keys for ex in examples for t in ex[key]])}
     if cache is not None:  # the pre-pass's strong-reference log-probs (every response) and weak log-ratio (chosen)
         out["ref_logps"] = torch.cat([cached_tokens(cache["ref"], row_ids, k) for k in range(len(keys))])
         out["weak_logratio"] = cached_tokens(cache["weak_aligned"], row_ids) - cached_tokens(cache["weak_ref"], row_ids)
     if padding_free:
         return {**out, "input_ids": torch.cat(seqs)[None], "loss_mask": torch.cat(masks)[None],
                 "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None]}
-    n = max(len(s) for s in seqs)
-    pad = lambda xs, v: torch.stack([F.pad(x, (0, n - len(x)), value=v) for x in xs])
+    width = max(len(s) for s in seqs)
+    pad = lambda xs, v: torch.stack([F.pad(x, (0, width - len(x)), value=v) for x in xs])
     return {**out, "input_ids": pad(seqs, pad_id), "attention_mask": pad([torch.ones_like(s) for s in seqs], 0),
             "loss_mask": pad(masks, False)}
 
@@ -628,30 +625,29 @@ def per_sequence_sum(values: torch.Tensor, seq_id: torch.Tensor, n_seqs: int) ->
     return torch.zeros(n_seqs, device=values.device, dtype=values.dtype).index_add(0, seq_id, values)
 
 
-def compute_loss(policy_logps: torch.Tensor, batch: dict, beta: float, gamma: float, level: str):
-    """The WSPO loss of each chosen response (the official trainer's token-level form or the paper's sequence-level
-    one) and per-example metrics; with rejected responses, the held-out reward accuracy."""
-    n, n_chosen = len(batch["row"]), batch["n_chosen_tokens"]
-    seq_id = batch["response_seq"][:n_chosen]
-    strong_logratio = policy_logps[:n_chosen] - batch["ref_logps"][:n_chosen]  # log pi - log pi_sref, per token
-    weak_logratio = batch["weak_logratio"]  # log pi_wal - log pi_wref, per token
-    if level == "token":  # d_t = beta (log pi - log pi_sref) - gamma (log pi_wal - log pi_wref); sum_t d_t^2 / |y|
-        d = beta * strong_logratio - gamma * weak_logratio
-        n_tokens = per_sequence_sum(torch.ones_like(d), seq_id, n)
-        losses = per_sequence_sum(d**2, seq_id, n) / n_tokens
-        abs_d = per_sequence_sum(d.detach().abs(), seq_id, n) / n_tokens
-    else:  # the paper: (beta log pi/pi_sref(y) - gamma log pi_wal/pi_wref(y))^2
-        d = beta * per_sequence_sum(strong_logratio, seq_id, n) - gamma * per_sequence_sum(weak_logratio, seq_id, n)
-        losses, abs_d = d**2, d.detach().abs()
-    chosen_rewards = beta * per_sequence_sum(strong_logratio.detach(), seq_id, n)  # the strong implicit reward
-    # abs_d: how far each response is from the weak target, |d| (token level: the mean of |d_t| over the response)
-    metrics = {"loss": losses.detach(), "abs_d": abs_d, "rewards/chosen": chosen_rewards}
-    if batch["n_seqs"] > n:  # rejected responses (eval): the strong implicit reward's held-out accuracy
-        rejected_logratio = (policy_logps[n_chosen:] - batch["ref_logps"][n_chosen:]).detach()
-        rejected_rewards = beta * per_sequence_sum(rejected_logratio, batch["response_seq"][n_chosen:] - n, n)
-        metrics.update({"rewards/rejected": rejected_rewards, "rewards/margins": chosen_rewards - rejected_rewards,
-                        "rewards/accuracies": (chosen_rewards > rejected_rewards).float()})
-    return losses, metrics
+def wspo_loss(d_t: torch.Tensor, batch: dict, level: str) -> torch.Tensor:
+    """The WSPO loss of each chosen response y from its per-token differences d_t: the official trainer's sum_t d_t^2 /
+    |y| (token level), or the paper's (sum_t d_t)^2 = (beta log pi/pi_sref(y) - gamma log pi_wal/pi_wref(y))^2."""
+    n, seq_id = len(batch["row"]), batch["response_seq"][: len(d_t)]
+    if level == "token":  # |y| as a sum of ones: counted without a host sync
+        return per_sequence_sum(d_t**2, seq_id, n) / per_sequence_sum(torch.ones_like(d_t), seq_id, n)
+    return per_sequence_sum(d_t, seq_id, n) ** 2
+
+
+def response_metrics(losses, d_t, strong_logratio, batch: dict, args: Args) -> dict:
+    """Per example: the loss, |d| (token level: the mean |d_t| over the response) and the strong implicit reward
+    beta log pi/pi_sref(y); with rejected responses (eval) their reward, the margin and the held-out accuracy."""
+    n, d_t, chosen_seq = len(batch["row"]), d_t.detach(), batch["response_seq"][: len(d_t)]
+    if args.loss_level == "token":
+        abs_d = per_sequence_sum(d_t.abs(), chosen_seq, n) / per_sequence_sum(torch.ones_like(d_t), chosen_seq, n)
+    else:
+        abs_d = per_sequence_sum(d_t, chosen_seq, n).abs()
+    rewards = args.beta * per_sequence_sum(strong_logratio.detach(), batch["response_seq"], batch["n_seqs"])
+    metrics = {"loss": losses.detach(), "abs_d": abs_d, "rewards/chosen": rewards[:n]}
+    if batch["n_seqs"] > n:
+        metrics.update({"rewards/rejected": rewards[n:], "rewards/margins": rewards[:n] - rewards[n:],
+                        "rewards/accuracies": (rewards[:n] > rewards[n:]).float()})
+    return metrics
 
 
 # ---- the pre-pass: per-token log-probs of each frozen model, one model in memory at a time, cached -------------------
@@ -668,16 +664,14 @@ def prepass(name: str, ds, batches: list[list[int]], keys, args: Args, accelerat
     rows; batch i on process i % processes) under the training forward's autocast and weights dtype, as one flat
     tensor with offsets: the tokens of sequence k = key index * len(ds) + row are values[offsets[k]:offsets[k+1]].
     Cached under the model (a local folder by its files' sizes and times), the token ids, precision and layout."""
-    model_key, token_hash, stat = name, hashlib.sha256(), lambda f: os.stat(os.path.join(name, f))
-    if os.path.isdir(name):
-        files = sorted(f for f in os.listdir(name) if f.endswith((".safetensors", ".json")))
-        model_key += "|" + "|".join(f"{f}:{stat(f).st_size}:{stat(f).st_mtime}" for f in files)
+    token_hash = hashlib.sha256()
     for column in ("prompt_ids", *keys):
         for ids in ds[column]:
             token_hash.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
-    key = "\n".join([LOGPS_VERSION, model_key, token_hash.hexdigest(), args.dtype, accelerator.mixed_precision,
-                     str(args.padding_free), json.dumps(batches)])
-    path = os.path.join(args.cache_dir, f"token-logps-{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors")
+    cache_key = "\n".join([LOGPS_VERSION, name, data_fingerprint(name), token_hash.hexdigest(), args.dtype,
+                           accelerator.mixed_precision, str(args.padding_free), json.dumps(batches)])
+    digest = hashlib.sha256(cache_key.encode()).hexdigest()[:20]
+    path = os.path.join(args.cache_dir, f"token-logps-{digest}.safetensors")
     if os.path.exists(path):
         log(f"pre-pass {name}: reusing the cache {path}")
         return {**load_file(path), "n_rows": len(ds)}
@@ -720,9 +714,8 @@ def load_pretrained(auto_class, name: str, args: Args):
                if not os.path.exists(name) and constants.HF_HUB_OFFLINE else "the folder is empty" if held == [] else
                "that folder holds a training checkpoint (optimizer state), not a saved model; pass the run's output "
                "folder" if "optimizer.bin" in (held or []) else str(e).splitlines()[0])
-        hint = ("the tiny models come from `bash run_tiny.sh` (or pass their folders)" if args.preset == "tiny" else
-                "pass a local model folder or a hub id (offline: --preset tiny after `bash run_tiny.sh`)")
-        fail(f"could not load model {name!r}: {why}. {hint}")
+        fail(f"could not load model {name!r}: {why}. Pass a local model folder or a hub id (the offline tiny models "
+             "come from `bash run_tiny.sh`)")
     if auto_class is AutoTokenizer and loaded.chat_template is None:
         fail(f"tokenizer of {name!r} has no chat template; use an instruct tokenizer or set one")
     if auto_class is AutoTokenizer and loaded.pad_token is None:
@@ -762,7 +755,6 @@ if __name__ == "__main__":
     log = lambda msg: accelerator.print(f"[{args.exp_name}] {msg}")
     if accelerator.is_main_process:
         lock_output_dir(args.output_dir)
-    sync = torch.cuda.synchronize if accelerator.device.type == "cuda" else lambda: None
     set_seed(args.seed, device_specific=True)
     tokenizer = load_pretrained(AutoTokenizer, args.strong, args)
     log(f"global batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation x "
@@ -835,11 +827,6 @@ if __name__ == "__main__":
         log(f"warning: the learning rate is 0 at each of the {total_steps} steps (warm-up --warmup_ratio "
             f"{args.warmup_ratio}): no update is applied; train more steps or lower --warmup_ratio")
     model, optimizer = accelerator.prepare(model, optimizer)
-    # device-side non-finite flag, read once per logging window: fused AdamW skips its update while it is 1, so a
-    # non-finite step (and every later one) leaves the weights as they were
-    nonfinite = torch.zeros((), device=accelerator.device)
-    first_nonfinite_step = torch.full((), -1, device=accelerator.device)
-    optimizer.optimizer.found_inf = nonfinite
     eval_loader = None if eval_ds is None else make_loader("eval", range(len(eval_ds)), args.per_device_eval_batch_size)
 
     # checkpoints are renamed into place once fully written: only those count
@@ -881,7 +868,7 @@ if __name__ == "__main__":
             import wandb
 
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
-                       dir=args.output_dir, name=run_id)
+                       dir=args.output_dir, name=run_id, save_code=True)
 
     def log_metrics(metrics: dict, step: int):
         if accelerator.is_main_process:
@@ -892,26 +879,22 @@ if __name__ == "__main__":
 
     newest = lambda: next((f"{ckpt_root}/step-{s}" for s in checkpoint_steps(ckpt_root)[-1:]), "none")  # for messages
 
-    def check_finite():
-        """Reads the device-side flag (a host sync): once per logging window, and before a checkpoint or the save."""
-        if nonfinite.item():
-            raise SystemExit(f"non-finite loss or gradient at step {int(first_nonfinite_step.item())}: no update was "
-                             f"applied from that step on; newest checkpoint: {newest()}")
-
     @torch.no_grad()
-    def evaluate_and_log(step: int, extra: dict | None = None) -> float:
+    def evaluate_and_log(step: int, extra: dict | None = None):
         """Logs `extra` and the means over every held-out example (gather_for_metrics drops accelerate's padding
-        duplicates); returns the seconds it took, which steady-state throughput leaves out."""
+        duplicates); a non-finite eval loss stops the run before anything is saved."""
         if eval_loader is None:
             return log_metrics(extra, step)
-        sync()
-        start, parts = time.time(), []
+        parts = []
         model.eval()
         for batch in eval_loader:
             with accelerator.autocast():
                 policy_logps = token_logps(model, batch)
-            parts.append(accelerator.gather_for_metrics(compute_loss(policy_logps, batch, args.beta, args.weak_coef,
-                                                                     args.loss_level)[1]))
+            # the training loss on the chosen responses; the strong log-ratio of the rejected ones too, if any
+            strong_logratio = policy_logps - batch["ref_logps"]
+            d_t = args.beta * strong_logratio[: len(batch["weak_logratio"])] - args.weak_coef * batch["weak_logratio"]
+            losses = wspo_loss(d_t, batch, args.loss_level)
+            parts.append(accelerator.gather_for_metrics(response_metrics(losses, d_t, strong_logratio, batch, args)))
         model.train()
         means = {f"eval/{k}": torch.cat([p[k] for p in parts]).double().mean().item() for k in parts[0]}
         log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
@@ -919,14 +902,10 @@ if __name__ == "__main__":
         if not math.isfinite(means["eval/loss"]):
             raise SystemExit(f"eval/loss is {means['eval/loss']} at step {step}: the model is not saved (newest "
                              f"checkpoint: {newest()})")
-        sync()
-        return time.time() - start
 
-    def save_checkpoint(step: int) -> float:
+    def save_checkpoint(step: int):
         # written to a temporary folder, then renamed: a crash mid-save never leaves a checkpoint resume would pick
-        check_finite()
-        sync()
-        start, tmp = time.time(), os.path.join(ckpt_root, f"tmp-step-{step}")
+        tmp = os.path.join(ckpt_root, f"tmp-step-{step}")
         accelerator.save_state(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:  # a step saved before (resumed from an earlier checkpoint) is replaced
@@ -935,7 +914,6 @@ if __name__ == "__main__":
             for old in checkpoint_steps(ckpt_root)[: -args.save_total_limit]:
                 shutil.rmtree(os.path.join(ckpt_root, f"step-{old}"))
         accelerator.wait_for_everyone()
-        return time.time() - start
 
     if global_step == 0:
         evaluate_and_log(0, data_counts)
@@ -943,8 +921,6 @@ if __name__ == "__main__":
     model.train()
     bar = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="wspo")
     running, window_tokens, window_start = {}, 0, time.time()
-    warmup_steps, start_step = min(3, total_steps // 2), global_step  # steady state: after this invocation's warm-up
-    steady = {"tokens": 0, "examples": 0, "excluded_s": 0.0, "start": time.time()}
     epoch = global_step // steps_per_epoch
     while global_step < total_steps:
         loader = make_loader("train", epoch_order(epoch)[:rows_per_epoch].tolist(), args.per_device_train_batch_size)
@@ -954,70 +930,58 @@ if __name__ == "__main__":
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     policy_logps = token_logps(model, batch)  # log pi(y_t) at every chosen response token
-                # ALGO LOGIC: the WSPO loss (the paper; the official trainer, token level):
-                # d_t = beta (log pi - log pi_sref) - gamma (log pi_wal - log pi_wref), loss = mean_y sum_t d_t^2 / |y|
-                losses, metrics = compute_loss(policy_logps, batch, args.beta, args.weak_coef, args.loss_level)
+                # ALGO LOGIC: the WSPO loss on the chosen responses y (training batches hold no rejected ones)
+                strong_logratio = policy_logps - batch["ref_logps"]  # log pi(y_t) - log pi_sref(y_t)
+                weak_logratio = batch["weak_logratio"]  # log pi_wal(y_t) - log pi_wref(y_t), from the pre-pass
+                d_t = args.beta * strong_logratio - args.weak_coef * weak_logratio
+                losses = wspo_loss(d_t, batch, args.loss_level)  # token: sum_t d_t^2 / |y|; sequence: (sum_t d_t)^2
                 loss = losses.mean()
-                # TRY NOT TO MODIFY: backward, clipping, the non-finite flag, the update
+                # TRY NOT TO MODIFY: backward, clipping, a non-finite gradient stops the run before its update
                 accelerator.backward(loss)
-                bad = ~torch.isfinite(loss.detach())
                 if accelerator.sync_gradients:
-                    bad = bad | ~torch.isfinite(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
-                first_nonfinite_step.copy_(torch.where(bad & (nonfinite == 0), global_step + 1, first_nonfinite_step))
-                nonfinite.copy_(torch.maximum(nonfinite, bad.float()))
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    if not torch.isfinite(grad_norm):  # one host sync per step; a non-finite loss gives one too
+                        raise SystemExit(f"non-finite loss or gradient at step {global_step + 1}: no update was "
+                                         f"applied from that step on; newest checkpoint: {newest()}")
                 optimizer.step()
                 optimizer.zero_grad()
-            # the batch's correlation of strong and weak per-token log-ratios (training batches hold chosen only)
-            strong_logratio = (policy_logps - batch["ref_logps"]).detach()
-            corr = F.cosine_similarity(strong_logratio - strong_logratio.mean(),
-                                       batch["weak_logratio"] - batch["weak_logratio"].mean(), dim=0)
+            metrics = response_metrics(losses, d_t, strong_logratio, batch, args)
+            # the batch's correlation of the strong and weak per-token log-ratios
+            corr = F.cosine_similarity(strong_logratio.detach() - strong_logratio.detach().mean(),
+                                       weak_logratio - weak_logratio.mean(), dim=0)
             ones = torch.ones_like(losses.detach())
             metrics.update(logratio_corr=corr * ones, examples=ones)
             running = {k: running.get(k, 0) + v.double().sum() for k, v in metrics.items()}
             window_tokens += batch["n_tokens"]
-            if global_step - start_step >= warmup_steps:
-                steady["tokens"] += batch["n_tokens"]
-                steady["examples"] += len(batch["row"])
             if not accelerator.sync_gradients:
                 continue
             step_lr = scheduler.get_last_lr()[0]  # the rate this step used (logged)
             scheduler.step()
             global_step += 1
             bar.update(1)
-            if global_step - start_step == warmup_steps:
-                sync()
-                steady["start"] = time.time()
             if global_step % args.logging_steps == 0 or global_step == total_steps:
-                check_finite()
                 sums = {k: accelerator.reduce(v, reduction="sum") for k, v in running.items()}
                 tokens = accelerator.reduce(torch.tensor(float(window_tokens), device=accelerator.device), "sum")
+                window_s = time.time() - window_start  # eval and checkpoint time inside the window included
                 out = {f"train/{k}": (v / sums["examples"]).item() for k, v in sums.items() if k != "examples"}
                 out.update({"train/lr": step_lr, "train/epoch": global_step / steps_per_epoch,
-                            "perf/tokens_per_s": tokens.item() / (time.time() - window_start)})
+                            "perf/tokens_per_s": tokens.item() / window_s,
+                            "perf/examples_per_s": sums["examples"].item() / window_s})
                 bar.set_postfix(loss=f"{out['train/loss']:.4f}")
                 log_metrics(out, global_step)
                 running, window_tokens, window_start = {}, 0, time.time()
             if eval_loader is not None and args.eval_steps and global_step % args.eval_steps == 0 \
                     and global_step != total_steps:
-                steady["excluded_s"] += evaluate_and_log(global_step)
+                evaluate_and_log(global_step)
             if args.save_steps and global_step % args.save_steps == 0:
-                steady["excluded_s"] += save_checkpoint(global_step)
+                save_checkpoint(global_step)
             if global_step >= total_steps:
                 break
         epoch += 1
     bar.close()
-    sync()
-    steady_s = time.time() - steady["start"] - steady["excluded_s"]
-    steady_steps = max(global_step - start_step - warmup_steps, 0)
-    totals = accelerator.reduce(torch.tensor([float(steady["tokens"]), float(steady["examples"])],
-                                             device=accelerator.device), "sum").tolist()
     peak_memory = (torch.cuda.max_memory_allocated(accelerator.device) if accelerator.device.type == "cuda" else
                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
-    check_finite()
-    evaluate_and_log(global_step, {
-        "perf/peak_memory_gb": peak_memory, "perf/steady_steps": steady_steps, "perf/steady_s": steady_s,
-        "perf/steady_tokens_per_s": totals[0] / steady_s if steady_steps else 0.0,
-        "perf/steady_examples_per_s": totals[1] / steady_s if steady_steps else 0.0})
+    evaluate_and_log(global_step, {"perf/peak_memory_gb": peak_memory})
 
     # TRY NOT TO MODIFY: save a plain transformers model (LoRA merged) + tokenizer, safetensors
     accelerator.wait_for_everyone()
