@@ -15,7 +15,6 @@ Burns et al. 2023, "Weak-to-Strong Generalization: Eliciting Strong Capabilities
     5. weak-to-strong <- the same probe (same init, same batches) trained with the weak soft labels q_i
     report: test accuracy of the weak labels, the ceiling and the student, student-teacher agreement, and
         PGR = (acc_w2s - acc_weak) / (acc_ceiling - acc_weak)             (performance gap recovered, section 3)
-    results.json (with the run id) and results.png in --output_dir.
 
 Probe losses (weak_to_strong/loss.py), over a probe batch B, with s = steps done / total steps:
     xent:     L = -1/|B| sum_i sum_k t_ik log p_ik,  t = q (student) or one-hot y (ceiling)
