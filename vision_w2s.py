@@ -194,8 +194,7 @@ def parse_args() -> Args:
         fail(f"unknown --preset {given.preset!r}; choose one of paper, tiny")
     if given.config and given.preset:
         fail("pass one of --config and --preset (--preset tiny is recipes/tiny/vision_w2s.yaml)")
-    path = given.config or (given.preset == "tiny" and str(Path(__file__).resolve().parent / "recipes" / "tiny" /
-                                                           "vision_w2s.yaml"))
+    path = given.config or (given.preset == "tiny" and f"{Path(__file__).parent}/recipes/tiny/vision_w2s.yaml")
     args = tyro.cli(Args, args=(read_config(path) if path else []) + sys.argv[1:], use_underscores=True)
     args.config_sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
     validate(args)

@@ -606,8 +606,7 @@ def parse_args() -> Args:
     given = tyro.cli(Args, use_underscores=True)  # the command line alone: the file it names, the models it sets
     if given.config and given.preset == "tiny":
         fail("pass one of --config and --preset (--preset tiny is recipes/tiny/weak_to_strong_cls.yaml)")
-    path = given.config or (given.preset == "tiny" and str(Path(__file__).resolve().parent / "recipes" / "tiny" /
-                                                           "weak_to_strong_cls.yaml"))
+    path = given.config or (given.preset == "tiny" and f"{Path(__file__).parent}/recipes/tiny/weak_to_strong_cls.yaml")
     args = tyro.cli(Args, args=(read_config(path) if path else []) + sys.argv[1:], use_underscores=True)
     args.config_sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
     for side in ("weak", "strong"):  # a model type replaces a pretrained model the command line does not name
