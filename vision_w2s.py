@@ -15,7 +15,6 @@ Burns et al. 2023, "Weak-to-Strong Generalization: Eliciting Strong Capabilities
     5. weak-to-strong <- the same probe (same init, same batches) trained with the weak soft labels q_i
     report: test accuracy of the weak labels, the ceiling and the student, student-teacher agreement, and
         PGR = (acc_w2s - acc_weak) / (acc_ceiling - acc_weak)             (performance gap recovered, section 3)
-    results.json (with the run id) and results.png in --output_dir.
 
 Probe losses (weak_to_strong/loss.py), over a probe batch B, with s = steps done / total steps:
     xent:     L = -1/|B| sum_i sum_k t_ik log p_ik,  t = q (student) or one-hot y (ceiling)
@@ -27,24 +26,12 @@ accumulation, so the optimizer-step batch is the batch: the logconf quantile is 
 optimizer-step batch (--probe_batch_size images; the last batch of an epoch holds the remainder).
 The probe has no dropout. Preprocessing matches torchvision's transforms, written with PIL and torch.
 
-Presets: `--preset paper` (the default) is the published setting: ImageNet validation, 40k / 10k, AlexNet -> DINO
-ViT-B/8, Linear(d, 1000) probes with Adam lr 1e-3, no weight decay, batch 100, cosine stepped per iteration with
-T_max = the epoch count (official, so the lr cycles), 5 epochs (20 for ResNet-50). `--preset tiny` (or
-`--preset=tiny`) is the offline setting: `python -m tiny` writes 32x32 procedural images and two small transformers
-ResNets (tiny/images.py) pre-trained with ground truth on the disjoint `train` split, a stand-in for AlexNet's ImageNet
-training and DINO's self-supervised pretraining (not a reproduction of either). The preset names them as --weak_model
-(its head gives the weak labels, as AlexNet's does) and --strong_model. Every flag given overrides the preset.
-    python -m tiny --out data/tiny
-    OMP_NUM_THREADS=1 python vision_w2s.py --preset tiny   # one thread: tiny convolutions on a busy CPU
-    python vision_w2s.py --preset tiny --loss logconf --output_dir output/vision_w2s_tiny_logconf  # cached
-Published setting (hub access to ILSVRC/imagenet-1k; AlexNet needs torchvision, imported only then):
-    accelerate launch vision_w2s.py --strong_model facebook/dino-vitb8 --probe_epochs 5
-    accelerate launch vision_w2s.py --strong_model dino_resnet50 --probe_epochs 20 --trust_remote_code
+Settings: YAML files of Args fields citing their sources, flags given after --config win; published:
+recipes/vision/; offline: recipes/tiny/vision_w2s.yaml (--preset tiny; its commands and measured results):
+    accelerate launch vision_w2s.py --config recipes/vision/vision_w2s-imagenet-alexnet-to-dino-vitb8.yaml
 Other labelled image sets: weak labels from a ground-truth probe on the weak model's embeddings, e.g.
     accelerate launch vision_w2s.py --dataset uoft-cs/cifar10 --image_column img --split test \
         --n_train 8000 --weak_head_split train --probe_epochs 20
-Arguments are checked before anything is loaded (a wrong one: one line, exit code 2, nothing written); an
-output_dir that already holds files needs --overwrite_output_dir. The cache is reused, never refused.
 """
 
 import argparse
@@ -57,7 +44,8 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from difflib import get_close_matches
 from functools import partial
 from pathlib import Path
 from typing import Literal, NoReturn
@@ -71,6 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from huggingface_hub import constants as hub_constants
@@ -89,7 +78,10 @@ class Args:
     seed: int = 0
     """seed of the train/test shuffle and of the probes (rank r seeds torch with seed + r)"""
     preset: Literal["paper", "tiny"] = "paper"
-    """paper: the published setting; tiny: the offline one (data/tiny: images and two small ResNets); flags win"""
+    """paper: the defaults; tiny: short for --config recipes/tiny/vision_w2s.yaml (the offline setting)"""
+    config: str | None = None
+    """YAML file of Args fields (the papers' settings are in recipes/); flags given on the command line override it"""
+    config_sha256: tyro.conf.Suppress[str | None] = None  # set after parsing; recorded in results.json
     output_dir: str = "output/vision_w2s"
     """results.json and results.png go here"""
     overwrite_output_dir: bool = False
@@ -162,34 +154,49 @@ class Args:
     """name of the wandb run; also the run id in results.json"""
 
 
-PRESETS = {
-    "paper": Args(),
-    "tiny": Args(  # the offline setting written by `python -m tiny --out data/tiny`
-        preset="tiny", dataset="data/tiny/images", resize=32, crop=32, embed_batch_size=256, num_workers=0,
-        split="test", n_train=1400,  # 2000 images: 1400 probe train / 600 test (the models learned on `train`)
-        probe_epochs=60, output_dir="output/vision_w2s_tiny", cache_dir="output/vision_w2s_tiny_cache",
-        weak_model="data/tiny/models/resnet-weak", strong_model="data/tiny/models/resnet-strong"),
-}
 IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 TORCH_HUB_DINO = ("dino_resnet50", "dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8")
 
 
 # --------------------------------------------------------------------------------------------
-# arguments: presets, validation before anything is loaded or written, user errors
+# arguments: --config or --preset, validation before anything is loaded or written, user errors
 def fail(message: str) -> NoReturn:
     """A user error: one message saying what is wrong and how to fix it, exit code 2, nothing written."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
+def read_config(path: str) -> list[str]:
+    """The flags a YAML file of Args fields stands for: tyro checks them as typed; flags given after them win."""
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        fail(f"--config {path}: cannot be read as YAML ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(config, dict):
+        fail(f"--config {path} is not a mapping of Args fields: write one `field: value` per line")
+    keys = [f.name for f in fields(Args) if f.name not in ("preset", "config") and "Suppress" not in str(f.type)]
+    flags = ["--config", path]
+    for key, value in config.items():
+        if key not in keys:
+            fail(f"--config {path}: unknown key {key!r} (did you mean {get_close_matches(str(key), keys, 1, 0)[0]!r}?)")
+        flags += ([f"--{key}" if value else f"--no_{key}"] if isinstance(value, bool) else
+                  [f"--{key}", *map(str, value if isinstance(value, list) else [value])])
+    return flags
+
+
 def parse_args() -> Args:
-    """`--preset NAME` (or `--preset=NAME`) picks the defaults; every flag given overrides them."""
+    """`--config FILE` (or --preset tiny: recipes/tiny/vision_w2s.yaml), then the flags given, which win."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--preset")
-    preset = pre.parse_known_args()[0].preset
-    if preset is not None and preset not in PRESETS:
-        fail(f"unknown --preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
-    args = tyro.cli(Args, default=PRESETS[preset or "paper"], use_underscores=True)
+    for flag in ("--preset", "--config"):
+        pre.add_argument(flag)
+    given = pre.parse_known_args()[0]
+    if given.preset not in (None, "paper", "tiny"):
+        fail(f"unknown --preset {given.preset!r}; choose one of paper, tiny")
+    if given.config and given.preset:
+        fail("pass one of --config and --preset (--preset tiny is recipes/tiny/vision_w2s.yaml)")
+    path = given.config or (given.preset == "tiny" and f"{Path(__file__).parent}/recipes/tiny/vision_w2s.yaml")
+    args = tyro.cli(Args, args=(read_config(path) if path else []) + sys.argv[1:], use_underscores=True)
+    args.config_sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
     validate(args)
     return args
 
@@ -524,7 +531,7 @@ def plot(res: dict, path: Path, title: str) -> None:
 
 
 if __name__ == "__main__":
-    args = parse_args()  # presets, then every check that needs no data or model (exit code 2, nothing written)
+    args = parse_args()  # --config or --preset, then every check that needs no data or model (exit 2, nothing written)
     own_head = args.weak_head_split is None  # published: AlexNet's own ImageNet head gives the weak labels
 
     # TRY NOT TO MODIFY: setup

@@ -9,19 +9,19 @@ named by the last part of its path or hub id (the whole name where two would sha
 results.json and writes sweep.json (per seed, mean and std per pair) and sweep.png:
 test accuracy against the strong model with one line per weak model, the strong ceiling in black, and PGR per pair
 (a pair of a model with itself, self-training, has no PGR, nor has a pair whose strong ceiling is not above its
-weak model: sweep.json lists those under pgr_undefined). Every flag it does not know (--preset, --ds_name,
+weak model: sweep.json lists those under pgr_undefined). Every flag it does not know (--config, --preset, --ds_name,
 --losses, --n_seeds, ...) goes to weak_to_strong_cls.py unchanged; the --weak_* / --strong_* models are set here,
-each fine-tuned at its default lr (weak_to_strong_cls.py DEFAULT_LR).
+after those flags (over a --config file's), each fine-tuned at its default lr (weak_to_strong_cls.py DEFAULT_LR).
 
 Offline setting (tiny/cls.py, see weak_to_strong_cls.py): the pre-trained students tiny-s (1 layer, hidden 8,
 fine-tuning lr 3e-3), tiny-m (2 layers, hidden 16, 3e-4) and tiny-l (2 layers, hidden 32, 1e-4) (docs/cls_sweep.png):
-    python -m tiny --out data/tiny --no_images   # the data and the pre-trained students
+    python -m tiny --out data/tiny --no_images --models cls   # the data and the pre-trained students
     OMP_NUM_THREADS=1 python w2s_sweep.py --preset tiny --n_seeds 3 \\
         --models data/tiny/models/cls/tiny-s data/tiny/models/cls/tiny-m data/tiny/models/cls/tiny-l
 
-Published setting (gpt2 family on sciq, 3 seeds, the published per-model learning rates; any GPU count):
-    python w2s_sweep.py --accelerate --ds_name sciq --models gpt2 gpt2-medium gpt2-large gpt2-xl \\
-        --losses xent logconf --n_seeds 3 --output_dir output/sweep_sciq
+Published setting (the openai/weak-to-strong README's sweep.py; any weak_to_strong_cls recipe works; any GPU count):
+    python w2s_sweep.py --accelerate --config recipes/weak_to_strong/weak_to_strong_cls-sciq-sweep.yaml \\
+        --models gpt2 gpt2-medium gpt2-large gpt2-xl --output_dir output/sweep_sciq
 """
 
 import json

@@ -13,9 +13,8 @@ train,loss}.py). For each seed, one run does:
     is not above the weak model), and the test-set agreement of each strong student with its weak teacher.
 
 Every model is a causal LM whose hidden state at the last real token feeds a zero-initialised 2-class linear head
-without bias. Stages are cached under --output_dir (keyed by their settings) and skipped on rerun unless
---force_retrain; a folder holding other files is refused (--overwrite_output_dir). The size sweep (figure 3: every
-weak <= strong pair of a list of models) is w2s_sweep.py, which runs this script once per pair on one --output_dir.
+without bias; stages are cached in --output_dir, keyed by their settings. The size sweep (figure 3: every weak <=
+strong pair of a list of models) is w2s_sweep.py, which runs this script once per pair on one --output_dir.
 
 Losses (loss.py), with soft labels y and predictions p: xent = CE(p, y); product = CE(p, norm(p^beta y^alpha));
 logconf = CE(p, (1 - c) y + c h), h = p hardened at the quantile of p(0) that gives h the weak labels' class
@@ -24,21 +23,11 @@ optimizer step (micro batches hold equal numbers of examples), and logconf's qua
 batch too (all micro batches, all processes), so any split of a batch gives the same step. Adam without weight
 decay, cosine to 0, no warm-up, dropout off (the official train_with_dropout=False).
 
-Offline setting (tiny/cls.py): sentiment of reviews of sentiment words, filler words and negations ("not" flips the
-next word); a strong model must see negation, a 1-layer bag of words cannot. The students are *pretrained*, as in
-the paper: tiny/ writes tiny-s, tiny-m and tiny-l (qwen2, hidden 8 / 16 / 32) as model folders in data/tiny/models/cls,
-pre-trained on an unlabeled corpus that carries the concept but no label and no test text. The preset fine-tunes
-tiny-s -> tiny-l at lr 3e-3 / 1e-4, 2 epochs, batch 32 (a pretrained student at a gentle lr keeps its own concept;
-at 1e-3 it copies its teacher, PGR ~0.1). Measured, 5 seeds (CPU): weak 0.736 +- 0.020, ceiling 0.957 +- 0.006, PGR
-xent 0.29 +- 0.09, logconf 0.38 +- 0.10, product 0.28 +- 0.09; agreement with the teacher xent 0.84, logconf 0.80.
-    python -m tiny --out data/tiny --no_images   # the data and the pre-trained students
-    OMP_NUM_THREADS=1 python weak_to_strong_cls.py --preset tiny --n_seeds 5   # one thread: tiny matrices
-Published setting (gpt2 family on sciq, 3 seeds; any GPU count; amazon_polarity, boolq, cosmos_qa, anthropic_hh too):
-    accelerate launch weak_to_strong_cls.py --ds_name sciq --weak_model_name_or_path gpt2 \\
-        --strong_model_name_or_path gpt2-xl --losses xent logconf --n_seeds 3
+Settings: YAML files of Args fields citing their sources, flags given after --config win; published: recipes/
+weak_to_strong/; offline: recipes/tiny/weak_to_strong_cls.yaml (--preset tiny; its commands and measured results):
+    accelerate launch weak_to_strong_cls.py --config recipes/weak_to_strong/weak_to_strong_cls-sciq.yaml
 """
 
-import argparse
 import contextlib
 import hashlib
 import inspect
@@ -48,7 +37,8 @@ import random
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from difflib import get_close_matches
 from functools import partial
 from pathlib import Path
 from typing import Literal, NoReturn
@@ -62,6 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from datasets import Dataset, load_dataset, load_dataset_builder, load_from_disk
@@ -81,7 +72,10 @@ class Args:
     n_seeds: int = 1
     """runs with seeds seed, seed+1, ...; the report gives mean +- std over them"""
     preset: Literal["paper", "tiny"] = "paper"
-    """`tiny`: the offline setting (data/tiny and its pre-trained students data/tiny/models/cls); flags win"""
+    """paper: the defaults; tiny: short for --config recipes/tiny/weak_to_strong_cls.yaml (the offline setting)"""
+    config: str | None = None
+    """YAML file of Args fields (the papers' settings are in recipes/); flags given on the command line override it"""
+    config_sha256: tyro.conf.Suppress[str | None] = None  # set after parsing; recorded in results.json
     output_dir: str = "output/weak_to_strong_cls"
     """stages (models, weak labels, predictions), results.json and results.png go here"""
     force_retrain: bool = False
@@ -164,15 +158,7 @@ class Args:
     """name of the wandb run"""
 
 
-PRESETS = {
-    "paper": Args(),
-    "tiny": Args(  # the offline setting: `python -m tiny --out data/tiny --no_images` (the students: tiny/cls.py)
-        preset="tiny", ds_name="data/tiny/cls", n_docs=8000, n_test_docs=400, max_ctx=64, eval_batch_size=128,
-        weak_model_name_or_path="data/tiny/models/cls/tiny-s", strong_model_name_or_path="data/tiny/models/cls/tiny-l",
-        losses=("xent", "logconf", "product"), output_dir="output/weak_to_strong_cls_tiny"),
-}
-# fine-tuning lr per model name, at batch 32: train_weak_to_strong.py MODEL_CONFIGS (larger models: 1e-5), and the
-# tiny setting's pre-trained students (tiny/cls.py)
+# fine-tuning lr per model name, at batch 32: train_weak_to_strong.py MODEL_CONFIGS (larger: 1e-5), tiny/cls.py
 DEFAULT_LR = {"gpt2": 5e-5, "gpt2-medium": 5e-5, "tiny-s": 3e-3, "tiny-m": 3e-4, "tiny-l": 1e-4}
 
 
@@ -591,22 +577,41 @@ def plot(summary: dict, losses: tuple, path: Path, title: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# arguments: presets, and every check that needs no data or model (one message, exit code 2, nothing written)
+# arguments: --config or --preset, then the checks that need no data or model (one message, exit 2, nothing written)
 def fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
+def read_config(path: str) -> list[str]:
+    """The flags a YAML file of Args fields stands for: tyro checks them as typed; flags given after them win."""
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        fail(f"--config {path}: cannot be read as YAML ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(config, dict):
+        fail(f"--config {path} is not a mapping of Args fields: write one `field: value` per line")
+    keys = [f.name for f in fields(Args) if f.name not in ("preset", "config") and "Suppress" not in str(f.type)]
+    flags = ["--config", path]
+    for key, value in config.items():
+        if key not in keys:
+            fail(f"--config {path}: unknown key {key!r} (did you mean {get_close_matches(str(key), keys, 1, 0)[0]!r}?)")
+        flags += ([f"--{key}" if value else f"--no_{key}"] if isinstance(value, bool) else
+                  [f"--{key}", *map(str, value if isinstance(value, list) else [value])])
+    return flags
+
+
 def parse_args() -> Args:
-    """`--preset NAME` (or `--preset=NAME`) picks the defaults; every flag given overrides them."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", choices=sorted(PRESETS))
-    preset = pre.parse_known_args()[0].preset
-    default = PRESETS[preset] if preset else Args()
-    args = tyro.cli(Args, default=default, use_underscores=True)
-    for side in ("weak", "strong"):  # a model type given on the command line replaces the preset's pretrained model
+    """`--config FILE` (or --preset tiny: recipes/tiny/weak_to_strong_cls.yaml), then the flags given, which win."""
+    given = tyro.cli(Args, use_underscores=True)  # the command line alone: the file it names, the models it sets
+    if given.config and given.preset == "tiny":
+        fail("pass one of --config and --preset (--preset tiny is recipes/tiny/weak_to_strong_cls.yaml)")
+    path = given.config or (given.preset == "tiny" and f"{Path(__file__).parent}/recipes/tiny/weak_to_strong_cls.yaml")
+    args = tyro.cli(Args, args=(read_config(path) if path else []) + sys.argv[1:], use_underscores=True)
+    args.config_sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+    for side in ("weak", "strong"):  # a model type replaces a pretrained model the command line does not name
         path_flag = f"{side}_model_name_or_path"
-        if getattr(args, f"{side}_model_type") is not None and getattr(args, path_flag) == getattr(default, path_flag):
+        if getattr(args, f"{side}_model_type") is not None and getattr(given, path_flag) == getattr(Args(), path_flag):
             setattr(args, path_flag, None)
     validate(args)
     return args

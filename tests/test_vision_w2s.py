@@ -1,6 +1,7 @@
 """vision_w2s.py on the tiny image set and the tiny ResNets (tiny/images.py): end to end, cache reuse, distributed
 extraction, torchvision absent, unreadable images and bad labels, and the math (preprocessing, probe losses)."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from datasets import load_dataset
 from conftest import load_script, run_script
 from PIL import Image
@@ -20,6 +22,8 @@ from PIL import Image
 # and `import torchvision` blocked, as if it were not installed: the script must never need it
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SCRIPT = str(Path(__file__).resolve().parents[1] / "vision_w2s.py")
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+TINY_RECIPE = RECIPES / "tiny" / "vision_w2s.yaml"  # what --preset tiny stands for
 WRITE_IMAGES = "import pathlib, sys; from tiny import images; images.write(pathlib.Path(sys.argv[1]), int(sys.argv[2]))"
 WRITE_MODELS = ("import pathlib, sys; from tiny import images; "
                 "images.write_models(pathlib.Path(sys.argv[1]), int(sys.argv[2]), *map(int, sys.argv[3:]))")
@@ -279,9 +283,9 @@ def error_line(err: str) -> str:
 
 def test_presets_both_spellings_and_flags_override(vw, parse, monkeypatch):
     monkeypatch.setattr(vw.importlib.util, "find_spec", lambda name: object())  # as if torchvision were installed
-    assert parse() == vw.Args() == vw.PRESETS["paper"]
+    assert parse() == vw.Args()
     assert parse("--preset", "paper") == vw.Args()
-    tiny = vw.PRESETS["tiny"]
+    tiny = dataclasses.replace(parse("--config", str(TINY_RECIPE)), preset="tiny")  # --preset tiny: that file
     assert parse("--preset", "tiny") == parse("--preset=tiny") == tiny
     assert tiny.preset == "tiny" and tiny.dataset == "data/tiny/images"
     # the preset names the model folders `python -m tiny` writes (tiny.images.write_models)
@@ -331,6 +335,65 @@ def test_output_dir_with_files_is_refused_without_overwrite(parse, capsys, tmp_p
     (tmp_path / "file").write_text("x")
     assert_user_error(parse, capsys, tmp_path, ("--preset", "tiny", "--output_dir", str(tmp_path / "file")),
                       "is a file, not a folder")
+
+
+# --config FILE.yaml: the recipes (issue 29)
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*/vision_w2s*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_recipe_parses_to_the_values_it_names(vw, parse, monkeypatch, recipe):
+    monkeypatch.setattr(vw.importlib.util, "find_spec", lambda name: object())  # as if torchvision were installed
+    monkeypatch.setattr(vw.hub_constants, "HF_HUB_OFFLINE", True)  # no hub check for the hub ids
+    assert recipe.read_text().startswith("# ")  # its source, in a comment at the top
+    args = parse("--config", str(recipe))
+    for key, value in yaml.safe_load(recipe.read_text()).items():
+        assert getattr(args, key) == value, key
+    assert args.config == str(recipe) and args.config_sha256 == hashlib.sha256(recipe.read_bytes()).hexdigest()
+
+
+def test_config_values_are_typed_as_flags_and_the_command_line_wins(vw, parse, tmp_path):
+    config = tmp_path / "run.yaml"  # int, bool, 1e-3 (a string to PyYAML), null, a Literal
+    config.write_text(f"{TINY_RECIPE.read_text()}probe_epochs: 7\ntrust_remote_code: true\nprobe_lr: 1e-3\n"
+                      "weak_head_split: null\nloss: logconf\n")
+    args = parse("--config", str(config))
+    assert (args.probe_epochs, args.trust_remote_code, args.probe_lr, args.weak_head_split, args.loss) == (
+        7, True, 1e-3, None, "logconf")
+    assert (args.n_train, args.dataset, args.lr_schedule) == (1400, "data/tiny/images", "official")  # file, default
+    args = parse("--probe_epochs", "9", "--config", str(config), "--no_trust_remote_code", "--loss=xent")
+    assert (args.probe_epochs, args.trust_remote_code, args.loss, args.n_train) == (9, False, "xent", 1400)
+
+
+@pytest.mark.parametrize("text, argv, message", [
+    ("probe_lrr: 0.1\n", (), "--config {config}: unknown key 'probe_lrr' (did you mean 'probe_lr'?)"),
+    ("run_name: x\n", (), "--config {config}: unknown key 'run_name'"),  # filled in at runtime
+    ("config: other.yaml\n", (), "--config {config}: unknown key 'config'"),
+    ("[1, 2]\n", (), "--config {config} is not a mapping of Args fields"),
+    ("probe_lr: {\n", (), "--config {config}: cannot be read as YAML"),
+    (None, (), "--config {config}: cannot be read as YAML (FileNotFoundError"),
+    ("probe_epochs: 3\n", ("--preset", "paper"), "pass one of --config and --preset"),
+])
+def test_bad_config_exits_2_naming_the_file(parse, capsys, tmp_path, text, argv, message):
+    config = tmp_path / "run.yaml"
+    if text is not None:
+        config.write_text(text)
+    assert_user_error(parse, capsys, tmp_path, ("--config", str(config), *argv), message.format(config=config))
+
+
+def test_config_run_records_the_file_and_reuses_the_presets_cache(offline_run, image_set, tiny_models, no_torchvision,
+                                                                 tmp_path):
+    """results.json's args name the --config file (--preset tiny: recipes/tiny/vision_w2s.yaml) and its sha256; the
+    cache is keyed by the settings, not by the file."""
+    out, _, first = offline_run
+    assert first["args"]["config"] == str(TINY_RECIPE) and first["args"]["preset"] == "tiny"
+    assert first["args"]["config_sha256"] == hashlib.sha256(TINY_RECIPE.read_bytes()).hexdigest()
+    config = tmp_path / "tiny.yaml"
+    config.write_bytes(TINY_RECIPE.read_bytes())
+    p = run_script("vision_w2s.py", "--config", str(config), "--dataset", str(image_set), "--output_dir",
+                   str(tmp_path / "out"), "--cache_dir", str(out / "cache"), *model_flags(tiny_models),
+                   env=no_torchvision)
+    assert p.stdout.count("reusing cached") == 2
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["args"]["config"] == str(config) and res["args"]["config_sha256"] == first["args"]["config_sha256"]
+    assert res["w2s_acc"] == first["w2s_acc"] and res["strong_ceiling_acc"] == first["strong_ceiling_acc"]
 
 
 def test_logconf_threshold_is_over_the_whole_optimizer_step_batch(vw):

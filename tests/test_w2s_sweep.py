@@ -121,3 +121,21 @@ def test_models_are_named_by_their_folder_unless_two_share_a_name(tmp_path):
         sweep = json.loads((out / "sweep.json").read_text())
         assert sweep["models"] == names and sweep["args"]["models"] == models
         assert list(sweep["mean"]) == [f"{names[0]}->{names[0]}", f"{names[0]}->{names[1]}", f"{names[1]}->{names[1]}"]
+
+
+def test_config_goes_to_the_training_script_before_the_pairs_models(tmp_path):
+    """--config (a weak_to_strong_cls recipe, issue 29) reaches every run of weak_to_strong_cls.py unchanged, and the
+    pair's model flags come after it, so that they win over the file's models and learning rates."""
+    (tmp_path / "w2s_sweep.py").write_text((ROOT / "w2s_sweep.py").read_text())
+    (tmp_path / "weak_to_strong_cls.py").write_text(FAKE_TRAINING_SCRIPT + "with open(Path(flag('--output_dir')).parent"
+                                                     " / 'argv.jsonl', 'a') as f:\n    f.write(json.dumps(argv) + '\\n')\n")
+    config, out = ROOT / "recipes" / "weak_to_strong" / "weak_to_strong_cls-sciq.yaml", tmp_path / "out"
+    run_script(str(tmp_path / "w2s_sweep.py"), "--config", str(config), "--models", "small", "big", "--output_dir",
+               str(out))
+    runs = [json.loads(line) for line in (tmp_path / "argv.jsonl").read_text().splitlines()]
+    assert len(runs) == 3  # small->small, small->big, big->big
+    for argv, (weak, strong) in zip(runs, [("small", "small"), ("small", "big"), ("big", "big")]):
+        assert argv[:2] == ["--config", str(config)]
+        assert argv[argv.index("--weak_model_name_or_path") + 1] == weak and "--weak_lr" in argv[2:]
+        assert argv[argv.index("--strong_model_name_or_path") + 1] == strong
+    assert json.loads((out / "sweep.json").read_text())["args"]["passthrough"] == ["--config", str(config)]

@@ -3,6 +3,8 @@ gradient accumulation and distributed equivalence (logconf's whole-batch thresho
 aggregation, the offline pipeline end to end (weak < strong ceiling, PGR, JSON and PNG, cache reuse), and the
 unlabeled pre-training corpus and the pre-trained students of tiny/cls.py. The size sweep: test_w2s_sweep.py."""
 
+import dataclasses
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from accelerate.state import AcceleratorState, GradientState
 from conftest import load_script, run_script, not_a_model_folders
 from datasets import load_from_disk
@@ -22,6 +25,8 @@ w2s = load_script("weak_to_strong_cls")
 
 # one torch thread: tiny matrices crawl when two threads fight other jobs for two cores
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+TINY_RECIPE = RECIPES / "tiny" / "weak_to_strong_cls.yaml"  # what --preset tiny stands for
 QWEN_SMALL = "hidden_size=16,intermediate_size=32,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=1"
 
 
@@ -589,3 +594,81 @@ def test_pgr_is_undefined_when_the_strong_ceiling_is_not_above_the_weak_model(ti
     w2s.plot(summary, ("xent",), tmp_path / "again.png", "title")
     assert texts[-1] == f"{r['transfer_acc_xent']:.3f}\nPGR undefined\n(strong <= weak)"
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# --config FILE.yaml: the recipes (issue 29)
+def parse_argv(monkeypatch, *argv: str):
+    monkeypatch.setattr("sys.argv", ["weak_to_strong_cls.py", *argv])
+    return w2s.parse_args()
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*/weak_to_strong_cls*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_recipe_parses_to_the_values_it_names(recipe, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the recipes' output folders are relative
+    monkeypatch.setattr(w2s.constants, "HF_HUB_OFFLINE", True)  # no hub check for the hub ids
+    assert recipe.read_text().startswith("# ")  # its source, in a comment at the top
+    args = parse_argv(monkeypatch, "--config", str(recipe))
+    for key, value in yaml.safe_load(recipe.read_text()).items():
+        assert getattr(args, key) == (tuple(value) if isinstance(value, list) else value), key
+    assert args.config == str(recipe) and args.config_sha256 == hashlib.sha256(recipe.read_bytes()).hexdigest()
+
+
+def test_preset_tiny_is_the_tiny_recipe_and_flags_override_a_file(monkeypatch, tmp_path):
+    by_file = parse_argv(monkeypatch, "--config", str(TINY_RECIPE))
+    assert dataclasses.replace(by_file, preset="tiny") == parse_argv(monkeypatch, "--preset", "tiny")
+    assert (by_file.ds_name, by_file.n_docs, by_file.losses) == ("data/tiny/cls", 8000,
+                                                                 ("xent", "logconf", "product"))
+    config = tmp_path / "run.yaml"  # every kind of value: int, bool, 1e-5 (a string to PyYAML), list, null
+    config.write_text("n_docs: 512\nsave_models: false\nweak_lr: 1e-5\nlosses: [product]\nstrong_lr: null\n"
+                      f"output_dir: {tmp_path / 'out'}\n")
+    args = parse_argv(monkeypatch, "--config", str(config))
+    assert (args.n_docs, args.save_models, args.weak_lr) == (512, False, 1e-5)
+    assert (args.losses, args.strong_lr) == (("product",), None)
+    assert args.n_test_docs == w2s.Args().n_test_docs  # a field the file does not name keeps its default
+    args = parse_argv(monkeypatch, "--config", str(config), "--n_docs", "64", "--save_models", "--losses", "xent",
+                      "logconf")  # the command line wins, before or after the file's values
+    assert (args.n_docs, args.save_models, args.weak_lr, args.losses) == (64, True, 1e-5, ("xent", "logconf"))
+    assert parse_argv(monkeypatch, "--n_docs=64", "--config", str(config)).n_docs == 64
+
+
+@pytest.mark.parametrize("text, argv, message", [
+    ("weak_lrr: 1e-5\n", (), "--config {config}: unknown key 'weak_lrr' (did you mean 'weak_lr'?)"),
+    ("n_doc: 64\n", (), "--config {config}: unknown key 'n_doc' (did you mean 'n_docs'?)"),
+    ("micro_batch_size: 4\n", (), "--config {config}: unknown key 'micro_batch_size' (did you mean 'batch_size'?)"),
+    ("preset: tiny\n", (), "--config {config}: unknown key 'preset'"),
+    ("- n_docs\n", (), "--config {config} is not a mapping of Args fields"),
+    ("n_docs: [64\n", (), "--config {config}: cannot be read as YAML (ParserError"),
+    (None, (), "--config {config}: cannot be read as YAML (FileNotFoundError"),
+    ("n_docs: 64\n", ("--preset", "tiny"), "pass one of --config and --preset"),
+])
+def test_bad_config_exits_2_naming_the_file(text, argv, message, monkeypatch, capsys, tmp_path):
+    config = tmp_path / "run.yaml"
+    if text is not None:
+        config.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_argv(monkeypatch, "--config", str(config), "--output_dir", str(tmp_path / "out"), *argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert f"error: {message.format(config=config)}" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if text is None else ["run.yaml"])
+
+
+def test_config_run_records_the_file_and_shares_the_cache_with_the_preset(tiny, tmp_path):
+    """results.json's args name the --config file and its sha256; a stage's cache key holds the settings, not the
+    file: the same settings through --preset tiny reuse every stage."""
+    config, out = tmp_path / "tiny.yaml", tmp_path / "out"
+    config.write_bytes(TINY_RECIPE.read_bytes())
+    small = ("--n_docs", "128", "--n_test_docs", "50", "--gt_epochs", "1", "--losses", "xent", "--no_save_models")
+    argv = cli(tiny, out, *small)
+    assert argv[1:3] == ["--preset", "tiny"]
+    run_script(argv[0], "--config", str(config), *argv[3:], env=SINGLE_THREAD)
+    first = json.loads((out / "results.json").read_text())
+    assert first["args"]["config"] == str(config) and first["args"]["preset"] == "paper"
+    assert first["args"]["config_sha256"] == hashlib.sha256(TINY_RECIPE.read_bytes()).hexdigest()
+    assert first["args"]["n_docs"] == 128 and first["args"]["max_ctx"] == 64  # the command line's, the file's
+    second = run_script(*argv, env=SINGLE_THREAD)
+    assert len(re.findall(r"cached in .*, skipped", second.stdout)) == 3  # weak, strong ceiling, w2s_xent
+    again = json.loads((out / "results.json").read_text())
+    assert again["args"]["config"] == str(TINY_RECIPE) and again["per_seed"] == first["per_seed"]
