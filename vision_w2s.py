@@ -331,8 +331,9 @@ def pretrained(loader, name: str):
     except (OSError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         where = "a local folder" if os.path.exists(name) else "no such local folder and not a cached hub id"
+        tiny = " (python -m tiny --out data/tiny --models vision writes it)" if "/models/resnet-" in name else ""
         fail(f"could not load model {name!r} ({where}): {reason}; pass a folder holding config.json and weights, or "
-             f"a hub id (with network, or cached when HF_HUB_OFFLINE=1)")
+             f"a hub id (with network, or cached when HF_HUB_OFFLINE=1){tiny}")
 
 
 def load_data(args: Args) -> tuple[dict, dict, int]:

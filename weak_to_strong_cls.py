@@ -263,7 +263,7 @@ def load_cls_dataset(ds_name: str, n_docs: int, n_test_docs: int, seed: int) -> 
         except Exception as e:  # offline, gated, renamed...: say which dataset and what to do instead
             raise DataError(f"could not load {hub_id} from the hub ({type(e).__name__}: {e}); offline, pass a local "
                             "dataset with --ds_name, or write the tiny setting (python -m tiny --out data/tiny "
-                            "--no_images) and use --preset tiny") from None
+                            "--no_images --models cls) and use --preset tiny") from None
         raw = {split: [{**fmt(ex, rng), "where": f"{hub_id} {split} row {i}"}
                        for i, ex in enumerate(raw[split].select(range(min(n, len(raw[split])))))]
                for split, n, rng in (("train", n_docs, random.Random(seed)),
@@ -284,7 +284,7 @@ def load_cls_dataset(ds_name: str, n_docs: int, n_test_docs: int, seed: int) -> 
         raw = {"train": raw["train"][:n_docs], "test": raw["test"][:n_test_docs]}
     else:
         raise DataError(f"--ds_name {ds_name} is neither one of {sorted(HUB_DATASETS)} nor a local path (for the "
-                        "offline setting run `python -m tiny --out data/tiny --no_images` first)")
+                        "offline setting run `python -m tiny --out data/tiny --no_images --models cls` first)")
     out = {}
     for split, rows in raw.items():
         for row in rows:  # checked in file order, before any shuffling; a label may be an int, a bool or 0.0 / 1.0
@@ -380,7 +380,9 @@ def build_model(spec: dict, args: Args, check: bool = False) -> tuple:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
         raise DataError(f"could not load {what} {name!r}: no such local folder and not a hub id"
                         f"{' in the local cache (HF_HUB_OFFLINE is set)' if offline else ''}; pass a hub id "
-                        "(e.g. gpt2) or a folder holding a model") from None
+                        "(e.g. gpt2) or a folder holding a model"
+                        f"{' (python -m tiny --out data/tiny --models cls writes it)' if '/models/cls/' in name else ''}"
+                        ) from None
     if lm is None:
         overrides = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
         if spec["config_overrides"]:  # parsed and type-checked as in run_clm.py, then passed to the constructor

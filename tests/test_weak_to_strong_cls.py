@@ -672,3 +672,13 @@ def test_config_run_records_the_file_and_shares_the_cache_with_the_preset(tiny, 
     assert len(re.findall(r"cached in .*, skipped", second.stdout)) == 3  # weak, strong ceiling, w2s_xent
     again = json.loads((out / "results.json").read_text())
     assert again["args"]["config"] == str(TINY_RECIPE) and again["per_seed"] == first["per_seed"]
+
+
+def test_missing_tiny_students_say_how_to_write_them(tiny, tmp_path):
+    """--preset tiny before `python -m tiny --models cls`: exit 2 naming the folder and the command that writes it."""
+    p = run_script(str(Path(__file__).parents[1] / "weak_to_strong_cls.py"), "--preset", "tiny", "--ds_name",
+                   str(tiny / "cls"), "--output_dir", str(tmp_path / "out"), cwd=tmp_path, check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "could not load model 'data/tiny/models/cls/tiny-s'" in p.stderr
+    assert "python -m tiny --out data/tiny --models cls writes it" in p.stderr
+    assert not (tmp_path / "out").exists()
