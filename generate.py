@@ -61,6 +61,7 @@ Offline tiny setting (CPU; prompts in the tiny language, no judge):
     python generate.py --preset tiny --benchmark mt_bench --model_name_or_path runs/tiny/wspo-strong
 """
 
+import argparse
 import glob
 import hashlib
 import json
@@ -184,8 +185,6 @@ def read_config(path: str) -> list[str]:
 
 def parse_args() -> Args:
     """`--config FILE` (or `--preset tiny`, its shorthand) gives the values; every flag given overrides them."""
-    import argparse
-
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     pre.add_argument("--preset", choices=["tiny"])

@@ -41,6 +41,7 @@ Offline tiny setting (CPU; RM_FOLDER = any AutoModelForSequenceClassification fo
 Defaults = recipes/wpo/hybrid_pairs-llama3-8b-instruct-v2.yaml; bf16 weights on a GPU.
 """
 
+import argparse
 import hashlib
 import json
 import os
@@ -168,8 +169,6 @@ def read_config(path: str) -> list[str]:
 
 def parse_args() -> Args:
     """`--config FILE` (or `--preset tiny`, its shorthand) gives the values; every flag given overrides them."""
-    import argparse
-
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     pre.add_argument("--preset", choices=["tiny"])

@@ -599,3 +599,14 @@ def test_base_tokenizer_trains_with_chat_template_and_saves_it(tiny, small_init,
     saved = json.load(open(tmp_path / "o" / "args.json"))
     assert saved["config"] == str(recipe) and saved["chat_template"] == "recipes/templates/zephyr.jinja"
     assert saved["config_sha256"] == hashlib.sha256(recipe.read_bytes()).hexdigest() and saved["learning_rate"] == 1e-3
+
+
+def test_resume_compares_the_values_not_the_config_file_that_set_them(tmp_path, capsys):
+    args = dataclasses.replace(TINY, output_dir=str(tmp_path), config="a.yaml", config_sha256="0" * 64, resume=True)
+    saved = {**vars(args), "resume_allow_changes": [], "completed_steps": 4}
+    (tmp_path / "args.json").write_text(json.dumps({**saved, "config": "b.yaml", "config_sha256": "1" * 64}))
+    assert sft.compare_with_saved_run(args) == 4  # nothing differs but the file: the finished run is recognised
+    (tmp_path / "args.json").write_text(json.dumps({**saved, "learning_rate": 0.5}))
+    with pytest.raises(SystemExit) as e:
+        sft.compare_with_saved_run(args)
+    assert e.value.code == 2 and "learning_rate: 0.5 -> 0.003" in capsys.readouterr().err
