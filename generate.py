@@ -61,6 +61,7 @@ Offline tiny setting (CPU; prompts in the tiny language, no judge):
     python generate.py --preset tiny --benchmark mt_bench --model_name_or_path runs/tiny/wspo-strong
 """
 
+import argparse
 import glob
 import hashlib
 import json
@@ -68,12 +69,14 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from difflib import get_close_matches
 from typing import Literal, NoReturn
 from urllib.parse import urlparse
 
 import torch
 import tyro
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
@@ -98,12 +101,17 @@ class Args:
     """answer only the first N prompts (a quick check)"""
     system_prompt: str | None = None
     """a system message before every conversation (default: none; the chat template may add its own)"""
+    config: str | None = None
+    """YAML file of Args fields (settings kept as files are in recipes/); flags given on the command line override it"""
+    config_sha256: tyro.conf.Suppress[str | None] = None  # of the --config file, set after parsing (in FILE.args.json)
     preset: Literal["tiny"] | None = None
-    """named defaults: `tiny` = the offline tiny setting (data/tiny/prompts); flags still override"""
+    """`tiny` = --config recipes/tiny/generate.yaml, the offline tiny setting (data/tiny/prompts)"""
 
     # model loading
     tokenizer_name: str | None = None
     """tokenizer hub id or path for every model (default: each model's own)"""
+    chat_template: str | None = None
+    """Jinja chat template, or a path to a .jinja file, for every model (for a tokenizer that ships none)"""
     trust_remote_code: bool = False
     """allow custom modelling code from the hub (off: only code shipped with transformers runs)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -134,10 +142,6 @@ class Args:
     """the name of this program (log prefix)"""
 
 
-PRESETS = {
-    "tiny": Args(preset="tiny", prompts="data/tiny/prompts", max_new_tokens=24, batch_size=64, dtype="float32"),
-}
-
 # the published prompt sets, the answer-file names and each benchmark's own generation defaults
 BENCHMARKS = {
     "alpaca_eval": {"hub": "tatsu-lab/alpaca_eval", "hub_file": "alpaca_eval.json", "file": "alpaca_eval.json",
@@ -152,7 +156,7 @@ MT_BENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "mat
                         "reasoning": 0.0, "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0}
 # the generation settings an answer file depends on: --resume refuses to continue a file made with others
 SETTINGS = ("model_name_or_path", "benchmark", "prompts", "prompts_split", "system_prompt", "tokenizer_name", "dtype",
-            "temperature", "top_p", "max_new_tokens", "seed")
+            "temperature", "top_p", "max_new_tokens", "seed", "chat_template")
 
 
 def fail(message: str) -> NoReturn:
@@ -161,14 +165,35 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def parse_args() -> Args:
-    """`--preset NAME` (or `--preset=NAME`) picks the defaults; every flag given overrides them."""
-    import argparse
+def read_config(path: str) -> list[str]:
+    """A --config file as the flags it stands for: tyro checks them as on the command line, and later flags win."""
+    try:
+        config = yaml.safe_load(open(path))
+    except (OSError, yaml.YAMLError) as e:
+        config = e
+    if not isinstance(config, dict):
+        fail(f"--config {path} is not a YAML file of `key: value` lines: {str(config).splitlines()[0]}")
+    names = [f.name for f in fields(Args) if "Suppress" not in str(f.type) and f.name not in ("config", "preset")]
+    flags = ["--config", path]
+    for key, value in config.items():
+        if key not in names:
+            fail(f"--config {path}: unknown key {key!r} (did you mean {get_close_matches(key, names, 1, 0)[0]!r}?)")
+        flags += ([f"--{key}" if value else f"--no_{key}"] if isinstance(value, bool)
+                  else [f"--{key}", *map(str, value if isinstance(value, list) else [value])])
+    return flags
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", choices=sorted(PRESETS))
-    preset = pre.parse_known_args()[0].preset
-    args = tyro.cli(Args, default=PRESETS[preset] if preset else Args(), use_underscores=True)
+
+def parse_args() -> Args:
+    """`--config FILE` (or `--preset tiny`, its shorthand) gives the values; every flag given overrides them."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    pre.add_argument("--preset", choices=["tiny"])
+    given = pre.parse_known_args()[0]
+    if given.config and given.preset:
+        fail("--preset tiny stands for --config recipes/tiny/generate.yaml: pass one of them")
+    path = given.config or given.preset and f"{os.path.dirname(os.path.abspath(__file__))}/recipes/tiny/generate.yaml"
+    args = tyro.cli(Args, args=(read_config(path) if path else []) + sys.argv[1:], use_underscores=True)
+    args.config_sha256 = path and hashlib.sha256(open(path, "rb").read()).hexdigest()
     # filled in at runtime: the benchmark's defaults where a flag was left out
     args.output_dir = args.output_dir or os.path.join("answers", args.benchmark)
     args.max_new_tokens = args.max_new_tokens or BENCHMARKS[args.benchmark]["max_new_tokens"]
@@ -197,6 +222,8 @@ def validate(args: Args) -> None:
         fail(f"--temperature must be 0 (greedy) or above (got {args.temperature})")
     if not 0 < args.top_p <= 1:
         fail(f"--top_p must be in (0, 1] (got {args.top_p})")
+    if (args.chat_template or "").endswith(".jinja") and not os.path.isfile(args.chat_template):
+        fail(f"--chat_template {args.chat_template}: no such file; pass a .jinja file or the template itself")
     if args.resume and args.overwrite_output_dir:
         fail("--resume continues the answer files and --overwrite_output_dir replaces them; pass one of them")
     if os.path.isfile(args.output_dir):
@@ -425,9 +452,11 @@ def load_model(name: str, args: Args, device):
                  "(optimizer state), not a saved model; pass the run's output folder" if "optimizer.bin" in held
                  else "a folder that transformers cannot load")
         fail(f"could not load model '{name}': {where} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    if template := args.chat_template:  # for a base tokenizer
+        tokenizer.chat_template = open(template).read() if template.endswith(".jinja") else template
     if tokenizer.chat_template is None:
-        fail(f"the tokenizer of '{tok_name}' has no chat template; the benchmarks judge chat answers: use a chat / "
-             "instruct model, or pass --tokenizer_name with one that has a template")
+        fail(f"the tokenizer of '{tok_name}' has no chat template; the benchmarks judge chat answers: pass "
+             "--chat_template (a Jinja string or a .jinja file), or --tokenizer_name with one that has a template")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer, dtype
@@ -471,7 +500,7 @@ if __name__ == "__main__":
             if not records and os.path.exists(path):  # --overwrite_output_dir: no old answer outlives its settings
                 os.remove(path)
             with open(path + ".args.json", "w") as f:
-                json.dump(settings, f, indent=2)
+                json.dump(settings | {"config": args.config, "config_sha256": args.config_sha256}, f, indent=2)
 
         # rounds of batch_size x processes prompts of one temperature, longest prompts first
         groups = {}

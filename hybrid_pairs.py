@@ -28,22 +28,21 @@ batched score equals the score of the conversation alone; a model that loads wit
 causal LM) is refused. Prompts are sharded across processes (accelerate); each process samples with its own seed
 (set_seed(seed, device_specific=True)), so the samples depend on the number of processes.
 
-Paper scale (GPU, hub; Llama-3-8B-Instruct scored by ArmoRM, as the WPO README's HB-v2 models):
-    accelerate launch hybrid_pairs.py --output_dir data/llama3-hybrid --trust_remote_code \
-        --model_name_or_path meta-llama/Meta-Llama-3-8B-Instruct \
-        --reward_model_name_or_path RLHFlow/ArmoRM-Llama3-8B-v0.1
-    accelerate launch --config_file configs/zero3.yaml wpo.py --dataset_name data/llama3-hybrid \
-        --output_dir runs/llama3-8b-instruct-wpo-hb
+Paper scale (GPU, hub): the WPO README's hybrid settings are files in recipes/wpo/ (--config), Llama-3-8B-Instruct
+(HB-v2 pair rules) and gemma-2-9b-it, both scored by ArmoRM; each file names its source.
+    accelerate launch hybrid_pairs.py --config recipes/wpo/hybrid_pairs-llama3-8b-instruct-v2.yaml
+    accelerate launch --config_file configs/zero3.yaml wpo.py --config recipes/wpo/wpo-llama3-8b-instruct-hybrid.yaml \
+        --dataset_name data/llama3-hybrid
 Offline tiny setting (CPU; RM_FOLDER = any AutoModelForSequenceClassification folder with a chat template):
     python -m tiny --out data/tiny && python sft.py --preset tiny --output_dir runs/tiny/sft-weak
     python hybrid_pairs.py --preset tiny --reward_model_name_or_path RM_FOLDER --output_dir data/tiny/hybrid
     python wpo.py --preset tiny --model_name_or_path runs/tiny/sft-weak --dataset_name data/tiny/hybrid \
         --output_dir runs/tiny/wpo-hb
-
-Defaults: 5 samples per prompt at temperature 0.8, top-p 0.95 (top-k off), up to 1024 new tokens, plus the
-existing pair (WPO-HB); prompt / total lengths 1800 / 2048 tokens as wpo.py's Llama-3 setting; bf16 weights on a GPU.
+Defaults = recipes/wpo/hybrid_pairs-llama3-8b-instruct-v2.yaml; bf16 weights on a GPU.
 """
 
+import argparse
+import hashlib
 import json
 import os
 import random
@@ -51,12 +50,14 @@ import shutil
 import socket
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from difflib import get_close_matches
 from typing import Literal, NoReturn
 from urllib.parse import urlparse
 
 import torch
 import tyro
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
@@ -75,8 +76,11 @@ class Args:
     """the folder the dataset is written to (save_to_disk; train on it with --dataset_name OUTPUT_DIR)"""
     overwrite_output_dir: bool = False
     """replace a dataset an earlier run wrote in output_dir (the folder is deleted once the new one is complete)"""
+    config: str | None = None
+    """YAML file of Args fields (the papers' settings are in recipes/); flags given on the command line override it"""
+    config_sha256: tyro.conf.Suppress[str | None] = None  # of the --config file, set after parsing (in args.json)
     preset: Literal["tiny"] | None = None
-    """named defaults: `tiny` = the offline tiny setting (data/tiny, runs/tiny/sft-weak); flags still override"""
+    """`tiny` = --config recipes/tiny/hybrid_pairs.yaml, the offline tiny setting (data/tiny, runs/tiny/sft-weak)"""
     push_to_hub: bool = False
     """also upload the dataset to the Hugging Face Hub (needs a login)"""
     hub_dataset_id: str | None = None
@@ -87,6 +91,8 @@ class Args:
     """the policy that samples responses: hub id or local folder (WPO README: the model WPO then trains)"""
     tokenizer_name: str | None = None
     """the policy's tokenizer, hub id or path (default: --model_name_or_path)"""
+    chat_template: str | None = None
+    """Jinja chat template, or a path to a .jinja file, for the policy's tokenizer (for one that ships none)"""
     reward_model_name_or_path: str = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
     """reward model: a trained AutoModelForSequenceClassification with a chat template (ArmoRM: --trust_remote_code)"""
     trust_remote_code: bool = False
@@ -137,29 +143,42 @@ class Args:
     """prompts per generate call and per reward-model forward (which scores all their candidates at once)"""
 
 
-PRESETS = {
-    "tiny": Args(
-        preset="tiny", output_dir="data/tiny/hybrid", model_name_or_path="runs/tiny/sft-weak",
-        dataset_name="data/tiny/ultrafeedback", max_length=128, max_prompt_length=64, max_new_tokens=24,
-        batch_size=64, max_eval_samples=400,
-    ),
-}
-
-
 def fail(message: str) -> NoReturn:
     """A user error: one message saying what is wrong and how to fix it, exit code 2, nothing written."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def parse_args() -> Args:
-    """`--preset NAME` (or `--preset=NAME`) picks the defaults; every flag given overrides them."""
-    import argparse
+def read_config(path: str) -> list[str]:
+    """A --config file as the flags it stands for: tyro checks them as on the command line, and later flags win."""
+    try:
+        config = yaml.safe_load(open(path))
+    except (OSError, yaml.YAMLError) as e:
+        config = e
+    if not isinstance(config, dict):
+        fail(f"--config {path} is not a YAML file of `key: value` lines: {str(config).splitlines()[0]}")
+    names = [f.name for f in fields(Args) if "Suppress" not in str(f.type) and f.name not in ("config", "preset")]
+    flags = ["--config", path]
+    for key, value in config.items():
+        if key not in names:
+            fail(f"--config {path}: unknown key {key!r} (did you mean {get_close_matches(key, names, 1, 0)[0]!r}?)")
+        flags += ([f"--{key}" if value else f"--no_{key}"] if isinstance(value, bool)
+                  else [f"--{key}", *map(str, value if isinstance(value, list) else [value])])
+    return flags
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", choices=sorted(PRESETS))
-    preset = pre.parse_known_args()[0].preset
-    args = tyro.cli(Args, default=PRESETS[preset] if preset else Args(), use_underscores=True)
+
+def parse_args() -> Args:
+    """`--config FILE` (or `--preset tiny`, its shorthand) gives the values; every flag given overrides them."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    pre.add_argument("--preset", choices=["tiny"])
+    given = pre.parse_known_args()[0]
+    if given.config and given.preset:
+        fail("--preset tiny stands for --config recipes/tiny/hybrid_pairs.yaml: pass one of them")
+    tiny = f"{os.path.dirname(os.path.abspath(__file__))}/recipes/tiny/hybrid_pairs.yaml"
+    path = given.config or given.preset and tiny
+    args = tyro.cli(Args, args=(read_config(path) if path else []) + sys.argv[1:], use_underscores=True)
+    args.config_sha256 = path and hashlib.sha256(open(path, "rb").read()).hexdigest()
     validate(args)
     return args
 
@@ -176,6 +195,8 @@ def validate(args: Args) -> None:
         fail(f"--temperature must be above 0 (got {args.temperature}): greedy decoding makes every sample the same")
     if not 0 < args.top_p <= 1:
         fail(f"--top_p must be in (0, 1] (got {args.top_p})")
+    if (args.chat_template or "").endswith(".jinja") and not os.path.isfile(args.chat_template):
+        fail(f"--chat_template {args.chat_template}: no such file; pass a .jinja file or the template itself")
     if args.max_prompt_length >= args.max_length:
         fail(f"--max_prompt_length ({args.max_prompt_length}) must be below --max_length ({args.max_length})")
     if args.num_samples < 2 and not args.include_existing:
@@ -437,10 +458,13 @@ def load_pretrained(cls, name: str, what: str, args: Args, **kwargs):
         fail(f"could not load {what} '{name}': {where} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
 
 
-def load_tokenizer(name: str, what: str, args: Args):
+def load_tokenizer(name: str, what: str, args: Args, template: str | None = None):
     tok = load_pretrained(AutoTokenizer, name, what, args)
+    if template:  # --chat_template, for a base tokenizer
+        tok.chat_template = open(template).read() if template.endswith(".jinja") else template
     if tok.chat_template is None:
-        fail(f"{what} '{name}' has no chat template; use an instruct / chat tokenizer or one with a template set")
+        fail(f"{what} '{name}' has no chat template; use an instruct / chat tokenizer or one with a template set"
+             + ("" if what == "the reward model" else ", or pass --chat_template (a Jinja string or a .jinja file)"))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -464,8 +488,8 @@ if __name__ == "__main__":
             if len(splits[split]) == 0:
                 fail(f"the {split} split of {args.dataset_name} is empty")
             check_columns(splits[split], args, split)
-    tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path,
-                               "the policy's tokenizer" if args.tokenizer_name else "the policy", args)
+    tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, "the policy's tokenizer"
+                               if args.tokenizer_name else "the policy", args, args.chat_template)
     rm_tokenizer = load_tokenizer(args.reward_model_name_or_path, "the reward model", args)
     model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, "the policy", args, dtype=dtype,
                             attn_implementation=args.attn_implementation)

@@ -13,19 +13,13 @@ The normaliser is the token count of the whole global batch, as in transformers 
 processes. Each micro-batch contributes sum_{t in A_mb} / N; accelerate divides every loss by the accumulation
 steps and DDP / FSDP average gradients over processes, so the backward multiplies by both.
 
-Defaults = the WSPO repo's full fine-tuning of Qwen2 base models: lr 2e-6, 2 epochs, cosine with 10% warm-up,
-cutoff 4096 tokens, 8 conversations per process and step (1 x 8 accumulation); LoRA: lr 2e-5, 3 epochs. Mixed
-precision (bf16) comes from the accelerate config: every forward runs under accelerate's autocast (the prepared
-model's forward is wrapped). The model's dropout is kept, as TRL's SFTTrainer keeps it.
+Defaults = the WSPO repo's full fine-tuning of Qwen2 base models; each published setting is a file in recipes/
+(--config): recipes/wspo/sft-*.yaml (full and LoRA, Qwen2-1.5B and -7B), recipes/wpo/sft-mistral-7b-zephyr.yaml.
+Mixed precision (bf16) comes from the accelerate config: every forward runs under accelerate's autocast (the
+prepared model's forward is wrapped). The model's dropout is kept, as TRL's SFTTrainer keeps it.
 
-Paper-scale run (GPU, hub):
-    accelerate launch --config_file configs/zero3.yaml sft.py --model_name_or_path Qwen/Qwen2-7B \
-        --output_dir runs/qwen2-7b-sft
-    # LoRA: --use_lora --learning_rate 2e-5 --num_train_epochs 3
-
-Offline tiny setting (CPU, no network; the random-init Qwen2 that python -m tiny writes to data/tiny/models):
-    python -m tiny --out data/tiny
-    python sft.py --preset tiny --output_dir runs/sft-tiny
+    accelerate launch --config_file configs/zero3.yaml sft.py --config recipes/wspo/sft-qwen2-7b-full.yaml
+    python -m tiny --out data/tiny && python sft.py --preset tiny   # offline tiny setting (CPU), recipes/tiny/
 """
 
 import argparse
@@ -43,6 +37,7 @@ import time
 from collections import Counter
 from contextlib import suppress
 from dataclasses import dataclass, fields
+from difflib import get_close_matches
 from itertools import islice
 from typing import Literal, NoReturn
 from urllib.parse import urlparse
@@ -51,6 +46,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 import tyro
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 from datasets import load_dataset, load_from_disk
@@ -69,8 +65,11 @@ class Args:
     """seed of the experiment (LoRA init, dropout, data order, --eval_fraction split)"""
     output_dir: str = "runs/sft"
     """where the final model, checkpoints and metrics.jsonl go"""
+    config: str | None = None
+    """YAML file of Args fields (the papers' settings are in recipes/); flags given on the command line override it"""
+    config_sha256: tyro.conf.Suppress[str | None] = None  # of the --config file, set after parsing (in args.json)
     preset: Literal["tiny"] | None = None
-    """named defaults: `tiny` = the offline tiny setting (data/tiny and its model folders); flags override"""
+    """`tiny` = --config recipes/tiny/sft.yaml, the offline tiny setting (data/tiny and its model folders)"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project_name: str = "w2s-alignment"
@@ -87,6 +86,8 @@ class Args:
     """hub id or local path of the model to fine-tune"""
     tokenizer_name: str | None = None
     """tokenizer hub id or path (default: --model_name_or_path)"""
+    chat_template: str | None = None
+    """Jinja chat template, or a path to a .jinja file, for a tokenizer that ships none; saved with the tokenizer"""
     trust_remote_code: bool = False
     """allow custom modelling code from the hub (off: only code shipped with transformers runs)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -179,17 +180,11 @@ class Args:
     """size and modification time of the training data's files: --resume refuses changed data"""
 
 
-PRESETS = {"tiny": Args(
-    preset="tiny", output_dir="runs/sft-tiny", dataset_name="data/tiny/ultrachat", tokenizer_name="data/tiny/tokenizer",
-    model_name_or_path="data/tiny/models/qwen2-strong-init1", max_length=128, learning_rate=3e-3, num_train_epochs=1,
-    per_device_train_batch_size=32, gradient_accumulation_steps=1, per_device_eval_batch_size=64, max_eval_samples=400,
-    logging_steps=20,
-)}
 # arguments that change neither the training math nor the data order: --resume accepts new values for these
-RESUME_SAFE = {"exp_name", "output_dir", "preset", "track", "wandb_project_name", "wandb_entity", "push_to_hub",
-               "hub_model_id", "trust_remote_code", "gradient_checkpointing", "eval_split", "eval_dataset_name",
-               "max_eval_samples", "per_device_eval_batch_size", "logging_steps", "eval_steps", "save_steps",
-               "save_total_limit", "resume", "resume_allow_changes", "overwrite_output_dir"}
+RESUME_SAFE = {"exp_name", "output_dir", "preset", "config", "config_sha256", "track", "wandb_project_name",
+               "wandb_entity", "push_to_hub", "hub_model_id", "trust_remote_code", "gradient_checkpointing",
+               "eval_split", "eval_dataset_name", "max_eval_samples", "per_device_eval_batch_size", "logging_steps",
+               "eval_steps", "save_steps", "save_total_limit", "resume", "resume_allow_changes", "overwrite_output_dir"}
 
 
 # transformers schedules that need nothing but the warm-up and the step count (get_scheduler)
@@ -203,12 +198,35 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def read_config(path: str) -> list[str]:
+    """A --config file as the flags it stands for: tyro checks them as on the command line, and later flags win."""
+    try:
+        config = yaml.safe_load(open(path))
+    except (OSError, yaml.YAMLError) as e:
+        config = e
+    if not isinstance(config, dict):
+        fail(f"--config {path} is not a YAML file of `key: value` lines: {str(config).splitlines()[0]}")
+    names = [f.name for f in fields(Args) if "Suppress" not in str(f.type) and f.name not in ("config", "preset")]
+    flags = ["--config", path]
+    for key, value in config.items():
+        if key not in names:
+            fail(f"--config {path}: unknown key {key!r} (did you mean {get_close_matches(key, names, 1, 0)[0]!r}?)")
+        flags += ([f"--{key}" if value else f"--no_{key}"] if isinstance(value, bool)
+                  else [f"--{key}", *map(str, value if isinstance(value, list) else [value])])
+    return flags
+
+
 def parse_args() -> Args:
-    """`--preset NAME` (or `--preset=NAME`) picks the defaults; every flag given overrides them."""
+    """`--config FILE` (or `--preset tiny`, its shorthand) gives the values; every flag given overrides them."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--preset", choices=sorted(PRESETS))
-    preset = pre.parse_known_args()[0].preset
-    args = tyro.cli(Args, default=PRESETS[preset] if preset else Args(), use_underscores=True)
+    pre.add_argument("--config")
+    pre.add_argument("--preset", choices=["tiny"])
+    given = pre.parse_known_args()[0]
+    if given.config and given.preset:
+        fail("--preset tiny stands for --config recipes/tiny/sft.yaml: pass one of them")
+    path = given.config or given.preset and f"{os.path.dirname(os.path.abspath(__file__))}/recipes/tiny/sft.yaml"
+    args = tyro.cli(Args, args=(read_config(path) if path else []) + sys.argv[1:], use_underscores=True)
+    args.config_sha256 = path and hashlib.sha256(open(path, "rb").read()).hexdigest()
     validate(args)
     return args
 
@@ -251,6 +269,8 @@ def validate(args: Args) -> None:
         (args.eval_split == args.train_split and eval_name is None and args.eval_fraction is None,
          f"--eval_split {args.eval_split!r} is the training split: pass a held-out split, --eval_fraction 0.05 or "
          "--eval_split None"),
+        ((args.chat_template or "").endswith(".jinja") and not os.path.isfile(args.chat_template),
+         f"--chat_template {args.chat_template}: no such file; pass a .jinja file or the template itself"),
         (args.lr_scheduler_type not in STEP_SCHEDULES, f"--lr_scheduler_type {args.lr_scheduler_type!r} is not a "
          f"schedule of warm-up and steps alone: use one of {', '.join(STEP_SCHEDULES)}"),
         (args.dtype == "float16", "--dtype float16 trains float16 weights without a loss scaler (the loss turns nan): "
@@ -530,8 +550,10 @@ def from_pretrained(auto_class, what: str, name: str, args: Args, **kwargs):
 def load_tokenizer(args: Args):
     name = args.tokenizer_name or args.model_name_or_path  # without --tokenizer_name: the model's own tokenizer
     tok = from_pretrained(AutoTokenizer, "tokenizer" if args.tokenizer_name else "model", name, args)
+    if template := args.chat_template:  # for a base tokenizer: saved with it, so the output folder carries it
+        tok.chat_template = open(template).read() if template.endswith(".jinja") else template
     if tok.chat_template is None:
-        fail(f"tokenizer {name!r} has no chat template; use an instruct tokenizer or set one")
+        fail(f"tokenizer {name!r} has no chat template; pass --chat_template (a Jinja string or a .jinja file)")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

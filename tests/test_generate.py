@@ -4,6 +4,7 @@ Prompts: the tiny prompt files (tiny/prompts.py); model: the tiny preset after 6
 tiny language and ends its turns)."""
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -11,11 +12,14 @@ import sys
 
 import pytest
 import torch
+import tyro
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, load_script, run_script, not_a_model_folders
 
 gen = load_script("generate")
+TINY = tyro.cli(gen.Args, args=gen.read_config(str(ROOT / "recipes/tiny/generate.yaml")) + ["--preset", "tiny"],
+                use_underscores=True)  # the Args of --preset tiny, before parse_args fills in the benchmark's defaults
 FIELDS = {"arena_hard": ["question_id", "answer_id", "model_id", "choices", "tstamp"],
           "mt_bench": ["question_id", "answer_id", "model_id", "choices", "tstamp"]}
 
@@ -109,7 +113,7 @@ def test_batched_generation_equals_one_at_a_time(prompts, tiny_sft):
     alone, for a batch size that splits them unevenly."""
     model = AutoModelForCausalLM.from_pretrained(tiny_sft).eval()
     tok = AutoTokenizer.from_pretrained(tiny_sft)
-    args = dataclasses.replace(gen.PRESETS["tiny"], temperature=0.0, max_new_tokens=24)
+    args = dataclasses.replace(TINY, temperature=0.0, max_new_tokens=24)
     convs = [[{"role": "user", "content": s["instruction"]}] for s in json.load(open(prompts / "alpaca_eval.json"))]
     widths = [len(gen.chat_ids(tok, c, add_generation_prompt=True)) for c in convs]
     assert max(widths) - min(widths) >= 5
@@ -193,7 +197,7 @@ def test_answers_cut_at_the_token_limit_are_counted(prompts, tiny_sft, tmp_path)
 ])
 def test_argument_errors_exit_2(change, message, capsys, tmp_path):
     valid = dict(model_name_or_path=("m1", "m2"), model_id=("m1", "m2"), output_dir=str(tmp_path), max_new_tokens=24)
-    args = dataclasses.replace(gen.PRESETS["tiny"], **{**valid, **change})
+    args = dataclasses.replace(TINY, **{**valid, **change})
     with pytest.raises(SystemExit) as e:
         gen.validate(args)
     assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err
@@ -266,4 +270,47 @@ def test_tiny_prompt_files_are_deterministic(tmp_path):
 def test_help_documents_every_flag():
     p = run_script("generate.py", "--help")
     for f in dataclasses.fields(gen.Args):
-        assert f"--{f.name}" in p.stdout, f.name
+        assert (f"--{f.name}" in p.stdout) == (f.name != "config_sha256"), f.name  # set after parsing: not a flag
+
+
+def test_config_file_and_command_line_flags(monkeypatch, capsys, tmp_path):
+    parse = lambda *argv: monkeypatch.setattr(sys, "argv", ["generate.py", *argv]) or gen.parse_args()
+    tiny_file = str(ROOT / "recipes" / "tiny" / "generate.yaml")
+    preset, config = parse("--preset", "tiny", "--model_name_or_path", "m"), parse("--config", tiny_file,
+                                                                                   "--model_name_or_path", "m")
+    assert preset == dataclasses.replace(config, preset="tiny") and config.max_new_tokens == 24
+    assert config.config_sha256 == hashlib.sha256(open(tiny_file, "rb").read()).hexdigest()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_name_or_path: [runs/a, runs/b]\nbenchmark: arena_hard\ntemperature: 0.0\n")
+    args = parse("--config", str(recipe), "--benchmark", "mt_bench")
+    assert args.model_name_or_path == ("runs/a", "runs/b") and args.model_id == ("a", "b")
+    assert (args.benchmark, args.temperature, args.max_new_tokens) == ("mt_bench", 0.0, 1024)  # the flag won
+    recipe.write_text("benchmarks: mt_bench\n")
+    with pytest.raises(SystemExit) as e:
+        parse("--config", str(recipe))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --config {recipe}: unknown key 'benchmarks' (did you mean 'benchmark'?)\n"
+
+
+def test_base_tokenizer_answers_with_chat_template(prompts, tiny_sft, tmp_path):
+    """A tokenizer without a chat template is refused with the fix; --chat_template (a Jinja string here) gives the
+    answers of the model's own tokenizer, and is a setting of the answer file that --resume checks."""
+    tok = AutoTokenizer.from_pretrained(tiny_sft)
+    template, tok.chat_template = tok.chat_template, None
+    tok.save_pretrained(tmp_path / "base_tokenizer")
+    base = ("--tokenizer_name", str(tmp_path / "base_tokenizer"), "--max_prompts", "4")
+    p = generate("alpaca_eval", prompts, [tiny_sft], tmp_path / "out", *base, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and not (tmp_path / "out").exists()
+    assert "has no chat template; the benchmarks judge chat answers: pass --chat_template (a Jinja string" in p.stderr
+    generate("alpaca_eval", prompts, [tiny_sft], tmp_path / "out", *base, "--chat_template", template)
+    generate("alpaca_eval", prompts, [tiny_sft], tmp_path / "own", "--max_prompts", "4")
+    answers = read(tmp_path / "out" / "sft.json")
+    assert len(answers) == 4 and answers == read(tmp_path / "own" / "sft.json")
+    saved = json.load(open(tmp_path / "out" / "sft.json.args.json"))
+    tiny_file = ROOT / "recipes" / "tiny" / "generate.yaml"
+    assert saved["chat_template"] == template and saved["config"] == str(tiny_file)
+    assert saved["config_sha256"] == hashlib.sha256(tiny_file.read_bytes()).hexdigest()
+    p = generate("alpaca_eval", prompts, [tiny_sft], tmp_path / "out", *base, "--chat_template", template + " ",
+                 "--resume", check=False)
+    assert p.returncode == 2 and "was written with other settings (chat_template: " in p.stderr

@@ -2,6 +2,7 @@
 follow the reward model and that wpo.py and dpo.py train on, and the user errors (exit code 2, nothing written)."""
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -10,12 +11,16 @@ import sys
 
 import pytest
 import torch
+import tyro
 from datasets import load_dataset, load_from_disk
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
 
 from conftest import ROOT, load_script, run_script
 
 hybrid = load_script("hybrid_pairs")
+# the Args of --preset tiny, without parse_args' checks of the output folder
+TINY = tyro.cli(hybrid.Args, use_underscores=True,
+                args=hybrid.read_config(str(ROOT / "recipes/tiny/hybrid_pairs.yaml")) + ["--preset", "tiny"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +158,7 @@ def test_hybrid_pairs_follow_the_reward_model_and_train(tiny, small_sft, reward_
     (dict(eval_split="train_prefs"), "--train_split and --eval_split are both 'train_prefs'"),
 ])
 def test_argument_errors_exit_2(change, message, capsys, tmp_path):
-    args = dataclasses.replace(hybrid.PRESETS["tiny"], output_dir=str(tmp_path / "out"), **change)
+    args = dataclasses.replace(TINY, output_dir=str(tmp_path / "out"), **change)
     with pytest.raises(SystemExit) as e:
         hybrid.validate(args)
     assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err
@@ -223,5 +228,58 @@ def test_no_network_fails_fast_with_the_fix(tiny, reward_model, tmp_path):
 def test_help_documents_every_flag():
     p = run_script("hybrid_pairs.py", "--help")
     for f in dataclasses.fields(hybrid.Args):
-        assert f"--{f.name}" in p.stdout, f.name
+        assert (f"--{f.name}" in p.stdout) == (f.name != "config_sha256"), f.name  # set after parsing: not a flag
     assert "--no_include_existing" in p.stdout and "v1" in p.stdout and "v2" in p.stdout
+
+
+@pytest.mark.parametrize("recipe, model", [
+    ("hybrid_pairs-llama3-8b-instruct-v2.yaml", "meta-llama/Meta-Llama-3-8B-Instruct"),
+    ("hybrid_pairs-gemma2-9b-it.yaml", "google/gemma-2-9b-it"),
+])
+def test_recipes_and_config_files(monkeypatch, capsys, tmp_path, recipe, model):
+    parse = lambda *argv: monkeypatch.setattr(sys, "argv", ["hybrid_pairs.py", *argv]) or hybrid.parse_args()
+    out = ("--output_dir", str(tmp_path / "o"))
+    args = parse("--config", str(ROOT / "recipes" / "wpo" / recipe), *out)
+    assert (args.model_name_or_path, args.reward_model_name_or_path, args.trust_remote_code) == (
+        model, "RLHFlow/ArmoRM-Llama3-8B-v0.1", True)  # WPO README: ArmoRM scores; v2: min-score rejected
+    assert (args.pair_rule, args.include_existing, args.num_samples, args.temperature, args.top_p) == (
+        "v2", True, 5, 0.8, 0.95)
+    assert (args.dataset_name, args.train_split, args.eval_split) == (
+        "HuggingFaceH4/ultrafeedback_binarized", "train_prefs", "test_prefs")
+    tiny_file = str(ROOT / "recipes" / "tiny" / "hybrid_pairs.yaml")
+    assert parse("--preset", "tiny", *out) == dataclasses.replace(parse("--config", tiny_file, *out), preset="tiny")
+    (tmp_path / "r.yaml").write_text("include_existing: false\nnum_samples: 3\n")
+    assert parse("--config", str(tmp_path / "r.yaml"), *out).include_existing is False
+    args = parse("--include_existing", "--config", str(tmp_path / "r.yaml"), "--num_samples", "4", *out)
+    assert (args.include_existing, args.num_samples) == (True, 4)  # command-line flags win
+    (tmp_path / "r.yaml").write_text("reward_model: x\n")
+    with pytest.raises(SystemExit) as e:
+        parse("--config", str(tmp_path / "r.yaml"), *out)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == (f"error: --config {tmp_path / 'r.yaml'}: unknown key 'reward_model' (did you "
+                                         "mean 'reward_model_name_or_path'?)\n")
+
+
+def test_base_policy_tokenizer_with_chat_template(tiny, small_sft, reward_model, tmp_path):
+    """A policy tokenizer without a chat template is refused with the fix; --chat_template FILE.jinja builds the
+    pairs the policy's own tokenizer builds (same seed); args.json records the --preset's file and its hash."""
+    tok = AutoTokenizer.from_pretrained(small_sft)
+    (tmp_path / "policy.jinja").write_text(tok.chat_template)
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path / "base_tokenizer")
+    small = ("--num_samples", "2", "--max_train_samples", "8", "--eval_split", "None", "--batch_size", "8")
+    base = ("--tokenizer_name", str(tmp_path / "base_tokenizer"), *small)
+    p = run_script(*build_args(tiny, small_sft, reward_model, tmp_path / "out", *base), check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and not (tmp_path / "out").exists()
+    assert (f"error: the policy's tokenizer '{tmp_path / 'base_tokenizer'}' has no chat template; use an instruct / "
+            "chat tokenizer or one with a template set, or pass --chat_template (a Jinja string or a .jinja file)"
+            in p.stderr)
+    run_script(*build_args(tiny, small_sft, reward_model, tmp_path / "out", *base, "--chat_template",
+                           str(tmp_path / "policy.jinja")))
+    run_script(*build_args(tiny, small_sft, reward_model, tmp_path / "own", *small))
+    built, own = (load_from_disk(str(tmp_path / name))["train_prefs"] for name in ("out", "own"))
+    assert len(built) == 8 and built.to_list() == own.to_list()
+    saved = json.load(open(tmp_path / "out" / "args.json"))
+    tiny_file = ROOT / "recipes" / "tiny" / "hybrid_pairs.yaml"
+    assert saved["chat_template"] == str(tmp_path / "policy.jinja") and saved["config"] == str(tiny_file)
+    assert saved["config_sha256"] == hashlib.sha256(tiny_file.read_bytes()).hexdigest()

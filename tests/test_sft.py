@@ -2,6 +2,7 @@
 bad input and misuse, logging."""
 
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -11,12 +12,15 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+import tyro
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-from conftest import load_script, run_script, not_a_model_folders
+from conftest import ROOT, load_script, run_script, not_a_model_folders
 from tiny import lang
 
 sft = load_script("sft")
+TINY = tyro.cli(sft.Args, args=sft.read_config(str(ROOT / "recipes/tiny/sft.yaml")) + ["--preset", "tiny"],
+                use_underscores=True)  # the Args of --preset tiny, without parse_args' checks of the output folder
 
 
 def tiny_args(tiny, out, *extra):
@@ -81,7 +85,7 @@ def test_skips_and_truncation_are_reported(tiny):
 
 def test_packed_logits_and_loss_equal_padded(tiny, small_init):
     tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
-    args = dataclasses.replace(sft.PRESETS["tiny"], tokenizer_name=str(tiny / "tokenizer"),
+    args = dataclasses.replace(TINY, tokenizer_name=str(tiny / "tokenizer"),
                                model_name_or_path=str(small_init))
     model = sft.load_model(args, tok).eval()
     convs = [
@@ -210,7 +214,7 @@ def test_unreachable_hub_model_fails_fast_pointing_offline(tmp_path):
 
 def test_help_documents_every_flag():
     p = run_script("sft.py", "--help")
-    runtime = ("world_size", "global_batch_size", "data_fingerprint")  # filled in at runtime: not flags
+    runtime = ("world_size", "global_batch_size", "data_fingerprint", "config_sha256")  # filled in at runtime
     for f in dataclasses.fields(sft.Args):
         assert (f"--{f.name}" in p.stdout) == (f.name not in runtime), f.name
     assert "peak learning rate" in p.stdout
@@ -291,7 +295,7 @@ def test_token_mean_over_the_step_does_not_depend_on_the_split(tiny, small, smal
     a, b = load_file(tmp_path / "8x1" / "model.safetensors"), load_file(tmp_path / "4x2" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     # step 1 by hand: the same data order and initial weights as the script
-    args = sft.Args(**{**vars(sft.PRESETS["tiny"]), "dataset_name": str(tiny / "ultrachat"), "eval_split": None,
+    args = sft.Args(**{**vars(TINY), "dataset_name": str(tiny / "ultrachat"), "eval_split": None,
                        "tokenizer_name": str(tiny / "tokenizer"), "model_name_or_path": str(small_init),
                        "max_train_samples": 256})
     tok = sft.load_tokenizer(args)
@@ -361,6 +365,69 @@ def test_presets_are_flags_and_an_explicit_model_path_wins(monkeypatch, capsys, 
     with pytest.raises(SystemExit) as e:
         parse(monkeypatch, "--preset=huge", *out)
     assert e.value.code == 2 and "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+def test_config_file_sets_args_and_command_line_flags_override_it(monkeypatch, capsys, tmp_path):
+    out = ("--output_dir", str(tmp_path / "o"))
+    tiny_file = str(ROOT / "recipes" / "tiny" / "sft.yaml")
+    preset, config = parse(monkeypatch, "--preset", "tiny", *out), parse(monkeypatch, "--config", tiny_file, *out)
+    assert preset == dataclasses.replace(config, preset="tiny")  # --preset tiny is the shorthand for the file
+    assert config.config == tiny_file and config.learning_rate == 3e-3 and config.max_length == 128
+    assert config.config_sha256 == hashlib.sha256(open(tiny_file, "rb").read()).hexdigest()
+    assert parse(monkeypatch, *out).config_sha256 is None
+    recipe = tmp_path / "r.yaml"  # PyYAML reads 1e-5 as a string, null as None; booleans and lists become flags
+    recipe.write_text("learning_rate: 1e-5\neval_split: null\nuse_lora: true\npacking: false\nnum_train_epochs: 3\n"
+                      "resume_allow_changes: [seed, learning_rate]\nresume: true\n")
+    args = parse(monkeypatch, "--config", str(recipe), *out)
+    assert (args.learning_rate, args.eval_split, args.use_lora, args.packing, args.num_train_epochs) == (
+        1e-5, None, True, False, 3)
+    assert args.resume_allow_changes == ("seed", "learning_rate") and args.model_name_or_path == "Qwen/Qwen2-7B"
+    # flags on the command line win, before or after --config
+    args = parse(monkeypatch, "--no_use_lora", "--config", str(recipe), "--learning_rate", "2e-4", "--eval_split",
+                 "test_sft", "--num_train_epochs", "1", *out)
+    assert (args.learning_rate, args.eval_split, args.use_lora, args.num_train_epochs) == (2e-4, "test_sft", False, 1)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("learning_rat: 1e-5\n", "r.yaml: unknown key 'learning_rat' (did you mean 'learning_rate'?)"),
+    ("world_size: 8\n", "r.yaml: unknown key 'world_size' (did you mean"),  # filled in at runtime: not a setting
+    ("preset: tiny\n", "r.yaml: unknown key 'preset' (did you mean"),
+    ("- learning_rate\n", "r.yaml is not a YAML file of `key: value` lines: ['learning_rate']"),
+    ("learning_rate: [1\n", "r.yaml is not a YAML file of `key: value` lines: while parsing a flow sequence"),
+    (None, "r.yaml is not a YAML file of `key: value` lines: [Errno 2] No such file or directory"),
+])
+def test_bad_config_file_fails_in_one_line(monkeypatch, capsys, tmp_path, content, message):
+    if content is not None:
+        (tmp_path / "r.yaml").write_text(content)
+    err = parse_error(monkeypatch, capsys, "--config", str(tmp_path / "r.yaml"), "--output_dir", str(tmp_path / "o"))
+    assert err.startswith(f"error: --config {tmp_path}/") and message in err
+    err = parse_error(monkeypatch, capsys, "--config", str(ROOT / "recipes/tiny/sft.yaml"), "--preset", "tiny")
+    assert "--preset tiny stands for --config recipes/tiny/sft.yaml: pass one of them" in err
+    err = parse_error(monkeypatch, capsys, "--chat_template", str(tmp_path / "none.jinja"))
+    assert f"--chat_template {tmp_path / 'none.jinja'}: no such file; pass a .jinja file or the template itself" in err
+
+
+@pytest.mark.parametrize("recipe, expected", [
+    ("wspo/sft-qwen2-1.5b-full.yaml", dict(model_name_or_path="Qwen/Qwen2-1.5B", use_lora=False, learning_rate=2e-6,
+                                           num_train_epochs=2)),
+    ("wspo/sft-qwen2-7b-full.yaml", dict(model_name_or_path="Qwen/Qwen2-7B", use_lora=False, learning_rate=2e-6,
+                                         num_train_epochs=2)),
+    ("wspo/sft-qwen2-1.5b-lora.yaml", dict(model_name_or_path="Qwen/Qwen2-1.5B", use_lora=True, learning_rate=2e-5,
+                                           num_train_epochs=3)),
+    ("wspo/sft-qwen2-7b-lora.yaml", dict(model_name_or_path="Qwen/Qwen2-7B", use_lora=True, learning_rate=2e-5,
+                                         num_train_epochs=3)),
+    ("wpo/sft-mistral-7b-zephyr.yaml", dict(
+        model_name_or_path="mistralai/Mistral-7B-v0.1", learning_rate=2e-5, num_train_epochs=1, max_length=2048,
+        per_device_train_batch_size=16, gradient_accumulation_steps=1, chat_template="recipes/templates/zephyr.jinja")),
+])
+def test_recipes_hold_the_published_settings(monkeypatch, tmp_path, recipe, expected):
+    """WSPO README step 1: cosine, warm-up 0.1, cutoff 4096 (zephyr: the handbook's config_full.yaml, 2048)."""
+    monkeypatch.chdir(ROOT)  # the zephyr recipe names its template relative to the repository root
+    args = parse(monkeypatch, "--config", f"recipes/{recipe}", "--output_dir", str(tmp_path / "o"))
+    assert {k: getattr(args, k) for k in expected} == expected
+    assert (args.lr_scheduler_type, args.warmup_ratio, args.max_length) == ("cosine", 0.1, expected.get("max_length",
+                                                                                                         4096))
+    assert args.dataset_name == "HuggingFaceH4/ultrachat_200k" and args.train_split == "train_sft"
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -472,7 +539,7 @@ def test_single_file_needs_an_explicit_eval_source(tiny, small, tmp_path):
 ])
 def test_data_errors_name_the_file_and_line(tiny, tmp_path, capsys, content, message):
     (tmp_path / "bad.jsonl").write_text(content)
-    args = sft.Args(**{**vars(sft.PRESETS["tiny"]), "dataset_name": str(tmp_path / "bad.jsonl"), "eval_split": None})
+    args = sft.Args(**{**vars(TINY), "dataset_name": str(tmp_path / "bad.jsonl"), "eval_split": None})
     with pytest.raises(SystemExit) as e:
         sft.load_data(args, AutoTokenizer.from_pretrained(tiny / "tokenizer"), print)
     err = capsys.readouterr().err
@@ -504,3 +571,42 @@ def test_no_network_is_reported_in_seconds(tmp_path):
     assert p.stderr.strip() == ("error: no network: cannot reach the Hugging Face Hub for 'Qwen/Qwen2-7B'. Set "
                                 "HF_HUB_OFFLINE=1 to use the local cache, or pass a local path.")
     assert not (tmp_path / "o").exists()
+
+
+def test_base_tokenizer_trains_with_chat_template_and_saves_it(tiny, small_init, tmp_path):
+    """A tokenizer without a chat template (a base model's) is refused with the fix; with --chat_template FILE.jinja
+    it trains and the output folder's tokenizer carries the template. args.json records the --config file and hash."""
+    base = shutil.copytree(tiny / "tokenizer", tmp_path / "base_tokenizer")
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    assert AutoTokenizer.from_pretrained(base).chat_template is None
+    recipe = tmp_path / "small.yaml"
+    recipe.write_text(f"tokenizer_name: {base}\nmodel_name_or_path: {small_init}\nmax_steps: 2\nmax_train_samples: 64\n"
+                      "per_device_train_batch_size: 8\ngradient_accumulation_steps: 1\neval_split: null\n"
+                      "logging_steps: 1\nlearning_rate: 1.0e-3\n")
+    cmd = ("sft.py", "--config", str(recipe), "--dataset_name", str(tiny / "ultrachat"), "--output_dir",
+           str(tmp_path / "o"))
+    p = run_script(*cmd, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and not (tmp_path / "o").exists()
+    assert (f"error: tokenizer '{base}' has no chat template; pass --chat_template (a Jinja string or a .jinja file)"
+            in p.stderr)
+    run_script(*cmd, "--chat_template", "recipes/templates/zephyr.jinja")
+    template = (ROOT / "recipes" / "templates" / "zephyr.jinja").read_text()
+    assert AutoTokenizer.from_pretrained(tmp_path / "o").chat_template == template
+    assert [r["step"] for r in metrics(tmp_path / "o") if math.isfinite(r.get("train/loss", math.nan))] == [1, 2]
+    saved = json.load(open(tmp_path / "o" / "args.json"))
+    assert saved["config"] == str(recipe) and saved["chat_template"] == "recipes/templates/zephyr.jinja"
+    assert saved["config_sha256"] == hashlib.sha256(recipe.read_bytes()).hexdigest() and saved["learning_rate"] == 1e-3
+
+
+def test_resume_compares_the_values_not_the_config_file_that_set_them(tmp_path, capsys):
+    args = dataclasses.replace(TINY, output_dir=str(tmp_path), config="a.yaml", config_sha256="0" * 64, resume=True)
+    saved = {**vars(args), "resume_allow_changes": [], "completed_steps": 4}
+    (tmp_path / "args.json").write_text(json.dumps({**saved, "config": "b.yaml", "config_sha256": "1" * 64}))
+    assert sft.compare_with_saved_run(args) == 4  # nothing differs but the file: the finished run is recognised
+    (tmp_path / "args.json").write_text(json.dumps({**saved, "learning_rate": 0.5}))
+    with pytest.raises(SystemExit) as e:
+        sft.compare_with_saved_run(args)
+    assert e.value.code == 2 and "learning_rate: 0.5 -> 0.003" in capsys.readouterr().err
