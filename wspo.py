@@ -28,7 +28,7 @@ d_t^2 / |y|), then the mean over the micro-batch's sequences; accumulation and p
 the mean over all sequences of the optimizer step because every micro-batch holds as many sequences (the rest of an
 epoch that does not fill a global batch is left out).
 
-GPU (mixed precision and ZeRO-3 from configs/):
+GPU (mixed precision and ZeRO-3 from configs/; the recipe's own comment adds the paper's 4 GPUs and CPU offload):
     accelerate launch --config_file configs/zero3.yaml wspo.py --config recipes/wspo/wspo-qwen2-7b-full.yaml
 Offline tiny setting (CPU; run_tiny.sh trains the models it expects; --preset tiny is recipes/tiny/wspo.yaml):
     python wspo.py --preset tiny --output_dir runs/tiny/wspo-strong
@@ -180,7 +180,7 @@ class Args:
     per_device_train_batch_size: int = 1
     """examples per micro-batch per process (paper: 1)"""
     gradient_accumulation_steps: int = 8
-    """micro-batches per optimizer step (paper: 8)"""
+    """micro-batches per optimizer step (paper, on 4 GPUs: 4 full, 8 LoRA)"""
     per_device_eval_batch_size: int = 8
     """examples per eval batch per process"""
     lr_scheduler_type: str = "cosine"
