@@ -34,7 +34,6 @@ Offline tiny setting (CPU; run_tiny.sh trains the models it expects; --preset ti
     python wspo.py --preset tiny --output_dir runs/tiny/wspo-strong
 """
 
-import argparse
 import atexit
 import difflib
 import fcntl
@@ -208,13 +207,10 @@ class Args:
     overwrite_output_dir: bool = False
     """replace an earlier run in output_dir: its checkpoints/ are deleted, metrics.jsonl restarts, other files stay"""
 
-    # filled in at runtime
-    world_size: tyro.conf.Suppress[int] = 1
-    """(runtime) number of processes"""
-    global_batch_size: tyro.conf.Suppress[int] = 0
-    """(runtime) micro batch x accumulation x processes"""
-    data_fingerprint: tyro.conf.Suppress[str] = ""
-    """(runtime) size and modification time of the training data's files: --resume refuses changed data"""
+    # filled in at runtime (not flags)
+    world_size: tyro.conf.Suppress[int] = 1  # number of processes
+    global_batch_size: tyro.conf.Suppress[int] = 0  # micro batch x accumulation x processes
+    data_fingerprint: tyro.conf.Suppress[str] = ""  # size and mtime of the training data's files: --resume compares it
 
 
 # arguments that change neither the training math nor the data order: --resume accepts changes to them
@@ -235,8 +231,7 @@ def fail(message: str) -> NoReturn:
 
 
 def read_config(path: str) -> list[str]:
-    """A --config YAML file as the flags it stands for (bool: --key / --no_key; list: --key v1 v2; else --key value),
-    so that tyro checks the values as typed, and the command line's own flags, which come after them, win."""
+    """A --config YAML file as the flags it stands for: tyro checks the values as typed on the command line."""
     try:
         config = yaml.safe_load(open(path))
     except (OSError, yaml.YAMLError) as e:
@@ -249,22 +244,20 @@ def read_config(path: str) -> list[str]:
         if key not in names:
             fail(f"--config {path}: unknown key {key!r} (did you mean "
                  f"{difflib.get_close_matches(str(key), names, n=1, cutoff=0)[0]!r}?)")
-        values = [] if isinstance(value, bool) else value if isinstance(value, list) else [value]
-        flags += [f"--{'no_' if value is False else ''}{key}", *map(str, values)]
+        values = [] if isinstance(value, bool) else value if isinstance(value, list) else [value]  # None: "None"
+        flags += [f"--{'no_' if value is False else ''}{key}", *map(str, values)]  # bool: --key / --no_key
     return flags
 
 
 def parse_args() -> Args:
     """`--config FILE.yaml` (`--preset tiny`: recipes/tiny/wspo.yaml) sets the defaults; flags given override them."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config")
-    pre.add_argument("--preset", choices=["tiny"])
-    given = pre.parse_known_args()[0]
-    if given.config and given.preset:
+    args = tyro.cli(Args, use_underscores=True)  # the command line alone first: which file, if any
+    if args.config and args.preset:
         fail("--preset tiny is --config recipes/tiny/wspo.yaml: pass one of them")
-    path = given.config or given.preset and os.path.join(os.path.dirname(__file__), "recipes", "tiny", "wspo.yaml")
-    args = tyro.cli(Args, args=(read_config(path) if path else []) + sys.argv[1:], use_underscores=True)
-    args.config_sha256 = path and hashlib.sha256(open(path, "rb").read()).hexdigest()
+    path = args.config or args.preset and os.path.join(os.path.dirname(__file__), "recipes", "tiny", "wspo.yaml")
+    if path:  # the file's values as flags, then the command line's: the last occurrence of a flag wins
+        args = tyro.cli(Args, args=read_config(path) + sys.argv[1:], use_underscores=True)
+        args.config_sha256 = hashlib.sha256(open(path, "rb").read()).hexdigest()
     return args
 
 
@@ -739,9 +732,8 @@ def load_pretrained(auto_class, name: str, args: Args):
                "folder" if "optimizer.bin" in (held or []) else str(e).splitlines()[0])
         fail(f"could not load model {name!r}: {why}. Pass a local model folder or a hub id (the offline tiny models "
              "come from `bash run_tiny.sh`)")
-    if auto_class is AutoTokenizer and loaded.chat_template is None and args.chat_template:
-        jinja = args.chat_template.endswith(".jinja")
-        loaded.chat_template = open(args.chat_template).read() if jinja else args.chat_template
+    if auto_class is AutoTokenizer and loaded.chat_template is None and (template := args.chat_template):
+        loaded.chat_template = open(template).read() if template.endswith(".jinja") else template
     if auto_class is AutoTokenizer and loaded.chat_template is None:
         fail(f"tokenizer of {name!r} has no chat template: pass --chat_template (a Jinja string or a .jinja file)")
     if auto_class is AutoTokenizer and loaded.pad_token is None:
