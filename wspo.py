@@ -21,23 +21,21 @@ own batches (epoch 0's micro-batches, the eval batches) under the same autocast 
 log-ratio is exactly 0 at step 0, in fp32 and bf16 alike. All four tokenizers must give the strong one's ids on the
 data, or the run stops naming the first example.
 
-Defaults: the paper's full fine-tuning setting (lr 1e-5, 1 epoch, batch 1 x accumulation 8, cosine, warm-up 0.1,
-cut-off 4096, beta 0.1); LoRA in the paper: lr 5e-6 x 3 epochs. Dropout is off in the policy (--disable_dropout,
-LoRA's too), as in the official trainer and TRL. Loss normaliser: per sequence (token level: sum_t d_t^2 / |y|), then
-the mean over the micro-batch's sequences; accumulation and processes average those means, which is the mean over
-all sequences of the optimizer step because every micro-batch holds as many sequences (the rest of an epoch that
-does not fill a global batch is left out).
+The paper's settings (full fine-tuning with ZeRO-3 offload, LoRA; with their sources and launch commands) are the
+recipes/wspo/wspo-*.yaml files (--config), after the SFT and weak DPO recipes beside them. Dropout is off in the policy
+(--disable_dropout, LoRA's too), as in the official trainer and TRL. Loss normaliser: per sequence (token level: sum_t
+d_t^2 / |y|), then the mean over the micro-batch's sequences; accumulation and processes average those means, which is
+the mean over all sequences of the optimizer step because every micro-batch holds as many sequences (the rest of an
+epoch that does not fill a global batch is left out).
 
-GPU, hub (defaults: weak pair Qwen2-1.5B -> Qwen2-1.5B-Instruct; mixed precision from configs/):
-    accelerate launch wspo.py --strong Qwen/Qwen2-7B
-    # the WSPO paper's setting: --strong runs/qwen2-7b-sft --weak_ref runs/qwen2-1.5b-sft \
-    #   --weak_aligned runs/qwen2-1.5b-dpo   (full: lr 1e-5 x 1 epoch, ZeRO-3 offload; LoRA: lr 5e-6 x 3 epochs)
-Offline tiny setting (CPU; run_tiny.sh trains the models it expects):
+GPU (mixed precision and ZeRO-3 from configs/; the recipe's own comment adds the paper's 4 GPUs and CPU offload):
+    accelerate launch --config_file configs/zero3.yaml wspo.py --config recipes/wspo/wspo-qwen2-7b-full.yaml
+Offline tiny setting (CPU; run_tiny.sh trains the models it expects; --preset tiny is recipes/tiny/wspo.yaml):
     python wspo.py --preset tiny --output_dir runs/tiny/wspo-strong
 """
 
-import argparse
 import atexit
+import difflib
 import fcntl
 import gc
 import hashlib
@@ -59,6 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, send_to_device, set_seed
 from datasets import load_dataset, load_from_disk
@@ -78,8 +77,11 @@ class Args:
     """seed of the experiment (data order, --eval_fraction split)"""
     output_dir: str = "runs/wspo"
     """where the final model, checkpoints, args.json and metrics.jsonl go"""
+    config: str | None = None
+    """YAML file of Args fields (the papers' settings are in recipes/); flags given on the command line override it"""
+    config_sha256: tyro.conf.Suppress[str | None] = None  # set after parsing; recorded in args.json
     preset: Literal["tiny"] | None = None
-    """named defaults: `tiny` = the offline tiny setting (data/tiny, runs/tiny models); flags still override"""
+    """shorthand for --config recipes/tiny/wspo.yaml (the offline tiny setting); flags still override"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project_name: str = "w2s-alignment"
@@ -100,6 +102,8 @@ class Args:
     """the weak model before alignment, pi_wref (paper: the weak SFT model)"""
     weak_aligned: str = "Qwen/Qwen2-1.5B-Instruct"
     """the weak model after alignment, pi_wal (paper: the weak DPO model)"""
+    chat_template: str | None = None
+    """Jinja chat template, or a path to a .jinja file, for a tokenizer that ships none; saved with the tokenizer"""
     trust_remote_code: bool = False
     """allow custom modelling code from the hub (off: only code shipped with transformers runs)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -175,7 +179,7 @@ class Args:
     per_device_train_batch_size: int = 1
     """examples per micro-batch per process (paper: 1)"""
     gradient_accumulation_steps: int = 8
-    """micro-batches per optimizer step (paper: 8)"""
+    """micro-batches per optimizer step (paper, on 4 GPUs: 4 full, 8 LoRA)"""
     per_device_eval_batch_size: int = 8
     """examples per eval batch per process"""
     lr_scheduler_type: str = "cosine"
@@ -203,32 +207,18 @@ class Args:
     overwrite_output_dir: bool = False
     """replace an earlier run in output_dir: its checkpoints/ are deleted, metrics.jsonl restarts, other files stay"""
 
-    # filled in at runtime
-    world_size: tyro.conf.Suppress[int] = 1
-    """(runtime) number of processes"""
-    global_batch_size: tyro.conf.Suppress[int] = 0
-    """(runtime) micro batch x accumulation x processes"""
-    data_fingerprint: tyro.conf.Suppress[str] = ""
-    """(runtime) size and modification time of the training data's files: --resume refuses changed data"""
+    # filled in at runtime (not flags)
+    world_size: tyro.conf.Suppress[int] = 1  # number of processes
+    global_batch_size: tyro.conf.Suppress[int] = 0  # micro batch x accumulation x processes
+    data_fingerprint: tyro.conf.Suppress[str] = ""  # size and mtime of the training data's files: --resume compares it
 
-
-PRESETS = {
-    "tiny": Args(
-        preset="tiny", output_dir="runs/tiny/wspo", strong="runs/tiny/sft-strong", weak_ref="runs/tiny/sft-weak",
-        weak_aligned="runs/tiny/dpo-weak", dataset_name="data/tiny/ultrafeedback", max_length=128,
-        max_prompt_length=64, learning_rate=5e-4, num_train_epochs=1, per_device_train_batch_size=32,
-        gradient_accumulation_steps=1, per_device_eval_batch_size=64, max_eval_samples=400, logging_steps=20,
-        prepass_batch_size=64, cache_dir="runs/tiny/cache", beta=0.5,
-    ),
-}
-# beta 0.5 offline: the strong log-ratio goes to (weak log-ratio) / beta, amplifying the weak DPO's likelihood
-# displacement too; on the tiny setting beta 0.1 cut answer correctness 0.97 -> 0.33 (docs/results.md).
 
 # arguments that change neither the training math nor the data order: --resume accepts changes to them
 RESUME_SAFE = {"output_dir", "track", "wandb_project_name", "wandb_entity", "push_to_hub", "hub_model_id",
                "logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume", "resume_allow_changes",
                "overwrite_output_dir", "cache_dir", "world_size", "per_device_eval_batch_size", "exp_name", "preset",
-               "eval_split", "eval_dataset_name", "max_eval_samples", "trust_remote_code", "prepass_batch_size"}
+               "eval_split", "eval_dataset_name", "max_eval_samples", "trust_remote_code", "prepass_batch_size",
+               "config", "config_sha256"}
 # transformers schedules that need nothing but the warm-up and the step count (get_scheduler)
 STEP_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                   "inverse_sqrt")
@@ -240,11 +230,35 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def read_config(path: str) -> list[str]:
+    """A --config YAML file as the flags it stands for: tyro checks the values as typed on the command line."""
+    try:
+        config = yaml.safe_load(open(path))
+    except (OSError, yaml.YAMLError) as e:
+        fail(f"--config {path}: cannot read it as YAML ({str(e).splitlines()[0]}); pass a YAML file of Args fields")
+    if not isinstance(config, dict):
+        fail(f"--config {path} is not a mapping of Args fields (`key: value` lines)")
+    names = [f.name for f in fields(Args) if f.name not in ("config", "preset") and "Suppress" not in str(f.type)]
+    flags = ["--config", path]
+    for key, value in config.items():  # the fields filled in at runtime (Suppress) are no keys either
+        if key not in names:
+            fail(f"--config {path}: unknown key {key!r} (did you mean "
+                 f"{difflib.get_close_matches(str(key), names, n=1, cutoff=0)[0]!r}?)")
+        values = [] if isinstance(value, bool) else value if isinstance(value, list) else [value]  # None: "None"
+        flags += [f"--{'no_' if value is False else ''}{key}", *map(str, values)]  # bool: --key / --no_key
+    return flags
+
+
 def parse_args() -> Args:
-    """`--preset NAME` (or `--preset=NAME`) picks the defaults; every flag given overrides them."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", choices=sorted(PRESETS))
-    return tyro.cli(Args, default=PRESETS.get(pre.parse_known_args()[0].preset, Args()), use_underscores=True)
+    """`--config FILE.yaml` (`--preset tiny`: recipes/tiny/wspo.yaml) sets the defaults; flags given override them."""
+    args = tyro.cli(Args, use_underscores=True)  # the command line alone first: which file, if any
+    if args.config and args.preset:
+        fail("--preset tiny is --config recipes/tiny/wspo.yaml: pass one of them")
+    path = args.config or args.preset and os.path.join(os.path.dirname(__file__), "recipes", "tiny", "wspo.yaml")
+    if path:  # the file's values as flags, then the command line's: the last occurrence of a flag wins
+        args = tyro.cli(Args, args=read_config(path) + sys.argv[1:], use_underscores=True)
+        args.config_sha256 = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return args
 
 
 def is_file_dataset(name: str | None) -> bool:
@@ -298,6 +312,8 @@ def validate(args: Args):
         (any(n and os.path.realpath(n) == os.path.realpath(out) for n in inputs),
          f"--output_dir {out} is an input of this run (a model or the data): pass another --output_dir"),
         (os.path.exists(out) and not os.path.isdir(out), f"--output_dir {out} is a file: pass a folder"),
+        (str(args.chat_template).endswith(".jinja") and not os.path.isfile(args.chat_template),
+         f"--chat_template {args.chat_template} does not exist: pass a .jinja file or the template itself"),
         (os.path.isdir(out) and set(os.listdir(out)) - {".lock"} and not args.resume
          and not args.overwrite_output_dir, f"output_dir {args.output_dir} already holds files (a model, "
          "metrics.jsonl, ...); pass --overwrite_output_dir to replace them, --resume to continue that run, or another "
@@ -701,7 +717,7 @@ def prepass(name: str, ds, batches: list[list[int]], keys, args: Args, accelerat
 
 # ---- models ----------------------------------------------------------------------------------------------------------
 def load_pretrained(auto_class, name: str, args: Args):
-    """A model or tokenizer (with a chat template; pad = eos if unset); one that cannot load is a clear error."""
+    """A model or tokenizer (its chat template, else --chat_template; pad = eos if unset); loading errors are clear."""
     from huggingface_hub import constants
 
     kwargs = {} if auto_class is AutoTokenizer else {"dtype": getattr(torch, args.dtype),
@@ -716,8 +732,10 @@ def load_pretrained(auto_class, name: str, args: Args):
                "folder" if "optimizer.bin" in (held or []) else str(e).splitlines()[0])
         fail(f"could not load model {name!r}: {why}. Pass a local model folder or a hub id (the offline tiny models "
              "come from `bash run_tiny.sh`)")
+    if auto_class is AutoTokenizer and loaded.chat_template is None and (template := args.chat_template):
+        loaded.chat_template = open(template).read() if template.endswith(".jinja") else template
     if auto_class is AutoTokenizer and loaded.chat_template is None:
-        fail(f"tokenizer of {name!r} has no chat template; use an instruct tokenizer or set one")
+        fail(f"tokenizer of {name!r} has no chat template: pass --chat_template (a Jinja string or a .jinja file)")
     if auto_class is AutoTokenizer and loaded.pad_token is None:
         loaded.pad_token = loaded.eos_token
     return loaded

@@ -2,6 +2,7 @@
 tokenizer checks and clear errors. (End to end ordering: tests/test_pipeline.py.)"""
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -10,12 +11,15 @@ import time
 
 import pytest
 import torch
+import tyro
 from accelerate import Accelerator
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from conftest import ROOT, load_script, run_script, not_a_model_folders
 
 wspo = load_script("wspo")
+TINY_RECIPE = ROOT / "recipes" / "tiny" / "wspo.yaml"
+TINY = tyro.cli(wspo.Args, args=wspo.read_config(str(TINY_RECIPE)), use_underscores=True)  # what --preset tiny reads
 
 
 def make_model(tok, path, seed, hidden=32):
@@ -47,7 +51,7 @@ def live_token_logps(path, ids, n_prompt):
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_loss_equals_official_formula_with_four_live_models(tiny, four, tmp_path, level):
-    args = dataclasses.replace(wspo.PRESETS["tiny"], dataset_name=str(tiny / "ultrafeedback"), strong=four["strong"],
+    args = dataclasses.replace(TINY, dataset_name=str(tiny / "ultrafeedback"), strong=four["strong"],
                                strong_ref=four["sref"], weak_ref=four["wref"], weak_aligned=four["wal"],
                                cache_dir=str(tmp_path / "cache"), prepass_batch_size=3, loss_level=level,
                                beta=0.1, weak_coef=1.0)  # the official values, as in the formula below
@@ -86,7 +90,7 @@ def test_loss_equals_official_formula_with_four_live_models(tiny, four, tmp_path
 
 
 def test_rejected_are_never_forwarded_in_training(tiny, four):
-    args = dataclasses.replace(wspo.PRESETS["tiny"])
+    args = dataclasses.replace(TINY)
     tok = AutoTokenizer.from_pretrained(four["strong"])
     raw = wspo.load_split(str(tiny / "ultrafeedback"), None, "test_prefs").select(range(4))
     train, with_rej, _ = wspo.prepare_split(raw, None, tok, args, "train", "test_prefs", print)
@@ -97,11 +101,15 @@ def test_rejected_are_never_forwarded_in_training(tiny, four):
     assert with_rej and all(len(r) > 0 for r in ev["rejected_ids"])
 
 
+def wspo_argv(tiny, four, tmp_path, *extra, out="o"):
+    return ["--preset", "tiny", "--dataset_name", str(tiny / "ultrafeedback"), "--strong", four["strong"],
+            "--weak_ref", four["wref"], "--weak_aligned", four["wal"], "--output_dir", str(tmp_path / out),
+            "--cache_dir", str(tmp_path / "c"), "--max_train_samples", "64", "--max_eval_samples", "32",
+            "--max_steps", "2", *extra]
+
+
 def run_wspo(tiny, four, tmp_path, *extra, check=False, env=None, out="o"):
-    return run_script("wspo.py", "--preset", "tiny", "--dataset_name", str(tiny / "ultrafeedback"), "--strong", four["strong"],
-                      "--weak_ref", four["wref"], "--weak_aligned", four["wal"], "--output_dir", str(tmp_path / out),
-                      "--cache_dir", str(tmp_path / "c"), "--max_train_samples", "64", "--max_eval_samples", "32",
-                      "--max_steps", "2", *extra, check=check, env=env)
+    return run_script("wspo.py", *wspo_argv(tiny, four, tmp_path, *extra, out=out), check=check, env=env)
 
 
 def test_mismatched_tokenizer_stops_before_training(tiny, four, tmp_path):
@@ -167,7 +175,7 @@ def test_lora_trains_and_saves_a_merged_plain_model(tiny, four, tmp_path):
 
 def test_empty_or_malformed_responses_are_counted_skips(tiny):
     tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
-    args = wspo.PRESETS["tiny"]
+    args = TINY
     u = lambda p: {"role": "user", "content": p}
     assert wspo.tokenize_example(tok, {"prompt": "copy one", "chosen": [u("copy one"), {"role": "assistant", "content": " "}]},
                                  args, False)["skip"] == "empty response"
@@ -184,7 +192,7 @@ def test_no_usable_example_error_prints_plain_counts(tiny, capsys):
     tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
     rows = [{"prompt": "copy one", "chosen": [{"role": "user", "content": "copy one"}]}] * 2
     with pytest.raises(SystemExit) as e:
-        wspo.prepare_split(Dataset.from_list(rows), None, tok, wspo.PRESETS["tiny"], "train", "bad.jsonl", print)
+        wspo.prepare_split(Dataset.from_list(rows), None, tok, TINY, "train", "bad.jsonl", print)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "np." not in err
     assert ("error: no usable example in the train data (bad.jsonl; {'response is not a conversation ending in an "
@@ -302,6 +310,122 @@ def test_preset_with_equals_sign_and_flags_override(monkeypatch):
     assert parse(monkeypatch).strong == "Qwen/Qwen2-7B"
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# issue 29: recipes (--config FILE.yaml; --preset tiny is recipes/tiny/wspo.yaml) and --chat_template
+# ---------------------------------------------------------------------------------------------------------------------
+def test_config_file_sets_args_of_every_kind_and_command_line_flags_win(monkeypatch, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("# a comment\nlearning_rate: 1e-3\nbeta: 0.3\nuse_lora: true\ndisable_dropout: false\n"
+                      "eval_split: null\nresume_allow_changes: [beta, seed]\nloss_level: sequence\nmax_steps: 7\n")
+    args = parse(monkeypatch, "--config", str(recipe), "--beta", "0.2", "--disable_dropout")
+    assert (args.learning_rate, args.beta, args.use_lora, args.disable_dropout) == (1e-3, 0.2, True, True)
+    assert (args.eval_split, args.resume_allow_changes, args.loss_level, args.max_steps) == (None, ("beta", "seed"),
+                                                                                              "sequence", 7)
+    assert args.config == str(recipe) and args.preset is None
+    assert args.config_sha256 == hashlib.sha256(recipe.read_bytes()).hexdigest()
+    assert parse(monkeypatch, f"--config={recipe}", "--max_steps", "None").max_steps is None
+
+
+def test_preset_tiny_is_the_tiny_recipe(monkeypatch):
+    by_preset, by_config = parse(monkeypatch, "--preset", "tiny"), parse(monkeypatch, "--config", str(TINY_RECIPE))
+    assert by_preset.config == by_config.config == str(TINY_RECIPE) and by_preset.preset == "tiny"
+    assert dataclasses.replace(by_preset, preset=None) == by_config == dataclasses.replace(TINY, config_sha256=
+                                                                                           by_config.config_sha256)
+    assert (by_config.strong, by_config.beta, by_config.learning_rate, by_config.max_length) == \
+        ("runs/tiny/sft-strong", 0.5, 5e-4, 128)  # the values of the PRESETS dict it replaces
+
+
+@pytest.mark.parametrize("content, message", [
+    ("learning_rat: 1e-5\n", "unknown key 'learning_rat' (did you mean 'learning_rate'?)"),
+    ("world_size: 4\n", "unknown key 'world_size' (did you mean"),  # filled in at runtime, not a setting
+    ("preset: tiny\n", "unknown key 'preset' (did you mean"),
+    ("beta: [0.1\n", "cannot read it as YAML"),
+    ("- beta\n- 0.1\n", "is not a mapping of Args fields"),
+    (None, "cannot read it as YAML ([Errno 2] No such file or directory"),
+])
+def test_bad_config_files_exit_2_naming_the_file(monkeypatch, capsys, tmp_path, content, message):
+    recipe = tmp_path / "r.yaml"
+    if content is not None:
+        recipe.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        parse(monkeypatch, "--config", str(recipe), "--output_dir", str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: --config {recipe}") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_and_preset_together_and_bad_values_are_refused(monkeypatch, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        parse(monkeypatch, "--preset", "tiny", "--config", str(TINY_RECIPE))
+    assert e.value.code == 2 and "--preset tiny is --config recipes/tiny/wspo.yaml: pass one of them" in \
+        capsys.readouterr().err
+    (tmp_path / "r.yaml").write_text("max_steps: many\n")  # a value is type-checked as on the command line
+    p = run_script("wspo.py", "--config", str(tmp_path / "r.yaml"), "--output_dir", str(tmp_path / "o"), check=False)
+    assert p.returncode == 2 and "max_steps" in p.stderr and "'many'" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_every_wspo_recipe_parses(monkeypatch):
+    recipes = sorted((ROOT / "recipes").glob("*/wspo*.yaml"))
+    assert [str(r.relative_to(ROOT / "recipes")) for r in recipes] == ["tiny/wspo.yaml", "wspo/wspo-qwen2-7b-full.yaml",
+                                                                       "wspo/wspo-qwen2-7b-lora.yaml"]
+    full, lora = (parse(monkeypatch, "--config", str(r)) for r in recipes[1:])
+    assert (full.learning_rate, full.num_train_epochs, full.gradient_accumulation_steps, full.beta) == (1e-5, 1, 4, 0.1)
+    assert (lora.learning_rate, lora.num_train_epochs, lora.gradient_accumulation_steps) == (5e-6, 3, 8)
+    assert (lora.use_lora, lora.lora_r, lora.lora_alpha, lora.lora_dropout) == (True, 8, 16, 0.0)
+    assert full.max_length == lora.max_length == 4096 and full.weak_aligned == "runs/qwen2-1.5b-dpo"
+
+
+def test_resume_accepts_the_same_settings_from_another_config_file(tiny, four, finished, tmp_path, monkeypatch,
+                                                                   capsys):
+    root, _ = finished
+    copy = tmp_path / "tiny.yaml"  # another path and content hash, the same settings
+    copy.write_text(TINY_RECIPE.read_text() + "# a copy\n")
+    same = ("--max_steps", "4", "--save_steps", "2", "--logging_steps", "2", "--per_device_train_batch_size", "8")
+    args = parse(monkeypatch, "--config", str(copy), *wspo_argv(tiny, four, root, *same, "--resume")[2:])
+    with pytest.raises(SystemExit) as e:
+        wspo.validate(args)
+    assert e.value.code == 0 and f"run in {root / 'o'} already finished (step 4)" in capsys.readouterr().out
+
+
+def without_chat_template(folder, to):
+    """A copy of a model folder whose tokenizer ships no chat template."""
+    import shutil
+
+    shutil.copytree(folder, to)
+    (to / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.load(open(to / "tokenizer_config.json"))
+    config.pop("chat_template", None)
+    json.dump(config, open(to / "tokenizer_config.json", "w"))
+    assert AutoTokenizer.from_pretrained(to).chat_template is None
+    return str(to)
+
+
+def test_base_tokenizers_train_with_chat_template_and_the_saved_tokenizer_has_it(tiny, four, tmp_path):
+    template = AutoTokenizer.from_pretrained(four["strong"]).chat_template
+    (tmp_path / "chat.jinja").write_text(template)
+    bare = {k: without_chat_template(four[k], tmp_path / k) for k in ("strong", "wref", "wal")}
+    models = ("--strong", bare["strong"], "--weak_ref", bare["wref"], "--weak_aligned", bare["wal"])
+    p = run_wspo(tiny, four, tmp_path, *models, "--eval_split", "None")
+    assert p.returncode == 2 and (f"error: tokenizer of '{bare['strong']}' has no chat template: pass --chat_template "
+                                  "(a Jinja string or a .jinja file)") in p.stderr and not (tmp_path / "o").exists()
+    p = run_wspo(tiny, four, tmp_path, *models, "--eval_split", "None", "--chat_template", str(tmp_path / "chat.jinja"),
+                 check=True)
+    # all four tokenizers got it: the weak ones have the strong one's definition
+    assert all(f"tokenizer check: {bare[k]} has the strong model's tokenizer" in p.stdout for k in ("wref", "wal"))
+    assert AutoTokenizer.from_pretrained(tmp_path / "o").chat_template == template
+    assert json.load(open(tmp_path / "o" / "args.json"))["chat_template"] == str(tmp_path / "chat.jinja")
+
+
+def test_chat_template_string_applies_only_to_tokenizers_that_ship_none(four, tmp_path):
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    args = dataclasses.replace(TINY, chat_template=template)
+    bare = without_chat_template(four["strong"], tmp_path / "s")
+    assert wspo.load_pretrained(AutoTokenizer, bare, args).chat_template == template
+    assert wspo.load_pretrained(AutoTokenizer, four["strong"], args).chat_template == \
+        AutoTokenizer.from_pretrained(four["strong"]).chat_template != template
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--per_device_train_batch_size", "-1"], "--per_device_train_batch_size must be positive (got -1)"),
     (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be positive (got 0)"),
@@ -317,6 +441,7 @@ def test_preset_with_equals_sign_and_flags_override(monkeypatch):
     (["--resume", "--resume_allow_changes", "betta"], "unknown arguments ['betta']"),
     (["--eval_fraction", "0.1", "--eval_dataset_name", "x.jsonl"], "pass one of them"),
     (["--eval_split", "train_prefs"], "is the training split"),
+    (["--chat_template", "no/such/template.jinja"], "--chat_template no/such/template.jinja does not exist"),
 ])
 def test_bad_arguments_fail_before_anything_is_loaded(monkeypatch, capsys, tmp_path, argv, message):
     args = parse(monkeypatch, "--preset", "tiny", "--output_dir", str(tmp_path / "o"), *argv)
@@ -359,6 +484,9 @@ def test_run_logs_run_id_data_counts_and_per_window_perf(finished):
     assert all(r["perf/tokens_per_s"] > 10 * r["perf/examples_per_s"] for r in windows)
     saved = json.load(open(root / "o" / "args.json"))
     assert saved["completed_steps"] == 4 and saved["run_id"] == rows[0]["run_id"]
+    # issue 29: --preset tiny read recipes/tiny/wspo.yaml; args.json names the file and its content hash
+    assert saved["config"] == str(TINY_RECIPE) and saved["preset"] == "tiny"
+    assert saved["config_sha256"] == hashlib.sha256(TINY_RECIPE.read_bytes()).hexdigest()
     assert sorted(os.listdir(root / "o" / "checkpoints")) == ["step-2", "step-4"]
 
 
@@ -479,7 +607,7 @@ def test_prompt_truncation_drops_whole_turns_then_cuts_user_text_after_its_heade
     assert text.startswith("<|im_start|>system\nbe kind<|im_end|>\n<|im_start|>user\n")
     assert text.endswith("three<|im_end|>\n<|im_start|>assistant\n")
     assert wspo.fit_prompt(tok, prompt, 10) is None  # headers alone do not fit: a counted skip, never a cut header
-    args = dataclasses.replace(wspo.PRESETS["tiny"], max_prompt_length=len(last_turn) - 5)
+    args = dataclasses.replace(TINY, max_prompt_length=len(last_turn) - 5)
     from datasets import Dataset
 
     ds = Dataset.from_list([{"chosen": prompt + [{"role": "assistant", "content": "one"}]},
