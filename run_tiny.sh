@@ -5,7 +5,8 @@
 #   DPO (the strong ceiling) and WPO;  5. every model evaluated the same way (tiny/evaluate.py);
 #   6. a table, a PNG plot and the fraction of the alignment gap WSPO recovers.
 # Creates .venv on first use (set USE_CURRENT_PYTHON=1 to use the active environment instead).
-# Knobs for a quicker run: OUT, SFT_EPOCHS, N_PROMPTS, SAMPLES. A second run into the same OUT is refused (each
+# Every stage's settings are its recipe in recipes/tiny/. Knobs for a quicker run: OUT, SFT_EPOCHS (both SFTs; the
+# recipes train the weak model 6 epochs, the strong 3), N_PROMPTS, SAMPLES. A second run into the same OUT is refused (each
 # script protects its output folder); OVERWRITE=1 replaces the earlier run's models and metrics.
 # Seeds: SEED=N (default 1) seeds the models' initialisation, every stage's training and the evaluation's sampling
 # (the tiny data stay fixed);
@@ -23,7 +24,7 @@ if [ "${USE_CURRENT_PYTHON:-0}" != 1 ]; then
   . .venv/bin/activate
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-OUT=${OUT:-runs/tiny}; DATA=${DATA:-data/tiny}; SFT_EPOCHS=${SFT_EPOCHS:-3}
+OUT=${OUT:-runs/tiny}; DATA=${DATA:-data/tiny}
 N_PROMPTS=${N_PROMPTS:-200}; SAMPLES=${SAMPLES:-4}; SEED=${SEED:-1}
 over=()
 if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
@@ -42,23 +43,24 @@ if [ -n "${SEEDS:-}" ]; then
   echo "results over seeds $SEEDS in $OUT/results.md and $OUT/results.png"
   exit 0
 fi
-common=(--preset tiny --seed "$SEED" --cache_dir "$OUT/cache" "${over[@]}")
+# every stage's settings are its recipe in recipes/tiny/; here only the seed and the folders of this run are passed
+common=(--seed "$SEED" --cache_dir "$OUT/cache" "${over[@]}")
+epochs=(); [ -z "${SFT_EPOCHS:-}" ] || epochs=(--num_train_epochs "$SFT_EPOCHS")  # quick runs: fewer SFT epochs
 t0=$(date +%s)
 
 python -m tiny --out "$DATA" --no_images --models lm --init_seed "$SEED"
-python sft.py --preset tiny --seed "$SEED" --dataset_name "$DATA/ultrachat" --tokenizer_name "$DATA/tokenizer" --num_train_epochs "$SFT_EPOCHS" \
-  --model_name_or_path "$DATA/models/qwen2-weak-init$SEED" --output_dir "$OUT/sft-weak" "${over[@]}"
-python sft.py --preset tiny --seed "$SEED" --dataset_name "$DATA/ultrachat" --tokenizer_name "$DATA/tokenizer" --num_train_epochs "$SFT_EPOCHS" \
-  --model_name_or_path "$DATA/models/qwen2-strong-init$SEED" --output_dir "$OUT/sft-strong" "${over[@]}"
-# weak DPO at half the preset's lr for two epochs: at lr 1e-4 the 0.13M-parameter weak model's DPO lowers the likelihood
-# of both responses and moves the freed probability onto tokens outside the language (docs/results.md); larger steps
-# made that chaotic (2 epochs at 1e-4: one seed in four fell below weak SFT), smaller ones give the same gain smoothly
-python dpo.py "${common[@]}" --dataset_name "$DATA/ultrafeedback" --model_name_or_path "$OUT/sft-weak" --output_dir "$OUT/dpo-weak" \
-  --learning_rate 5e-5 --num_train_epochs 2
-python wspo.py "${common[@]}" --dataset_name "$DATA/ultrafeedback" --strong "$OUT/sft-strong" --weak_ref "$OUT/sft-weak" \
-  --weak_aligned "$OUT/dpo-weak" --output_dir "$OUT/wspo-strong"
-python dpo.py "${common[@]}" --dataset_name "$DATA/ultrafeedback" --model_name_or_path "$OUT/sft-strong" --output_dir "$OUT/dpo-strong"
-python wpo.py "${common[@]}" --dataset_name "$DATA/ultrafeedback" --model_name_or_path "$OUT/sft-strong" --output_dir "$OUT/wpo-strong"
+python sft.py --config recipes/tiny/sft-weak.yaml --seed "$SEED" --dataset_name "$DATA/ultrachat" --tokenizer_name "$DATA/tokenizer" \
+  --model_name_or_path "$DATA/models/qwen2-weak-init$SEED" --output_dir "$OUT/sft-weak" "${epochs[@]}" "${over[@]}"
+python sft.py --config recipes/tiny/sft-strong.yaml --seed "$SEED" --dataset_name "$DATA/ultrachat" --tokenizer_name "$DATA/tokenizer" \
+  --model_name_or_path "$DATA/models/qwen2-strong-init$SEED" --output_dir "$OUT/sft-strong" "${epochs[@]}" "${over[@]}"
+python dpo.py --config recipes/tiny/dpo.yaml "${common[@]}" --dataset_name "$DATA/ultrafeedback" --model_name_or_path "$OUT/sft-weak" \
+  --output_dir "$OUT/dpo-weak"
+python wspo.py --config recipes/tiny/wspo.yaml "${common[@]}" --dataset_name "$DATA/ultrafeedback" --strong "$OUT/sft-strong" \
+  --weak_ref "$OUT/sft-weak" --weak_aligned "$OUT/dpo-weak" --output_dir "$OUT/wspo-strong"
+python dpo.py --config recipes/tiny/dpo.yaml "${common[@]}" --dataset_name "$DATA/ultrafeedback" --model_name_or_path "$OUT/sft-strong" \
+  --output_dir "$OUT/dpo-strong"
+python wpo.py --config recipes/tiny/wpo.yaml "${common[@]}" --dataset_name "$DATA/ultrafeedback" --model_name_or_path "$OUT/sft-strong" \
+  --output_dir "$OUT/wpo-strong"
 python -m tiny.evaluate --data "$DATA/ultrafeedback" --n_prompts "$N_PROMPTS" --samples "$SAMPLES" --seed "$SEED" \
   --names "weak SFT" "weak DPO" "strong SFT" "strong WSPO" "strong DPO" "strong WPO" \
   --models "$OUT/sft-weak" "$OUT/dpo-weak" "$OUT/sft-strong" "$OUT/wspo-strong" "$OUT/dpo-strong" "$OUT/wpo-strong" \
