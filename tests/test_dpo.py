@@ -446,6 +446,30 @@ def test_bad_config_file_is_one_clear_error(monkeypatch, capsys, tmp_path, name,
     assert not (tmp_path / "o").exists()
 
 
+WPO_BATCH = dict(per_device_train_batch_size=2, gradient_accumulation_steps=8, gradient_checkpointing=True, seed=42)
+
+
+@pytest.mark.parametrize("recipe, published", [  # REFERENCE.md's published settings
+    ("wspo/dpo-qwen2-1.5b-full.yaml", dict(beta=0.1, learning_rate=1e-5, num_train_epochs=1, use_lora=False,
+                                           model_name_or_path="runs/qwen2-1.5b-sft")),
+    ("wspo/dpo-qwen2-1.5b-lora.yaml", dict(beta=0.01, learning_rate=5e-6, num_train_epochs=3, use_lora=True,
+                                           lora_r=8, lora_alpha=16, lora_dropout=0.0)),
+    ("wpo/wpo-mistral-7b-offpolicy.yaml", dict(beta=0.01, learning_rate=5e-7, num_train_epochs=1, max_length=1024,
+                                               max_prompt_length=512, **WPO_BATCH)),
+    ("wpo/wpo-llama3-8b-instruct-offpolicy.yaml", dict(beta=0.01, learning_rate=1e-6, num_train_epochs=2,
+                                                       max_length=2048, max_prompt_length=1800, **WPO_BATCH)),
+    ("wpo/wpo-llama3-8b-instruct-hybrid.yaml", dict(beta=0.01, learning_rate=1e-6, num_train_epochs=2, max_length=2048,
+                                                    max_prompt_length=1800, dataset_name="data/llama3-hybrid",
+                                                    **WPO_BATCH)),
+])
+def test_paper_recipes_hold_the_published_settings(monkeypatch, tmp_path, recipe, published):
+    script = load_script(os.path.basename(recipe).split("-")[0])
+    args = parse(monkeypatch, script, "--config", str(ROOT / "recipes" / recipe), "--output_dir", str(tmp_path / "o"))
+    assert {k: getattr(args, k) for k in published} == published
+    assert (args.lr_scheduler_type, args.warmup_ratio, args.loss_type) == ("cosine", 0.1, "sigmoid")
+    assert (ROOT / "recipes" / recipe).read_text().startswith("# ") and "Source: " in (ROOT / "recipes" / recipe).read_text()
+
+
 def test_missing_config_file_and_config_with_preset_are_refused(monkeypatch, capsys, tmp_path):
     for argv, message in (
             (["--config", str(tmp_path / "nope.yaml")], f"error: --config {tmp_path / 'nope.yaml'}: [Errno 2] No such "
