@@ -31,7 +31,6 @@ Offline tiny setting (CPU; --preset tiny reads recipes/tiny/dpo.yaml):
     python dpo.py --preset tiny --model_name_or_path runs/tiny/sft-weak --output_dir runs/tiny/dpo-weak
 """
 
-import argparse
 import atexit
 import difflib
 import fcntl
@@ -205,12 +204,9 @@ class Args:
     """replace an earlier run in output_dir: its checkpoints/ are deleted, metrics.jsonl restarts, other files kept"""
 
     # filled in at runtime (not flags)
-    world_size: tyro.conf.Suppress[int] = 1
-    """number of processes"""
-    global_batch_size: tyro.conf.Suppress[int] = 0
-    """micro batch x accumulation x processes"""
-    data_fingerprint: tyro.conf.Suppress[str] = ""
-    """size and modification time of the training data's files: --resume refuses changed data"""
+    world_size: tyro.conf.Suppress[int] = 1  # number of processes
+    global_batch_size: tyro.conf.Suppress[int] = 0  # micro batch x accumulation x processes
+    data_fingerprint: tyro.conf.Suppress[str] = ""  # size and mtime of the training data's files: --resume compares it
 
 
 # ---- the loss --------------------------------------------------------------------------------------------------------
@@ -637,32 +633,26 @@ def read_config(path: str) -> list[str]:
         fail(f"--config {path}: {' '.join(str(e).split())}; pass a YAML file of Args fields (see recipes/)")
     if not isinstance(config, dict):
         fail(f"--config {path} must hold `key: value` lines of Args fields, not a {type(config).__name__}")
-    keys = [f.name for f in fields(Args) if f.name not in ("config", "preset")
-            and tyro.conf.Suppress not in getattr(f.type, "__metadata__", ())]  # runtime fields are no keys
+    keys = [f.name for f in fields(Args) if f.name not in ("config", "preset") and "Suppress" not in str(f.type)]
     flags = ["--config", path]
-    for key, value in config.items():
+    for key, value in config.items():  # the fields filled in at runtime (Suppress) are no keys either
         if key not in keys:
-            close = difflib.get_close_matches(str(key), keys, n=1, cutoff=0)[0]
-            fail(f"--config {path}: unknown key {key!r} (did you mean {close!r}?)")
-        if isinstance(value, bool):
-            flags.append(f"--{key}" if value else f"--no_{key}")
-        else:  # None -> "None"; PyYAML reads 1e-5 as a string, which tyro parses as a float
-            flags += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
+            fail(f"--config {path}: unknown key {key!r} (did you mean "
+                 f"{difflib.get_close_matches(str(key), keys, n=1, cutoff=0)[0]!r}?)")
+        values = [] if isinstance(value, bool) else value if isinstance(value, list) else [value]  # None: "None"
+        flags += [f"--{'no_' if value is False else ''}{key}", *map(str, values)]  # bool: --key / --no_key
     return flags
 
 
 def parse_args() -> Args:
     """`--config FILE.yaml` (`--preset tiny`: recipes/tiny/<this script>.yaml) sets Args fields; flags given win."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config")
-    pre.add_argument("--preset", choices=["tiny"])
-    given = pre.parse_known_args()[0]
-    if given.config and given.preset:
-        fail(f"--config {given.config} and --preset tiny (recipes/tiny) both name a recipe file: pass one of them")
-    tiny = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "tiny", f"{Args.exp_name}.yaml")
-    path = given.config or (given.preset and tiny)
-    args = tyro.cli(Args, args=(read_config(path) if path else []) + sys.argv[1:], use_underscores=True)
-    args.config_sha256 = args.config and hashlib.sha256(open(args.config, "rb").read()).hexdigest()
+    args = tyro.cli(Args, use_underscores=True)  # the command line alone first: which file, if any
+    if args.config and args.preset:
+        fail(f"--config {args.config} and --preset tiny (recipes/tiny) both name a recipe file: pass one of them")
+    path = args.config or args.preset and f"{os.path.dirname(__file__)}/recipes/tiny/{Args.exp_name}.yaml"
+    if path:  # the file's values as flags, then the command line's: the last occurrence of a flag wins
+        args = tyro.cli(Args, args=read_config(path) + sys.argv[1:], use_underscores=True)
+        args.config_sha256 = hashlib.sha256(open(path, "rb").read()).hexdigest()
     validate(args)
     return args
 
@@ -846,11 +836,10 @@ def main(args: Args):
     # without --tokenizer_name the tokenizer comes from the model's folder
     tokenizer = load_pretrained(AutoTokenizer, args.tokenizer_name or args.model_name_or_path, args,
                                 "tokenizer" if args.tokenizer_name else "model")
-    if args.chat_template:  # for a base tokenizer; saved with the tokenizer, so the output folder carries it
-        tokenizer.chat_template = open(args.chat_template).read() if args.chat_template.endswith(".jinja") \
-            else args.chat_template
+    if template := args.chat_template:  # for a base tokenizer; saved with the tokenizer: the output folder has it
+        tokenizer.chat_template = open(template).read() if template.endswith(".jinja") else template
     if tokenizer.chat_template is None:
-        fail(f"tokenizer {tokenizer.name_or_path!r} has no chat template; pass --chat_template (a Jinja string or a "
+        fail(f"tokenizer {tokenizer.name_or_path!r} has no chat template: pass --chat_template (a Jinja string or a "
              ".jinja file)")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, args)

@@ -501,7 +501,7 @@ def test_base_tokenizer_trains_with_chat_template_and_the_output_carries_it(tiny
                                   "--cache_dir", str(tmp_path / "c"))
     p = run_script(f"{name}.py", "--config", str(recipe), "--output_dir", str(out), *small, check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr and not out.exists()
-    assert f"error: tokenizer '{base}' has no chat template; pass --chat_template (a Jinja string or a .jinja file)" \
+    assert f"error: tokenizer '{base}' has no chat template: pass --chat_template (a Jinja string or a .jinja file)" \
         in p.stderr
     if form == "file":
         (tmp_path / "t.jinja").write_text(template)
