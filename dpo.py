@@ -649,7 +649,7 @@ def parse_args() -> Args:
     args = tyro.cli(Args, use_underscores=True)  # the command line alone first: which file, if any
     if args.config and args.preset:
         fail(f"--config {args.config} and --preset tiny (recipes/tiny) both name a recipe file: pass one of them")
-    path = args.config or args.preset and f"{os.path.dirname(__file__)}/recipes/tiny/{Args.exp_name}.yaml"
+    path = args.config or args.preset and os.path.abspath(f"{__file__}/../recipes/tiny/{Args.exp_name}.yaml")
     if path:  # the file's values as flags, then the command line's: the last occurrence of a flag wins
         args = tyro.cli(Args, args=read_config(path) + sys.argv[1:], use_underscores=True)
         args.config_sha256 = hashlib.sha256(open(path, "rb").read()).hexdigest()
