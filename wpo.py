@@ -24,8 +24,7 @@ Loss normaliser: the mean over the optimizer step's pairs (every micro-batch hol
 only whole global batches are trained on, so accelerate's mean of micro-batch means is that mean).
 Dropout is off in the policy (`--disable_dropout`, LoRA dropout included), as in TRL's DPOTrainer.
 
-Defaults: the official Llama-3-8B-Instruct setting (beta 0.01, lr 1e-6, 2 epochs, max length 2048 / prompt 1800,
-8 GPUs x batch 2 x accumulation 8 = 128 pairs, cosine, warm-up 0.1, gradient checkpointing on).
+Defaults: the official Llama-3-8B-Instruct setting; recipes/wpo/wpo-*.yaml hold the paper's settings and their sources.
 `--layout auto`: one padding-free forward per micro-batch on a GPU, `--length_groups` length-sorted padded forwards
 on a CPU (what measured fastest on each, docs/benchmarks.md). Logits exist for one chunk of positions at a time.
 
@@ -33,18 +32,17 @@ log sum_v p_v^2 = log sum_v e_v^2 - 2 log sum_v e_v (e = exp(z - max z), logits 
 exponentials the log-normaliser takes anyway, chunk by chunk: no gradient, no probability tensor. Logged: weight (the
 mean over pairs), weight_min, weight_max. Everything else is dpo.py: `diff dpo.py wpo.py` shows what WPO changes.
 
-Paper scale (GPU, hub):
-    accelerate launch --config_file configs/zero3.yaml wpo.py --output_dir runs/llama3-8b-instruct-wpo
+Paper scale (GPU, hub; each recipe names its source and launch command; flags given override it):
+    accelerate launch --config_file configs/zero3.yaml wpo.py --config recipes/wpo/wpo-llama3-8b-instruct-offpolicy.yaml
     # WPO-HB: pairs built by hybrid_pairs.py from the policy's samples, scored by ArmoRM, then WPO on them:
-    accelerate launch --config_file configs/zero3.yaml wpo.py --dataset_name data/llama3-hybrid \
-        --output_dir runs/llama3-8b-instruct-wpo-hb
-Offline tiny setting (CPU):
+    accelerate launch --config_file configs/zero3.yaml wpo.py --config recipes/wpo/wpo-llama3-8b-instruct-hybrid.yaml
+Offline tiny setting (CPU; --preset tiny reads recipes/tiny/wpo.yaml):
     python -m tiny --out data/tiny && python sft.py --preset tiny --output_dir runs/tiny/sft-weak
     python wpo.py --preset tiny --model_name_or_path runs/tiny/sft-weak --output_dir runs/tiny/wpo-weak
 """
 
-import argparse
 import atexit
+import difflib
 import fcntl
 import hashlib
 import json
@@ -64,6 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from datasets import load_dataset, load_from_disk
@@ -84,8 +83,11 @@ class Args:
     """seed of the experiment (data order)"""
     output_dir: str = "runs/wpo"
     """where the final model, checkpoints and metrics.jsonl go"""
+    config: str | None = None
+    """YAML file of Args fields (the papers' settings are in recipes/); flags given on the command line override it"""
     preset: Literal["tiny"] | None = None
-    """named defaults: `tiny` = the offline tiny setting (data/tiny); flags still override"""
+    """shorthand for --config recipes/tiny/<this script>.yaml: the offline tiny setting (data/tiny)"""
+    config_sha256: tyro.conf.Suppress[str | None] = None  # set after parsing; recorded in args.json
     track: bool = False
     """log to Weights & Biases"""
     wandb_project_name: str = "w2s-alignment"
@@ -104,6 +106,8 @@ class Args:
     """reference model (default: the policy's initial weights; with LoRA: the base model, adapters off)"""
     tokenizer_name: str | None = None
     """tokenizer hub id or path (default: --model_name_or_path)"""
+    chat_template: str | None = None
+    """Jinja chat template, or a path to a .jinja file, for a tokenizer that ships none; saved with the tokenizer"""
     trust_remote_code: bool = False
     """allow custom modelling code from the hub (off: only code shipped with transformers runs)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -213,24 +217,10 @@ class Args:
     overwrite_output_dir: bool = False
     """replace an earlier run in output_dir: its checkpoints/ are deleted, metrics.jsonl restarts, other files kept"""
 
-    # filled in at runtime
-    world_size: int = 1
-    """(runtime) number of processes"""
-    global_batch_size: int = 0
-    """(runtime) micro batch x accumulation x processes"""
-    data_fingerprint: str = ""
-    """(runtime) size and modification time of the training data's files: --resume refuses changed data"""
-
-
-PRESETS = {
-    "tiny": Args(
-        preset="tiny", output_dir="runs/tiny/wpo", model_name_or_path="runs/tiny/sft-weak",
-        dataset_name="data/tiny/ultrafeedback", max_length=128, max_prompt_length=64, learning_rate=1e-4,
-        num_train_epochs=1, per_device_train_batch_size=32, gradient_accumulation_steps=1,
-        per_device_eval_batch_size=64, max_eval_samples=400, logging_steps=20, cache_dir="runs/tiny/cache",
-        beta=0.1, gradient_checkpointing=False,  # as dpo.py: wpo.py's paper defaults differ
-    ),
-}
+    # filled in at runtime (not flags)
+    world_size: tyro.conf.Suppress[int] = 1  # number of processes
+    global_batch_size: tyro.conf.Suppress[int] = 0  # micro batch x accumulation x processes
+    data_fingerprint: tyro.conf.Suppress[str] = ""  # size and mtime of the training data's files: --resume compares it
 
 
 # ---- the loss --------------------------------------------------------------------------------------------------------
@@ -666,11 +656,11 @@ def reference_logps(ref_model, loaders, n_rows: int, accelerator, path: str, log
 
 # ---- start-up: arguments, output folder, network, models, checkpoints ------------------------------------------------
 # arguments that change neither the training math nor the data order: --resume accepts new values for these
-RESUME_SAFE = {"exp_name", "output_dir", "preset", "track", "wandb_project_name", "wandb_entity", "push_to_hub",
-               "hub_model_id", "trust_remote_code", "gradient_checkpointing", "attn_implementation", "layout",
-               "length_groups", "eval_split", "eval_dataset_name", "max_eval_samples", "per_device_eval_batch_size",
-               "cache_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume",
-               "resume_allow_changes", "overwrite_output_dir", "world_size"}
+RESUME_SAFE = {"exp_name", "output_dir", "config", "preset", "config_sha256", "track", "wandb_project_name",
+               "wandb_entity", "push_to_hub", "hub_model_id", "trust_remote_code", "gradient_checkpointing",
+               "attn_implementation", "layout", "length_groups", "eval_split", "eval_dataset_name", "max_eval_samples",
+               "per_device_eval_batch_size", "cache_dir", "logging_steps", "eval_steps", "save_steps",
+               "save_total_limit", "resume", "resume_allow_changes", "overwrite_output_dir", "world_size"}
 # transformers schedules that need nothing but the warm-up and the step count (get_scheduler)
 STEP_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                   "inverse_sqrt")
@@ -682,12 +672,34 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def read_config(path: str) -> list[str]:
+    """A YAML file of Args fields as the flags it stands for: tyro parses them as typed, and flags given after win."""
+    try:
+        config = yaml.safe_load(open(path, "rb"))
+    except (OSError, yaml.YAMLError) as e:
+        fail(f"--config {path}: {' '.join(str(e).split())}; pass a YAML file of Args fields (see recipes/)")
+    if not isinstance(config, dict):
+        fail(f"--config {path} must hold `key: value` lines of Args fields, not a {type(config).__name__}")
+    keys = [f.name for f in fields(Args) if f.name not in ("config", "preset") and "Suppress" not in str(f.type)]
+    flags = ["--config", path]
+    for key, value in config.items():  # the fields filled in at runtime (Suppress) are no keys either
+        if key not in keys:
+            fail(f"--config {path}: unknown key {key!r} (did you mean "
+                 f"{difflib.get_close_matches(str(key), keys, n=1, cutoff=0)[0]!r}?)")
+        values = [] if isinstance(value, bool) else value if isinstance(value, list) else [value]  # None: "None"
+        flags += [f"--{'no_' if value is False else ''}{key}", *map(str, values)]  # bool: --key / --no_key
+    return flags
+
+
 def parse_args() -> Args:
-    """`--preset NAME` (or `--preset=NAME`) picks the defaults; every flag given overrides them."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--preset", choices=sorted(PRESETS))
-    preset = pre.parse_known_args()[0].preset
-    args = tyro.cli(Args, default=PRESETS[preset] if preset else Args(), use_underscores=True)
+    """`--config FILE.yaml` (`--preset tiny`: recipes/tiny/<this script>.yaml) sets Args fields; flags given win."""
+    args = tyro.cli(Args, use_underscores=True)  # the command line alone first: which file, if any
+    if args.config and args.preset:
+        fail(f"--config {args.config} and --preset tiny (recipes/tiny) both name a recipe file: pass one of them")
+    path = args.config or args.preset and os.path.abspath(f"{__file__}/../recipes/tiny/{Args.exp_name}.yaml")
+    if path:  # the file's values as flags, then the command line's: the last occurrence of a flag wins
+        args = tyro.cli(Args, args=read_config(path) + sys.argv[1:], use_underscores=True)
+        args.config_sha256 = hashlib.sha256(open(path, "rb").read()).hexdigest()
     validate(args)
     return args
 
@@ -736,6 +748,8 @@ def validate(args: Args) -> None:
          "--eval_split None"),
         (args.lr_scheduler_type not in STEP_SCHEDULES, f"--lr_scheduler_type {args.lr_scheduler_type!r} is not a "
          f"schedule of warm-up and steps alone: use one of {', '.join(STEP_SCHEDULES)}"),
+        (str(args.chat_template).endswith(".jinja") and not os.path.isfile(args.chat_template),
+         f"--chat_template {args.chat_template}: no such file; pass a .jinja file or the template text itself"),
         (args.dtype == "float16", "--dtype float16 trains float16 weights without a loss scaler (the loss turns nan): "
          "use --dtype bfloat16, or float32 weights with mixed_precision fp16 in the accelerate config"),
         (any(n and os.path.realpath(n) == os.path.realpath(out) for n in inputs),
@@ -869,8 +883,11 @@ def main(args: Args):
     # without --tokenizer_name the tokenizer comes from the model's folder
     tokenizer = load_pretrained(AutoTokenizer, args.tokenizer_name or args.model_name_or_path, args,
                                 "tokenizer" if args.tokenizer_name else "model")
+    if template := args.chat_template:  # for a base tokenizer; saved with the tokenizer: the output folder has it
+        tokenizer.chat_template = open(template).read() if template.endswith(".jinja") else template
     if tokenizer.chat_template is None:
-        fail(f"tokenizer {tokenizer.name_or_path!r} has no chat template; use an instruct tokenizer or set one")
+        fail(f"tokenizer {tokenizer.name_or_path!r} has no chat template: pass --chat_template (a Jinja string or a "
+             ".jinja file)")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, args)
     if args.gradient_checkpointing:

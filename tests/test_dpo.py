@@ -2,8 +2,10 @@
 and end to end on the tiny setting."""
 
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -11,12 +13,20 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+import tyro
 from transformers import AutoTokenizer
 
 from conftest import ROOT, load_script, run_script, not_a_model_folders
 
 dpo = load_script("dpo")
 
+
+def tiny_recipe(script):
+    """The Args --preset tiny gives: recipes/tiny/<script>.yaml read as the script reads it."""
+    return tyro.cli(script.Args, args=script.read_config(str(ROOT / "recipes" / "tiny" / f"{script.__name__}.yaml")))
+
+
+TINY = tiny_recipe(dpo)
 
 
 def dpo_args(tiny, small_sft, out, cache, *extra):
@@ -123,7 +133,7 @@ def test_chunked_lm_head_equals_log_softmax_of_full_logits_values_and_gradients(
 
 def pair_batch(tiny, model_dir, padding_free, length_groups=1):
     tok = AutoTokenizer.from_pretrained(model_dir)
-    args = dataclasses.replace(dpo.PRESETS["tiny"], dataset_name=str(tiny / "ultrafeedback"))
+    args = dataclasses.replace(TINY, dataset_name=str(tiny / "ultrafeedback"))
     ds = dpo.load_split(args.dataset_name, None, "test_prefs").select(range(6))
     rows = [{**dpo.tokenize_pair(tok, ex, args), "row": i} for i, ex in enumerate(ds)]
     return dpo.collate(rows, tok.pad_token_id, padding_free, length_groups), rows, tok
@@ -163,7 +173,7 @@ def test_padding_free_and_length_groups_equal_padded(tiny, small_sft):
 
 def test_tokenize_pair_truncation_and_skips(tiny):
     tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
-    args = dataclasses.replace(dpo.PRESETS["tiny"], max_length=30, max_prompt_length=19)
+    args = dataclasses.replace(TINY, max_length=30, max_prompt_length=19)
     msg = lambda p, r: [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
     ex = {"prompt": "copy one two", "chosen": msg("copy one two", "sure one two " + "done " * 10),
           "rejected": msg("copy one two", "meh one two now go away")}
@@ -197,7 +207,7 @@ def test_prompt_truncation_drops_earlier_turns_first_and_never_cuts_a_role_heade
     prompt = [system, user1, asst1, user2]
     answer = lambda text: prompt + [{"role": "assistant", "content": text}]
     ex = {"prompt": "x", "chosen": answer("ok three"), "rejected": answer("meh three")}
-    cut = lambda n: dpo.tokenize_pair(tok, ex, dataclasses.replace(dpo.PRESETS["tiny"], max_length=64, max_prompt_length=n))
+    cut = lambda n: dpo.tokenize_pair(tok, ex, dataclasses.replace(TINY, max_length=64, max_prompt_length=n))
     assert len(dpo.chat_ids(tok, prompt, add_generation_prompt=True)) == 42 and not cut(42)["prompt_cut"]
     # 26: the first user / assistant turns go whole; the system message stays
     assert cut(26)["prompt_ids"] == dpo.chat_ids(tok, [system, user2], add_generation_prompt=True) and cut(26)["prompt_cut"]
@@ -246,7 +256,7 @@ def test_step0_rewards_are_exactly_zero_and_the_cache_equals_a_live_reference(ti
     # the live cross-check: the eval cache against the initial policy run on the eval batches, in fp32
     if precision == "no":
         tok = AutoTokenizer.from_pretrained(small_sft)
-        args = dataclasses.replace(dpo.PRESETS["tiny"], dataset_name=str(tiny / "ultrafeedback"), max_eval_samples=64,
+        args = dataclasses.replace(TINY, dataset_name=str(tiny / "ultrafeedback"), max_eval_samples=64,
                                    max_train_samples=8)
         ds = dpo.load_data(args, tok, lambda _: None)[1]
         model = AutoModelForCausalLM.from_pretrained(small_sft).eval()
@@ -271,7 +281,7 @@ def test_fp32_lm_head_grad_trains_under_bf16_with_the_plain_forward_and_referenc
 
     wpo = load_script("wpo")
     tok = AutoTokenizer.from_pretrained(small_sft)
-    args = dataclasses.replace(dpo.PRESETS["tiny"], dataset_name=str(tiny / "ultrafeedback"), max_eval_samples=16,
+    args = dataclasses.replace(TINY, dataset_name=str(tiny / "ultrafeedback"), max_eval_samples=16,
                                max_train_samples=8)
     ds = dpo.load_data(args, tok, lambda _: None)[1]
     batch = dpo.collate([ds[i] for i in range(16)], tok.pad_token_id, False, args.length_groups)
@@ -291,7 +301,7 @@ def test_fp32_lm_head_grad_trains_under_bf16_with_the_plain_forward_and_referenc
         assert torch.equal(logps[0], logps[1]), script
         assert 0 < (grads[1] - grads[0]).norm() < 2e-2 * grads[0].norm(), script  # bf16 rounding apart, not equal
         assert "fp32_lm_head_grad" not in script.RESUME_SAFE
-        keys = {script.cache_key(dataclasses.replace(script.PRESETS["tiny"], fp32_lm_head_grad=flag), str(small_sft),
+        keys = {script.cache_key(dataclasses.replace(tiny_recipe(script), fp32_lm_head_grad=flag), str(small_sft),
                                  ds, "eval", SimpleNamespace(mixed_precision="bf16")) for flag in (False, True)}
         assert len(keys) == 1, script
 
@@ -372,6 +382,142 @@ def test_preset_with_equals_sign_and_explicit_flags_override(monkeypatch):
     assert args.preset == "tiny" and args.max_length == 128 and args.model_name_or_path == "my/model" and args.beta == 0.3
 
 
+def test_help_documents_every_flag():
+    p = run_script("dpo.py", "--help")
+    runtime = ("world_size", "global_batch_size", "data_fingerprint", "config_sha256")  # filled in at runtime: not flags
+    for f in dataclasses.fields(dpo.Args):
+        assert (f"--{f.name}" in p.stdout) == (f.name not in runtime), f.name
+    assert "--chat_template" in p.stdout and "recipes/" in p.stdout
+
+
+# ---- --config FILE.yaml and --preset tiny (dpo.py and wpo.py read them the same way) ----------------------------------
+def parse(monkeypatch, script, *argv):
+    monkeypatch.setattr("sys.argv", [f"{script.__name__}.py", *argv])
+    return script.parse_args()
+
+
+@pytest.mark.parametrize("name", ["dpo", "wpo"])
+def test_preset_tiny_is_the_tiny_recipe_file(monkeypatch, tmp_path, name):
+    script = load_script(name)
+    recipe = ROOT / "recipes" / "tiny" / f"{name}.yaml"
+    by_preset = parse(monkeypatch, script, "--preset", "tiny", "--output_dir", str(tmp_path / "o"))
+    by_config = parse(monkeypatch, script, "--config", str(recipe), "--output_dir", str(tmp_path / "o"))
+    assert by_preset.preset == "tiny" and by_config.preset is None
+    assert dataclasses.replace(by_preset, preset=None) == by_config
+    assert by_config.config == str(recipe) and by_config.config_sha256 == hashlib.sha256(recipe.read_bytes()).hexdigest()
+    assert (by_config.max_length, by_config.per_device_train_batch_size, by_config.learning_rate) == (128, 32, 1e-4)
+    assert by_config.dataset_name == "data/tiny/ultrafeedback" and by_config.cache_dir == "runs/tiny/cache"
+
+
+@pytest.mark.parametrize("name", ["dpo", "wpo"])
+def test_config_values_are_typed_as_flags_and_flags_given_override_them(monkeypatch, tmp_path, name):
+    script = load_script(name)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("beta: 0.3\nlearning_rate: 1e-5  # PyYAML reads a string: parsed as a float\nuse_lora: true\n"
+                      "disable_dropout: false\neval_split: null\nmax_steps: 7\nlora_target_modules: q_proj,v_proj\n"
+                      "resume: true\nresume_allow_changes: [learning_rate, beta]\n")
+    args = parse(monkeypatch, script, "--config", str(recipe), "--output_dir", str(tmp_path / "o"))
+    assert (args.beta, args.learning_rate, args.use_lora, args.disable_dropout, args.eval_split) == (
+        0.3, 1e-5, True, False, None)
+    assert (args.max_steps, args.lora_target_modules, args.resume_allow_changes) == (7, "q_proj,v_proj",
+                                                                                     ("learning_rate", "beta"))
+    args = parse(monkeypatch, script, "--beta", "0.5", "--config", str(recipe), "--no_use_lora", "--output_dir",
+                 str(tmp_path / "o"), "--eval_split", "test_prefs", "--resume_allow_changes", "seed")
+    assert (args.beta, args.use_lora, args.eval_split, args.resume_allow_changes) == (0.5, False, "test_prefs", ("seed",))
+    assert (args.learning_rate, args.max_steps, args.disable_dropout) == (1e-5, 7, False)  # the file's, not overridden
+
+
+@pytest.mark.parametrize("name", ["dpo", "wpo"])
+@pytest.mark.parametrize("content,message", [
+    ("learning_rat: 1.0e-5\n", "unknown key 'learning_rat' (did you mean 'learning_rate'?)"),
+    ("bta: 0.1\n", "unknown key 'bta' (did you mean 'beta'?)"),
+    ("global_batch_size: 128\n", "unknown key 'global_batch_size'"),  # filled in at runtime: no key
+    ("preset: tiny\n", "unknown key 'preset'"),
+    ("- beta\n", "must hold `key: value` lines of Args fields, not a list"),
+    ("beta: [0.1\n", "while parsing a flow sequence"),
+])
+def test_bad_config_file_is_one_clear_error(monkeypatch, capsys, tmp_path, name, content, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        parse(monkeypatch, load_script(name), "--config", str(recipe), "--output_dir", str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: --config {recipe}") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+WPO_BATCH = dict(per_device_train_batch_size=2, gradient_accumulation_steps=8, gradient_checkpointing=True, seed=42)
+
+
+@pytest.mark.parametrize("recipe, published", [  # REFERENCE.md's published settings
+    ("wspo/dpo-qwen2-1.5b-full.yaml", dict(beta=0.1, learning_rate=1e-5, num_train_epochs=1, use_lora=False,
+                                           model_name_or_path="runs/qwen2-1.5b-sft")),
+    ("wspo/dpo-qwen2-1.5b-lora.yaml", dict(beta=0.01, learning_rate=5e-6, num_train_epochs=3, use_lora=True,
+                                           lora_r=8, lora_alpha=16, lora_dropout=0.0)),
+    ("wpo/wpo-mistral-7b-offpolicy.yaml", dict(beta=0.01, learning_rate=5e-7, num_train_epochs=1, max_length=1024,
+                                               max_prompt_length=512, **WPO_BATCH)),
+    ("wpo/wpo-llama3-8b-instruct-offpolicy.yaml", dict(beta=0.01, learning_rate=1e-6, num_train_epochs=2,
+                                                       max_length=2048, max_prompt_length=1800, **WPO_BATCH)),
+    ("wpo/wpo-llama3-8b-instruct-hybrid.yaml", dict(beta=0.01, learning_rate=1e-6, num_train_epochs=2, max_length=2048,
+                                                    max_prompt_length=1800, dataset_name="data/llama3-hybrid",
+                                                    **WPO_BATCH)),
+])
+def test_paper_recipes_hold_the_published_settings(monkeypatch, tmp_path, recipe, published):
+    script = load_script(os.path.basename(recipe).split("-")[0])
+    args = parse(monkeypatch, script, "--config", str(ROOT / "recipes" / recipe), "--output_dir", str(tmp_path / "o"))
+    assert {k: getattr(args, k) for k in published} == published
+    assert (args.lr_scheduler_type, args.warmup_ratio, args.loss_type) == ("cosine", 0.1, "sigmoid")
+    assert (ROOT / "recipes" / recipe).read_text().startswith("# ") and "Source: " in (ROOT / "recipes" / recipe).read_text()
+
+
+def test_missing_config_file_and_config_with_preset_are_refused(monkeypatch, capsys, tmp_path):
+    for argv, message in (
+            (["--config", str(tmp_path / "nope.yaml")], f"error: --config {tmp_path / 'nope.yaml'}: [Errno 2] No such "
+                                                        "file or directory"),
+            (["--config", "recipes/tiny/dpo.yaml", "--preset", "tiny"], "error: --config recipes/tiny/dpo.yaml and "
+                                                                         "--preset tiny (recipes/tiny) both name a "
+                                                                         "recipe file: pass one of them")):
+        with pytest.raises(SystemExit) as e:
+            parse(monkeypatch, dpo, *argv, "--output_dir", str(tmp_path / "o"))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(message) and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name, form", [("dpo", "file"), ("wpo", "string")])
+def test_base_tokenizer_trains_with_chat_template_and_the_output_carries_it(tiny, small_sft, tmp_path, name, form):
+    """A tokenizer that ships no chat template: refused with a message naming --chat_template; with it (a .jinja file
+    or the template itself) the run trains and the saved tokenizer has it. args.json records the --config file and
+    its sha256, which --resume does not compare (the values it set are compared)."""
+    template = AutoTokenizer.from_pretrained(tiny / "tokenizer").chat_template
+    base = shutil.copytree(tiny / "tokenizer", tmp_path / "base_tokenizer")
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "chat_template"}))
+    assert template and AutoTokenizer.from_pretrained(base).chat_template is None
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((ROOT / "recipes" / "tiny" / f"{name}.yaml").read_text() + f"tokenizer_name: {base}\n"
+                      f"model_name_or_path: {small_sft}\ndataset_name: {tiny / 'ultrafeedback'}\n")
+    out, small = tmp_path / "o", ("--max_steps", "1", "--max_train_samples", "32", "--eval_split", "None",
+                                  "--cache_dir", str(tmp_path / "c"))
+    p = run_script(f"{name}.py", "--config", str(recipe), "--output_dir", str(out), *small, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and not out.exists()
+    assert f"error: tokenizer '{base}' has no chat template: pass --chat_template (a Jinja string or a .jinja file)" \
+        in p.stderr
+    if form == "file":
+        (tmp_path / "t.jinja").write_text(template)
+    given = str(tmp_path / "t.jinja") if form == "file" else template
+    run_script(f"{name}.py", "--config", str(recipe), "--output_dir", str(out), *small, "--chat_template", given)
+    assert AutoTokenizer.from_pretrained(out).chat_template == template
+    saved = json.loads((out / "args.json").read_text())
+    assert (saved["config"], saved["chat_template"], saved["completed_steps"]) == (str(recipe), given, 1)
+    assert saved["config_sha256"] == hashlib.sha256(recipe.read_bytes()).hexdigest()
+    moved = tmp_path / "moved.yaml"  # the same values from another file: not a change of the run
+    moved.write_text("# the same recipe, moved\n" + recipe.read_text())
+    p = run_script(f"{name}.py", "--config", str(moved), "--output_dir", str(out), *small, "--chat_template", given,
+                   "--resume")
+    assert f"run in {out} already finished (step 1); nothing to do" in p.stdout
+
+
 def test_single_file_eval_data_are_never_the_training_file(monkeypatch, capsys, tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"prompt": "copy one", "chosen": "ok one", "rejected": "meh one"}) + "\n")
@@ -443,7 +589,7 @@ def test_no_usable_pair_error_prints_plain_counts(tiny, capsys):
     rows = [{"prompt": "copy one", "chosen": "", "rejected": "meh one"}] * 2
     rows += [{"prompt": "copy two", "chosen": "ok two", "rejected": "ok two"}]
     with pytest.raises(SystemExit) as e:
-        dpo.prepare_dataset(Dataset.from_list(rows), tok, dpo.PRESETS["tiny"], "train", "bad.jsonl", print)
+        dpo.prepare_dataset(Dataset.from_list(rows), tok, TINY, "train", "bad.jsonl", print)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "np." not in err
     assert ("error: no usable pair in the train data (bad.jsonl: {'chosen identical to rejected': 1, 'empty chosen or "
@@ -547,7 +693,7 @@ def test_lora_trains_and_saves_a_merged_plain_model(tiny, small_sft, tmp_path):
 
 def test_malformed_pairs_are_counted_skips(tiny):
     tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
-    args = dpo.PRESETS["tiny"]
+    args = TINY
     u = lambda p: {"role": "user", "content": p}
     a = lambda r: {"role": "assistant", "content": r}
     other_prompt = {"prompt": "x", "chosen": [u("copy one"), a("ok one")], "rejected": [u("copy two"), a("ok two")]}

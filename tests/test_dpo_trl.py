@@ -35,13 +35,15 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+import tyro
 from datasets import Dataset
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 from trl import DPOConfig, DPOTrainer
 
-from conftest import load_script
+from conftest import ROOT, load_script
 
 dpo = load_script("dpo")
+TINY = tyro.cli(dpo.Args, args=dpo.read_config(str(ROOT / "recipes" / "tiny" / "dpo.yaml")))  # --preset tiny's Args
 
 N_PAIRS = 8
 ATOL = 1e-5
@@ -59,7 +61,7 @@ CASES = {"sigmoid": ("sigmoid", 0.1, 0.0), "sigmoid_label_smoothing": ("sigmoid"
 def setting(tiny):
     """The tokenizer, the first N test pairs that dpo.py keeps uncut, as raw message lists and as dpo.py's ids."""
     tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
-    args = dataclasses.replace(dpo.PRESETS["tiny"], dataset_name=str(tiny / "ultrafeedback"))
+    args = dataclasses.replace(TINY, dataset_name=str(tiny / "ultrafeedback"))
     raw, rows = [], []
     for ex in dpo.load_split(args.dataset_name, None, "test_prefs"):
         t = dpo.tokenize_pair(tok, ex, args)
