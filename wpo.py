@@ -55,6 +55,7 @@ import sys
 import time
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, fields
+from types import SimpleNamespace
 from typing import Literal, NoReturn
 from urllib.parse import urlparse
 
@@ -309,7 +310,7 @@ def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[i
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
-def split_pair(ex: dict, args: Args) -> tuple[list[dict], str, str]:
+def split_pair(ex: dict, args: "Args") -> tuple[list[dict], str, str]:
     """(prompt messages, chosen text, rejected text) from TRL's formats: strings (standard), a prompt message list and
     one assistant message each (conversational), whole conversations (implicit prompt; UltraFeedback's). A prompt
     must end with a user message: the response follows it."""
@@ -353,7 +354,7 @@ def fit_prompt(tokenizer, prompt: list[dict], max_tokens: int) -> tuple[list[int
     return (ids, True) if len(ids) <= max_tokens else None
 
 
-def tokenize_pair(tokenizer, ex: dict, args: Args) -> dict:
+def tokenize_pair(tokenizer, ex: dict, args: "Args") -> dict:
     """Prompt ids (chat template + generation prompt), the two response ids, whether the prompt / each response was
     cut, and a skip reason ("" = keep). The response tokens are what the template appends to the prompt's tokens,
     through the end-of-turn token; the prompt's tokens must be a prefix of prompt+response's tokens."""
@@ -395,7 +396,8 @@ def prepare_dataset(ds, tokenizer, args: Args, what: str, source: str, log) -> t
     if missing:
         fail(f"the {what} data ({source}) have no column {missing} (columns: {ds.column_names}); pass "
              "--chosen_column / --rejected_column / --prompt_column naming your columns")
-    ds = ds.map(lambda ex: tokenize_pair(tokenizer, ex, args), remove_columns=ds.column_names,
+    plain = SimpleNamespace(**vars(args))  # datasets hashes the function: tyro's markers in Args do not pickle
+    ds = ds.map(lambda ex: tokenize_pair(tokenizer, ex, plain), remove_columns=ds.column_names,
                 desc=f"tokenizing {what}")
     reasons = {str(r): int(n) for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}  # no np reprs
     seen = set()  # hashes: an exact duplicate (same prompt, chosen and rejected tokens) would count twice in the loss
