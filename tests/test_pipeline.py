@@ -1,8 +1,6 @@
 """The main job (run_tiny.sh) at one seed, 6, that the docs' table (seeds 1-5) does not use, with the docs' evaluation
 (200 held-out prompts x 4 samples). It asserts each ordering that held in every one of seeds 1-6 on the project's
-machine (docs/results.md), at a threshold below that six-seed minimum; the minimum is written next to each.
-WSPO's gain over strong SFT is not asserted: it failed in seed 5 (docs/results.md), so no threshold below the
-minimum would say anything."""
+machine (docs/results.md), at a threshold below that six-seed minimum; the minimum is written next to each."""
 
 import json
 import os
@@ -17,19 +15,22 @@ from conftest import ROOT
 
 def test_pipeline_orderings(tmp_path):
     env = {**os.environ, "USE_CURRENT_PYTHON": "1", "OUT": str(tmp_path / "runs"), "DATA": str(tmp_path / "data"),
-           "SEED": "6", "SFT_EPOCHS": "3", "N_PROMPTS": "200", "SAMPLES": "4"}
+           "SEED": "6", "N_PROMPTS": "200", "SAMPLES": "4"}
     p = subprocess.run(["bash", "run_tiny.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     res = {r["name"]: r for r in json.load(open(tmp_path / "runs" / "results.json"))}
     assert {r["seed"] for r in res.values()} == {6}
     gold = {k: r["gold_reward_mean"] for k, r in res.items()}
     tone = {k: r["tone_mean"] for k, r in res.items()}
-    assert gold["weak DPO"] - gold["weak SFT"] >= 0.05, gold  # seeds 1-6: min +0.126
+    assert gold["weak DPO"] - gold["weak SFT"] >= 0.05, gold  # seeds 1-6: min +0.098
     assert gold["strong DPO"] - gold["strong SFT"] >= 0.15, gold  # min +0.312
     assert gold["strong WPO"] - gold["strong SFT"] >= 0.15, gold  # min +0.310
-    assert tone["weak DPO"] - tone["weak SFT"] >= 0.08, tone  # min +0.170
+    assert gold["strong WSPO"] - gold["strong SFT"] >= 0.10, gold  # min +0.240
+    assert tone["weak DPO"] - tone["weak SFT"] >= 0.1, tone  # min +0.199
     assert tone["strong DPO"] - tone["strong SFT"] >= 0.2, tone  # min +0.381
-    assert res["weak DPO"]["pref_accuracy"] > 0.8 and res["strong DPO"]["pref_accuracy"] > 0.85  # min 0.900, 0.940
+    assert tone["strong WSPO"] - tone["strong SFT"] >= 0.3, tone  # min +0.562
+    assert res["weak DPO"]["pref_accuracy"] > 0.8 and res["strong DPO"]["pref_accuracy"] > 0.85  # min 0.885, 0.940
+    assert res["strong WSPO"]["pref_accuracy"] > 0.6  # min 0.680
     assert (tmp_path / "runs" / "results.png").stat().st_size > 5000
     assert "WSPO recovers" in (tmp_path / "runs" / "results.md").read_text()
 
