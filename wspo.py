@@ -11,22 +11,18 @@ model before alignment pi_wref (--weak_ref) and after it pi_wal (--weak_aligned)
     paper (--loss_level sequence): the same regression on whole-response log-ratios,
         L   = mean over the batch of  (beta log pi/pi_sref(y) - gamma log pi_wal/pi_wref(y))^2
 
-The paper writes the sequence-level form; the official code trains the token-level one, the default here. The
-rejected responses are never forwarded in training (the official code forwards and discards them); with an eval
-split that has them they give the held-out reward accuracy of the strong implicit reward beta log pi/pi_sref(y).
+The paper writes the sequence-level form; the official code trains the token-level one, the default here. Training
+never forwards the rejected responses (the official code discards them); in eval they give the reward accuracy.
 
-The weak log-ratio and the strong reference's log-probs never change: a pre-pass computes them per token and caches
-them on disk (keyed by model, token ids, precision and batch layout). It forwards the strong reference in the run's
-own batches (epoch 0's micro-batches, the eval batches) under the same autocast and weights dtype, so the strong
-log-ratio is exactly 0 at step 0, in fp32 and bf16 alike. All four tokenizers must give the strong one's ids on the
-data, or the run stops naming the first example.
+The weak log-ratio and the strong reference's log-probs never change: a pre-pass computes them per token, cached on
+disk. It forwards the strong reference in the run's own batches under the same autocast and weights dtype, so the
+strong log-ratio is exactly 0 at step 0, in fp32 and bf16 alike. All four models must share one tokenizer.
 
 The paper's settings (full fine-tuning with ZeRO-3 offload, LoRA; with their sources and launch commands) are the
-recipes/wspo/wspo-*.yaml files (--config), after the SFT and weak DPO recipes beside them. Dropout is off in the policy
-(--disable_dropout, LoRA's too), as in the official trainer and TRL. Loss normaliser: per sequence (token level: sum_t
-d_t^2 / |y|), then the mean over the micro-batch's sequences; accumulation and processes average those means, which is
-the mean over all sequences of the optimizer step because every micro-batch holds as many sequences (the rest of an
-epoch that does not fill a global batch is left out).
+recipes/wspo/wspo-*.yaml files (--config), after the SFT and weak DPO recipes beside them. Loss normaliser: per
+sequence (token level: sum_t d_t^2 / |y|), then the mean over the micro-batch's sequences; accumulation and processes
+average those means: the mean over all sequences of the optimizer step, as every micro-batch holds as many sequences
+(the rest of an epoch that does not fill a global batch is left out).
 
 GPU (mixed precision and ZeRO-3 from configs/; the recipe's own comment adds the paper's 4 GPUs and CPU offload):
     accelerate launch --config_file configs/zero3.yaml wspo.py --config recipes/wspo/wspo-qwen2-7b-full.yaml
@@ -267,8 +263,7 @@ def is_file_dataset(name: str | None) -> bool:
 
 
 def validate(args: Args):
-    """Every check that needs no model or data, before anything is loaded or written; --resume refuses changed
-    arguments and exits 0 on a finished run; an unreachable hub is reported in 3 s, not after a minute of retries."""
+    """Every check that needs no model or data, before anything is loaded or written (--resume's; the hub's in 3 s)."""
     value = lambda name: getattr(args, name)
     positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
                 "num_train_epochs", "max_length", "max_prompt_length", "prepass_batch_size", "lora_r", "lora_alpha",
@@ -333,10 +328,9 @@ def validate(args: Args):
         changed = [k for k in new if k not in RESUME_SAFE and k in saved and saved[k] != new[k]]
         refused = [k for k in changed if k not in args.resume_allow_changes]
         if refused:
-            fail(f"--resume with arguments that differ from {saved_path}: "
-                 + "; ".join(f"{k}: {saved[k]!r} -> {new[k]!r}" for k in refused)
-                 + ". Resume with the saved values, or allow the change with --resume_allow_changes "
-                 + " ".join(refused))
+            changes = "; ".join(f"{k}: {saved[k]!r} -> {new[k]!r}" for k in refused)
+            fail(f"--resume with arguments that differ from {saved_path}: {changes}. Resume with the saved values, or "
+                 f"allow the change with --resume_allow_changes {' '.join(refused)}")
         if "completed_steps" in saved and not changed:  # as dpo.py: allowed but unchanged arguments change nothing
             print(f"run in {args.output_dir} already finished (step {saved['completed_steps']}); nothing to do")
             sys.exit(0)
@@ -366,9 +360,8 @@ def data_fingerprint(name: str) -> str:
 
 
 def lock_output_dir(path: str) -> None:
-    """One run at a time per output folder: a kernel lock (flock) on path/.lock, released when the process ends however
-    it ends (a killed run leaves the file, not the lock). At exit the file goes, and the folder if this run created it
-    and left it empty."""
+    """One run at a time per output folder: a kernel lock (flock) on path/.lock, released however the process ends. At
+    exit the file goes, and the folder if this run created it and left it empty."""
     lock, created = os.path.join(path, ".lock"), not os.path.isdir(path)
     try:
         os.makedirs(path, exist_ok=True)
@@ -391,8 +384,7 @@ def lock_output_dir(path: str) -> None:
 
 
 def checkpoint_steps(root: str) -> list[int]:
-    """The steps of the fully written checkpoints in root, sorted (`step-12`; a half-written `tmp-step-15` is not one:
-    checkpoints are renamed into place after saving)."""
+    """The steps of the checkpoints in root, sorted (`step-12`; a half-written `tmp-step-15` is not renamed yet)."""
     names = os.listdir(root) if os.path.isdir(root) else []
     return sorted(int(n[5:]) for n in names if n.startswith("step-") and n[5:].isdigit())
 
@@ -469,9 +461,8 @@ def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[i
 
 
 def fit_prompt(tokenizer, prompt: list[dict], max_prompt_length: int):
-    """The prompt's token ids within max_prompt_length, never cutting a role header: whole earlier turns are dropped
-    first (a system message is kept), then the oldest user text is cut from its start. Returns (ids, the messages
-    kept, cut?) or None if even that does not fit."""
+    """The prompt's ids within max_prompt_length, no role header cut: earlier turns are dropped (a system message is
+    kept), then the oldest user text is cut from its start. Returns (ids, messages kept, cut?), or None."""
     ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
     if len(ids) <= max_prompt_length:
         return ids, prompt, False
@@ -538,8 +529,7 @@ def tokenize_example(tokenizer, ex: dict, args: "Args", with_rejected: bool) -> 
 
 
 def prepare_split(raw, max_samples: int | None, tokenizer, args: Args, what: str, source: str, log):
-    """Select the first max_samples, check the columns, tokenize, drop (and count) unusable rows. Returns the
-    tokenized split (with a `row` index), whether it holds rejected responses, and its data counts."""
+    """The first max_samples, columns checked, tokenized, unusable rows dropped: (split + `row`, rejected?, counts)."""
     raw = raw if max_samples is None else raw.select(range(min(max_samples, len(raw))))
     if args.response_column not in raw.column_names:
         fail(f"the {what} data ({source}) has no column {args.response_column!r} (columns: {raw.column_names}); pass "
@@ -569,9 +559,8 @@ def prepare_split(raw, max_samples: int | None, tokenizer, args: Args, what: str
 
 
 def check_tokenizers(args: Args, tokenizer, raws: list, log):
-    """d_t pairs strong and weak log-probs token by token, so every model's tokenizer must give the strong
-    tokenizer's ids on every example; stop at the first that does not. A tokenizer whose definition (vocabulary,
-    merges, normalisation, chat template, special tokens) is the strong one's gives its ids by construction."""
+    """d_t pairs strong and weak log-probs token by token: every tokenizer must give the strong one's ids on every
+    example (stop at the first that does not), as one with the strong one's definition does by construction."""
     definition = lambda t: (t.backend_tokenizer.to_str(), t.chat_template, t.eos_token, t.pad_token)
     ids_of = lambda tok, ex: sum(map(tokenize_example(tok, ex, args, False).get, ("prompt_ids", "chosen_ids")), [])
     for name in dict.fromkeys(n for n in (args.strong_ref, args.weak_ref, args.weak_aligned) if n != args.strong):
@@ -582,8 +571,7 @@ def check_tokenizers(args: Args, tokenizer, raws: list, log):
                 if ids_of(tok, ex) != ids_of(tokenizer, ex):
                     fail(f"tokenizer mismatch: {name!r} and the strong model {args.strong!r} tokenize {split} example "
                          f"{i} differently ({ex.get(args.prompt_column)!r}):\n  {name}: {ids_of(tok, ex)}\n  "
-                         f"{args.strong}: {ids_of(tokenizer, ex)}\nWSPO pairs the weak and strong log-probs token by "
-                         "token; all four models must share one tokenizer and chat template.")
+                         f"{args.strong}: {ids_of(tokenizer, ex)}\nThe 4 models need one tokenizer and chat template.")
         log(f"tokenizer check: {name} " + ("has the strong model's tokenizer (identical definition)" if same else
                                            "gives the strong tokenizer's ids on every example"))
 
@@ -596,9 +584,8 @@ def cached_tokens(cache: dict, rows: list[int], key_index: int = 0) -> torch.Ten
 
 def collate(examples: list[dict], pad_id: int, padding_free: bool, keys=("chosen_ids",), cache: dict | None = None):
     """One sequence per (key, row), keys outer: with keys=(chosen, rejected), sequence i and i+len(examples) pair up.
-    `loss_mask[t]` marks the positions that predict a response token (`response_targets`, in order). The response
-    tokens' sequence ids, counts and cached values are built here, on the host, so the step never waits on the
-    device for them. padding-free: one row, position_ids restart per sequence."""
+    `loss_mask[t]` marks the positions that predict a response token (`response_targets`, in order); their sequence
+    ids and cached values are built on the host. padding-free: one row, position_ids restart per sequence."""
     seqs = [torch.tensor(ex["prompt_ids"] + ex[key]) for key in keys for ex in examples]
     masks = [torch.tensor([False] * (len(ex["prompt_ids"]) - 1) + [True] * len(ex[key]) + [False])
              for key in keys for ex in examples]
@@ -621,9 +608,8 @@ def collate(examples: list[dict], pad_id: int, padding_free: bool, keys=("chosen
 
 # ---- per-token log-probs and the loss --------------------------------------------------------------------------------
 def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    # fp32 before the log-softmax: its gradient (onehot - softmax) is built in fp32 and cast to the logits' dtype once;
-    # taken from logits shifted by their row maximum, as torch.softmax does (logsumexp's backward, exp(z - log Z), was
-    # ~|log Z| ulps off)
+    # fp32 before the log-softmax (its gradient is cast to the logits' dtype once), shifted by the row maximum as
+    # torch.softmax does (logsumexp's backward, exp(z - log Z), was ~|log Z| ulps off)
     z = logits.float()
     m = z.detach().max(-1, keepdim=True).values
     return z.gather(-1, targets[:, None])[:, 0] - m[:, 0] - (z - m).exp().sum(-1).log()
@@ -653,8 +639,7 @@ def wspo_loss(d_t: torch.Tensor, batch: dict, level: str) -> torch.Tensor:
 
 
 def response_metrics(losses, d_t, strong_logratio, batch: dict, args: Args) -> dict:
-    """Per example: the loss, |d| (token level: the mean |d_t| over the response) and the strong implicit reward
-    beta log pi/pi_sref(y); with rejected responses (eval) their reward, the margin and the held-out accuracy."""
+    """Per example: loss, |d| (token level: mean |d_t|), reward beta log pi/pi_sref(y); eval pairs: margin, accuracy."""
     n, d_t, chosen_seq = len(batch["row"]), d_t.detach(), batch["response_seq"][: len(d_t)]
     if args.loss_level == "token":
         abs_d = per_sequence_sum(d_t.abs(), chosen_seq, n) / per_sequence_sum(torch.ones_like(d_t), chosen_seq, n)
@@ -680,8 +665,8 @@ LOGPS_VERSION = "token_logps 2: max-shifted"  # changed with the log-prob code, 
 def prepass(name: str, ds, batches: list[list[int]], keys, args: Args, accelerator, pad_id: int, log) -> dict:
     """Per-token log-probs of model `name` on every (key, row) response of `ds`, forwarded in `batches` (lists of
     rows; batch i on process i % processes) under the training forward's autocast and weights dtype, as one flat
-    tensor with offsets: the tokens of sequence k = key index * len(ds) + row are values[offsets[k]:offsets[k+1]].
-    Cached under the model (a local folder by its files' sizes and times), the token ids, precision and layout."""
+    tensor: sequence k = key index * len(ds) + row is values[offsets[k]:offsets[k+1]]. Cached under the model (a
+    folder by its files' sizes and times), the token ids, precision and layout."""
     token_hash = hashlib.sha256()
     for column in ("prompt_ids", *keys):
         for ids in ds[column]:
@@ -789,8 +774,7 @@ if __name__ == "__main__":
             eval_ds, eval_pairs, eval_counts = prepare_split(raw_eval, args.max_eval_samples, tokenizer, args, "eval",
                                                              args.eval_dataset_name or args.dataset_name, log)
             data_counts.update(eval_counts)
-    check_tokenizers(args, tokenizer, [("train", raw_train)] + ([("eval", raw_eval)] if raw_eval is not None else []),
-                     log)
+    check_tokenizers(args, tokenizer, [("train", raw_train)] + ([("eval", raw_eval)] if raw_eval else []), log)
     if args.use_lora:  # the adapters' target modules, checked on an empty model before the pre-pass
         with torch.device("meta"):
             config = AutoConfig.from_pretrained(args.strong, trust_remote_code=args.trust_remote_code)
@@ -806,9 +790,8 @@ if __name__ == "__main__":
     seeded = lambda epoch: torch.Generator().manual_seed(args.seed + epoch)
     epoch_order = lambda epoch: torch.randperm(len(train_ds), generator=seeded(epoch))
 
-    # ALGO LOGIC: the pre-pass (the weak log-ratio and the strong reference never change). The strong reference runs
-    # in the run's own batches (epoch 0's micro-batches, the eval batches): bit-equal to the policy's step-0 forward;
-    # the rows epoch 0 leaves out follow in batches of their own.
+    # ALGO LOGIC: the pre-pass; the strong reference in epoch 0's micro-batches (bit-equal to the policy's step-0
+    # forward) and the eval batches, then the rows epoch 0 leaves out
     order, batch_size = epoch_order(0).tolist(), args.per_device_train_batch_size
     layouts = {"train": (train_ds, ("chosen_ids",), chunks(order[:rows_per_epoch], batch_size)
                          + chunks(order[rows_per_epoch:], batch_size))}
@@ -849,7 +832,6 @@ if __name__ == "__main__":
     model, optimizer = accelerator.prepare(model, optimizer)
     eval_loader = None if eval_ds is None else make_loader("eval", range(len(eval_ds)), args.per_device_eval_batch_size)
 
-    # checkpoints are renamed into place once fully written: only those count
     ckpt_root, global_step = os.path.join(args.output_dir, "checkpoints"), 0
     errors = []
     for step in reversed(checkpoint_steps(ckpt_root) if args.resume else []):  # the newest that loads
@@ -901,8 +883,7 @@ if __name__ == "__main__":
 
     @torch.no_grad()
     def evaluate_and_log(step: int, extra: dict | None = None):
-        """Logs `extra` and the means over every held-out example (gather_for_metrics drops accelerate's padding
-        duplicates); a non-finite eval loss stops the run before anything is saved."""
+        """Logs `extra` and the means over every held-out example; a non-finite eval loss stops the run unsaved."""
         if eval_loader is None:
             return log_metrics(extra, step)
         parts = []
@@ -966,7 +947,6 @@ if __name__ == "__main__":
                 optimizer.step()
                 optimizer.zero_grad()
             metrics = response_metrics(losses, d_t, strong_logratio, batch, args)
-            # the batch's correlation of the strong and weak per-token log-ratios
             corr = F.cosine_similarity(strong_logratio.detach() - strong_logratio.detach().mean(),
                                        weak_logratio - weak_logratio.mean(), dim=0)
             ones = torch.ones_like(losses.detach())
