@@ -21,10 +21,8 @@ Probe losses (weak_to_strong/loss.py), over a probe batch B, with s = steps done
     logconf:  the same with t_i = (1 - c) q_i + c * hard(p_i), c = aux_coef * (s if s <= warmup_frac else 1);
               hard(p_i) is detached: with 2 classes p_i0 thresholded at the batch quantile of p_0 that matches
               the weak labels' class balance (official), with more classes the one-hot argmax.
-Normaliser: the mean over the |B| images of the batch. The probes train on one process without gradient
-accumulation, so the optimizer-step batch is the batch: the logconf quantile is always taken over the whole
-optimizer-step batch (--probe_batch_size images; the last batch of an epoch holds the remainder).
-The probe has no dropout. Preprocessing matches torchvision's transforms, written with PIL and torch.
+Normaliser: the mean over the |B| images of the batch, which is the whole optimizer step (one process, no gradient
+accumulation; the last batch of an epoch holds the remainder), as is the logconf quantile. The probe has no dropout.
 
 Settings: YAML files of Args fields citing their sources, flags given after --config win; published:
 recipes/vision/; offline: recipes/tiny/vision_w2s.yaml (--preset tiny; its commands and measured results):
@@ -287,8 +285,7 @@ def collate(idx: list[int], ds, image_column: str, preprocess) -> tuple[torch.Te
 
 
 def load_split(args: Args, split: str, flag: str):
-    """One split with undecoded images (bytes / paths), so that a corrupt image is counted, not fatal. A split
-    that cannot be loaded, is empty or lacks a column is a clear error naming the dataset and the fix."""
+    """One split, images undecoded (a corrupt one is counted, not fatal); a bad split or column: a clear error."""
     source = args.dataset
     empty = f"split {split!r} (--{flag}) of {source} holds no images: add images, or pass another --{flag}"
     if not os.path.exists(source) and (os.path.isabs(source) or source.startswith(".") or source.count("/") != 1):
@@ -349,14 +346,12 @@ def load_data(args: Args) -> tuple[dict, dict, int]:
         bad = next((i for i, v in enumerate(values) if not is_id(v)), None)
         if bad is not None:
             fail(f"label {values[bad]!r} of {row_name(ds, args.image_column, bad)} in split {split!r} of "
-                 f"{args.dataset} is not an integer class id: fix that row, or set --label_column to the column of "
-                 "integer class ids")
+                 f"{args.dataset} is not an integer class id: fix that row, or set --label_column to one of class ids")
         labels[split] = np.asarray(values, dtype=np.int64)
     feature = data[args.split].features[args.label_column]
     ds_classes = (feature.num_classes if isinstance(feature, ClassLabel)
                   else int(max(y.max() for y in labels.values())) + 1)
-    # every transformers model named loads its config here: a wrong path is reported before any model runs or any
-    # cache is written
+    # every transformers model loads its config here: a wrong path is reported before any model runs or cache is written
     configs = {m: pretrained(AutoConfig, m) for m in (args.weak_model, args.strong_model)
                if m not in ("alexnet", *TORCH_HUB_DINO)}
     head = None  # size of the weak model's own head, when it gives the weak labels
@@ -469,9 +464,8 @@ def xent_loss(logits: torch.Tensor, labels: torch.Tensor, step_frac: float) -> t
 
 
 def logconf_loss(logits, labels, step_frac, aux_coef: float = 0.5, warmup_frac: float = 0.1) -> torch.Tensor:
-    """Auxiliary confidence loss (loss.py: logconf_loss_fn): target = (1 - c) * weak + c * the student's
-    hardened prediction. Two classes: hardened at the batch quantile of p(0) that matches the weak
-    labels' class balance (official); more classes: the one-hot argmax (the natural extension)."""
+    """Auxiliary confidence loss (loss.py: logconf_loss_fn): target = (1 - c) * weak + c * the student's hardened
+    prediction (two classes: at the batch quantile of p(0), official; more classes: the one-hot argmax)."""
     logits, labels = logits.float(), labels.float()
     coef = aux_coef * (1.0 if step_frac > warmup_frac else step_frac)  # ALGO LOGIC: the official ramp of c
     preds = torch.softmax(logits, dim=-1)
@@ -595,8 +589,7 @@ if __name__ == "__main__":
         with torch.no_grad():
             weak = {"values": weak_probe(weak_emb["values"].to(device)).softmax(-1).cpu(), "ok": weak_emb["ok"]}
 
-    # seeded shuffle of the split, the first n_train rows train the probes (run_weak_strong.py main); unreadable
-    # images are dropped after the shuffle, so with none the split is exactly the official one
+    # seeded shuffle, the first n_train rows train the probes (run_weak_strong.py main); unreadable images dropped after
     keep = (weak["ok"] & strong["ok"]).numpy()  # readable images
     order = np.random.default_rng(args.seed).permutation(len(keep))
     order = order[keep[order]]
@@ -624,9 +617,8 @@ if __name__ == "__main__":
     # report: the final epoch's accuracies, as run_weak_strong.py
     weak_acc = (weak_hard[test_idx] == y[test_idx]).float().mean().item()
     ceiling_acc, w2s_acc = ceiling["test"][-1], w2s["test"][-1]
-    gap = ceiling_acc - weak_acc
-    # ALGO LOGIC: performance gap recovered (Burns et al. 2023, section 3)
-    pgr = (w2s_acc - weak_acc) / gap if gap > 0 else None  # undefined when the strong ceiling is not above the weak
+    # ALGO LOGIC: performance gap recovered (Burns et al. 2023, section 3); undefined when strong ceiling <= weak
+    pgr = (w2s_acc - weak_acc) / (ceiling_acc - weak_acc) if ceiling_acc > weak_acc else None
     skipped = {args.split: int((~torch.as_tensor(keep)).sum())}  # per split: unreadable images, counted and left out
     if not own_head:
         skipped[args.weak_head_split] = int((~head_feats["ok"]).sum())

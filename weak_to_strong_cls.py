@@ -239,8 +239,7 @@ def read_local(path: str) -> dict[str, list[dict]]:
         split_files = {"train": [path]} if os.path.isfile(path) else {
             str(split): [str(f) for f in fs] for split, fs in load_dataset_builder(path).config.data_files.items()}
     except Exception as e:  # an empty folder, unknown file types
-        raise DataError(f"{path}: no data files found ({type(e).__name__}: {e}); put train/test .jsonl files in "
-                        "it") from e
+        raise DataError(f"{path}: no data files found ({type(e).__name__}: {e}); put train/test .jsonl in it") from e
     out = {split: [] for split in split_files}
     for split, files in split_files.items():
         for file in files:
@@ -271,13 +270,11 @@ def load_cls_dataset(ds_name: str, n_docs: int, n_test_docs: int, seed: int) -> 
     elif os.path.exists(ds_name):
         raw = read_local(ds_name)
         if "train" not in raw:
-            raise DataError(f"--ds_name {ds_name} has splits {sorted(raw)} but no `train` split; name a file "
-                            "train.jsonl")
+            raise DataError(f"--ds_name {ds_name} has splits {sorted(raw)}, no `train`; name a file train.jsonl")
         if "test" not in raw:  # a single file: the same n_test_docs rows are the test set for every seed
             if len(raw["train"]) < 2 * n_test_docs:
-                raise DataError(f"--ds_name {ds_name} has {len(raw['train'])} rows and no test split: too few to "
-                                f"hold out --n_test_docs {n_test_docs} and train on at least as many; lower "
-                                "--n_test_docs")
+                raise DataError(f"--ds_name {ds_name} has {len(raw['train'])} rows, no test split: too few to hold "
+                                f"out --n_test_docs {n_test_docs} and train on as many; lower --n_test_docs")
             held_out = set(random.Random(0).sample(range(len(raw["train"])), n_test_docs))
             raw = {"train": [r for i, r in enumerate(raw["train"]) if i not in held_out],
                    "test": [r for i, r in enumerate(raw["train"]) if i in held_out]}
@@ -434,9 +431,8 @@ def logconf_loss(logits, labels, step_frac, aux_coef: float = 0.5, warmup_frac: 
 # --------------------------------------------------------------------------------------------
 # training and evaluation (official weak_to_strong/train.py, with accelerate)
 def train(model, rows, tokenizer, loss_fn, lr, epochs, seed, args, accelerator, log_prefix, tracker):
-    """Adam without weight decay, cosine to 0 without warm-up, dropout off. Every loss is a mean over the
-    examples of the whole optimizer step (micro batches are equal in size); logconf's threshold is taken over
-    that whole batch too (a no-grad pass over its micro batches, gathered from every process)."""
+    """Adam without weight decay, cosine to 0, no warm-up, dropout off; losses and logconf's threshold are over the
+    whole optimizer-step batch (header): the threshold by a no-grad pass over its micro batches, all processes."""
     n_steps = len(rows) * epochs // args.batch_size  # official: a stream of epochs x rows cut into full batches
     if n_steps == 0:
         raise DataError(f"{log_prefix}: {len(rows)} training examples x {epochs} epochs make no full batch of "
@@ -694,8 +690,7 @@ if __name__ == "__main__":
                          "product": {"alpha": args.product_alpha, "beta": args.product_beta}}
         loss_fns = {"xent": xent_loss, "logconf": partial(logconf_loss, **loss_settings["logconf"]),
                     "product": partial(product_loss, **loss_settings["product"])}
-        # every input is checked before any stage runs or anything is written: each seed's data and halves, and the
-        # tokenizer and config of each model
+        # every input is checked before any stage runs: each seed's data and halves, each model's tokenizer and config
         data = {}
         for seed in range(args.seed, args.seed + args.n_seeds):
             ds = load_cls_dataset(args.ds_name, args.n_docs, args.n_test_docs, seed)
@@ -713,7 +708,6 @@ if __name__ == "__main__":
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name,
                        config=vars(args), save_code=True)
             tracker = wandb
-        weak_spec, strong_spec = specs["weak"], specs["strong"]
 
         per_seed = {}
         for seed, (test_ds, half1, half2) in data.items():
@@ -724,19 +718,18 @@ if __name__ == "__main__":
             stage = partial(run_stage, test_ds=test_ds, seed=seed, args=args, accelerator=accelerator,
                             tracker=tracker, cache_key={**{k: getattr(args, k) for k in data_keys}, "seed": seed})
             # ALGO LOGIC: 1-2. weak model on half 1 with ground truth; its soft labels on half 2
-            weak = stage("weak", weak_spec, half1, "xent", xent_loss, args.weak_lr, args.gt_epochs, label_ds=half2)
+            weak = stage("weak", specs["weak"], half1, "xent", xent_loss, args.weak_lr, args.gt_epochs, label_ds=half2)
             # ALGO LOGIC: 3. strong ceiling on half 2 with ground truth
-            strong = stage("strong_ceiling", strong_spec, half2, "xent", xent_loss, args.strong_lr, args.gt_epochs)
+            strong = stage("strong_ceiling", specs["strong"], half2, "xent", xent_loss, args.strong_lr, args.gt_epochs)
             weak_labels = load_from_disk(str(Path(weak["dir"]) / "weak_labels"))
             res = {"weak_acc": weak["test_acc"], "strong_acc": strong["test_acc"],
                    "weak_label_acc": weak["weak_label_acc"]}
             for loss in args.losses:  # ALGO LOGIC: 4. strong student on half 2 with the weak soft labels, per loss
                 transfer_lr = args.strong_lr if args.transfer_lr is None else args.transfer_lr
-                w2s = stage(f"w2s_{loss}", {**strong_spec, "teacher": weak["dir"], **loss_settings[loss]},
+                w2s = stage(f"w2s_{loss}", {**specs["strong"], "teacher": weak["dir"], **loss_settings[loss]},
                             weak_labels, loss, loss_fns[loss], transfer_lr, args.transfer_epochs)
                 res[f"transfer_acc_{loss}"] = w2s["test_acc"]
-                # ALGO LOGIC: performance gap recovered (Burns et al. 2023, section 3); undefined (null) without a
-                # gap to recover, when the strong ceiling is not above the weak model
+                # ALGO LOGIC: performance gap recovered (Burns et al. 2023, section 3); null when strong <= weak
                 gap = strong["test_acc"] - weak["test_acc"]
                 res[f"pgr_{loss}"] = (w2s["test_acc"] - weak["test_acc"]) / gap if gap > 0 else None
                 res[f"agreement_{loss}"] = agreement(w2s["dir"], weak["dir"])  # student vs teacher, test set
