@@ -16,23 +16,19 @@ hybrid_pairs.py (the policy's samples scored by a reward model); wpo.py trains o
     loss     = mean over pairs of w * (the DPO loss above), not divided by sum w (as the official code and TRL)
     --no_clamp_weight: TRL's `use_weighting` (no min with 1); --no_weight_sum_sq: a(y) = mean of logp(y_t)
 
-The reference never changes, so its log-probs are computed in one pass before training (on the policy's initial
-weights; with LoRA the base model, adapters off) and cached on disk; training holds only the policy. Each pair is
-scored in the micro-batch it is trained (epoch 0) or evaluated in, under the same `accelerator.autocast()`, so at
-step 0 the policy's log-probs equal the reference's bit for bit (rewards exactly 0, in bf16 too).
+The reference never changes, so its log-probs are computed in one pass before training and cached on disk;
+training holds only the policy. Each pair is scored in the micro-batch it is trained (epoch 0) or evaluated in, under
+the same `accelerator.autocast()`, so at step 0 the policy's log-probs equal the reference's bit for bit (rewards
+exactly 0, in bf16 too).
 Loss normaliser: the mean over the optimizer step's pairs (every micro-batch holds the same number of pairs, as
 only whole global batches are trained on, so accelerate's mean of micro-batch means is that mean).
-Dropout is off in the policy (`--disable_dropout`, LoRA dropout included), as in TRL's DPOTrainer.
-
-Defaults: the official Llama-3-8B-Instruct setting; recipes/wpo/wpo-*.yaml hold the paper's settings and their sources.
-`--layout auto`: one padding-free forward per micro-batch on a GPU, `--length_groups` length-sorted padded forwards
-on a CPU (what measured fastest on each, docs/benchmarks.md). Logits exist for one chunk of positions at a time.
 
 log sum_v p_v^2 = log sum_v e_v^2 - 2 log sum_v e_v (e = exp(z - max z), logits z) is taken in fp32 from the
 exponentials the log-normaliser takes anyway, chunk by chunk: no gradient, no probability tensor. Logged: weight (the
 mean over pairs), weight_min, weight_max. Everything else is dpo.py: `diff dpo.py wpo.py` shows what WPO changes.
 
-Paper scale (GPU, hub; each recipe names its source and launch command; flags given override it):
+Defaults: the official Llama-3-8B-Instruct setting. Paper scale (GPU, hub; recipes/wpo/wpo-*.yaml hold the paper's
+settings, their sources and launch commands; flags given override them):
     accelerate launch --config_file configs/zero3.yaml wpo.py --config recipes/wpo/wpo-llama3-8b-instruct-offpolicy.yaml
     # WPO-HB: pairs built by hybrid_pairs.py from the policy's samples, scored by ArmoRM, then WPO on them:
     accelerate launch --config_file configs/zero3.yaml wpo.py --config recipes/wpo/wpo-llama3-8b-instruct-hybrid.yaml
@@ -311,9 +307,8 @@ def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[i
 
 
 def split_pair(ex: dict, args: "Args") -> tuple[list[dict], str, str]:
-    """(prompt messages, chosen text, rejected text) from TRL's formats: strings (standard), a prompt message list and
-    one assistant message each (conversational), whole conversations (implicit prompt; UltraFeedback's). A prompt
-    must end with a user message: the response follows it."""
+    """(prompt messages, chosen text, rejected text) from TRL's formats: strings, a prompt message list and one
+    assistant message each, or whole conversations (implicit prompt). A prompt must end with a user message."""
     chosen, rejected = ex[args.chosen_column], ex[args.rejected_column]
     if isinstance(chosen, list) and isinstance(rejected, list):
         if not chosen or not rejected or {chosen[-1].get("role"), rejected[-1].get("role")} != {"assistant"}:
@@ -330,9 +325,8 @@ def split_pair(ex: dict, args: "Args") -> tuple[list[dict], str, str]:
 
 
 def fit_prompt(tokenizer, prompt: list[dict], max_tokens: int) -> tuple[list[int], bool] | None:
-    """The prompt's ids (generation prompt included) within max_tokens, and whether it was cut: whole earlier turns
-    are dropped first (a system message is kept), then the oldest user text loses its start, never the role
-    header the template writes around it. None if even an empty user text does not fit."""
+    """The prompt's ids (generation prompt included) within max_tokens, and whether it was cut: whole earlier turns go
+    first (a system message stays), then the oldest user text's start, never its role header. None if nothing fits."""
     ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
     if len(ids) <= max_tokens:
         return ids, False
@@ -356,8 +350,7 @@ def fit_prompt(tokenizer, prompt: list[dict], max_tokens: int) -> tuple[list[int
 
 def tokenize_pair(tokenizer, ex: dict, args: "Args") -> dict:
     """Prompt ids (chat template + generation prompt), the two response ids, whether the prompt / each response was
-    cut, and a skip reason ("" = keep). The response tokens are what the template appends to the prompt's tokens,
-    through the end-of-turn token; the prompt's tokens must be a prefix of prompt+response's tokens."""
+    cut, and a skip reason ("" = keep). The response tokens are what the template appends to the prompt's tokens."""
     empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "prompt_cut": False, "responses_cut": 0}
     try:
         prompt, chosen, rejected = split_pair(ex, args)
@@ -446,13 +439,12 @@ def load_data(args: Args, tokenizer, log) -> tuple[object, object, dict]:
 
 
 def collate(rows: list[dict], pad_id: int, padding_free: bool, length_groups: int = 1) -> dict:
-    """Chosen sequences first, then rejected ones: sequence i and i + len(rows) are one pair.
-
-    Each of `parts` is one forward. `targets[t]` is the next token; `loss_mask[t]` marks the positions that
-    predict a response token; `seq_id[t]` says which sequence position t belongs to. padded: the sequences,
-    sorted by length, are cut into `length_groups` parts, each right-padded to its own longest sequence, with
-    an attention mask. padding-free: one part, one row, position_ids restart per sequence, no attention mask
-    (transformers then builds a block-diagonal causal mask; this needs use_cache=False)."""
+    """Chosen sequences first, then rejected ones: sequence i and i + len(rows) are one pair. Each of `parts` is one
+    forward. `targets[t]` is the next token; `loss_mask[t]` marks the positions that predict a response token;
+    `seq_id[t]` says which sequence position t belongs to. padded: the sequences, sorted by length, are cut into
+    `length_groups` parts, each right-padded to its own longest sequence, with an attention mask. padding-free: one
+    part, one row, position_ids restart per sequence, no attention mask (transformers then builds a block-diagonal
+    causal mask; this needs use_cache=False)."""
     seqs, masks = [], []
     for key in ("chosen_ids", "rejected_ids"):
         for r in rows:
@@ -479,10 +471,9 @@ def collate(rows: list[dict], pad_id: int, padding_free: bool, length_groups: in
 # ---- log-probs and loss ----------------------------------------------------------------------------------------------
 class TokenLogps(torch.autograd.Function):
     """log softmax(z)[target] for rows of logits z, in fp32, from the logits shifted by their row maximum as
-    torch.softmax takes them (exp(z - log Z), |log Z| ~ 70, put ~4e-6 of rounding into every probability). Forward
-    saves the logits and two numbers per row; backward builds d logp / dz = (onehot(target) - softmax(z)) * grad in
-    fp32 and casts it once to the logits' dtype (no fp32 copy of the logits kept, and bf16 logits keep the gradient's
-    precision)."""
+    torch.softmax takes them (exp(z - log Z), |log Z| ~ 70, put ~4e-6 of rounding into every probability). Backward
+    builds d logp / dz = (onehot(target) - softmax(z)) * grad in fp32 from the saved logits and casts it once to the
+    logits' dtype (bf16 logits keep the gradient's precision)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor):
@@ -542,10 +533,8 @@ class ChunkedTokenLogps(torch.autograd.Function):
 def token_logps(lm_head, hidden: torch.Tensor, targets: torch.Tensor, chunk_elements: int = 2**27,
                 fp32_weight_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(target) at each response position from the final hidden states: the LM head and the log-softmax run on
-    chunks of rows (about chunk_elements logits each), and each chunk's logits are recomputed in backward
-    (activation checkpointing), so the logits of one chunk exist at a time, never the batch's. fp32_weight_grad: a
-    linear head's weight gradient summed over the chunks in fp32 (ChunkedTokenLogps); off, as on a CPU its fp32
-    matmul made the head's forward + backward 1.5x slower under bf16 autocast (docs/benchmarks.md)."""
+    chunks of rows (about chunk_elements logits each), recomputed in backward (activation checkpointing), so the
+    logits of one chunk exist at a time. fp32_weight_grad: a linear head goes through ChunkedTokenLogps."""
     chunk = max(1, chunk_elements // lm_head.weight.shape[0])
     if fp32_weight_grad and type(lm_head) is torch.nn.Linear and lm_head.bias is None:
         return ChunkedTokenLogps.apply(hidden, lm_head.weight, targets, chunk)
@@ -561,8 +550,7 @@ def per_sequence_sum(values: torch.Tensor, seq_id: torch.Tensor, n_seqs: int) ->
 
 def sequence_logps(model, batch: dict,
                    fp32_lm_head_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed response log-probs of every sequence in the batch, the response lengths and the summed
-    log sum_v p_v^2 (for the weight); one forward per part.
+    """Per sequence: the summed response log-probs, response length and summed log sum_v p_v^2; one forward per part.
     The model returns its final hidden states (no logits: logits_to_keep selects no position); the LM head module
     (DDP / FSDP2 / peft wrapping aside, the model's own) is applied to the response positions only."""
     lm_head = getattr(model, "module", model).get_output_embeddings()
@@ -607,9 +595,8 @@ LOGPS_VERSION = "token_logps 2: max-shifted"  # changed with the log-prob code, 
 
 
 def cache_key(args: Args, ref_name: str, ds, split: str, accelerator) -> str:
-    """The reference model (a hub id names fixed weights; a local folder is fingerprinted by its files), the token
-    ids, the precision and the micro-batches the pre-pass forms (a sequence's log-prob depends, in its last bits, on
-    the sequences padded or packed with it)."""
+    """The reference model (a local folder: its files' sizes and times), the token ids, the precision and the
+    pre-pass's micro-batches (a sequence's log-prob depends, in its last bits, on those padded or packed with it)."""
     files = sorted(f for f in os.listdir(ref_name) if f.endswith((".safetensors", ".json"))) \
         if os.path.isdir(ref_name) else []
     model = "|".join([ref_name] + [f"{f}:{os.path.getsize(os.path.join(ref_name, f))}:"
@@ -741,8 +728,7 @@ def validate(args: Args) -> None:
          "--eval_fraction holds out training data, --eval_dataset_name names other data: pass one of them"),
         (args.eval_split and args.eval_fraction is None and args.eval_dataset_name is None and is_file,
          f"--dataset_name {args.dataset_name} is a single file, so it has no eval split {args.eval_split!r}: pass "
-         "--eval_dataset_name FILE (held-out data), --eval_fraction 0.05 (hold out 5% of the training pairs) or "
-         "--eval_split None (no eval)"),
+         "--eval_dataset_name FILE (held-out data), --eval_fraction 0.05 or --eval_split None (no eval)"),
         (same_data, f"the eval data are the training data ({args.eval_dataset_name}, split "
          f"{args.eval_split or args.train_split}): pass held-out data or --eval_fraction"),
         (args.eval_split == args.train_split and args.eval_dataset_name is None and args.eval_fraction is None,
@@ -779,9 +765,8 @@ def compare_with_saved_run(args: Args) -> int | None:
         fail(f"--resume with arguments that differ from the run in {args.output_dir}: {'; '.join(refused)}. Pass the "
              f"saved values, name them in --resume_allow_changes, or use another --output_dir")
     if changed and "completed_steps" in saved and newest_checkpoint(args.output_dir) is None:
-        fail(f"the run in {args.output_dir} finished and saved no checkpoint (--save_steps), so it cannot be continued "
-             f"(it would retrain from scratch over its model): train further with --model_name_or_path "
-             f"{args.output_dir} into another --output_dir")
+        fail(f"the run in {args.output_dir} finished and saved no checkpoint (--save_steps), so it cannot be "
+             f"continued: train further with --model_name_or_path {args.output_dir} into another --output_dir")
     return None if changed else saved.get("completed_steps")
 
 
@@ -795,9 +780,8 @@ def data_fingerprint(name: str) -> str:
 
 
 def lock_output_dir(path: str) -> None:
-    """One run at a time per output folder: a kernel lock (flock) on path/.lock, released when the process ends however
-    it ends (a killed run leaves the file, not the lock). At exit the file goes, and the folder if this run created it
-    and left it empty."""
+    """One run at a time per output folder: a kernel flock on path/.lock, released however the process ends (a killed
+    run leaves the file, not the lock). At exit the file goes, and the folder if this run made it and it is empty."""
     lock, created = os.path.join(path, ".lock"), not os.path.isdir(path)
     try:
         os.makedirs(path, exist_ok=True)
@@ -820,8 +804,7 @@ def lock_output_dir(path: str) -> None:
 
 
 def check_network(args: Args) -> None:
-    """Some name not a local path and HF_HUB_OFFLINE unset: one 3-second connection to the hub, so that no network is
-    reported at once, not after a minute of retries."""
+    """A name not a local path, HF_HUB_OFFLINE unset: one 3-second connection, so no network is reported at once."""
     remote = [n for n in (args.model_name_or_path, args.ref_model_name_or_path, args.tokenizer_name,
                           args.dataset_name, args.eval_dataset_name) if n and not os.path.exists(n)]
     url = urlparse(hub_constants.ENDPOINT)
@@ -848,8 +831,7 @@ def load_pretrained(cls, name: str, args: Args, what: str = "model"):
             fail(f"could not load {what} {name!r} from that folder: {why}")
         fail(f"could not load {what} {name!r}: no such local folder and not a hub id"
              + (" in the local cache (HF_HUB_OFFLINE is set)" if hub_constants.HF_HUB_OFFLINE else "")
-             + ". Pass a folder written by sft.py (the offline tiny setting: python -m tiny --out data/tiny, then "
-             "python sft.py --preset tiny).")
+             + ". Pass a folder written by sft.py (python -m tiny --out data/tiny, then python sft.py --preset tiny).")
 
 
 def saved_steps(output_dir: str) -> list[int]:
@@ -860,7 +842,6 @@ def saved_steps(output_dir: str) -> list[int]:
 
 
 def newest_checkpoint(output_dir: str) -> str | None:
-    """Only fully written checkpoints count: they are renamed into place after saving."""
     steps = saved_steps(output_dir)
     return os.path.join(output_dir, "checkpoints", f"step-{steps[-1]}") if steps else None
 
@@ -882,7 +863,6 @@ def main(args: Args):
     run_id = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     check_network(args)
     set_seed(args.seed, device_specific=True)
-    # without --tokenizer_name the tokenizer comes from the model's folder
     tokenizer = load_pretrained(AutoTokenizer, args.tokenizer_name or args.model_name_or_path, args,
                                 "tokenizer" if args.tokenizer_name else "model")
     if template := args.chat_template:  # for a base tokenizer; saved with the tokenizer: the output folder has it
@@ -1033,7 +1013,6 @@ def main(args: Args):
 
     def save_checkpoint(step: int):
         # written to a temporary folder, then renamed: a crash mid-save never leaves a checkpoint resume would pick
-        root = os.path.join(args.output_dir, "checkpoints")
         tmp, final = os.path.join(root, f"tmp-step-{step}"), os.path.join(root, f"step-{step}")
         accelerator.save_state(tmp)
         accelerator.wait_for_everyone()
