@@ -1,63 +1,42 @@
-"""Answers of trained models for the papers' chat benchmarks, in each benchmark's own answer-file format, ready
-for its judge: AlpacaEval 2, Arena-Hard (v0.1) and MT-Bench. Both preference papers report these: WSPO on
-AlpacaEval 2 (length-controlled and raw win rate), Arena-Hard and MT-Bench; WPO on AlpacaEval 2 and MT-Bench.
-This script only writes answers; judging (GPT-4-class API calls) is left to each benchmark's own tool.
+"""Answers of trained models for the papers' chat benchmarks AlpacaEval 2, Arena-Hard (v0.1) and MT-Bench, in each
+benchmark's own answer-file format (WSPO reports all three, WPO AlpacaEval 2 and MT-Bench). This script only
+writes answers; judging (GPT-4-class API calls) is left to each benchmark's own tool.
 
 For each model (a folder written by sft.py / dpo.py / wpo.py / wspo.py, or a hub id) and each prompt of the
 benchmark, in the benchmark's order:
-    conversation = [system prompt if --system_prompt] + [user turn 1]          (the model's chat template,
-    answer_1     = model.generate(conversation)                                 generation prompt added)
+    conversation = [system prompt if --system_prompt] + [user turn 1]      (the model's chat template)
+    answer_1     = model.generate(conversation)
     MT-Bench / multi-turn Arena-Hard: conversation += [assistant answer_1, user turn 2], answer_2 = ..., etc.
-Batching: prompts with the same temperature are sorted by prompt length (longest first) and generated
---batch_size at a time, left-padded, with positions counted from each prompt's first token, so a greedy
-batched answer equals the prompt's answer alone (tested). Processes take contiguous shares of each round of
-batch_size x processes prompts (accelerate); the answers are gathered and written in the benchmark's order.
-Sampled answers use torch's generator seeded by (--seed, process): they are reproducible for the same seed,
-number of processes, batch size and resume history; greedy ones depend on none of these.
-Resumable: after every round the whole answer file is rewritten (temporary file, then renamed); with
---resume the prompts already answered in it are skipped, provided the generation settings saved next to it
-(FILE.args.json) are unchanged. Answers that stop at --max_new_tokens without an end-of-turn token are
-counted in the log (they are cut; a judge sees them as they are).
+Batching: prompts of one temperature, longest first, --batch_size at a time, left-padded with positions counted
+from each prompt's first token, so a greedy batched answer equals the prompt's answer alone (tested). Processes
+take contiguous shares of each round (accelerate); answers are gathered and written in the benchmark's order.
+Sampling is seeded by (--seed, process): reproducible for the same seed, processes, batch size and resume history.
+Resumable: the answer file is rewritten after every round (temporary file, then renamed); --resume skips its
+answered prompts if the settings saved next to it (FILE.args.json) are unchanged. Cut answers are counted in the log.
 
 Answer files (`{output_dir}/{model_id}.json` or `.jsonl`; output_dir defaults to answers/BENCHMARK):
-  alpaca_eval  one JSON list, one object per instruction of the eval set, in its order:
+  alpaca_eval  a JSON list, in the eval set's order:
                {"instruction": str, "output": str, "generator": model_id, "dataset": the prompt's "dataset"}
-  arena_hard   JSONL, one line per question (Arena-Hard-Auto `model_answer/{model_id}.jsonl`):
-               {"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [{"content": str,
-               "token_len": int}]}], "tstamp"}; token_len counts the model's own tokens
+  arena_hard   JSONL (Arena-Hard-Auto `model_answer/{model_id}.jsonl`): {"question_id", "answer_id", "model_id",
+               "choices": [{"index": 0, "turns": [{"content", "token_len" (the model's tokens)}]}], "tstamp"}
   mt_bench     JSONL, one line per question (FastChat llm_judge `data/mt_bench/model_answer/{model_id}.jsonl`):
                {"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [str, str]}], "tstamp"}
-answer_id is a hash of (model_id, question_id, seed), so reruns and shardings write the same ids.
-Prompt sets (--prompts; default: the published set on the hub):
-  alpaca_eval  tatsu-lab/alpaca_eval, file alpaca_eval.json (805 rows: instruction, output, generator, dataset)
-  arena_hard   lmarena-ai/arena-hard-auto-v0.1 (500 rows: question_id, category, cluster, turns[].content)
-  mt_bench     HuggingFaceH4/mt_bench_prompts (80 rows: prompt_id, category, prompt = the two turns, reference)
-  or a local file in the same schema: alpaca_eval.json; Arena-Hard-Auto's data/arena-hard-v0.1/question.jsonl;
-  FastChat's data/mt_bench/question.jsonl (question_id, category, turns); or a folder holding a file named
-  alpaca_eval.json / arena_hard.jsonl / mt_bench.jsonl (what `python -m tiny.prompts` writes).
+answer_id hashes (model_id, question_id, seed): reruns and shardings write the same ids.
 
-Sampling defaults: each benchmark's own answer generator, the protocol its leaderboard is produced under; where
-a paper's table was made with other decoding settings, pass them (--temperature, --top_p, --max_new_tokens).
-WSPO's own Anthropic-HH comparison, for one, samples at T = 0.25, 0.7 and 1.0 (--temperature). Defaults:
-  alpaca_eval  temperature 0.7, top-p 1.0, 2048 new tokens (AlpacaEval's configs for open chat models)
-  arena_hard   greedy (temperature 0), 4096 new tokens (Arena-Hard-Auto gen_answer_config.yaml)
-  mt_bench     FastChat gen_model_answer: temperature by category (writing, roleplay 0.7; stem, humanities
-               0.1; extraction, math, coding, reasoning 0 = greedy; other 0.7), 1024 new tokens
-top-k is off (0) and the model's own generation_config sampling defaults are overridden by these values.
+Prompt sets (--prompts): default the published hub set (BENCHMARKS below), or a local file in its schema
+(alpaca_eval.json; Arena-Hard-Auto's question.jsonl; FastChat's mt_bench question.jsonl), or a folder holding
+alpaca_eval.json / arena_hard.jsonl / mt_bench.jsonl (what `python -m tiny.prompts` writes).
+
+Sampling defaults: each benchmark's own answer generator (BENCHMARKS, MT_BENCH_TEMPERATURE below); other decoding
+(WSPO's Anthropic-HH comparison samples at T = 0.25, 0.7, 1.0) is --temperature, --top_p, --max_new_tokens.
+top-k is off and these values override the model's generation_config.
 
 Launch (GPU; bf16 weights on a GPU with --dtype auto):
     accelerate launch generate.py --benchmark alpaca_eval --model_name_or_path runs/qwen2-7b-wspo runs/qwen2-7b-dpo
-    accelerate launch generate.py --benchmark arena_hard --model_name_or_path runs/qwen2-7b-wspo
     accelerate launch generate.py --benchmark mt_bench --model_name_or_path runs/llama3-8b-instruct-wpo-hb \
         --output_dir FastChat/fastchat/llm_judge/data/mt_bench/model_answer
-Judge (not run here; each needs its own install and an OpenAI key):
-    alpaca_eval --model_outputs answers/alpaca_eval/MODEL_ID.json        (AlpacaEval 2: LC and raw win rate
-                                                                           vs GPT-4 Turbo, judged by GPT-4 Turbo)
-    arena-hard-auto: copy the .jsonl into data/arena-hard-v0.1/model_answer/, add MODEL_ID to
-                     config/judge_config.yaml's model_list, then python gen_judgment.py; python show_result.py
-    FastChat llm_judge: python gen_judgment.py --model-list MODEL_ID; python show_result.py --model-list MODEL_ID
-Offline tiny setting (CPU; prompts in the tiny language, no judge):
-    python -m tiny --out data/tiny && python -m tiny.prompts --out data/tiny
+Judge: each benchmark's own tool, not run here (commands: README, "Reproducing the paper tables").
+Offline tiny setting (CPU; `python -m tiny --out data/tiny` writes prompts in the tiny language; no judge):
     python generate.py --preset tiny --benchmark mt_bench --model_name_or_path runs/tiny/wspo-strong
 """
 
@@ -93,8 +72,7 @@ class Args:
     benchmark: Literal["alpaca_eval", "arena_hard", "mt_bench"] = "alpaca_eval"
     """which benchmark's prompts and answer format"""
     prompts: str | None = None
-    """prompt set: a hub dataset id, a local file in the benchmark's schema, or a folder holding BENCHMARK's file
-    (default: the benchmark's published set, see the header)"""
+    """hub dataset id, local file in the benchmark's schema, or a folder holding one (default: the published set)"""
     prompts_split: str = "train"
     """split of a hub / folder prompt dataset (the published MT-Bench and Arena-Hard sets have one, 'train')"""
     max_prompts: int | None = None
@@ -240,7 +218,7 @@ def check_hub(names: list[str | None]) -> None:
     from huggingface_hub import constants
 
     remote = [n for n in names if n is not None and not os.path.exists(n)]
-    if not remote or constants.HF_HUB_OFFLINE:
+    if not remote or hub_offline():
         return
     url = urlparse(constants.ENDPOINT)
     try:
@@ -256,9 +234,7 @@ def hub_offline() -> bool:
     return constants.HF_HUB_OFFLINE
 
 
-# ---------------------------------------------------------------------------------------------
 # prompts: each benchmark's schema -> {"key", "question_id", "turns", "category", "dataset"}, in file order
-# ---------------------------------------------------------------------------------------------
 def read_rows(path: str) -> list[dict]:
     """A .json list or a .jsonl file; a bad line is reported by its 1-based number."""
     with open(path) as f:
@@ -347,9 +323,7 @@ def temperature_of(prompt: dict, args: Args) -> float:
     return BENCHMARKS[args.benchmark]["temperature"]
 
 
-# ---------------------------------------------------------------------------------------------
 # answer files
-# ---------------------------------------------------------------------------------------------
 def answer_record(prompt: dict, answer: dict, model_id: str, args: Args) -> dict:
     """One answer in the benchmark's own schema (see the header)."""
     if args.benchmark == "alpaca_eval":
@@ -386,9 +360,7 @@ def write_answers(path: str, prompts: list[dict], records: dict, args: Args) -> 
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------------------------------------
 # generation
-# ---------------------------------------------------------------------------------------------
 def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
@@ -481,9 +453,8 @@ if __name__ == "__main__":
         records = {}
         if args.resume and os.path.exists(path):
             if not os.path.exists(path + ".args.json"):
-                fail(f"--resume: {path} has no {os.path.basename(path)}.args.json (the settings it was written "
-                     "with), so its answers cannot be checked; pass --overwrite_output_dir to start it afresh, or "
-                     "another --output_dir")
+                fail(f"--resume: {path} has no {os.path.basename(path)}.args.json (its settings), so it cannot be "
+                     "checked; pass --overwrite_output_dir to start it afresh, or another --output_dir")
             saved = json.load(open(path + ".args.json"))
             changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
             if changed:

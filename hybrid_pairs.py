@@ -1,6 +1,5 @@
-"""Hybrid (on-policy) preference pairs for WPO: sample responses from the policy, score them with a reward
-model, and keep one (chosen, rejected) pair per prompt. The written dataset is what wpo.py (WPO-HB) and
-dpo.py train on with `--dataset_name OUTPUT_DIR`.
+"""Hybrid (on-policy) preference pairs for WPO: sample responses from the policy, score them with a reward model,
+and keep one (chosen, rejected) pair per prompt, for wpo.py (WPO-HB) or dpo.py `--dataset_name OUTPUT_DIR`.
 
 Zhou et al., "WPO: Enhancing RLHF with Weighted Preference Optimization" (2024); official code
 github.com/wzhouad/WPO (README: the "hybrid" HB / HB-v2 data). For each prompt x of a preference dataset:
@@ -18,27 +17,20 @@ github.com/wzhouad/WPO (README: the "hybrid" HB / HB-v2 data). For each prompt x
 
 Output (save_to_disk, HuggingFaceH4/ultrafeedback_binarized schema, one split per input split): `prompt`,
 `prompt_id`, `chosen` / `rejected` (message lists ending in the assistant turn), `messages` (= chosen),
-`score_chosen` / `score_rejected`, plus `candidates` / `candidate_scores` (every scored response) and
-`args.json` (these arguments). A prompt longer than --max_prompt_length tokens is cut as dpo.py and wpo.py cut
-it (whole earlier turns first, then the start of the oldest user text; the system message and role headers kept),
-so the policy samples from the context it is then trained on; a prompt must end with a user message (others are
-dropped and counted, as dpo.py, wpo.py and wspo.py skip them). The reward model reads at most --max_length tokens
-(the last ones) per conversation, left-padded with positions counted from each sequence's first token, so a
-batched score equals the score of the conversation alone; a model that loads without a trained score head (a
-causal LM) is refused. Prompts are sharded across processes (accelerate); each process samples with its own seed
-(set_seed(seed, device_specific=True)), so the samples depend on the number of processes.
+`score_chosen` / `score_rejected`, `candidates` / `candidate_scores` (every scored response), and `args.json`.
+A prompt longer than --max_prompt_length tokens is cut as dpo.py and wpo.py cut it, so the policy samples from the
+context it is then trained on; one that does not end with a user message is dropped and counted. The reward model
+reads the last --max_length tokens per conversation, left-padded with positions counted from each sequence's first
+token (a batched score equals the score alone); a model without a trained score head is refused. Each process
+samples with its own seed (set_seed(seed, device_specific=True)): the samples depend on the number of processes.
 
-Paper scale (GPU, hub): the WPO README's hybrid settings are files in recipes/wpo/ (--config), Llama-3-8B-Instruct
-(HB-v2 pair rules) and gemma-2-9b-it, both scored by ArmoRM; each file names its source.
+Paper scale (GPU, hub): recipes/wpo/hybrid_pairs-*.yaml, the WPO README's Llama-3-8B-Instruct (HB-v2 rules; the
+defaults) and gemma-2-9b-it settings, scored by ArmoRM; recipes/wpo/wpo-llama3-8b-instruct-hybrid.yaml trains on them.
     accelerate launch hybrid_pairs.py --config recipes/wpo/hybrid_pairs-llama3-8b-instruct-v2.yaml
-    accelerate launch --config_file configs/zero3.yaml wpo.py --config recipes/wpo/wpo-llama3-8b-instruct-hybrid.yaml \
-        --dataset_name data/llama3-hybrid
 Offline tiny setting (CPU; RM_FOLDER = any AutoModelForSequenceClassification folder with a chat template):
     python -m tiny --out data/tiny && python sft.py --preset tiny --output_dir runs/tiny/sft-weak
     python hybrid_pairs.py --preset tiny --reward_model_name_or_path RM_FOLDER --output_dir data/tiny/hybrid
-    python wpo.py --preset tiny --model_name_or_path runs/tiny/sft-weak --dataset_name data/tiny/hybrid \
-        --output_dir runs/tiny/wpo-hb
-Defaults = recipes/wpo/hybrid_pairs-llama3-8b-instruct-v2.yaml; bf16 weights on a GPU.
+    python wpo.py --preset tiny --model_name_or_path runs/tiny/sft-weak --dataset_name data/tiny/hybrid
 """
 
 import argparse
@@ -185,12 +177,10 @@ def parse_args() -> Args:
 
 def validate(args: Args) -> None:
     """Every argument error, before anything is loaded or written."""
-    for name in ("num_samples", "max_new_tokens", "batch_size", "max_length", "max_prompt_length"):
-        if getattr(args, name) < 1:
-            fail(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    for name in ("max_train_samples", "max_eval_samples"):
+    for name in ("num_samples", "max_new_tokens", "batch_size", "max_length", "max_prompt_length", "max_train_samples",
+                 "max_eval_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            fail(f"--{name} must be at least 1 (got {getattr(args, name)}); leave it out to use the whole split")
+            fail(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if not args.temperature > 0:
         fail(f"--temperature must be above 0 (got {args.temperature}): greedy decoding makes every sample the same")
     if not 0 < args.top_p <= 1:
@@ -202,8 +192,7 @@ def validate(args: Args) -> None:
     if args.num_samples < 2 and not args.include_existing:
         fail("a pair needs at least two candidates: pass --num_samples 2 or more, or keep --include_existing")
     if args.eval_split is not None and args.eval_split == args.train_split:
-        fail(f"--train_split and --eval_split are both {args.train_split!r}; pass another --eval_split or "
-             "--eval_split None")
+        fail(f"--train_split and --eval_split are both {args.train_split!r}; pass another --eval_split, or None")
     if os.path.isfile(args.dataset_name) and args.eval_split is not None:
         fail(f"--dataset_name {args.dataset_name} is a single file: it holds one split, read as --train_split; "
              "pass --eval_split None (or give a dataset folder with both splits)")
@@ -237,9 +226,7 @@ def check_hub(names: list[str]) -> None:
              "local cache, or pass a local path.")
 
 
-# ---------------------------------------------------------------------------------------------
 # data
-# ---------------------------------------------------------------------------------------------
 def read_jsonl(path: str) -> list[dict]:
     """A .jsonl file row by row, so a bad line is reported by its 1-based number."""
     rows = []
@@ -290,8 +277,7 @@ def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[i
 
 def fit_prompt(tokenizer, prompt: list[dict], max_tokens: int) -> tuple[list[int], bool] | None:
     """The prompt's ids (generation prompt included) within max_tokens, and whether it was cut: whole earlier turns
-    are dropped first (a system message is kept), then the oldest user text loses its start, never the role
-    header the template writes around it. None if even an empty user text does not fit."""
+    go first (a system message stays), then the start of the oldest user text. None if that cannot fit."""
     ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
     if len(ids) <= max_tokens:
         return ids, False
@@ -318,8 +304,7 @@ def as_messages(prompt) -> list[dict]:
 
 
 def prompt_and_existing(ex: dict, args: Args) -> tuple[list[dict], list[str]]:
-    """A row's prompt messages and its existing responses (none for a prompt-only dataset or --no_include_existing).
-    Message-list pairs take their prompt from the turns before the last assistant turn."""
+    """A row's prompt messages (of a message-list pair: the turns before its last) and existing responses (or none)."""
     if args.chosen_column not in ex or args.rejected_column not in ex:
         return as_messages(ex[args.prompt_column]), []
     chosen, rejected = ex[args.chosen_column], ex[args.rejected_column]
@@ -351,9 +336,7 @@ def check_columns(ds, args: Args, split: str) -> None:
                  "{role, content} messages, and chosen/rejected strings or message lists ending in the assistant turn")
 
 
-# ---------------------------------------------------------------------------------------------
 # the pair rules
-# ---------------------------------------------------------------------------------------------
 def pick_pair(scores: list[float], lengths: list[int], rule: str = "v2", rng: random.Random | None = None):
     """(chosen, rejected) indices among one prompt's candidate responses, or None when every score ties."""
     top, low = max(scores), min(scores)
@@ -369,9 +352,7 @@ def pick_pair(scores: list[float], lengths: list[int], rule: str = "v2", rng: ra
     return chosen, rejected
 
 
-# ---------------------------------------------------------------------------------------------
 # sampling and scoring
-# ---------------------------------------------------------------------------------------------
 def left_pad(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows padded on the left to the longest, and their attention mask."""
     width = max(map(len, ids))
@@ -395,8 +376,7 @@ def sample_responses(model, tokenizer, prompt_ids: list[list[int]], args: Args) 
 
 @torch.no_grad()
 def reward_scores(rm, rm_tokenizer, convs: list[list[dict]], max_length: int) -> list[float]:
-    """One scalar per conversation (prompt + assistant response) from a sequence-classification reward model.
-    Positions count from each sequence's first real token: a batched score equals the conversation's alone."""
+    """One scalar per conversation (prompt + response) from a sequence-classification reward model (header)."""
     input_ids, mask = left_pad([chat_ids(rm_tokenizer, c)[-max_length:] for c in convs], rm_tokenizer.pad_token_id,
                                rm.device)
     out = rm(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
@@ -405,8 +385,7 @@ def reward_scores(rm, rm_tokenizer, convs: list[list[dict]], max_length: int) ->
 
 
 def hybrid_pairs(exs: list[dict], keys: list[str], model, tokenizer, rm, rm_tokenizer, args: Args) -> tuple[list, int]:
-    """One preference row per example (where there is none: why, a string), and the number of empty samples
-    dropped. `keys` seed v1's random choice per prompt, so the result does not depend on sharding."""
+    """One preference row per example (or why there is none), the number of empty samples dropped; `keys` seed v1."""
     prompts, existing = zip(*(prompt_and_existing(ex, args) for ex in exs))
     ends_with_user = [bool(p) and p[-1].get("role") == "user" for p in prompts]
     # the policy samples from the prompt as dpo.py / wpo.py train on it (None: it cannot be)
@@ -441,9 +420,7 @@ def hybrid_pairs(exs: list[dict], keys: list[str], model, tokenizer, rm, rm_toke
                      if f is not None)
 
 
-# ---------------------------------------------------------------------------------------------
 # models
-# ---------------------------------------------------------------------------------------------
 def load_pretrained(cls, name: str, what: str, args: Args, **kwargs):
     """A tokenizer or model by hub id or local folder; a bad name is a user error naming it."""
     try:
@@ -499,8 +476,7 @@ if __name__ == "__main__":
     if loading["missing_keys"] or loading["mismatched_keys"]:  # e.g. a causal LM: its score head would be random
         fail(f"the reward model '{args.reward_model_name_or_path}' has no trained weights for "
              f"{sorted(loading['missing_keys'] or [k[0] for k in loading['mismatched_keys']])[:3]}: it is not a "
-             "reward model (a causal LM gets a randomly initialised score head); pass a sequence-classification reward "
-             "model")
+             "reward model (a causal LM gets a random score head); pass a sequence-classification reward model")
     rm.config.pad_token_id = rm_tokenizer.pad_token_id  # the classifier reads the last non-pad token
     model, rm = model.to(accelerator.device).eval(), rm.to(accelerator.device).eval()
     log(f"policy {args.model_name_or_path}, reward model {args.reward_model_name_or_path}, {dtype}, "

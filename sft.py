@@ -7,16 +7,13 @@ and user turns (and the template's glue) are masked:
 
     L = - (1 / N) * sum_{t in A} log p(y_t | y_<t)
 
-A = the assistant tokens of one optimizer step (every micro-batch of the accumulation, every process), N = |A|.
-The normaliser is the token count of the whole global batch, as in transformers >= 4.46 and TRL
-(`num_items_in_batch`): the gradient is that of one big batch however the batch is split into micro-batches and
-processes. Each micro-batch contributes sum_{t in A_mb} / N; accelerate divides every loss by the accumulation
-steps and DDP / FSDP average gradients over processes, so the backward multiplies by both.
+A = the assistant tokens of one optimizer step (every micro-batch, every process), N = |A|: the normaliser is the
+token count of the whole global batch, as in transformers >= 4.46 and TRL (`num_items_in_batch`), so the gradient
+does not depend on how the batch is split. Each micro-batch contributes sum_{t in A_mb} / N.
 
-Defaults = the WSPO repo's full fine-tuning of Qwen2 base models; each published setting is a file in recipes/
-(--config): recipes/wspo/sft-*.yaml (full and LoRA, Qwen2-1.5B and -7B), recipes/wpo/sft-mistral-7b-zephyr.yaml.
-Mixed precision (bf16) comes from the accelerate config: every forward runs under accelerate's autocast (the
-prepared model's forward is wrapped). The model's dropout is kept, as TRL's SFTTrainer keeps it.
+Defaults = the WSPO repo's full fine-tuning of Qwen2 base models; each published setting is a recipes/ file (--config):
+recipes/wspo/sft-*.yaml (full and LoRA, Qwen2-1.5B and -7B), recipes/wpo/sft-mistral-7b-zephyr.yaml. bf16 comes from
+the accelerate config (every forward runs under its autocast); dropout is kept, as in TRL's SFTTrainer.
 
     accelerate launch --config_file configs/zero3.yaml sft.py --config recipes/wspo/sft-qwen2-7b-full.yaml
     python -m tiny --out data/tiny && python sft.py --preset tiny   # offline tiny setting (CPU), recipes/tiny/
@@ -186,7 +183,6 @@ RESUME_SAFE = {"exp_name", "output_dir", "preset", "config", "config_sha256", "t
                "eval_split", "eval_dataset_name", "max_eval_samples", "per_device_eval_batch_size", "logging_steps",
                "eval_steps", "save_steps", "save_total_limit", "resume", "resume_allow_changes", "overwrite_output_dir"}
 
-
 # transformers schedules that need nothing but the warm-up and the step count (get_scheduler)
 STEP_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                   "inverse_sqrt")
@@ -233,9 +229,9 @@ def parse_args() -> Args:
 
 def validate(args: Args) -> None:
     """Every argument checked before anything is loaded or written: (failed, message) pairs, the first failure wins."""
-    positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
-                "num_train_epochs", "max_steps", "max_length", "max_train_samples", "max_eval_samples",
-                "logging_steps", "eval_steps", "save_steps", "save_total_limit", "lora_r", "lora_alpha")
+    positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size", "lora_r",
+                "num_train_epochs", "max_steps", "max_length", "max_train_samples", "max_eval_samples", "lora_alpha",
+                "max_grad_norm", "logging_steps", "eval_steps", "save_steps", "save_total_limit")
     value = lambda name: getattr(args, name)
     unknown = sorted(set(args.resume_allow_changes) - {f.name for f in fields(Args)})
     train_file, eval_name = os.path.isfile(args.dataset_name), args.eval_dataset_name
@@ -247,21 +243,18 @@ def validate(args: Args) -> None:
         *((not math.isfinite(value(n)), f"--{n} must be a finite number (got {value(n)})") for n in floats),
         *((value(n) is not None and value(n) <= 0, f"--{n} must be positive (got {value(n)})") for n in positive),
         *((value(n) < 0, f"--{n} must be non-negative (got {value(n)})") for n in ("learning_rate", "weight_decay")),
-        (args.max_grad_norm <= 0, f"--max_grad_norm must be positive (got {args.max_grad_norm})"),
         (not 0 <= args.warmup_ratio <= 1, f"--warmup_ratio must be in [0, 1] (got {args.warmup_ratio})"),
         (not 0 <= args.lora_dropout < 1, f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})"),
         (args.eval_fraction is not None and not 0 < args.eval_fraction < 1,
          f"--eval_fraction must be in (0, 1) (got {args.eval_fraction})"),
-        (args.resume and args.overwrite_output_dir,
-         "--resume continues the run in output_dir, --overwrite_output_dir replaces it: pass one of them"),
+        (args.resume and args.overwrite_output_dir, "--resume and --overwrite_output_dir conflict: pass one of them"),
         (args.resume_allow_changes and not args.resume, "--resume_allow_changes only applies with --resume"),
         (unknown, f"--resume_allow_changes: no such argument {unknown}; name Args fields, e.g. learning_rate"),
         (args.eval_fraction is not None and eval_name is not None,
          "--eval_fraction holds out training data, --eval_dataset_name names other data: pass one of them"),
         (args.eval_split and args.eval_fraction is None and eval_name is None and train_file,
          f"--dataset_name {args.dataset_name} is a single file, so it has no eval split {args.eval_split!r}: pass "
-         "--eval_dataset_name FILE (held-out data), --eval_fraction 0.05 (hold out 5% of the training rows) or "
-         "--eval_split None (no eval)"),
+         "--eval_dataset_name FILE, --eval_fraction 0.05 (hold out 5% of the rows) or --eval_split None (no eval)"),
         (eval_name is not None and not (args.eval_split or os.path.isfile(eval_name)),
          f"--eval_dataset_name {eval_name} is not a file: name its split with --eval_split"),
         (eval_is_train, f"the eval data are the training data ({eval_name}, split "
@@ -300,15 +293,13 @@ def compare_with_saved_run(args: Args) -> int | None:
         fail(f"--resume with arguments that differ from the run in {args.output_dir}: {'; '.join(refused)}. Pass the "
              f"saved values, name them in --resume_allow_changes, or use another --output_dir")
     if changed and "completed_steps" in saved and newest_checkpoint(args.output_dir) is None:
-        fail(f"the run in {args.output_dir} finished and saved no checkpoint (--save_steps), so it cannot be continued "
-             f"(it would retrain from scratch over its model): train further with --model_name_or_path "
-             f"{args.output_dir} into another --output_dir")
+        fail(f"the run in {args.output_dir} finished and saved no checkpoint (--save_steps), so it cannot be "
+             f"continued: train further with --model_name_or_path {args.output_dir} into another --output_dir")
     return None if changed else saved.get("completed_steps")
 
 
 def data_fingerprint(name: str) -> str:
-    """Size and modification time of every file of a local dataset (a file or a folder); a hub id: its name. The
-    cache-*/tmp* files that map/filter write next to a save_to_disk dataset are left out (a resume must match)."""
+    """Size and mtime of each local dataset file (not the cache-*/tmp* files map/filter add); a hub id: its name."""
     files = [name] if os.path.isfile(name) else sorted(os.path.join(d, f) for d, _, fs in os.walk(name) for f in fs
                                                        if not f.startswith(("cache-", "tmp")))
     stats = [(os.path.relpath(f, name), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
@@ -316,8 +307,7 @@ def data_fingerprint(name: str) -> str:
 
 
 def lock_output_dir(path: str) -> None:
-    """One run at a time per output folder: a kernel lock (flock) on path/.lock, released however the process ends. At
-    exit the file goes, and the folder if this run created it and left it empty."""
+    """One run per output folder: flock on path/.lock; at exit the file goes (and the folder, if created and empty)."""
     lock, created = os.path.join(path, ".lock"), not os.path.isdir(path)
     try:
         os.makedirs(path, exist_ok=True)
@@ -362,8 +352,7 @@ def locate_file_error(path: str) -> str:
 
 
 def load_split(name: str, config: str | None, split: str, column: str):
-    """Hub id, local dataset folder (README YAML / data files), save_to_disk folder, or one file (read whole); the
-    conversation column is checked here, before any split or shuffle, so that an error names the file's line."""
+    """Hub id, dataset folder, save_to_disk folder or file; the column is checked unshuffled, so errors name a line."""
     if os.path.isfile(name):
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(name)[1])
         if kind is None:
@@ -387,8 +376,7 @@ def load_split(name: str, config: str | None, split: str, column: str):
         return ds  # TRL's prompt-completion format: see conversation()
     if column not in ds.column_names:
         fail((name.endswith(".jsonl") and locate_file_error(name)) or f"{name} has no column {column!r} (columns: "
-             f"{ds.column_names}); pass --messages_column with the column that holds the list of {{role, content}} "
-             "messages")
+             f"{ds.column_names}); pass --messages_column naming the column of {{role, content}} message lists")
     if not isinstance(ds.features[column], (datasets.List, datasets.LargeList)):  # mixed or other types: find the row
         row = next((i for i, v in enumerate(ds[column]) if v is not None and not isinstance(v, list)), None)
         if row is not None:  # in a .jsonl file: the (row + 1)-th non-blank line
@@ -405,8 +393,7 @@ def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[i
 
 
 def conversation(ex: dict, column: str) -> tuple[list, int]:
-    """A row's messages and the index of the first one trained on: the messages column (every assistant turn), or
-    TRL's prompt-completion format (a string is a user / assistant message; only the completion is trained on)."""
+    """A row's messages and the first index trained on (TRL's prompt-completion rows: the completion only)."""
     if column in ex:
         return ex[column], 0
     as_list = lambda x, role: x if isinstance(x, list) else [{"role": role, "content": x}]
@@ -430,10 +417,8 @@ def tokenize_conversation(tokenizer, messages, max_length: int, first: int = 0) 
         start = len(chat_ids(tokenizer, messages[:i], add_generation_prompt=True))
         upto = chat_ids(tokenizer, messages[: i + 1])
         if ids[: len(upto)] != upto:
-            fail(f"the chat template does not render conversations incrementally (turn {i} of {messages!r}): the "
-                 "tokens of a conversation prefix are not a prefix of the whole; the assistant-only loss mask cannot "
-                 "be placed. Use a template that renders earlier turns unchanged.")
-        # stop right after the turn's end-of-turn token
+            fail(f"the chat template does not render conversations incrementally (turn {i} of {messages!r}), so the "
+                 "assistant-only loss mask cannot be placed; use a template that renders earlier turns unchanged")
         end = len(upto) - upto[start:][::-1].index(eot) if eot in upto[start:] else len(upto)
         labels[start:end] = ids[start:end]
     truncated = len(ids) > max_length
@@ -444,8 +429,7 @@ def tokenize_conversation(tokenizer, messages, max_length: int, first: int = 0) 
 
 
 def load_data(args: Args, tokenizer, log) -> tuple[object, object, dict]:
-    """Training and eval conversations, tokenized and masked; what cannot be trained on is dropped, and every drop or
-    cut is counted in the log and the metrics. The log says where the eval data come from."""
+    """Training and eval conversations, tokenized and masked; every drop or cut, and the eval source, are logged."""
     column, evals, source = args.messages_column, None, "none (--eval_split None)"
     train = load_split(args.dataset_name, args.dataset_config, args.train_split, column)
     if args.eval_fraction is not None:
@@ -479,12 +463,9 @@ def load_data(args: Args, tokenizer, log) -> tuple[object, object, dict]:
 
 
 def collate(rows: list[dict], pad_id: int, packing: bool) -> dict:
-    """Padded: right padding + attention mask. Packed: one row, position_ids restart at 0 for each conversation and no
-    attention mask, from which transformers builds a block-diagonal causal mask (only with use_cache=False: with a KV
-    cache it silently lets the conversations attend to each other). Labels are shifted here (label of position t =
-    token t+1), so a sequence's last position never predicts the next one's first token. `loss_positions` /
-    `loss_labels`: per row, the positions whose next token is trained and that token (padded with 0 and -100), built
-    on the host: the lm_head runs on these positions only, with shapes the device knows without waiting for a count."""
+    """Padded: right padding + attention mask. Packed: one row, position_ids restart at 0 per conversation, no mask
+    (transformers: a block-diagonal causal mask; use_cache=False). Labels are shifted here, so no sequence predicts the
+    next one's first token. `loss_positions` / `loss_labels`: per row, the trained positions and their tokens."""
     pad = lambda tensors, value: pad_sequence(tensors, batch_first=True, padding_value=value)  # right, to the longest
     ids = [torch.tensor(r["input_ids"]) for r in rows]
     shifted = [torch.tensor(r["labels"][1:] + [-100]) for r in rows]
@@ -500,8 +481,7 @@ def collate(rows: list[dict], pad_id: int, packing: bool) -> dict:
 
 # ---- loss ------------------------------------------------------------------------------------------------------------
 def assistant_nll_sum(model, batch: dict, per_sequence: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of the next-token negative log-likelihood over the assistant tokens, and their count (per row if asked).
-    Logits are computed only at the trained positions: no batch x length x vocab tensor exists."""
+    """Sum of the assistant tokens' next-token NLL, and their count (per row if asked); logits only at those tokens."""
     labels = batch["loss_labels"]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
                    position_ids=batch.get("position_ids"), logits_to_keep=batch["loss_positions"]).logits
@@ -541,9 +521,8 @@ def from_pretrained(auto_class, what: str, name: str, args: Args, **kwargs):
             fail(f"could not load {what} {name!r} from that folder: {why}")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
     cache = " in the local cache (HF_HUB_OFFLINE is set)" if offline else ""
-    hint = (" Write the tiny setting's models with python -m tiny, or pass a folder written by sft.py."
-            if args.preset else " With no network, build the offline tiny setting (python -m tiny --out data/tiny) "
-            "and pass --preset tiny.")
+    hint = (" Write the tiny setting's models with python -m tiny, or pass a sft.py run's folder." if args.preset else
+            " With no network, build the offline tiny setting (python -m tiny --out data/tiny) and pass --preset tiny.")
     fail(f"could not load {what} {name!r}: no such local folder and not a hub id{cache}.{hint}")
 
 
@@ -648,8 +627,7 @@ if __name__ == "__main__":
     eval_loader = None if eval_ds is None else accelerator.prepare(DataLoader(  # padded: one row per conversation
         eval_ds, args.per_device_eval_batch_size, collate_fn=lambda rows: collate(rows, tokenizer.pad_token_id, False)))
 
-    global_step, root = 0, os.path.join(args.output_dir, "checkpoints")
-    errors = []
+    global_step, root, errors = 0, os.path.join(args.output_dir, "checkpoints"), []
     for step in reversed(checkpoint_steps(root) if args.resume else []):  # the newest that loads
         try:
             accelerator.load_state(os.path.join(root, f"step-{step}"))
