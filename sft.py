@@ -11,9 +11,8 @@ A = the assistant tokens of one optimizer step (every micro-batch, every process
 token count of the whole global batch, as in transformers >= 4.46 and TRL (`num_items_in_batch`), so the gradient
 does not depend on how the batch is split. Each micro-batch contributes sum_{t in A_mb} / N.
 
-Defaults = the WSPO repo's full fine-tuning of Qwen2 base models; each published setting is a recipes/ file (--config):
-recipes/wspo/sft-*.yaml (full and LoRA, Qwen2-1.5B and -7B), recipes/wpo/sft-mistral-7b-zephyr.yaml. bf16 comes from
-the accelerate config (every forward runs under its autocast); dropout is kept, as in TRL's SFTTrainer.
+Defaults = the WSPO repo's full fine-tuning of Qwen2 base models; the published settings are recipes/ files (--config).
+bf16 comes from the accelerate config (every forward runs under its autocast); dropout is kept, as in TRL's SFTTrainer.
 
     accelerate launch --config_file configs/zero3.yaml sft.py --config recipes/wspo/sft-qwen2-7b-full.yaml
     python -m tiny --out data/tiny && python sft.py --preset tiny   # offline tiny setting (CPU), recipes/tiny/
@@ -388,8 +387,7 @@ def load_split(name: str, config: str | None, split: str, column: str):
 
 
 def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)["input_ids"]
 
 
 def conversation(ex: dict, column: str) -> tuple[list, int]:
