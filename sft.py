@@ -46,6 +46,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 from datasets import load_dataset, load_from_disk
+from huggingface_hub import constants
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -492,8 +493,6 @@ def assistant_nll_sum(model, batch: dict, per_sequence: bool = False) -> tuple[t
 # ---- model and checkpoints -------------------------------------------------------------------------------------------
 def check_network(args: Args) -> None:
     """One 3-second connection to the hub if a name is not a local path: no network fails at once, not after retries."""
-    from huggingface_hub import constants
-
     remote = [n for n in (args.model_name_or_path, args.tokenizer_name, args.dataset_name, args.eval_dataset_name)
               if n and not os.path.exists(n)]
     if remote and not constants.HF_HUB_OFFLINE:
@@ -517,8 +516,7 @@ def from_pretrained(auto_class, what: str, name: str, args: Args, **kwargs):
                    "folder, which holds its final model" if "optimizer.bin" in held
                    else str(error).splitlines()[0])
             fail(f"could not load {what} {name!r} from that folder: {why}")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-    cache = " in the local cache (HF_HUB_OFFLINE is set)" if offline else ""
+    cache = " in the local cache (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
     hint = (" Write the tiny setting's models with python -m tiny, or pass a sft.py run's folder." if args.preset else
             " With no network, build the offline tiny setting (python -m tiny --out data/tiny) and pass --preset tiny.")
     fail(f"could not load {what} {name!r}: no such local folder and not a hub id{cache}.{hint}")
@@ -541,8 +539,7 @@ def load_model(args: Args, tokenizer):
                             dtype=getattr(torch, args.dtype), attn_implementation=args.attn_implementation)
     model.generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+        model.gradient_checkpointing_enable()  # every forward passes use_cache=False
     if args.use_lora:
         from peft import LoraConfig, get_peft_model
 
