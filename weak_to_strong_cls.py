@@ -28,6 +28,7 @@ weak_to_strong/; offline: recipes/tiny/weak_to_strong_cls.yaml (--preset tiny; i
     accelerate launch weak_to_strong_cls.py --config recipes/weak_to_strong/weak_to_strong_cls-sciq.yaml
 """
 
+import argparse
 import contextlib
 import hashlib
 import inspect
@@ -601,16 +602,18 @@ def read_config(path: str) -> list[str]:
 
 def parse_args() -> Args:
     """`--config FILE` (or --preset tiny: recipes/tiny/weak_to_strong_cls.yaml), then the flags given, which win."""
-    given = tyro.cli(Args, use_underscores=True)  # the command line alone: the file it names, the models it sets
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag in ("--config", "--preset", "--weak_model_name_or_path", "--strong_model_name_or_path"):
+        pre.add_argument(flag)
+    given = pre.parse_known_args()[0]
     if given.config and given.preset == "tiny":
         fail("pass one of --config and --preset (--preset tiny is recipes/tiny/weak_to_strong_cls.yaml)")
     path = given.config or (given.preset == "tiny" and f"{Path(__file__).parent}/recipes/tiny/weak_to_strong_cls.yaml")
     args = tyro.cli(Args, args=(read_config(path) if path else []) + sys.argv[1:], use_underscores=True)
     args.config_sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
     for side in ("weak", "strong"):  # a model type replaces a pretrained model the command line does not name
-        path_flag = f"{side}_model_name_or_path"
-        if getattr(args, f"{side}_model_type") is not None and getattr(given, path_flag) == getattr(Args(), path_flag):
-            setattr(args, path_flag, None)
+        if getattr(args, f"{side}_model_type") is not None and getattr(given, f"{side}_model_name_or_path") is None:
+            setattr(args, f"{side}_model_name_or_path", None)
     validate(args)
     return args
 
