@@ -317,13 +317,8 @@ def tokenize(ds: Dataset, tokenizer, max_ctx: int) -> tuple[list[dict], int]:
 
 def collate(tokenizer, rows: list[dict]) -> dict:
     """Pad on the tokenizer's side; the attention mask, not the pad id, marks the real tokens."""
-    length, left = max(len(r["input_ids"]) for r in rows), tokenizer.padding_side == "left"
-    pads = [length - len(r["input_ids"]) for r in rows]
-    ids = [[tokenizer.pad_token_id] * p + r["input_ids"] if left else r["input_ids"] + [tokenizer.pad_token_id] * p
-           for r, p in zip(rows, pads)]
-    mask = [[0] * p + [1] * (length - p) if left else [1] * (length - p) + [0] * p for p in pads]
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
-            "soft_label": torch.tensor([r["soft_label"] for r in rows], dtype=torch.float32)}
+    batch = tokenizer.pad([{"input_ids": r["input_ids"]} for r in rows], return_tensors="pt")
+    return {**batch, "soft_label": torch.tensor([r["soft_label"] for r in rows], dtype=torch.float32)}
 
 
 # --------------------------------------------------------------------------------------------
