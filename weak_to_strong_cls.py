@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from datasets import Dataset, load_dataset, load_dataset_builder, load_from_disk
 from huggingface_hub import constants
@@ -623,9 +623,9 @@ def validate(args: Args) -> None:
     for name, bad, message in checks:
         if getattr(args, name) is not None and bad(getattr(args, name)):
             fail(f"--{name} {getattr(args, name)}: {message}")
-    if args.batch_size % args.gradient_accumulation_steps:
+    if args.batch_size % (args.gradient_accumulation_steps * PartialState().num_processes):
         fail(f"--batch_size {args.batch_size} must be a multiple of --gradient_accumulation_steps "
-             f"{args.gradient_accumulation_steps}")
+             f"{args.gradient_accumulation_steps} x {PartialState().num_processes} processes")
     if not args.losses:
         fail("--losses is empty: name at least one of xent, logconf, product")
     for side in ("weak", "strong"):
@@ -637,8 +637,8 @@ def validate(args: Args) -> None:
             fail(f"--{side}_model_type builds a model from scratch: give a tokenizer with --tokenizer_name")
         if path is not None and getattr(args, f"{side}_config_overrides"):
             fail(f"--{side}_config_overrides only applies to a model built from scratch (--{side}_model_type)")
-        if path is None and getattr(args, f"{side}_lr") is None:
-            fail(f"a model built from scratch has no published learning rate: set --{side}_lr")
+        if getattr(args, f"{side}_lr") is None and (path is None or args.batch_size != 32):
+            fail(f"set --{side}_lr: the published learning rates are for pretrained models at --batch_size 32")
     out = Path(args.output_dir)
     if out.is_file():
         fail(f"--output_dir {out} is a file; pass a folder")
@@ -668,20 +668,13 @@ if __name__ == "__main__":
     args = parse_args()
     try:  # data errors: one clear message, exit code 2 (nothing of a failed stage is written)
         # filled in at runtime
-        for side in ("weak", "strong"):
-            name_or_path = getattr(args, f"{side}_model_name_or_path")
-            if getattr(args, f"{side}_lr") is None:  # validate(): a model built from scratch has its lr set
-                if args.batch_size != 32:
-                    fail(f"the default learning rates were tuned at --batch_size 32, not {args.batch_size}: set "
-                         f"--{side}_lr")
-                setattr(args, f"{side}_lr", DEFAULT_LR.get(name_or_path.rstrip("/").split("/")[-1], 1e-5))
+        for side in ("weak", "strong"):  # validate(): an lr left unset is a pretrained model's at batch 32
+            if getattr(args, f"{side}_lr") is None:
+                name = getattr(args, f"{side}_model_name_or_path").rstrip("/").split("/")[-1]
+                setattr(args, f"{side}_lr", DEFAULT_LR.get(name, 1e-5))
         args.transfer_epochs = args.gt_epochs if args.transfer_epochs is None else args.transfer_epochs
         accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
-        n_micro = args.gradient_accumulation_steps * accelerator.num_processes
-        args.micro_batch_size, rest = divmod(args.batch_size, n_micro)
-        if rest or args.micro_batch_size == 0:
-            fail(f"--batch_size {args.batch_size} must be a multiple of --gradient_accumulation_steps "
-                 f"{args.gradient_accumulation_steps} x {accelerator.num_processes} processes")
+        args.micro_batch_size = args.batch_size // (args.gradient_accumulation_steps * accelerator.num_processes)
         args.run_name = f"{args.exp_name}__{Path(args.ds_name).name}__{args.seed}__{int(time.time())}"
         loss_settings = {"xent": {},  # part of each student's cache key
                          "logconf": {"aux_coef": args.logconf_aux_coef, "warmup_frac": args.logconf_warmup_frac},
