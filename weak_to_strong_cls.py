@@ -35,7 +35,6 @@ import inspect
 import json
 import os
 import random
-import socket
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -43,12 +42,12 @@ from difflib import get_close_matches
 from functools import partial
 from pathlib import Path
 from typing import Literal, NoReturn
-from urllib.parse import urlparse
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import httpx
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -364,18 +363,14 @@ def build_model(spec: dict, args: Args, check: bool = False) -> tuple:
         lm = None if name is None else load(name, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
         if os.path.isdir(name):  # an empty folder, or a checkpoint instead of a saved model, is named as one
-            held = os.listdir(name)
-            why = ("it is empty; pass a folder holding a saved model, or a hub id" if not held else "it holds a "
-                   "training checkpoint (optimizer state), not a saved model; pass a run's output folder (its final "
-                   "model)" if "optimizer.bin" in held
-                   else str(e).splitlines()[0])
+            why = ("it is empty; pass a folder holding a saved model, or a hub id" if not os.listdir(name) else
+                   "it holds a training checkpoint (optimizer state), not a saved model; pass a run's output folder "
+                   "(its final model)" if "optimizer.bin" in os.listdir(name) else str(e).splitlines()[0])
             raise DataError(f"could not load {what} {name!r} from that folder: {why}") from None
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-        raise DataError(f"could not load {what} {name!r}: no such local folder and not a hub id"
-                        f"{' in the local cache (HF_HUB_OFFLINE is set)' if offline else ''}; pass a hub id "
-                        "(e.g. gpt2) or a folder holding a model"
-                        f"{' (python -m tiny --out data/tiny --models cls writes it)' if '/models/cls/' in name else ''}"
-                        ) from None
+        cache = " in the local cache (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        tiny = " (python -m tiny --out data/tiny --models cls writes it)" if "/models/cls/" in name else ""
+        raise DataError(f"could not load {what} {name!r}: no such local folder and not a hub id{cache}; pass a hub id "
+                        f"(e.g. gpt2) or a folder holding a model{tiny}") from None
     if lm is None:
         overrides = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
         if spec["config_overrides"]:  # parsed and type-checked as in run_clm.py, then passed to the constructor
@@ -643,25 +638,20 @@ def validate(args: Args) -> None:
     if out.is_file():
         fail(f"--output_dir {out} is a file; pass a folder")
     ours = {"results.json", "results.png", "sweep.json", "sweep.png"}  # sweep.*: w2s_sweep.py's
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith("seed_")) \
-        if out.is_dir() else []
+    foreign = sorted(p.name for p in out.glob("*") if p.name not in ours and not p.name.startswith("seed_"))
     if foreign and not args.overwrite_output_dir:
         fail(f"output_dir {out} already holds files this script did not write ({', '.join(foreign[:5])}); pass "
-             "--overwrite_output_dir to write into it anyway, or another --output_dir (a folder of this script's "
-             "stages is reused as a cache: a stage with the same settings is skipped, others are added)")
-    # with HF_HUB_OFFLINE unset and some name not a local path: one 3-second connection to the hub, so that no
-    # network is reported at once instead of after a minute of retries
-    names = [HUB_DATASETS[args.ds_name][0] if args.ds_name in HUB_DATASETS else args.ds_name, args.tokenizer_name,
-             args.weak_model_name_or_path, args.strong_model_name_or_path]
+             "--overwrite_output_dir to write into it anyway, or another --output_dir (a folder it wrote is a cache)")
+    # one 3-second request to the hub if a name is not a local path: no network fails at once, not after retries
+    names = (HUB_DATASETS.get(args.ds_name, [args.ds_name])[0], args.tokenizer_name, args.weak_model_name_or_path,
+             args.strong_model_name_or_path)
     remote = [n for n in names if n and not os.path.exists(n)]
-    if not remote or constants.HF_HUB_OFFLINE:
-        return
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
-    except OSError:
-        fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
-             "local cache, or pass a local path.")
+    if remote and not constants.HF_HUB_OFFLINE:
+        try:
+            httpx.head(constants.ENDPOINT, timeout=3)
+        except httpx.HTTPError:
+            fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
+                 "local cache, or pass a local path.")
 
 
 if __name__ == "__main__":
