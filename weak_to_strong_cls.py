@@ -342,8 +342,7 @@ class CausalLMWithHead(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # positions count real tokens only, so left and right padding give the same logits
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        hidden = out.last_hidden_state
+        hidden = self.body(input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
         last = hidden[torch.arange(len(hidden), device=hidden.device), last_token_index(attention_mask)]
         return self.score(last.to(self.score.weight.dtype))
 
@@ -446,22 +445,21 @@ def train(model, rows, tokenizer, loss_fn, lr, epochs, seed, args, accelerator, 
         micro_batches.append(micro_batch)
         if len(micro_batches) < args.gradient_accumulation_steps:
             continue
-        hardened = [None] * len(micro_batches)
+        loss_kwargs = [{}] * len(micro_batches)
         if whole_batch_hardening:  # ALGO LOGIC: logconf's quantile over the whole optimizer-step batch
             with torch.no_grad():
                 probs0 = torch.cat([torch.softmax(model(b["input_ids"], b["attention_mask"]).float(), -1)[:, 0]
                                     for b in micro_batches])
             labels1 = torch.cat([b["soft_label"][:, 1] for b in micro_batches])
             mine = harden(accelerator.gather(probs0), accelerator.gather(labels1)).chunk(accelerator.num_processes)
-            hardened = mine[accelerator.process_index].chunk(len(micro_batches))  # gather: rank 0's rows first
+            loss_kwargs = [{"hardened": h} for h in mine[accelerator.process_index].chunk(len(micro_batches))]
         # TRY NOT TO MODIFY: accumulation by hand (accelerate's accumulate() would sync at every micro batch of the
         # last step, as the step's micro batches are read ahead); gradients all-reduced on the last micro batch only
-        for k, (batch, batch_hardened) in enumerate(zip(micro_batches, hardened)):
-            loss_kwargs = {} if batch_hardened is None else {"hardened": batch_hardened}
+        for k, (batch, kwargs) in enumerate(zip(micro_batches, loss_kwargs)):
             with accelerator.no_sync(model) if k < len(micro_batches) - 1 else contextlib.nullcontext():
                 logits = model(batch["input_ids"], batch["attention_mask"])
                 # ALGO LOGIC: the weak-to-strong loss (xent / logconf / product) on this micro batch
-                loss = loss_fn(logits, batch["soft_label"], step_frac=step / n_steps, **loss_kwargs)
+                loss = loss_fn(logits, batch["soft_label"], step_frac=step / n_steps, **kwargs)
                 accelerator.backward(loss)  # divided by gradient_accumulation_steps inside
             loss_sum += loss.detach() / args.gradient_accumulation_steps
             acc = (logits.argmax(-1) == batch["soft_label"].argmax(-1)).float().mean()
