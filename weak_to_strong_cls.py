@@ -13,8 +13,7 @@ train,loss}.py). For each seed, one run does:
     is not above the weak model), and the test-set agreement of each strong student with its weak teacher.
 
 Every model is a causal LM whose hidden state at the last real token feeds a zero-initialised 2-class linear head
-without bias; stages are cached in --output_dir, keyed by their settings. The size sweep (figure 3: every weak <=
-strong pair of a list of models) is w2s_sweep.py, which runs this script once per pair on one --output_dir.
+without bias; stages are cached in --output_dir, keyed by their settings. The size sweep (figure 3) is w2s_sweep.py.
 
 Losses (loss.py), with soft labels y and predictions p: xent = CE(p, y); product = CE(p, norm(p^beta y^alpha));
 logconf = CE(p, (1 - c) y + c h), h = p hardened at the quantile of p(0) that gives h the weak labels' class
@@ -23,8 +22,7 @@ optimizer step (micro batches hold equal numbers of examples), and logconf's qua
 batch too (all micro batches, all processes), so any split of a batch gives the same step. Adam without weight
 decay, cosine to 0, no warm-up, dropout off (the official train_with_dropout=False).
 
-Settings: YAML files of Args fields citing their sources, flags given after --config win; published: recipes/
-weak_to_strong/; offline: recipes/tiny/weak_to_strong_cls.yaml (--preset tiny; its commands and measured results):
+Settings: the YAML files in recipes/ (published: weak_to_strong/; offline: tiny/, --preset tiny), e.g.
     accelerate launch weak_to_strong_cls.py --config recipes/weak_to_strong/weak_to_strong_cls-sciq.yaml
 """
 
@@ -660,6 +658,7 @@ if __name__ == "__main__":
             if getattr(args, f"{side}_lr") is None:
                 name = getattr(args, f"{side}_model_name_or_path").rstrip("/").split("/")[-1]
                 setattr(args, f"{side}_lr", DEFAULT_LR.get(name, 1e-5))
+        args.transfer_lr = args.strong_lr if args.transfer_lr is None else args.transfer_lr
         args.transfer_epochs = args.gt_epochs if args.transfer_epochs is None else args.transfer_epochs
         accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
         args.micro_batch_size = args.batch_size // (args.gradient_accumulation_steps * accelerator.num_processes)
@@ -704,9 +703,8 @@ if __name__ == "__main__":
             res = {"weak_acc": weak["test_acc"], "strong_acc": strong["test_acc"],
                    "weak_label_acc": weak["weak_label_acc"]}
             for loss in args.losses:  # ALGO LOGIC: 4. strong student on half 2 with the weak soft labels, per loss
-                transfer_lr = args.strong_lr if args.transfer_lr is None else args.transfer_lr
                 w2s = stage(f"w2s_{loss}", {**specs["strong"], "teacher": weak["dir"], **loss_settings[loss]},
-                            weak_labels, loss, loss_fns[loss], transfer_lr, args.transfer_epochs)
+                            weak_labels, loss, loss_fns[loss], args.transfer_lr, args.transfer_epochs)
                 res[f"transfer_acc_{loss}"] = w2s["test_acc"]
                 # ALGO LOGIC: performance gap recovered (Burns et al. 2023, section 3); null when strong <= weak
                 gap = strong["test_acc"] - weak["test_acc"]
@@ -726,8 +724,7 @@ if __name__ == "__main__":
     files = (Path(args.output_dir) / "results.json", Path(args.output_dir) / "results.png")
     if accelerator.is_main_process:
         files[0].write_text(json.dumps(summary, indent=2))
-        names = [getattr(args, f"{side}_model_name_or_path") or f"{getattr(args, f'{side}_model_type')} (scratch)"
-                 for side in ("weak", "strong")]
+        names = [spec["name_or_path"] or f"{spec['model_type']} (scratch)" for spec in specs.values()]
         plot(summary, args.losses, files[1], f"{Path(args.ds_name).name}: {names[0]} -> {names[1]}, "
              f"{args.n_seeds} seed(s)")
         print(f"\n{'metric':<24}{'mean':>8}{'std':>8}")
