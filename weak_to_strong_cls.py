@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 import yaml
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from datasets import Dataset, load_dataset, load_dataset_builder, load_from_disk
 from huggingface_hub import constants
@@ -614,9 +614,9 @@ def validate(args: Args) -> None:
     for name, bad, message in checks:
         if getattr(args, name) is not None and bad(getattr(args, name)):
             fail(f"--{name} {getattr(args, name)}: {message}")
-    if args.batch_size % (args.gradient_accumulation_steps * PartialState().num_processes):
+    if args.batch_size % args.gradient_accumulation_steps:
         fail(f"--batch_size {args.batch_size} must be a multiple of --gradient_accumulation_steps "
-             f"{args.gradient_accumulation_steps} x {PartialState().num_processes} processes")
+             f"{args.gradient_accumulation_steps}")
     if not args.losses:
         fail("--losses is empty: name at least one of xent, logconf, product")
     for side in ("weak", "strong"):
@@ -661,7 +661,11 @@ if __name__ == "__main__":
         args.transfer_lr = args.strong_lr if args.transfer_lr is None else args.transfer_lr
         args.transfer_epochs = args.gt_epochs if args.transfer_epochs is None else args.transfer_epochs
         accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
-        args.micro_batch_size = args.batch_size // (args.gradient_accumulation_steps * accelerator.num_processes)
+        n_micro = args.gradient_accumulation_steps * accelerator.num_processes
+        args.micro_batch_size, rest = divmod(args.batch_size, n_micro)
+        if rest:  # validate() checked the accumulation steps; the processes are known now
+            fail(f"--batch_size {args.batch_size} must be a multiple of --gradient_accumulation_steps "
+                 f"{args.gradient_accumulation_steps} x {accelerator.num_processes} processes")
         args.run_name = f"{args.exp_name}__{Path(args.ds_name).name}__{args.seed}__{int(time.time())}"
         loss_settings = {"xent": {},  # part of each student's cache key
                          "logconf": {"aux_coef": args.logconf_aux_coef, "warmup_frac": args.logconf_warmup_frac},
