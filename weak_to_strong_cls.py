@@ -41,11 +41,11 @@ from functools import partial
 from pathlib import Path
 from typing import Literal, NoReturn
 
+import httpx
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import httpx
 import numpy as np
 import torch
 import torch.nn.functional as F
