@@ -13,8 +13,7 @@ train,loss}.py). For each seed, one run does:
     is not above the weak model), and the test-set agreement of each strong student with its weak teacher.
 
 Every model is a causal LM whose hidden state at the last real token feeds a zero-initialised 2-class linear head
-without bias; stages are cached in --output_dir, keyed by their settings. The size sweep (figure 3: every weak <=
-strong pair of a list of models) is w2s_sweep.py, which runs this script once per pair on one --output_dir.
+without bias; stages are cached in --output_dir, keyed by their settings. The size sweep (figure 3) is w2s_sweep.py.
 
 Losses (loss.py), with soft labels y and predictions p: xent = CE(p, y); product = CE(p, norm(p^beta y^alpha));
 logconf = CE(p, (1 - c) y + c h), h = p hardened at the quantile of p(0) that gives h the weak labels' class
@@ -23,18 +22,17 @@ optimizer step (micro batches hold equal numbers of examples), and logconf's qua
 batch too (all micro batches, all processes), so any split of a batch gives the same step. Adam without weight
 decay, cosine to 0, no warm-up, dropout off (the official train_with_dropout=False).
 
-Settings: YAML files of Args fields citing their sources, flags given after --config win; published: recipes/
-weak_to_strong/; offline: recipes/tiny/weak_to_strong_cls.yaml (--preset tiny; its commands and measured results):
+Settings: the YAML files in recipes/ (published: weak_to_strong/; offline: tiny/, --preset tiny), e.g.
     accelerate launch weak_to_strong_cls.py --config recipes/weak_to_strong/weak_to_strong_cls-sciq.yaml
 """
 
+import argparse
 import contextlib
 import hashlib
 import inspect
 import json
 import os
 import random
-import socket
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -42,8 +40,8 @@ from difflib import get_close_matches
 from functools import partial
 from pathlib import Path
 from typing import Literal, NoReturn
-from urllib.parse import urlparse
 
+import httpx
 import matplotlib
 
 matplotlib.use("Agg")
@@ -316,13 +314,8 @@ def tokenize(ds: Dataset, tokenizer, max_ctx: int) -> tuple[list[dict], int]:
 
 def collate(tokenizer, rows: list[dict]) -> dict:
     """Pad on the tokenizer's side; the attention mask, not the pad id, marks the real tokens."""
-    length, left = max(len(r["input_ids"]) for r in rows), tokenizer.padding_side == "left"
-    pads = [length - len(r["input_ids"]) for r in rows]
-    ids = [[tokenizer.pad_token_id] * p + r["input_ids"] if left else r["input_ids"] + [tokenizer.pad_token_id] * p
-           for r, p in zip(rows, pads)]
-    mask = [[0] * p + [1] * (length - p) if left else [1] * (length - p) + [0] * p for p in pads]
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
-            "soft_label": torch.tensor([r["soft_label"] for r in rows], dtype=torch.float32)}
+    batch = tokenizer.pad([{"input_ids": r["input_ids"]} for r in rows], return_tensors="pt")
+    return {**batch, "soft_label": torch.tensor([r["soft_label"] for r in rows], dtype=torch.float32)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,8 +340,7 @@ class CausalLMWithHead(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # positions count real tokens only, so left and right padding give the same logits
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        hidden = out.last_hidden_state
+        hidden = self.body(input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
         last = hidden[torch.arange(len(hidden), device=hidden.device), last_token_index(attention_mask)]
         return self.score(last.to(self.score.weight.dtype))
 
@@ -368,18 +360,14 @@ def build_model(spec: dict, args: Args, check: bool = False) -> tuple:
         lm = None if name is None else load(name, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
         if os.path.isdir(name):  # an empty folder, or a checkpoint instead of a saved model, is named as one
-            held = os.listdir(name)
-            why = ("it is empty; pass a folder holding a saved model, or a hub id" if not held else "it holds a "
-                   "training checkpoint (optimizer state), not a saved model; pass a run's output folder (its final "
-                   "model)" if "optimizer.bin" in held
-                   else str(e).splitlines()[0])
+            why = ("it is empty; pass a folder holding a saved model, or a hub id" if not os.listdir(name) else
+                   "it holds a training checkpoint (optimizer state), not a saved model; pass a run's output folder "
+                   "(its final model)" if "optimizer.bin" in os.listdir(name) else str(e).splitlines()[0])
             raise DataError(f"could not load {what} {name!r} from that folder: {why}") from None
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-        raise DataError(f"could not load {what} {name!r}: no such local folder and not a hub id"
-                        f"{' in the local cache (HF_HUB_OFFLINE is set)' if offline else ''}; pass a hub id "
-                        "(e.g. gpt2) or a folder holding a model"
-                        f"{' (python -m tiny --out data/tiny --models cls writes it)' if '/models/cls/' in name else ''}"
-                        ) from None
+        cache = " in the local cache (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        tiny = " (python -m tiny --out data/tiny --models cls writes it)" if "/models/cls/" in name else ""
+        raise DataError(f"could not load {what} {name!r}: no such local folder and not a hub id{cache}; pass a hub id "
+                        f"(e.g. gpt2) or a folder holding a model{tiny}") from None
     if lm is None:
         overrides = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
         if spec["config_overrides"]:  # parsed and type-checked as in run_clm.py, then passed to the constructor
@@ -455,22 +443,21 @@ def train(model, rows, tokenizer, loss_fn, lr, epochs, seed, args, accelerator, 
         micro_batches.append(micro_batch)
         if len(micro_batches) < args.gradient_accumulation_steps:
             continue
-        hardened = [None] * len(micro_batches)
+        loss_kwargs = [{}] * len(micro_batches)
         if whole_batch_hardening:  # ALGO LOGIC: logconf's quantile over the whole optimizer-step batch
             with torch.no_grad():
                 probs0 = torch.cat([torch.softmax(model(b["input_ids"], b["attention_mask"]).float(), -1)[:, 0]
                                     for b in micro_batches])
             labels1 = torch.cat([b["soft_label"][:, 1] for b in micro_batches])
             mine = harden(accelerator.gather(probs0), accelerator.gather(labels1)).chunk(accelerator.num_processes)
-            hardened = mine[accelerator.process_index].chunk(len(micro_batches))  # gather: rank 0's rows first
+            loss_kwargs = [{"hardened": h} for h in mine[accelerator.process_index].chunk(len(micro_batches))]
         # TRY NOT TO MODIFY: accumulation by hand (accelerate's accumulate() would sync at every micro batch of the
         # last step, as the step's micro batches are read ahead); gradients all-reduced on the last micro batch only
-        for k, (batch, batch_hardened) in enumerate(zip(micro_batches, hardened)):
-            loss_kwargs = {} if batch_hardened is None else {"hardened": batch_hardened}
+        for k, (batch, kwargs) in enumerate(zip(micro_batches, loss_kwargs)):
             with accelerator.no_sync(model) if k < len(micro_batches) - 1 else contextlib.nullcontext():
                 logits = model(batch["input_ids"], batch["attention_mask"])
                 # ALGO LOGIC: the weak-to-strong loss (xent / logconf / product) on this micro batch
-                loss = loss_fn(logits, batch["soft_label"], step_frac=step / n_steps, **loss_kwargs)
+                loss = loss_fn(logits, batch["soft_label"], step_frac=step / n_steps, **kwargs)
                 accelerator.backward(loss)  # divided by gradient_accumulation_steps inside
             loss_sum += loss.detach() / args.gradient_accumulation_steps
             acc = (logits.argmax(-1) == batch["soft_label"].argmax(-1)).float().mean()
@@ -601,16 +588,18 @@ def read_config(path: str) -> list[str]:
 
 def parse_args() -> Args:
     """`--config FILE` (or --preset tiny: recipes/tiny/weak_to_strong_cls.yaml), then the flags given, which win."""
-    given = tyro.cli(Args, use_underscores=True)  # the command line alone: the file it names, the models it sets
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag in ("--config", "--preset", "--weak_model_name_or_path", "--strong_model_name_or_path"):
+        pre.add_argument(flag)
+    given = pre.parse_known_args()[0]
     if given.config and given.preset == "tiny":
         fail("pass one of --config and --preset (--preset tiny is recipes/tiny/weak_to_strong_cls.yaml)")
     path = given.config or (given.preset == "tiny" and f"{Path(__file__).parent}/recipes/tiny/weak_to_strong_cls.yaml")
     args = tyro.cli(Args, args=(read_config(path) if path else []) + sys.argv[1:], use_underscores=True)
     args.config_sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
     for side in ("weak", "strong"):  # a model type replaces a pretrained model the command line does not name
-        path_flag = f"{side}_model_name_or_path"
-        if getattr(args, f"{side}_model_type") is not None and getattr(given, path_flag) == getattr(Args(), path_flag):
-            setattr(args, path_flag, None)
+        if getattr(args, f"{side}_model_type") is not None and getattr(given, f"{side}_model_name_or_path") is None:
+            setattr(args, f"{side}_model_name_or_path", None)
     validate(args)
     return args
 
@@ -639,49 +628,42 @@ def validate(args: Args) -> None:
             fail(f"--{side}_model_type builds a model from scratch: give a tokenizer with --tokenizer_name")
         if path is not None and getattr(args, f"{side}_config_overrides"):
             fail(f"--{side}_config_overrides only applies to a model built from scratch (--{side}_model_type)")
-        if path is None and getattr(args, f"{side}_lr") is None:
-            fail(f"a model built from scratch has no published learning rate: set --{side}_lr")
+        if getattr(args, f"{side}_lr") is None and (path is None or args.batch_size != 32):
+            fail(f"set --{side}_lr: the published learning rates are for pretrained models at --batch_size 32")
     out = Path(args.output_dir)
     if out.is_file():
         fail(f"--output_dir {out} is a file; pass a folder")
     ours = {"results.json", "results.png", "sweep.json", "sweep.png"}  # sweep.*: w2s_sweep.py's
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith("seed_")) \
-        if out.is_dir() else []
+    foreign = sorted(p.name for p in out.glob("*") if p.name not in ours and not p.name.startswith("seed_"))
     if foreign and not args.overwrite_output_dir:
         fail(f"output_dir {out} already holds files this script did not write ({', '.join(foreign[:5])}); pass "
-             "--overwrite_output_dir to write into it anyway, or another --output_dir (a folder of this script's "
-             "stages is reused as a cache: a stage with the same settings is skipped, others are added)")
-    # with HF_HUB_OFFLINE unset and some name not a local path: one 3-second connection to the hub, so that no
-    # network is reported at once instead of after a minute of retries
-    names = [HUB_DATASETS[args.ds_name][0] if args.ds_name in HUB_DATASETS else args.ds_name, args.tokenizer_name,
-             args.weak_model_name_or_path, args.strong_model_name_or_path]
+             "--overwrite_output_dir to write into it anyway, or another --output_dir (a folder it wrote is a cache)")
+    # one 3-second request to the hub if a name is not a local path: no network fails at once, not after retries
+    names = (HUB_DATASETS.get(args.ds_name, [args.ds_name])[0], args.tokenizer_name, args.weak_model_name_or_path,
+             args.strong_model_name_or_path)
     remote = [n for n in names if n and not os.path.exists(n)]
-    if not remote or constants.HF_HUB_OFFLINE:
-        return
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
-    except OSError:
-        fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
-             "local cache, or pass a local path.")
+    if remote and not constants.HF_HUB_OFFLINE:
+        try:
+            httpx.head(constants.ENDPOINT, timeout=3)
+        except httpx.HTTPError:
+            fail(f"no network: cannot reach the Hugging Face Hub for {remote[0]!r}. Set HF_HUB_OFFLINE=1 to use the "
+                 "local cache, or pass a local path.")
 
 
 if __name__ == "__main__":
     args = parse_args()
     try:  # data errors: one clear message, exit code 2 (nothing of a failed stage is written)
         # filled in at runtime
-        for side in ("weak", "strong"):
-            name_or_path = getattr(args, f"{side}_model_name_or_path")
-            if getattr(args, f"{side}_lr") is None:  # validate(): a model built from scratch has its lr set
-                if args.batch_size != 32:
-                    fail(f"the default learning rates were tuned at --batch_size 32, not {args.batch_size}: set "
-                         f"--{side}_lr")
-                setattr(args, f"{side}_lr", DEFAULT_LR.get(name_or_path.rstrip("/").split("/")[-1], 1e-5))
+        for side in ("weak", "strong"):  # validate(): an lr left unset is a pretrained model's at batch 32
+            if getattr(args, f"{side}_lr") is None:
+                name = getattr(args, f"{side}_model_name_or_path").rstrip("/").split("/")[-1]
+                setattr(args, f"{side}_lr", DEFAULT_LR.get(name, 1e-5))
+        args.transfer_lr = args.strong_lr if args.transfer_lr is None else args.transfer_lr
         args.transfer_epochs = args.gt_epochs if args.transfer_epochs is None else args.transfer_epochs
         accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
         n_micro = args.gradient_accumulation_steps * accelerator.num_processes
         args.micro_batch_size, rest = divmod(args.batch_size, n_micro)
-        if rest or args.micro_batch_size == 0:
+        if rest:  # validate() checked the accumulation steps; the processes are known now
             fail(f"--batch_size {args.batch_size} must be a multiple of --gradient_accumulation_steps "
                  f"{args.gradient_accumulation_steps} x {accelerator.num_processes} processes")
         args.run_name = f"{args.exp_name}__{Path(args.ds_name).name}__{args.seed}__{int(time.time())}"
@@ -725,9 +707,8 @@ if __name__ == "__main__":
             res = {"weak_acc": weak["test_acc"], "strong_acc": strong["test_acc"],
                    "weak_label_acc": weak["weak_label_acc"]}
             for loss in args.losses:  # ALGO LOGIC: 4. strong student on half 2 with the weak soft labels, per loss
-                transfer_lr = args.strong_lr if args.transfer_lr is None else args.transfer_lr
                 w2s = stage(f"w2s_{loss}", {**specs["strong"], "teacher": weak["dir"], **loss_settings[loss]},
-                            weak_labels, loss, loss_fns[loss], transfer_lr, args.transfer_epochs)
+                            weak_labels, loss, loss_fns[loss], args.transfer_lr, args.transfer_epochs)
                 res[f"transfer_acc_{loss}"] = w2s["test_acc"]
                 # ALGO LOGIC: performance gap recovered (Burns et al. 2023, section 3); null when strong <= weak
                 gap = strong["test_acc"] - weak["test_acc"]
@@ -747,8 +728,7 @@ if __name__ == "__main__":
     files = (Path(args.output_dir) / "results.json", Path(args.output_dir) / "results.png")
     if accelerator.is_main_process:
         files[0].write_text(json.dumps(summary, indent=2))
-        names = [getattr(args, f"{side}_model_name_or_path") or f"{getattr(args, f'{side}_model_type')} (scratch)"
-                 for side in ("weak", "strong")]
+        names = [spec["name_or_path"] or f"{spec['model_type']} (scratch)" for spec in specs.values()]
         plot(summary, args.losses, files[1], f"{Path(args.ds_name).name}: {names[0]} -> {names[1]}, "
              f"{args.n_seeds} seed(s)")
         print(f"\n{'metric':<24}{'mean':>8}{'std':>8}")
