@@ -30,6 +30,7 @@ Offline tiny setting (CPU; run_tiny.sh trains the models it expects; --preset ti
     python wspo.py --preset tiny --output_dir runs/tiny/wspo-strong
 """
 
+import argparse
 import atexit
 import difflib
 import fcntl
@@ -248,13 +249,15 @@ def read_config(path: str) -> list[str]:
 
 def parse_args() -> Args:
     """`--config FILE.yaml` (`--preset tiny`: recipes/tiny/wspo.yaml) sets the defaults; flags given override them."""
-    args = tyro.cli(Args, use_underscores=True)  # the command line alone first: which file, if any
-    if args.config and args.preset:
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # which file, if any: tyro then parses once
+    pre.add_argument("--config")
+    pre.add_argument("--preset", choices=["tiny"])
+    given = pre.parse_known_args()[0]
+    if given.config and given.preset:
         fail("--preset tiny is --config recipes/tiny/wspo.yaml: pass one of them")
-    path = args.config or args.preset and os.path.join(os.path.dirname(__file__), "recipes", "tiny", "wspo.yaml")
-    if path:  # the file's values as flags, then the command line's: the last occurrence of a flag wins
-        args = tyro.cli(Args, args=read_config(path) + sys.argv[1:], use_underscores=True)
-        args.config_sha256 = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    path = given.config or given.preset and os.path.join(os.path.dirname(__file__), "recipes", "tiny", "wspo.yaml")
+    args = tyro.cli(Args, args=(read_config(path) if path else []) + sys.argv[1:], use_underscores=True)
+    args.config_sha256 = path and hashlib.sha256(open(path, "rb").read()).hexdigest()
     return args
 
 
