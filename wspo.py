@@ -47,7 +47,6 @@ import time
 from contextlib import suppress
 from dataclasses import dataclass, fields
 from functools import partial
-from types import SimpleNamespace
 from typing import Literal, NoReturn
 from urllib.parse import urlparse
 
@@ -59,6 +58,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, send_to_device, set_seed
 from datasets import load_dataset, load_from_disk
+from datasets.fingerprint import Hasher
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
@@ -502,7 +502,7 @@ def response_ids(tokenizer, prompt: list[dict], text: str) -> list[int]:
     return resp[: len(resp) - resp[::-1].index(eot)] if eot in resp else resp + [eot]
 
 
-def tokenize_example(tokenizer, ex: dict, args: "Args", with_rejected: bool) -> dict:
+def tokenize_example(tokenizer, ex: dict, args: Args, with_rejected: bool) -> dict:
     """prompt_ids, chosen_ids (the response to imitate) and, for eval, rejected_ids; or a skip reason."""
     out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "skip": "", "prompt_cut": False,
            "response_cut": False}
@@ -545,9 +545,11 @@ def prepare_split(raw, max_samples: int | None, tokenizer, args: Args, what: str
         fail(f"the {what} responses are strings, but the data ({source}) has no prompt column {args.prompt_column!r}; "
              "pass --prompt_column")
     with_rejected = what == "eval" and args.rejected_column in raw.column_names
-    plain = SimpleNamespace(**vars(args))  # datasets hashes the function: tyro's markers in Args do not pickle
-    ds = raw.map(lambda ex: tokenize_example(tokenizer, ex, plain, with_rejected), remove_columns=raw.column_names,
-                 desc=f"tokenizing {what}")
+    # the datasets cache key: the input rows, the tokenizer and the fields tokenize_example reads
+    read = ("response_column", "prompt_column", "rejected_column", "max_length", "max_prompt_length")
+    key = Hasher.hash([raw._fingerprint, tokenizer, with_rejected, *(getattr(args, n) for n in read)])
+    ds = raw.map(lambda ex: tokenize_example(tokenizer, ex, args, with_rejected), remove_columns=raw.column_names,
+                 desc=f"tokenizing {what}", new_fingerprint=key)
     skips = {str(r): int(n) for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}  # no np reprs
     kept = ds.filter(lambda ex: ex["skip"] == "")
     prompts_cut, responses_cut = sum(kept["prompt_cut"]), sum(kept["response_cut"])
