@@ -59,6 +59,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, send_to_device, set_seed
 from datasets import load_dataset, load_from_disk
 from datasets.fingerprint import Hasher
+from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
@@ -341,8 +342,6 @@ def validate(args: Args):
             fail(f"the run in {args.output_dir} finished and saved no checkpoint (--save_steps), so it cannot be "
                  f"continued (it would retrain from scratch over its model): train further with --strong "
                  f"{args.output_dir} into another --output_dir")
-
-    from huggingface_hub import constants
 
     remote, url = [n for n in inputs if n is not None and not os.path.exists(n)], urlparse(constants.ENDPOINT)
     try:
@@ -704,8 +703,6 @@ def prepass(name: str, ds, batches: list[list[int]], keys, args: Args, accelerat
 # ---- models ----------------------------------------------------------------------------------------------------------
 def load_pretrained(auto_class, name: str, args: Args):
     """A model or tokenizer (its chat template, else --chat_template; pad = eos if unset); loading errors are clear."""
-    from huggingface_hub import constants
-
     kwargs = {} if auto_class is AutoTokenizer else {"dtype": getattr(torch, args.dtype),
                                                        "attn_implementation": args.attn_implementation}
     try:
@@ -718,12 +715,13 @@ def load_pretrained(auto_class, name: str, args: Args):
                "folder" if "optimizer.bin" in (held or []) else str(e).splitlines()[0])
         fail(f"could not load model {name!r}: {why}. Pass a local model folder or a hub id (the offline tiny models "
              "come from `bash run_tiny.sh`)")
-    if auto_class is AutoTokenizer and loaded.chat_template is None and (template := args.chat_template):
+    if auto_class is not AutoTokenizer:
+        return loaded
+    if loaded.chat_template is None and (template := args.chat_template):
         loaded.chat_template = open(template).read() if template.endswith(".jinja") else template
-    if auto_class is AutoTokenizer and loaded.chat_template is None:
+    if loaded.chat_template is None:
         fail(f"tokenizer of {name!r} has no chat template: pass --chat_template (a Jinja string or a .jinja file)")
-    if auto_class is AutoTokenizer and loaded.pad_token is None:
-        loaded.pad_token = loaded.eos_token
+    loaded.pad_token = loaded.pad_token or loaded.eos_token
     return loaded
 
 
@@ -752,9 +750,7 @@ if __name__ == "__main__":
     args = parse_args()
     validate(args)
     # TRY NOT TO MODIFY: accelerator, batch-size chain, seeding, logging
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
-    args.world_size = accelerator.num_processes
-    args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)  # its processes: validate set world_size
     run_id = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     log = lambda msg: accelerator.print(f"[{args.exp_name}] {msg}")
     if accelerator.is_main_process:
