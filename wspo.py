@@ -750,7 +750,7 @@ if __name__ == "__main__":
     args = parse_args()
     validate(args)
     # TRY NOT TO MODIFY: accelerator, batch-size chain, seeding, logging
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)  # its processes: validate set world_size
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
     run_id = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     log = lambda msg: accelerator.print(f"[{args.exp_name}] {msg}")
     if accelerator.is_main_process:
