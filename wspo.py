@@ -460,8 +460,7 @@ def fit_prompt(tokenizer, prompt: list[dict], max_prompt_length: int):
     """The prompt's ids within max_prompt_length, no role header cut: earlier turns are dropped (a system message is
     kept), then the oldest user text is cut from its start. Returns (ids, messages kept, cut?), or None."""
     ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
-    if len(ids) <= max_prompt_length:
-        return ids, prompt, False
+    cut = len(ids) > max_prompt_length
     system = prompt[:1] if prompt[0].get("role") == "system" else []
     turns = prompt[len(system):]
     for start in [i for i in range(1, len(turns)) if turns[i].get("role") == "user"]:  # oldest turns first
@@ -471,17 +470,15 @@ def fit_prompt(tokenizer, prompt: list[dict], max_prompt_length: int):
         ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
     excess = len(ids) - max_prompt_length
     if excess > 0:
-        users = [i for i, m in enumerate(prompt) if m.get("role") == "user"]
-        if not users:
-            return None
-        blank = chat_ids(tokenizer, [{**m, "content": ""} if i == users[0] else m for i, m in enumerate(prompt)], True)
+        oldest = next(i for i, m in enumerate(prompt) if m.get("role") == "user")  # the prompt ends with one
+        blank = chat_ids(tokenizer, [{**m, "content": ""} if i == oldest else m for i, m in enumerate(prompt)], True)
         head = next((i for i, (a, b) in enumerate(zip(ids, blank)) if a != b), min(len(ids), len(blank)))
         limit = min(len(ids), len(blank)) - head  # the common suffix cannot overlap the common prefix
         tail = next((i for i in range(limit) if ids[-1 - i] != blank[-1 - i]), limit)
         if len(ids) - head - tail <= excess:  # the user text is shorter than the excess: headers alone too long
             return None
         ids = ids[:head] + ids[head + excess:]
-    return ids, prompt, True
+    return ids, prompt, cut
 
 
 def response_ids(tokenizer, prompt: list[dict], text: str) -> list[int]:
@@ -880,7 +877,7 @@ if __name__ == "__main__":
     def evaluate_and_log(step: int, extra: dict | None = None):
         """Logs `extra` and the means over every held-out example; a non-finite eval loss stops the run unsaved."""
         if eval_loader is None:
-            return log_metrics(extra, step)
+            return extra and log_metrics(extra, step)
         parts = []
         model.eval()
         for batch in eval_loader:
@@ -965,8 +962,7 @@ if __name__ == "__main__":
                 bar.set_postfix(loss=f"{out['train/loss']:.4f}")
                 log_metrics(out, global_step)
                 running, window_tokens, window_start = {}, 0, time.time()
-            if eval_loader is not None and args.eval_steps and global_step % args.eval_steps == 0 \
-                    and global_step != total_steps:
+            if args.eval_steps and global_step % args.eval_steps == 0 and global_step != total_steps:
                 evaluate_and_log(global_step)
             if args.save_steps and global_step % args.save_steps == 0:
                 save_checkpoint(global_step)
