@@ -452,8 +452,7 @@ def load_raw_splits(args: Args, log):
 
 
 def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, return_dict=False)
 
 
 def fit_prompt(tokenizer, prompt: list[dict], max_prompt_length: int):
