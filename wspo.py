@@ -30,6 +30,7 @@ Offline tiny setting (CPU; run_tiny.sh trains the models it expects; --preset ti
     python wspo.py --preset tiny --output_dir runs/tiny/wspo-strong
 """
 
+import argparse
 import atexit
 import difflib
 import fcntl
@@ -46,7 +47,6 @@ import time
 from contextlib import suppress
 from dataclasses import dataclass, fields
 from functools import partial
-from types import SimpleNamespace
 from typing import Literal, NoReturn
 from urllib.parse import urlparse
 
@@ -58,6 +58,8 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, send_to_device, set_seed
 from datasets import load_dataset, load_from_disk
+from datasets.fingerprint import Hasher
+from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
@@ -248,13 +250,15 @@ def read_config(path: str) -> list[str]:
 
 def parse_args() -> Args:
     """`--config FILE.yaml` (`--preset tiny`: recipes/tiny/wspo.yaml) sets the defaults; flags given override them."""
-    args = tyro.cli(Args, use_underscores=True)  # the command line alone first: which file, if any
-    if args.config and args.preset:
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # which file, if any: tyro then parses once
+    pre.add_argument("--config")
+    pre.add_argument("--preset", choices=["tiny"])
+    given = pre.parse_known_args()[0]
+    if given.config and given.preset:
         fail("--preset tiny is --config recipes/tiny/wspo.yaml: pass one of them")
-    path = args.config or args.preset and os.path.join(os.path.dirname(__file__), "recipes", "tiny", "wspo.yaml")
-    if path:  # the file's values as flags, then the command line's: the last occurrence of a flag wins
-        args = tyro.cli(Args, args=read_config(path) + sys.argv[1:], use_underscores=True)
-        args.config_sha256 = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    path = given.config or given.preset and os.path.join(os.path.dirname(__file__), "recipes", "tiny", "wspo.yaml")
+    args = tyro.cli(Args, args=(read_config(path) if path else []) + sys.argv[1:], use_underscores=True)
+    args.config_sha256 = path and hashlib.sha256(open(path, "rb").read()).hexdigest()
     return args
 
 
@@ -339,8 +343,6 @@ def validate(args: Args):
                  f"continued (it would retrain from scratch over its model): train further with --strong "
                  f"{args.output_dir} into another --output_dir")
 
-    from huggingface_hub import constants
-
     remote, url = [n for n in inputs if n is not None and not os.path.exists(n)], urlparse(constants.ENDPOINT)
     try:
         if remote and not constants.HF_HUB_OFFLINE:
@@ -393,24 +395,18 @@ def checkpoint_steps(root: str) -> list[int]:
 def first_bad_line(path: str) -> str | None:
     """Where a .json/.jsonl file breaks: the 1-based line of invalid JSON, a non-object, or a field whose type
     differs from its first occurrence (a .json file's records count as lines); None if nothing is found."""
-    lines, seen = enumerate(open(path), 1), {}
-    if path.endswith(".json"):  # one JSON document
-        try:
-            document = json.load(open(path))
-        except json.JSONDecodeError as e:
-            return f"line {e.lineno} is not valid JSON ({e.msg})"
-        lines = enumerate(map(json.dumps, document if isinstance(document, list) else []), 1)
-    for number, line in lines:
-        try:
-            record = json.loads(line) if line.strip() else {}
-        except json.JSONDecodeError as e:
-            return f"line {number} is not valid JSON ({e.msg})"
-        if not isinstance(record, dict):
-            return f"line {number} is not a JSON object"
-        for key, value in record.items():
-            first = seen.setdefault(key, (type(value).__name__, number))
-            if value is not None and first[0] not in ("NoneType", type(value).__name__):
-                return f"line {number}: {key!r} is a {type(value).__name__}, but a {first[0]} on line {first[1]}"
+    seen, number, document = {}, 0, path.endswith(".json")
+    try:  # a .jsonl file is read line by line: the error is on the line after the last one read
+        records = json.load(open(path)) if document else (json.loads(row) if row.strip() else {} for row in open(path))
+        for number, record in enumerate(records if not document or isinstance(records, list) else [], 1):
+            if not isinstance(record, dict):
+                return f"line {number} is not a JSON object"
+            for key, value in record.items():
+                first = seen.setdefault(key, (type(value).__name__, number))
+                if value is not None and first[0] not in ("NoneType", type(value).__name__):
+                    return f"line {number}: {key!r} is a {type(value).__name__}, but a {first[0]} on line {first[1]}"
+    except json.JSONDecodeError as e:
+        return f"line {e.lineno if document else number + 1} is not valid JSON ({e.msg})"
     return None
 
 
@@ -456,16 +452,14 @@ def load_raw_splits(args: Args, log):
 
 
 def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, return_dict=False)
 
 
 def fit_prompt(tokenizer, prompt: list[dict], max_prompt_length: int):
     """The prompt's ids within max_prompt_length, no role header cut: earlier turns are dropped (a system message is
     kept), then the oldest user text is cut from its start. Returns (ids, messages kept, cut?), or None."""
     ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
-    if len(ids) <= max_prompt_length:
-        return ids, prompt, False
+    cut = len(ids) > max_prompt_length
     system = prompt[:1] if prompt[0].get("role") == "system" else []
     turns = prompt[len(system):]
     for start in [i for i in range(1, len(turns)) if turns[i].get("role") == "user"]:  # oldest turns first
@@ -475,17 +469,15 @@ def fit_prompt(tokenizer, prompt: list[dict], max_prompt_length: int):
         ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
     excess = len(ids) - max_prompt_length
     if excess > 0:
-        users = [i for i, m in enumerate(prompt) if m.get("role") == "user"]
-        if not users:
-            return None
-        blank = chat_ids(tokenizer, [{**m, "content": ""} if i == users[0] else m for i, m in enumerate(prompt)], True)
+        oldest = next(i for i, m in enumerate(prompt) if m.get("role") == "user")  # the prompt ends with one
+        blank = chat_ids(tokenizer, [{**m, "content": ""} if i == oldest else m for i, m in enumerate(prompt)], True)
         head = next((i for i, (a, b) in enumerate(zip(ids, blank)) if a != b), min(len(ids), len(blank)))
         limit = min(len(ids), len(blank)) - head  # the common suffix cannot overlap the common prefix
         tail = next((i for i in range(limit) if ids[-1 - i] != blank[-1 - i]), limit)
         if len(ids) - head - tail <= excess:  # the user text is shorter than the excess: headers alone too long
             return None
         ids = ids[:head] + ids[head + excess:]
-    return ids, prompt, True
+    return ids, prompt, cut
 
 
 def response_ids(tokenizer, prompt: list[dict], text: str) -> list[int]:
@@ -499,7 +491,7 @@ def response_ids(tokenizer, prompt: list[dict], text: str) -> list[int]:
     return resp[: len(resp) - resp[::-1].index(eot)] if eot in resp else resp + [eot]
 
 
-def tokenize_example(tokenizer, ex: dict, args: "Args", with_rejected: bool) -> dict:
+def tokenize_example(tokenizer, ex: dict, args: Args, with_rejected: bool) -> dict:
     """prompt_ids, chosen_ids (the response to imitate) and, for eval, rejected_ids; or a skip reason."""
     out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "skip": "", "prompt_cut": False,
            "response_cut": False}
@@ -542,9 +534,11 @@ def prepare_split(raw, max_samples: int | None, tokenizer, args: Args, what: str
         fail(f"the {what} responses are strings, but the data ({source}) has no prompt column {args.prompt_column!r}; "
              "pass --prompt_column")
     with_rejected = what == "eval" and args.rejected_column in raw.column_names
-    plain = SimpleNamespace(**vars(args))  # datasets hashes the function: tyro's markers in Args do not pickle
-    ds = raw.map(lambda ex: tokenize_example(tokenizer, ex, plain, with_rejected), remove_columns=raw.column_names,
-                 desc=f"tokenizing {what}")
+    # the datasets cache key: the input rows, the tokenizer and the fields tokenize_example reads
+    read = ("response_column", "prompt_column", "rejected_column", "max_length", "max_prompt_length")
+    key = Hasher.hash([raw._fingerprint, tokenizer, with_rejected, *(getattr(args, n) for n in read)])
+    ds = raw.map(lambda ex: tokenize_example(tokenizer, ex, args, with_rejected), remove_columns=raw.column_names,
+                 desc=f"tokenizing {what}", new_fingerprint=key)
     skips = {str(r): int(n) for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}  # no np reprs
     kept = ds.filter(lambda ex: ex["skip"] == "")
     prompts_cut, responses_cut = sum(kept["prompt_cut"]), sum(kept["response_cut"])
@@ -705,8 +699,6 @@ def prepass(name: str, ds, batches: list[list[int]], keys, args: Args, accelerat
 # ---- models ----------------------------------------------------------------------------------------------------------
 def load_pretrained(auto_class, name: str, args: Args):
     """A model or tokenizer (its chat template, else --chat_template; pad = eos if unset); loading errors are clear."""
-    from huggingface_hub import constants
-
     kwargs = {} if auto_class is AutoTokenizer else {"dtype": getattr(torch, args.dtype),
                                                        "attn_implementation": args.attn_implementation}
     try:
@@ -719,12 +711,13 @@ def load_pretrained(auto_class, name: str, args: Args):
                "folder" if "optimizer.bin" in (held or []) else str(e).splitlines()[0])
         fail(f"could not load model {name!r}: {why}. Pass a local model folder or a hub id (the offline tiny models "
              "come from `bash run_tiny.sh`)")
-    if auto_class is AutoTokenizer and loaded.chat_template is None and (template := args.chat_template):
+    if auto_class is not AutoTokenizer:
+        return loaded
+    if loaded.chat_template is None and (template := args.chat_template):
         loaded.chat_template = open(template).read() if template.endswith(".jinja") else template
-    if auto_class is AutoTokenizer and loaded.chat_template is None:
+    if loaded.chat_template is None:
         fail(f"tokenizer of {name!r} has no chat template: pass --chat_template (a Jinja string or a .jinja file)")
-    if auto_class is AutoTokenizer and loaded.pad_token is None:
-        loaded.pad_token = loaded.eos_token
+    loaded.pad_token = loaded.pad_token or loaded.eos_token
     return loaded
 
 
@@ -754,8 +747,6 @@ if __name__ == "__main__":
     validate(args)
     # TRY NOT TO MODIFY: accelerator, batch-size chain, seeding, logging
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
-    args.world_size = accelerator.num_processes
-    args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     run_id = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     log = lambda msg: accelerator.print(f"[{args.exp_name}] {msg}")
     if accelerator.is_main_process:
@@ -885,7 +876,7 @@ if __name__ == "__main__":
     def evaluate_and_log(step: int, extra: dict | None = None):
         """Logs `extra` and the means over every held-out example; a non-finite eval loss stops the run unsaved."""
         if eval_loader is None:
-            return log_metrics(extra, step)
+            return extra and log_metrics(extra, step)
         parts = []
         model.eval()
         for batch in eval_loader:
@@ -970,8 +961,7 @@ if __name__ == "__main__":
                 bar.set_postfix(loss=f"{out['train/loss']:.4f}")
                 log_metrics(out, global_step)
                 running, window_tokens, window_start = {}, 0, time.time()
-            if eval_loader is not None and args.eval_steps and global_step % args.eval_steps == 0 \
-                    and global_step != total_steps:
+            if args.eval_steps and global_step % args.eval_steps == 0 and global_step != total_steps:
                 evaluate_and_log(global_step)
             if args.save_steps and global_step % args.save_steps == 0:
                 save_checkpoint(global_step)

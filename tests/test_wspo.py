@@ -185,6 +185,28 @@ def test_empty_or_malformed_responses_are_counted_skips(tiny):
     assert ok["skip"] == "" and tok.decode(ok["chosen_ids"]) == "ok one done<|im_end|>"
 
 
+def test_tokenized_data_is_cached_by_what_tokenizing_reads(tiny, tmp_path):
+    """issue 27: the tokenize map's cache key is the input's fingerprint, the tokenizer and the Args fields it reads:
+    the same data tokenized again (a new tokenizer object, another --output_dir) writes no new cache file; another
+    --max_length does, and gives other ids."""
+    from datasets import load_dataset
+
+    data = tmp_path / "data"
+    load_dataset(str(tiny / "ultrafeedback")).save_to_disk(data)
+    cache_files = lambda: sorted(f.name for f in data.rglob("cache-*.arrow"))
+
+    def tokenized(**changes):
+        tok = AutoTokenizer.from_pretrained(tiny / "tokenizer")
+        raw = wspo.load_split(str(data), None, "train_prefs")
+        return wspo.prepare_split(raw, 50, tok, dataclasses.replace(TINY, **changes), "train", str(data), print)[0]
+
+    first = tokenized()
+    files = cache_files()
+    assert files and tokenized(output_dir=str(tmp_path / "other"))[:] == first[:] and cache_files() == files
+    shorter = tokenized(max_length=30, max_prompt_length=28)  # prompts of ~24 tokens: responses cut
+    assert len(cache_files()) > len(files) and list(shorter["chosen_ids"]) != list(first["chosen_ids"])
+
+
 def test_no_usable_example_error_prints_plain_counts(tiny, capsys):
     """issue 26 case 16: the skip counts of the error are plain strings and ints, not numpy reprs."""
     from datasets import Dataset
