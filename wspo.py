@@ -747,6 +747,8 @@ if __name__ == "__main__":
     validate(args)
     # TRY NOT TO MODIFY: accelerator, batch-size chain, seeding, logging
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+    args.world_size = accelerator.num_processes  # validate read WORLD_SIZE; the launcher's count decides
+    args.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     run_id = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     log = lambda msg: accelerator.print(f"[{args.exp_name}] {msg}")
     if accelerator.is_main_process:
