@@ -27,6 +27,7 @@ Offline tiny setting (CPU; --preset tiny reads recipes/tiny/dpo.yaml):
     python dpo.py --preset tiny --model_name_or_path runs/tiny/sft-weak --output_dir runs/tiny/dpo-weak
 """
 
+import argparse
 import atexit
 import difflib
 import fcntl
@@ -635,13 +636,15 @@ def read_config(path: str) -> list[str]:
 
 def parse_args() -> Args:
     """`--config FILE.yaml` (`--preset tiny`: recipes/tiny/<this script>.yaml) sets Args fields; flags given win."""
-    args = tyro.cli(Args, use_underscores=True)  # the command line alone first: which file, if any
-    if args.config and args.preset:
-        fail(f"--config {args.config} and --preset tiny (recipes/tiny) both name a recipe file: pass one of them")
-    path = args.config or args.preset and os.path.abspath(f"{__file__}/../recipes/tiny/{Args.exp_name}.yaml")
-    if path:  # the file's values as flags, then the command line's: the last occurrence of a flag wins
-        args = tyro.cli(Args, args=read_config(path) + sys.argv[1:], use_underscores=True)
-        args.config_sha256 = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # which file, if any: tyro then parses once
+    pre.add_argument("--config")
+    pre.add_argument("--preset", choices=["tiny"])
+    given = pre.parse_known_args()[0]
+    if given.config and given.preset:
+        fail(f"--config {given.config} and --preset tiny (recipes/tiny) both name a recipe file: pass one of them")
+    path = given.config or given.preset and os.path.abspath(f"{__file__}/../recipes/tiny/{Args.exp_name}.yaml")
+    args = tyro.cli(Args, args=(read_config(path) if path else []) + sys.argv[1:], use_underscores=True)
+    args.config_sha256 = path and hashlib.sha256(open(path, "rb").read()).hexdigest()
     validate(args)
     return args
 
