@@ -52,7 +52,6 @@ import sys
 import time
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, fields
-from types import SimpleNamespace
 from typing import Literal, NoReturn
 from urllib.parse import urlparse
 
@@ -64,6 +63,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from datasets import load_dataset, load_from_disk
+from datasets.fingerprint import Hasher
 from huggingface_hub import constants as hub_constants
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
@@ -307,7 +307,7 @@ def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[i
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
-def split_pair(ex: dict, args: "Args") -> tuple[list[dict], str, str]:
+def split_pair(ex: dict, args: Args) -> tuple[list[dict], str, str]:
     """(prompt messages, chosen text, rejected text) from TRL's formats: strings, a prompt message list and one
     assistant message each, or whole conversations (implicit prompt). A prompt must end with a user message."""
     chosen, rejected = ex[args.chosen_column], ex[args.rejected_column]
@@ -349,7 +349,7 @@ def fit_prompt(tokenizer, prompt: list[dict], max_tokens: int) -> tuple[list[int
     return (ids, True) if len(ids) <= max_tokens else None
 
 
-def tokenize_pair(tokenizer, ex: dict, args: "Args") -> dict:
+def tokenize_pair(tokenizer, ex: dict, args: Args) -> dict:
     """Prompt ids (chat template + generation prompt), the two response ids, whether the prompt / each response was
     cut, and a skip reason ("" = keep). The response tokens are what the template appends to the prompt's tokens."""
     empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "prompt_cut": False, "responses_cut": 0}
@@ -390,9 +390,10 @@ def prepare_dataset(ds, tokenizer, args: Args, what: str, source: str, log) -> t
     if missing:
         fail(f"the {what} data ({source}) have no column {missing} (columns: {ds.column_names}); pass "
              "--chosen_column / --rejected_column / --prompt_column naming your columns")
-    plain = SimpleNamespace(**vars(args))  # datasets hashes the function: tyro's markers in Args do not pickle
-    ds = ds.map(lambda ex: tokenize_pair(tokenizer, ex, plain), remove_columns=ds.column_names,
-                desc=f"tokenizing {what}")
+    read = {k: getattr(args, k) for k in ("prompt_column", "chosen_column", "rejected_column", "max_length",
+                                          "max_prompt_length")}  # what tokenize_pair reads: the cache key
+    ds = ds.map(lambda ex: tokenize_pair(tokenizer, ex, args), remove_columns=ds.column_names,
+                desc=f"tokenizing {what}", new_fingerprint=Hasher.hash((ds._fingerprint, tokenizer, read)))
     reasons = {str(r): int(n) for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}  # no np reprs
     seen = set()  # hashes: an exact duplicate (same prompt, chosen and rejected tokens) would count twice in the loss
 
