@@ -285,14 +285,11 @@ def load_split(name: str, config: str | None, split: str):
         kind = DATA_FILE_TYPES.get(os.path.splitext(name)[1])
         if kind is None:
             fail(f"cannot read dataset file {name}: use .json, .jsonl, .parquet or .csv")
-        try:
-            ds = load_dataset(kind, data_files={"rows": name}, split="rows")
+        try:  # an empty file raises too (datasets: no rows, no schema)
+            return load_dataset(kind, data_files={"rows": name}, split="rows")
         except Exception as e:  # datasets reports bad rows as a long traceback: find the line ourselves
             where = locate_file_error(name) if kind == "json" else ""
             fail(where or f"cannot read {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        if len(ds) == 0:
-            fail(f"{name} is empty: it holds no rows")
-        return ds
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
         return load_from_disk(name)[split]
     try:
@@ -597,19 +594,15 @@ LOGPS_VERSION = "token_logps 2: max-shifted"  # changed with the log-prob code, 
 
 
 def cache_key(args: Args, ref_name: str, ds, split: str, accelerator) -> str:
-    """The reference model (a local folder: its files' sizes and times), the token ids, the precision and the
+    """The reference model (its name; a local folder: files_fingerprint), the token ids, the precision and the
     pre-pass's micro-batches (a sequence's log-prob depends, in its last bits, on those padded or packed with it)."""
-    files = sorted(f for f in os.listdir(ref_name) if f.endswith((".safetensors", ".json"))) \
-        if os.path.isdir(ref_name) else []
-    model = "|".join([ref_name] + [f"{f}:{os.path.getsize(os.path.join(ref_name, f))}:"
-                                   f"{os.path.getmtime(os.path.join(ref_name, f))}" for f in files])
     ids = hashlib.sha256()
     for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
         for row in ds[column]:
             ids.update(np.asarray(row, dtype=np.int64).tobytes() + b"|")
     layout = ((args.seed, args.per_device_train_batch_size, args.global_batch_size) if split == "train"
               else (args.per_device_eval_batch_size,))
-    parts = [LOGPS_VERSION, model, ids.hexdigest(), str(args.use_lora), args.dtype,
+    parts = [LOGPS_VERSION, ref_name, files_fingerprint(ref_name), ids.hexdigest(), str(args.use_lora), args.dtype,
              str(accelerator.mixed_precision), args.attn_implementation,
              str((split, *layout, args.layout, args.length_groups))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
@@ -774,9 +767,9 @@ def compare_with_saved_run(args: Args) -> int | None:
     return None if changed else saved.get("completed_steps")
 
 
-def data_fingerprint(name: str) -> str:
-    """Size and modification time of every file of a local dataset (a file or a folder); a hub id: its name. The
-    cache-*/tmp* files that map/filter write next to a save_to_disk dataset are left out (a resume must match)."""
+def files_fingerprint(name: str) -> str:
+    """Size and modification time of every file of a local dataset or model (a file or a folder); a hub id: its name.
+    The cache-*/tmp* files that map/filter write next to a save_to_disk dataset are left out (a resume must match)."""
     files = [name] if os.path.isfile(name) else sorted(os.path.join(d, f) for d, _, fs in os.walk(name) for f in fs
                                                        if not f.startswith(("cache-", "tmp")))
     stats = [(os.path.relpath(f, name), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
@@ -858,7 +851,7 @@ def main(args: Args):
     if args.layout == "auto":
         args.layout = "padding_free" if accelerator.device.type == "cuda" else "padded"
     log = lambda msg: accelerator.print(f"[{args.exp_name}] {msg}")
-    args.data_fingerprint = data_fingerprint(args.dataset_name)
+    args.data_fingerprint = files_fingerprint(args.dataset_name)
     if args.resume and (done := compare_with_saved_run(args)) is not None:
         log(f"run in {args.output_dir} already finished (step {done}); nothing to do")
         return
