@@ -39,7 +39,6 @@ Offline tiny setting (CPU; --preset tiny reads recipes/tiny/wpo.yaml):
 
 import argparse
 import atexit
-import difflib
 import fcntl
 import hashlib
 import json
@@ -52,6 +51,7 @@ import sys
 import time
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, fields
+from difflib import get_close_matches
 from typing import Literal, NoReturn
 from urllib.parse import urlparse
 
@@ -300,8 +300,7 @@ def load_split(name: str, config: str | None, split: str):
 
 
 def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, return_dict=False)
 
 
 def split_pair(ex: dict, args: Args) -> tuple[list[dict], str, str]:
@@ -623,9 +622,8 @@ def reference_logps(ref_model, loaders, n_rows: int, accelerator, path: str, log
                 logps, _, _ = sequence_logps(ref_model, batch)
             n = len(batch["row"])
             results += list(zip(batch["row"].tolist(), logps[:n].tolist(), logps[n:].tolist()))
-    first = {}
-    for row, chosen, rejected in gather_object(results):  # accelerate repeats rows to even out the last batches
-        first.setdefault(row, (chosen, rejected))
+    # accelerate repeats rows to even out the last batches: a row's first result is kept (reversed: written last)
+    first = {row: (chosen, rejected) for row, chosen, rejected in reversed(gather_object(results))}
     assert sorted(first) == list(range(n_rows))
     out = {"chosen": torch.tensor([first[i][0] for i in range(n_rows)], dtype=torch.float64),
            "rejected": torch.tensor([first[i][1] for i in range(n_rows)], dtype=torch.float64)}
@@ -668,8 +666,7 @@ def read_config(path: str) -> list[str]:
     flags = ["--config", path]
     for key, value in config.items():  # the fields filled in at runtime (Suppress) are no keys either
         if key not in keys:
-            fail(f"--config {path}: unknown key {key!r} (did you mean "
-                 f"{difflib.get_close_matches(str(key), keys, n=1, cutoff=0)[0]!r}?)")
+            fail(f"--config {path}: unknown key {key!r} (did you mean {get_close_matches(str(key), keys, 1, 0)[0]!r}?)")
         values = [] if isinstance(value, bool) else value if isinstance(value, list) else [value]  # None: "None"
         flags += [f"--{'no_' if value is False else ''}{key}", *map(str, values)]  # bool: --key / --no_key
     return flags
@@ -1044,8 +1041,8 @@ def main(args: Args):
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
                     if not torch.isfinite(accelerator.reduce(loss.detach(), reduction="sum") + grad_norm):
-                        raise SystemExit(f"non-finite loss or gradient at step {global_step + 1}: no update was applied "
-                                         f"from that step on; newest checkpoint: "
+                        raise SystemExit(f"non-finite loss or gradient at step {global_step + 1}: no update was "
+                                         f"applied from that step on; newest checkpoint: "
                                          f"{newest_checkpoint(args.output_dir) or 'none'}")
                 optimizer.step()
                 optimizer.zero_grad()
