@@ -593,7 +593,7 @@ LOGPS_VERSION = "token_logps 2: max-shifted"  # changed with the log-prob code, 
 
 
 def cache_key(args: Args, ref_name: str, ds, split: str, accelerator) -> str:
-    """The reference model (its name; a local folder: files_fingerprint), the token ids, the precision and the
+    """The reference model (its name; a local folder: data_fingerprint), the token ids, the precision and the
     pre-pass's micro-batches (a sequence's log-prob depends, in its last bits, on those padded or packed with it)."""
     ids = hashlib.sha256()
     for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
@@ -601,7 +601,7 @@ def cache_key(args: Args, ref_name: str, ds, split: str, accelerator) -> str:
             ids.update(np.asarray(row, dtype=np.int64).tobytes() + b"|")
     layout = ((args.seed, args.per_device_train_batch_size, args.global_batch_size) if split == "train"
               else (args.per_device_eval_batch_size,))
-    parts = [LOGPS_VERSION, ref_name, files_fingerprint(ref_name), ids.hexdigest(), str(args.use_lora), args.dtype,
+    parts = [LOGPS_VERSION, ref_name, data_fingerprint(ref_name), ids.hexdigest(), str(args.use_lora), args.dtype,
              str(accelerator.mixed_precision), args.attn_implementation,
              str((split, *layout, args.layout, args.length_groups))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
@@ -764,7 +764,7 @@ def compare_with_saved_run(args: Args) -> int | None:
     return None if changed else saved.get("completed_steps")
 
 
-def files_fingerprint(name: str) -> str:
+def data_fingerprint(name: str) -> str:
     """Size and modification time of every file of a local dataset or model (a file or a folder); a hub id: its name.
     The cache-*/tmp* files that map/filter write next to a save_to_disk dataset are left out (a resume must match)."""
     files = [name] if os.path.isfile(name) else sorted(os.path.join(d, f) for d, _, fs in os.walk(name) for f in fs
@@ -848,7 +848,7 @@ def main(args: Args):
     if args.layout == "auto":
         args.layout = "padding_free" if accelerator.device.type == "cuda" else "padded"
     log = lambda msg: accelerator.print(f"[{args.exp_name}] {msg}")
-    args.data_fingerprint = files_fingerprint(args.dataset_name)
+    args.data_fingerprint = data_fingerprint(args.dataset_name)
     if args.resume and (done := compare_with_saved_run(args)) is not None:
         log(f"run in {args.output_dir} already finished (step {done}); nothing to do")
         return
