@@ -27,8 +27,8 @@ Offline tiny setting (CPU; --preset tiny reads recipes/tiny/dpo.yaml):
     python dpo.py --preset tiny --model_name_or_path runs/tiny/sft-weak --output_dir runs/tiny/dpo-weak
 """
 
+import argparse
 import atexit
-import difflib
 import fcntl
 import hashlib
 import json
@@ -41,7 +41,7 @@ import sys
 import time
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, fields
-from types import SimpleNamespace
+from difflib import get_close_matches
 from typing import Literal, NoReturn
 from urllib.parse import urlparse
 
@@ -53,6 +53,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from datasets import load_dataset, load_from_disk
+from datasets.fingerprint import Hasher
 from huggingface_hub import constants as hub_constants
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
@@ -267,14 +268,11 @@ def load_split(name: str, config: str | None, split: str):
         kind = DATA_FILE_TYPES.get(os.path.splitext(name)[1])
         if kind is None:
             fail(f"cannot read dataset file {name}: use .json, .jsonl, .parquet or .csv")
-        try:
-            ds = load_dataset(kind, data_files={"rows": name}, split="rows")
+        try:  # an empty file raises too (datasets: no rows, no schema)
+            return load_dataset(kind, data_files={"rows": name}, split="rows")
         except Exception as e:  # datasets reports bad rows as a long traceback: find the line ourselves
             where = locate_file_error(name) if kind == "json" else ""
             fail(where or f"cannot read {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        if len(ds) == 0:
-            fail(f"{name} is empty: it holds no rows")
-        return ds
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
         return load_from_disk(name)[split]
     try:
@@ -285,11 +283,10 @@ def load_split(name: str, config: str | None, split: str):
 
 
 def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, return_dict=False)
 
 
-def split_pair(ex: dict, args: "Args") -> tuple[list[dict], str, str]:
+def split_pair(ex: dict, args: Args) -> tuple[list[dict], str, str]:
     """(prompt messages, chosen text, rejected text) from TRL's formats: strings, a prompt message list and one
     assistant message each, or whole conversations (implicit prompt). A prompt must end with a user message."""
     chosen, rejected = ex[args.chosen_column], ex[args.rejected_column]
@@ -331,7 +328,7 @@ def fit_prompt(tokenizer, prompt: list[dict], max_tokens: int) -> tuple[list[int
     return (ids, True) if len(ids) <= max_tokens else None
 
 
-def tokenize_pair(tokenizer, ex: dict, args: "Args") -> dict:
+def tokenize_pair(tokenizer, ex: dict, args: Args) -> dict:
     """Prompt ids (chat template + generation prompt), the two response ids, whether the prompt / each response was
     cut, and a skip reason ("" = keep). The response tokens are what the template appends to the prompt's tokens."""
     empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "prompt_cut": False, "responses_cut": 0}
@@ -372,9 +369,10 @@ def prepare_dataset(ds, tokenizer, args: Args, what: str, source: str, log) -> t
     if missing:
         fail(f"the {what} data ({source}) have no column {missing} (columns: {ds.column_names}); pass "
              "--chosen_column / --rejected_column / --prompt_column naming your columns")
-    plain = SimpleNamespace(**vars(args))  # datasets hashes the function: tyro's markers in Args do not pickle
-    ds = ds.map(lambda ex: tokenize_pair(tokenizer, ex, plain), remove_columns=ds.column_names,
-                desc=f"tokenizing {what}")
+    read = {k: getattr(args, k) for k in ("prompt_column", "chosen_column", "rejected_column", "max_length",
+                                          "max_prompt_length")}  # what tokenize_pair reads: the cache key
+    ds = ds.map(lambda ex: tokenize_pair(tokenizer, ex, args), remove_columns=ds.column_names,
+                desc=f"tokenizing {what}", new_fingerprint=Hasher.hash((ds._fingerprint, tokenizer, read)))
     reasons = {str(r): int(n) for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}  # no np reprs
     seen = set()  # hashes: an exact duplicate (same prompt, chosen and rejected tokens) would count twice in the loss
 
@@ -548,19 +546,15 @@ LOGPS_VERSION = "token_logps 2: max-shifted"  # changed with the log-prob code, 
 
 
 def cache_key(args: Args, ref_name: str, ds, split: str, accelerator) -> str:
-    """The reference model (a local folder: its files' sizes and times), the token ids, the precision and the
+    """The reference model (its name; a local folder: data_fingerprint), the token ids, the precision and the
     pre-pass's micro-batches (a sequence's log-prob depends, in its last bits, on those padded or packed with it)."""
-    files = sorted(f for f in os.listdir(ref_name) if f.endswith((".safetensors", ".json"))) \
-        if os.path.isdir(ref_name) else []
-    model = "|".join([ref_name] + [f"{f}:{os.path.getsize(os.path.join(ref_name, f))}:"
-                                   f"{os.path.getmtime(os.path.join(ref_name, f))}" for f in files])
     ids = hashlib.sha256()
     for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
         for row in ds[column]:
             ids.update(np.asarray(row, dtype=np.int64).tobytes() + b"|")
     layout = ((args.seed, args.per_device_train_batch_size, args.global_batch_size) if split == "train"
               else (args.per_device_eval_batch_size,))
-    parts = [LOGPS_VERSION, model, ids.hexdigest(), str(args.use_lora), args.dtype,
+    parts = [LOGPS_VERSION, ref_name, data_fingerprint(ref_name), ids.hexdigest(), str(args.use_lora), args.dtype,
              str(accelerator.mixed_precision), args.attn_implementation,
              str((split, *layout, args.layout, args.length_groups))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
@@ -581,9 +575,8 @@ def reference_logps(ref_model, loaders, n_rows: int, accelerator, path: str, log
                 logps, _ = sequence_logps(ref_model, batch)
             n = len(batch["row"])
             results += list(zip(batch["row"].tolist(), logps[:n].tolist(), logps[n:].tolist()))
-    first = {}
-    for row, chosen, rejected in gather_object(results):  # accelerate repeats rows to even out the last batches
-        first.setdefault(row, (chosen, rejected))
+    # accelerate repeats rows to even out the last batches: a row's first result is kept (reversed: written last)
+    first = {row: (chosen, rejected) for row, chosen, rejected in reversed(gather_object(results))}
     assert sorted(first) == list(range(n_rows))
     out = {"chosen": torch.tensor([first[i][0] for i in range(n_rows)], dtype=torch.float64),
            "rejected": torch.tensor([first[i][1] for i in range(n_rows)], dtype=torch.float64)}
@@ -626,8 +619,7 @@ def read_config(path: str) -> list[str]:
     flags = ["--config", path]
     for key, value in config.items():  # the fields filled in at runtime (Suppress) are no keys either
         if key not in keys:
-            fail(f"--config {path}: unknown key {key!r} (did you mean "
-                 f"{difflib.get_close_matches(str(key), keys, n=1, cutoff=0)[0]!r}?)")
+            fail(f"--config {path}: unknown key {key!r} (did you mean {get_close_matches(str(key), keys, 1, 0)[0]!r}?)")
         values = [] if isinstance(value, bool) else value if isinstance(value, list) else [value]  # None: "None"
         flags += [f"--{'no_' if value is False else ''}{key}", *map(str, values)]  # bool: --key / --no_key
     return flags
@@ -635,13 +627,15 @@ def read_config(path: str) -> list[str]:
 
 def parse_args() -> Args:
     """`--config FILE.yaml` (`--preset tiny`: recipes/tiny/<this script>.yaml) sets Args fields; flags given win."""
-    args = tyro.cli(Args, use_underscores=True)  # the command line alone first: which file, if any
-    if args.config and args.preset:
-        fail(f"--config {args.config} and --preset tiny (recipes/tiny) both name a recipe file: pass one of them")
-    path = args.config or args.preset and os.path.abspath(f"{__file__}/../recipes/tiny/{Args.exp_name}.yaml")
-    if path:  # the file's values as flags, then the command line's: the last occurrence of a flag wins
-        args = tyro.cli(Args, args=read_config(path) + sys.argv[1:], use_underscores=True)
-        args.config_sha256 = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # which file, if any: tyro then parses once
+    pre.add_argument("--config")
+    pre.add_argument("--preset", choices=["tiny"])
+    given = pre.parse_known_args()[0]
+    if given.config and given.preset:
+        fail(f"--config {given.config} and --preset tiny (recipes/tiny) both name a recipe file: pass one of them")
+    path = given.config or given.preset and os.path.abspath(f"{__file__}/../recipes/tiny/{Args.exp_name}.yaml")
+    args = tyro.cli(Args, args=(read_config(path) if path else []) + sys.argv[1:], use_underscores=True)
+    args.config_sha256 = path and hashlib.sha256(open(path, "rb").read()).hexdigest()
     validate(args)
     return args
 
@@ -724,8 +718,8 @@ def compare_with_saved_run(args: Args) -> int | None:
 
 
 def data_fingerprint(name: str) -> str:
-    """Size and modification time of every file of a local dataset (a file or a folder); a hub id: its name. The
-    cache-*/tmp* files that map/filter write next to a save_to_disk dataset are left out (a resume must match)."""
+    """Size and modification time of every file of a local dataset or model (a file or a folder); a hub id: its name.
+    The cache-*/tmp* files that map/filter write next to a save_to_disk dataset are left out (a resume must match)."""
     files = [name] if os.path.isfile(name) else sorted(os.path.join(d, f) for d, _, fs in os.walk(name) for f in fs
                                                        if not f.startswith(("cache-", "tmp")))
     stats = [(os.path.relpath(f, name), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
@@ -996,8 +990,8 @@ def main(args: Args):
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
                     if not torch.isfinite(accelerator.reduce(loss.detach(), reduction="sum") + grad_norm):
-                        raise SystemExit(f"non-finite loss or gradient at step {global_step + 1}: no update was applied "
-                                         f"from that step on; newest checkpoint: "
+                        raise SystemExit(f"non-finite loss or gradient at step {global_step + 1}: no update was "
+                                         f"applied from that step on; newest checkpoint: "
                                          f"{newest_checkpoint(args.output_dir) or 'none'}")
                 optimizer.step()
                 optimizer.zero_grad()
