@@ -595,8 +595,8 @@ if __name__ == "__main__":
     order = order[keep[order]]
     train_idx, test_idx = torch.as_tensor(order[: args.n_train]), torch.as_tensor(order[args.n_train :])
     if len(order) == 0:
-        fail(f"none of the {len(keep)} images in split {args.split!r} of {args.dataset} is readable (corrupt, truncated "
-             "or empty files): replace them, or pass another --split")
+        fail(f"none of the {len(keep)} images in split {args.split!r} of {args.dataset} is readable (corrupt, "
+             "truncated or empty files): replace them, or pass another --split")
     if len(test_idx) == 0:
         fail(f"--n_train {args.n_train} leaves no test images: {len(order)} of {len(keep)} images in split "
              f"{args.split!r} of {args.dataset} are readable; replace the unreadable files or pass a smaller --n_train")
