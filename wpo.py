@@ -387,9 +387,10 @@ def prepare_dataset(ds, tokenizer, args: Args, what: str, source: str, log) -> t
         fail(f"the {what} data ({source}) have no column {missing} (columns: {ds.column_names}); pass "
              "--chosen_column / --rejected_column / --prompt_column naming your columns")
     read = {k: getattr(args, k) for k in ("prompt_column", "chosen_column", "rejected_column", "max_length",
-                                          "max_prompt_length")}  # what tokenize_pair reads: the cache key
+                                          "max_prompt_length")}  # what tokenize_pair reads
+    key = Hasher.hash((ds._fingerprint, tokenizer, read, open(__file__, "rb").read()))  # code edited: tokenized anew
     ds = ds.map(lambda ex: tokenize_pair(tokenizer, ex, args), remove_columns=ds.column_names,
-                desc=f"tokenizing {what}", new_fingerprint=Hasher.hash((ds._fingerprint, tokenizer, read)))
+                desc=f"tokenizing {what}", new_fingerprint=key)
     reasons = {str(r): int(n) for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}  # no np reprs
     seen = set()  # hashes: an exact duplicate (same prompt, chosen and rejected tokens) would count twice in the loss
 

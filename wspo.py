@@ -534,9 +534,10 @@ def prepare_split(raw, max_samples: int | None, tokenizer, args: Args, what: str
         fail(f"the {what} responses are strings, but the data ({source}) has no prompt column {args.prompt_column!r}; "
              "pass --prompt_column")
     with_rejected = what == "eval" and args.rejected_column in raw.column_names
-    # the datasets cache key: the input rows, the tokenizer and the fields tokenize_example reads
+    # the datasets cache key: the input rows, the tokenizer, the fields tokenize_example reads and this file's code
     read = ("response_column", "prompt_column", "rejected_column", "max_length", "max_prompt_length")
-    key = Hasher.hash([raw._fingerprint, tokenizer, with_rejected, *(getattr(args, n) for n in read)])
+    key = Hasher.hash([raw._fingerprint, tokenizer, with_rejected, *(getattr(args, n) for n in read),
+                       open(__file__, "rb").read()])
     ds = raw.map(lambda ex: tokenize_example(tokenizer, ex, args, with_rejected), remove_columns=raw.column_names,
                  desc=f"tokenizing {what}", new_fingerprint=key)
     skips = {str(r): int(n) for r, n in zip(*np.unique(list(ds["skip"]), return_counts=True)) if r}  # no np reprs

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,10 +186,10 @@ def test_empty_or_malformed_responses_are_counted_skips(tiny):
     assert ok["skip"] == "" and tok.decode(ok["chosen_ids"]) == "ok one done<|im_end|>"
 
 
-def test_tokenized_data_is_cached_by_what_tokenizing_reads(tiny, tmp_path):
-    """issue 27: the tokenize map's cache key is the input's fingerprint, the tokenizer and the Args fields it reads:
-    the same data tokenized again (a new tokenizer object, another --output_dir) writes no new cache file; another
-    --max_length does, and gives other ids."""
+def test_tokenized_data_is_cached_by_what_tokenizing_reads(tiny, tmp_path, monkeypatch):
+    """issue 27: the tokenize map's cache key is the input's fingerprint, the tokenizer, the Args fields it reads and
+    the script's code: the same data tokenized again (a new tokenizer object, another --output_dir) writes no new
+    cache file; another --max_length does, and gives other ids; so does an edited copy of the script."""
     from datasets import load_dataset
 
     data = tmp_path / "data"
@@ -205,6 +206,11 @@ def test_tokenized_data_is_cached_by_what_tokenizing_reads(tiny, tmp_path):
     assert files and tokenized(output_dir=str(tmp_path / "other"))[:] == first[:] and cache_files() == files
     shorter = tokenized(max_length=30, max_prompt_length=28)  # prompts of ~24 tokens: responses cut
     assert len(cache_files()) > len(files) and list(shorter["chosen_ids"]) != list(first["chosen_ids"])
+    files = cache_files()
+    edited = tmp_path / "wspo.py"  # a researcher's edit of the script: its old tokenization is not reused
+    edited.write_bytes(Path(wspo.__file__).read_bytes() + b"\n# edited\n")
+    monkeypatch.setattr(wspo, "__file__", str(edited))
+    assert tokenized()[:] == first[:] and len(cache_files()) > len(files)
 
 
 def test_no_usable_example_error_prints_plain_counts(tiny, capsys):
