@@ -382,12 +382,14 @@ def test_preset_with_equals_sign_and_explicit_flags_override(monkeypatch):
     assert args.preset == "tiny" and args.max_length == 128 and args.model_name_or_path == "my/model" and args.beta == 0.3
 
 
-def test_help_documents_every_flag():
-    p = run_script("dpo.py", "--help")
+@pytest.mark.parametrize("name, flags", [("dpo", ("--chat_template", "recipes/")),
+                                         ("wpo", ("--no_clamp_weight", "--no_weight_sum_sq"))])
+def test_help_documents_every_flag(name, flags):
+    p = run_script(f"{name}.py", "--help")
     runtime = ("world_size", "global_batch_size", "data_fingerprint", "config_sha256")  # filled in at runtime: not flags
-    for f in dataclasses.fields(dpo.Args):
+    for f in dataclasses.fields(load_script(name).Args):
         assert (f"--{f.name}" in p.stdout) == (f.name not in runtime), f.name
-    assert "--chat_template" in p.stdout and "recipes/" in p.stdout
+    assert all(flag in p.stdout for flag in flags)
 
 
 # ---- --config FILE.yaml and --preset tiny (dpo.py and wpo.py read them the same way) ----------------------------------

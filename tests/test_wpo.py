@@ -458,14 +458,6 @@ def test_bad_arguments_fail_before_anything_is_loaded(monkeypatch, capsys, tmp_p
     assert not (tmp_path / "o").exists()
 
 
-def test_help_documents_every_flag():
-    p = run_script("wpo.py", "--help")
-    runtime = ("world_size", "global_batch_size", "data_fingerprint", "config_sha256")  # filled in at runtime: not flags
-    for f in dataclasses.fields(wpo.Args):
-        assert (f"--{f.name}" in p.stdout) == (f.name not in runtime), f.name
-    assert "--no_clamp_weight" in p.stdout and "--no_weight_sum_sq" in p.stdout
-
-
 def test_wpo_is_dpo_plus_the_weight():
     """wpo.py is derived from dpo.py: the diff holds the weight, its logging and defaults, and little else."""
     dpo_lines, wpo_lines = (open(os.path.join(ROOT, f)).read().splitlines() for f in ("dpo.py", "wpo.py"))
