@@ -395,18 +395,24 @@ def checkpoint_steps(root: str) -> list[int]:
 def first_bad_line(path: str) -> str | None:
     """Where a .json/.jsonl file breaks: the 1-based line of invalid JSON, a non-object, or a field whose type
     differs from its first occurrence (a .json file's records count as lines); None if nothing is found."""
-    seen, number, document = {}, 0, path.endswith(".json")
-    try:  # a .jsonl file is read line by line: the error is on the line after the last one read
-        records = json.load(open(path)) if document else (json.loads(row) if row.strip() else {} for row in open(path))
-        for number, record in enumerate(records if not document or isinstance(records, list) else [], 1):
-            if not isinstance(record, dict):
-                return f"line {number} is not a JSON object"
-            for key, value in record.items():
-                first = seen.setdefault(key, (type(value).__name__, number))
-                if value is not None and first[0] not in ("NoneType", type(value).__name__):
-                    return f"line {number}: {key!r} is a {type(value).__name__}, but a {first[0]} on line {first[1]}"
-    except json.JSONDecodeError as e:
-        return f"line {e.lineno if document else number + 1} is not valid JSON ({e.msg})"
+    lines, seen = enumerate(open(path), 1), {}
+    if path.endswith(".json"):  # one JSON document
+        try:
+            document = json.load(open(path))
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno} is not valid JSON ({e.msg})"
+        lines = enumerate(map(json.dumps, document if isinstance(document, list) else []), 1)
+    for number, line in lines:
+        try:
+            record = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError as e:
+            return f"line {number} is not valid JSON ({e.msg})"
+        if not isinstance(record, dict):
+            return f"line {number} is not a JSON object"
+        for key, value in record.items():
+            first = seen.setdefault(key, (type(value).__name__, number))
+            if value is not None and first[0] not in ("NoneType", type(value).__name__):
+                return f"line {number}: {key!r} is a {type(value).__name__}, but a {first[0]} on line {first[1]}"
     return None
 
 
